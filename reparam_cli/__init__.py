@@ -1,0 +1,33 @@
+"""reparam: convert structurally re-parameterized training checkpoints into fused deploy models.
+
+Python API (imported lazily, so `import reparam_cli` does not pull in torch until used):
+
+    from reparam_cli import convert_checkpoint, verify_checkpoint, load_deploy, reparameterize
+
+    report = convert_checkpoint("a0.pth", "repvgg-a0", "a0.deploy.safetensors")
+    model = load_deploy("a0.deploy.safetensors")          # runnable deploy model
+    deploy, conv_report = reparameterize(training_model)   # in-memory, on any nn.Module
+"""
+
+from ._version import __version__
+
+_API = {
+    "convert_checkpoint": "pipeline", "verify_checkpoint": "pipeline", "init_checkpoint": "pipeline",
+    "VerifyOptions": "pipeline", "load_training_model": "pipeline",
+    "reparameterize": "engine", "ConversionReport": "engine",
+    "verify": "verify", "VerifyResult": "verify",
+    "load_deploy": "export", "read_metadata": "export",
+    "load_spec": "spec", "ModelSpec": "spec",
+    "recipe": "recipes", "all_recipes": "recipes",
+    "ReparamError": "errors", "VerificationFailed": "errors", "NotEquivalent": "errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'reparam_cli' has no attribute {name!r}")

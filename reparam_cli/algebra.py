@@ -1,0 +1,530 @@
+"""The structural re-parameterization paradigms as pure tensor functions.
+
+Every function here works on a linear layer in *canonical form*, a `Kernel`: a weight, an
+optional bias and the geometry that goes with them (stride, padding, dilation, groups). A conv
+with `n` spatial dims has weight shape `(out, in // groups, *kernel_size)`; a fully connected
+layer is the same thing with zero spatial dims, weight `(out, in)`. Padding may be negative,
+meaning the input is cropped (ACNet's asymmetric branches do that).
+
+Paradigm numbers follow `shared/seeds/paradigms.md`:
+
+    P1  fuse_bn          conv (or FC) followed by BatchNorm
+    P2  add              parallel branches summed (P4: kernels of different sizes, centred)
+    P3  concat           parallel branches concatenated along channels
+    P5  sequential       1x1 -> kxk (P5a) and kxk -> 1x1 (P5b), with groups
+    P6a identity         x -> x as a kernel of any odd size and any groups
+    P7  avgpool          average pooling as a depthwise conv
+    P8  bn_as_conv       a lone BatchNorm as a conv
+    P9  linear_as_conv / conv_as_linear   FC <-> pointwise conv
+        conv_as_fc       a conv on a fixed-size input as one FC (RepMLP)
+
+Arithmetic is done in float64 and each result is cast back to the dtype of its inputs. Recipes
+call `from_module(..., dtype=torch.float64)` so that a chain of paradigms stays in float64 and
+only `to_module` casts to the checkpoint's dtype once, at the end. All functions also run on the
+`meta` device (shapes only), which is how a deploy skeleton is built without any data.
+
+Anything for which no exactly equivalent layer exists raises `NotEquivalent`; a wrong kernel is
+never returned silently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import NotEquivalent
+
+Ints = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A conv (n spatial dims) or FC (0 spatial dims) layer in canonical form.
+
+    weight: (out, in // groups, *kernel_size); bias: (out,) or None.
+    stride, padding, dilation: one int per spatial dim; padding < 0 crops the input.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    stride: Ints = ()
+    padding: Ints = ()
+    dilation: Ints = ()
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        n = self.weight.dim() - 2
+        if n < 0:
+            raise NotEquivalent(f"a kernel weight needs at least 2 dims, got shape {tuple(self.weight.shape)}")
+        for name in ("stride", "padding", "dilation"):
+            value = getattr(self, name)
+            if len(value) == 0 and n > 0:
+                object.__setattr__(self, name, (0 if name == "padding" else 1,) * n)
+            elif len(value) != n:
+                raise NotEquivalent(f"{name} {value} does not match a weight with {n} spatial dims")
+        if self.out_channels % self.groups:
+            raise NotEquivalent(f"{self.out_channels} output channels do not split into {self.groups} groups")
+        if self.bias is not None and tuple(self.bias.shape) != (self.out_channels,):
+            raise NotEquivalent(f"bias of shape {tuple(self.bias.shape)} does not fit {self.out_channels} outputs")
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dims (0 for a fully connected layer)."""
+        return self.weight.dim() - 2
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> Ints:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def bias_or_zeros(self) -> Tensor:
+        if self.bias is not None:
+            return self.bias
+        return self.weight.new_zeros(self.out_channels)
+
+    def to(self, dtype: torch.dtype) -> "Kernel":
+        """The same layer with weight and bias cast to `dtype`."""
+        return replace(self, weight=self.weight.to(dtype), bias=None if self.bias is None else self.bias.to(dtype))
+
+
+class BNParams(NamedTuple):
+    """Eval-mode BatchNorm: y = (x - mean) / sqrt(var + eps) * weight + bias. weight/bias None if not affine."""
+
+    mean: Tensor
+    var: Tensor
+    eps: float
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+
+# --------------------------------------------------------------------------- modules <-> kernels
+
+def bn_params(bn: nn.modules.batchnorm._BatchNorm | BNParams) -> BNParams:
+    """Read the eval-mode statistics of a BatchNorm module (1d/2d/3d)."""
+    if isinstance(bn, BNParams):
+        return bn
+    if bn.running_mean is None or bn.running_var is None:
+        raise NotEquivalent(
+            f"{type(bn).__name__} has no running statistics (track_running_stats=False), "
+            "so in eval mode it normalises by batch statistics and cannot be folded into a conv"
+        )
+    return BNParams(bn.running_mean, bn.running_var, float(bn.eps), bn.weight, bn.bias)
+
+
+def from_module(layer: nn.Module, dtype: torch.dtype | None = None) -> Kernel:
+    """The canonical form of an nn.Conv1d/2d/3d or nn.Linear (optionally cast, e.g. to float64)."""
+    if isinstance(layer, nn.Linear):
+        k = Kernel(layer.weight, layer.bias)
+    elif isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
+        if layer.padding_mode != "zeros":
+            raise NotEquivalent(f"padding_mode={layer.padding_mode!r} convs are not supported, only zero padding")
+        if isinstance(layer.padding, str):
+            padding = _string_padding(layer)
+        else:
+            padding = tuple(layer.padding)
+        k = Kernel(layer.weight, layer.bias, tuple(layer.stride), padding, tuple(layer.dilation), layer.groups)
+    else:
+        raise NotEquivalent(f"{type(layer).__name__} is not a conv or linear layer")
+    return k.to(dtype) if dtype is not None else k
+
+
+def _string_padding(conv: nn.modules.conv._ConvNd) -> Ints:
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    # padding="same": torch pads (total // 2) before and the rest after; only symmetric fits a Kernel.
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise NotEquivalent("padding='same' with an even effective kernel pads asymmetrically; not supported")
+        pads.append(total // 2)
+    return tuple(pads)
+
+
+def to_module(k: Kernel, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
+    """A fresh nn.Linear (0 spatial dims) or nn.ConvNd holding the kernel, with a bias, cast to `dtype`."""
+    dtype = dtype or k.dtype
+    device = device or k.weight.device
+    bias = k.bias_or_zeros()
+    weight = k.weight
+    if k.ndim == 0:
+        weight = _dense_weight(k)
+        layer: nn.Module = nn.Linear(k.in_channels, k.out_channels, bias=True, device="meta")
+    else:
+        if any(p < 0 for p in k.padding):
+            raise NotEquivalent(f"the fused kernel needs negative padding {k.padding} (a crop), which no conv layer has")
+        conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(k.ndim)
+        if conv_cls is None:
+            raise NotEquivalent(f"{k.ndim}-d convs are not supported")
+        layer = conv_cls(
+            k.in_channels, k.out_channels, k.kernel_size, stride=k.stride, padding=k.padding,
+            dilation=k.dilation, groups=k.groups, bias=True, device="meta",
+        )
+    # Built on meta and assigned, so no random initialisation is computed only to be overwritten.
+    layer.weight = nn.Parameter(weight.detach().to(device=device, dtype=dtype))
+    layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype))
+    return layer
+
+
+def apply(k: Kernel, x: Tensor) -> Tensor:
+    """Run the layer a kernel describes on `x` of shape (N, in, *spatial) (or (N, in) for an FC).
+
+    The reference forward used by tests and by kernel-building paradigms; negative padding crops.
+    """
+    w, b = k.weight.to(x.dtype), None if k.bias is None else k.bias.to(x.dtype)
+    if k.ndim == 0:
+        return F.linear(x, _dense_weight(k).to(x.dtype), b)
+    pads = [q for p in reversed(k.padding) for q in (p, p)]
+    if any(pads):
+        x = F.pad(x, pads)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[k.ndim]
+    return conv(x, w, b, k.stride, 0, k.dilation, k.groups)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float64)
+
+
+def _out_dtype(*kernels: Kernel) -> torch.dtype:
+    return kernels[0].dtype
+
+
+def regroup(k: Kernel, groups: int) -> Kernel:
+    """The same layer expressed with fewer groups (`groups` must divide k.groups); groups=1 is dense.
+
+    A grouped conv is a dense conv whose weight is block-diagonal over channel groups; this writes
+    out those zero blocks. Used to add or chain layers whose group counts differ.
+    """
+    if groups == k.groups:
+        return k
+    if groups <= 0 or k.groups % groups:
+        raise NotEquivalent(f"a conv with {k.groups} groups cannot be written with {groups} groups")
+    ratio = k.groups // groups  # old groups folded into each new group
+    out_g, in_g = k.out_channels // k.groups, k.weight.shape[1]
+    old = k.weight.reshape(groups, ratio, out_g, in_g, *k.kernel_size)
+    new = old.new_zeros((groups, ratio, out_g, ratio, in_g, *k.kernel_size))
+    # Old group r of new group j maps its inputs r*in_g.. to its outputs r*out_g..: the diagonal blocks.
+    new.diagonal(dim1=1, dim2=3).copy_(old.movedim(1, -1))
+    w = new.reshape(k.out_channels, ratio * in_g, *k.kernel_size)
+    return replace(k, weight=w, groups=groups)
+
+
+def _dense_weight(k: Kernel) -> Tensor:
+    return regroup(k, 1).weight if k.groups > 1 else k.weight
+
+
+def _common_groups(kernels: Sequence[Kernel]) -> int:
+    return math.gcd(*[k.groups for k in kernels])
+
+
+def _check_same(kernels: Sequence[Kernel], what: str) -> None:
+    first = kernels[0]
+    for k in kernels[1:]:
+        if k.ndim != first.ndim:
+            raise NotEquivalent(f"cannot {what} a {first.ndim}-d and a {k.ndim}-d layer")
+        if k.in_channels != first.in_channels:
+            raise NotEquivalent(f"cannot {what} layers with {first.in_channels} and {k.in_channels} input channels")
+        if k.stride != first.stride:
+            raise NotEquivalent(f"cannot {what} branches with strides {first.stride} and {k.stride}: their sliding windows differ")
+    dilations = {k.dilation for k in kernels if not _is_pointwise(k)}
+    if len(dilations) > 1:
+        raise NotEquivalent(f"cannot {what} branches with dilations {sorted(dilations)}")
+
+
+def _is_pointwise(k: Kernel) -> bool:
+    return all(s == 1 for s in k.kernel_size)
+
+
+def _align(kernels: Sequence[Kernel], what: str) -> list[Kernel]:
+    """Zero-pad every kernel to the union of their windows so all share one padding (P4).
+
+    Branch i reads input positions [o*s - p_i, o*s - p_i + d*(k_i - 1)] for output o. The branches
+    only produce outputs of equal size for every input size when 2*p_i - d*(k_i - 1) is the same
+    for all i; then the union window is centred and each kernel is padded symmetrically.
+    """
+    _check_same(kernels, what)
+    n = kernels[0].ndim
+    # A pointwise kernel's dilation is irrelevant: adopt that of the others.
+    dilation = next((k.dilation for k in kernels if not _is_pointwise(k)), kernels[0].dilation)
+    target_pad = []
+    for dim in range(n):
+        d = dilation[dim]
+        spans = {2 * k.padding[dim] - d * (k.kernel_size[dim] - 1) for k in kernels}
+        if len(spans) > 1:
+            sizes = ", ".join(f"{k.kernel_size[dim]}(pad {k.padding[dim]})" for k in kernels)
+            raise NotEquivalent(
+                f"cannot {what} branches whose outputs differ in size along dim {dim}: kernel sizes {sizes}",
+                hint="each branch must satisfy 2*padding - dilation*(kernel-1) = the same value",
+            )
+        target_pad.append(max(k.padding[dim] for k in kernels))
+    aligned = []
+    for k in kernels:
+        pads = []
+        for dim in reversed(range(n)):
+            gap = target_pad[dim] - k.padding[dim]
+            if gap % dilation[dim]:
+                raise NotEquivalent(
+                    f"cannot {what}: padding {k.padding} is off the dilation-{dilation[dim]} grid of the other branches"
+                )
+            pads += [gap // dilation[dim]] * 2
+        w = F.pad(k.weight, pads) if any(pads) else k.weight
+        aligned.append(replace(k, weight=w, padding=tuple(target_pad), dilation=dilation))
+    return aligned
+
+
+# --------------------------------------------------------------------------- paradigms
+
+def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -> Kernel:
+    """P1: a conv or FC followed by an eval-mode BatchNorm, as one layer.
+
+    W' = W * gamma / sqrt(var + eps) (per output channel); b' = (b - mean) * gamma / sqrt(var + eps) + beta.
+    BatchNorm without affine parameters uses gamma = 1, beta = 0.
+    """
+    p = bn_params(bn)
+    if p.mean.shape[0] != k.out_channels:
+        raise NotEquivalent(f"a BatchNorm over {p.mean.shape[0]} channels cannot follow a layer with {k.out_channels} outputs")
+    w, b = k.weight.to(torch.float64), k.bias_or_zeros().to(torch.float64)
+    scale = torch.rsqrt(p.var.to(torch.float64) + p.eps)
+    if p.weight is not None:
+        scale = scale * p.weight.to(torch.float64)
+    shift = -p.mean.to(torch.float64) * scale
+    if p.bias is not None:
+        shift = shift + p.bias.to(torch.float64)
+    w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b = b * scale + shift
+    dtype = k.dtype
+    return replace(k, weight=w.to(dtype), bias=b.to(dtype))
+
+
+def add(*kernels: Kernel) -> Kernel:
+    """P2/P4: parallel branches whose outputs are summed, as one layer.
+
+    Kernels of different sizes are zero-padded to the largest window (centred, see `_align`);
+    different group counts are brought to their greatest common divisor.
+    """
+    if not kernels:
+        raise NotEquivalent("add() needs at least one kernel")
+    outs = {k.out_channels for k in kernels}
+    if len(outs) > 1:
+        raise NotEquivalent(f"cannot add branches with {sorted(outs)} output channels")
+    g = _common_groups(kernels)
+    aligned = _align([regroup(k.to(torch.float64), g) for k in kernels], "add")
+    weight = sum(k.weight for k in aligned)
+    biases = [k.bias for k in aligned if k.bias is not None]
+    bias = sum(biases) if biases else None
+    dtype = _out_dtype(*kernels)
+    return replace(aligned[0], weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
+
+
+def concat(*kernels: Kernel) -> Kernel:
+    """P3: parallel branches whose outputs are concatenated along channels, as one layer.
+
+    Grouped branches are written out densely first: the concatenated output is ordered by branch,
+    not by group, so no grouped conv reproduces it.
+    """
+    if not kernels:
+        raise NotEquivalent("concat() needs at least one kernel")
+    g = 1 if len(kernels) > 1 else kernels[0].groups
+    aligned = _align([regroup(k.to(torch.float64), g) for k in kernels], "concatenate")
+    weight = torch.cat([k.weight for k in aligned], 0)
+    any_bias = any(k.bias is not None for k in aligned)
+    bias = torch.cat([k.bias_or_zeros() for k in aligned]) if any_bias else None
+    dtype = _out_dtype(*kernels)
+    return replace(aligned[0], weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
+
+
+def _compose_weights(outer: Tensor, inner: Tensor, groups: int) -> Tensor:
+    """Per group, contract the channel dims: result[e, c, ...] = sum_d outer[e, d, ...] * inner[d, c, ...].
+
+    One of the two is pointwise (its spatial dims are all 1) and broadcasts over the other's.
+    """
+    e, d_g = outer.shape[:2]
+    d, c_g = inner.shape[:2]
+    o = outer.reshape(groups, e // groups, d_g, -1)
+    i = inner.reshape(groups, d // groups, c_g, -1)
+    spatial = outer.shape[2:] if o.shape[-1] >= i.shape[-1] else inner.shape[2:]
+    if o.shape[-1] == 1:
+        out = torch.einsum("gedx,gdcs->gecs", o, i)
+    else:
+        out = torch.einsum("geds,gdcx->gecs", o, i)
+    return out.reshape(e, c_g, *spatial)
+
+
+def sequential(first: Kernel, second: Kernel) -> Kernel:
+    """P5: `second(first(x))` as one layer, where one of the two is pointwise (1x1).
+
+    P5a (first is 1x1, stride 1): the result has second's kernel size, stride and dilation and
+    padding first.padding + second.padding. If first has a bias and second pads with zeros, the
+    border outputs of the original see zeros where the fused conv would see the bias, so this is
+    refused. Pad *before* the 1x1 instead (padding on `first`): a 1x1 conv of a zero ring is its
+    bias, which is exactly what DBB's BNAndPad layer does.
+
+    P5b (second is 1x1 without padding): the result has first's geometry; strides multiply and
+    the bias is second.W @ first.b + second.b, exact everywhere.
+
+    Groups: equal group counts are kept; otherwise both are written out densely.
+    """
+    if first.ndim != second.ndim:
+        raise NotEquivalent(f"cannot chain a {first.ndim}-d and a {second.ndim}-d layer")
+    if second.in_channels != first.out_channels:
+        raise NotEquivalent(
+            f"cannot chain a layer with {first.out_channels} outputs into one with {second.in_channels} inputs"
+        )
+    g = first.groups if first.groups == second.groups else 1
+    a, b = regroup(first.to(torch.float64), g), regroup(second.to(torch.float64), g)
+    dtype = _out_dtype(first, second)
+
+    if _is_pointwise(a) and all(s == 1 for s in a.stride):
+        if a.bias is not None and any(p > 0 for p in b.padding):
+            raise NotEquivalent(
+                "a bias before a zero-padded conv makes the borders differ from any single conv",
+                hint="pad before the 1x1 layer (as DBB's BNAndPad does), or drop the bias",
+            )
+        weight = _compose_weights(b.weight, a.weight, g)
+        bias = b.bias_or_zeros()
+        if a.bias is not None:
+            w_sum = b.weight.reshape(b.out_channels, b.weight.shape[1], -1).sum(-1)  # (E, D/g)
+            bias = bias + torch.einsum("ged,gd->ge", w_sum.reshape(g, -1, w_sum.shape[1]),
+                                       a.bias.reshape(g, -1)).reshape(-1)
+        has_bias = a.bias is not None or b.bias is not None
+        padding = tuple(p + q for p, q in zip(a.padding, b.padding))
+        out = Kernel(weight, bias if has_bias else None, b.stride, padding, b.dilation, g)
+    elif _is_pointwise(b):
+        if any(p != 0 for p in b.padding):
+            raise NotEquivalent("a padded 1x1 conv after a kxk conv has no single-conv equivalent")
+        weight = _compose_weights(b.weight, a.weight, g)
+        bias = None
+        if a.bias is not None or b.bias is not None:
+            w2 = b.weight.reshape(g, b.out_channels // g, -1)
+            bias = b.bias_or_zeros() + torch.einsum("ged,gd->ge", w2, a.bias_or_zeros().reshape(g, -1)).reshape(-1)
+        stride = tuple(s * t for s, t in zip(a.stride, b.stride))
+        out = Kernel(weight, bias, stride, a.padding, a.dilation, g)
+    else:
+        raise NotEquivalent(
+            "chaining two kxk convs grows the kernel; only 1x1 -> kxk and kxk -> 1x1 are fused",
+            hint="first must be 1x1 with stride 1, or second 1x1 without padding",
+        )
+    return out.to(dtype)
+
+
+def identity(
+    channels: int, kernel_size: int | Sequence[int] = 1, groups: int = 1, ndim: int = 2,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+) -> Kernel:
+    """P6a: the identity map x -> x as a conv with odd `kernel_size` (int or per dim) and `groups`.
+
+    Weight (channels, channels // groups, *k) is 1 at [i, i % (channels // groups), centre], padding k // 2.
+    """
+    ks = (kernel_size,) * ndim if isinstance(kernel_size, int) else tuple(kernel_size)
+    if len(ks) != ndim:
+        raise NotEquivalent(f"kernel_size {ks} does not have {ndim} dims")
+    if any(s % 2 == 0 or s < 1 for s in ks):
+        raise NotEquivalent(
+            f"an identity has no centred tap in a kernel of size {ks}",
+            hint="use an odd size (an even kernel never keeps the spatial size with symmetric padding)",
+        )
+    if channels % groups:
+        raise NotEquivalent(f"{channels} channels do not split into {groups} groups")
+    per_group = channels // groups
+    w = torch.zeros((channels, per_group, *ks), dtype=dtype, device=device)
+    centre = tuple(s // 2 for s in ks)
+    idx = torch.arange(channels, device=device)
+    w[(idx, idx % per_group, *[torch.full_like(idx, c) for c in centre])] = 1
+    return Kernel(w, None, (1,) * ndim, centre, (1,) * ndim, groups)
+
+
+def bn_as_conv(
+    bn: nn.modules.batchnorm._BatchNorm | BNParams, kernel_size: int | Sequence[int] = 1,
+    groups: int | None = None, ndim: int = 2, dtype: torch.dtype | None = None,
+) -> Kernel:
+    """P8: a BatchNorm on its own as a conv (an identity conv, P6a, followed by the BN, P1).
+
+    groups defaults to depthwise (one per channel), the cheapest form; `add` regroups as needed.
+    The result has the BN's dtype unless `dtype` says otherwise (recipes keep float64).
+    """
+    p = bn_params(bn)
+    channels = p.mean.shape[0]
+    k = identity(channels, kernel_size, groups or channels, ndim, dtype=torch.float64, device=p.mean.device)
+    return fuse_bn(k, p).to(dtype or p.mean.dtype)
+
+
+def avgpool(
+    channels: int, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0, ndim: int = 2, count_include_pad: bool = True,
+    ceil_mode: bool = False, divisor_override: int | None = None,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+) -> Kernel:
+    """P7: AvgPool over `channels` as a depthwise conv with weight 1 / prod(kernel_size).
+
+    Refused where pooling and conv differ: ceil_mode (partial windows), and padding without
+    count_include_pad (the divisor then changes at the borders).
+    """
+    ks = (kernel_size,) * ndim if isinstance(kernel_size, int) else tuple(kernel_size)
+    st = ks if stride is None else ((stride,) * ndim if isinstance(stride, int) else tuple(stride))
+    pd = (padding,) * ndim if isinstance(padding, int) else tuple(padding)
+    if ceil_mode:
+        raise NotEquivalent("an average pool with ceil_mode=True has partial windows that no conv reproduces")
+    if any(pd) and not count_include_pad and divisor_override is None:
+        raise NotEquivalent("a padded average pool with count_include_pad=False divides by fewer taps at the borders")
+    divisor = divisor_override or math.prod(ks)
+    w = torch.full((channels, 1, *ks), 1.0 / divisor, dtype=dtype, device=device)
+    return Kernel(w, None, st, pd, (1,) * ndim, channels)
+
+
+def linear_as_conv(k: Kernel, ndim: int = 2) -> Kernel:
+    """P9: a fully connected layer (0 spatial dims) as a pointwise conv with `ndim` spatial dims."""
+    if k.ndim != 0:
+        raise NotEquivalent(f"linear_as_conv expects a fully connected layer, got a {k.ndim}-d conv")
+    w = k.weight.reshape(*k.weight.shape, *([1] * ndim))
+    return Kernel(w, k.bias, (1,) * ndim, (0,) * ndim, (1,) * ndim, k.groups)
+
+
+def conv_as_linear(k: Kernel) -> Kernel:
+    """P9: a pointwise conv (1x1, stride 1, no padding) as a fully connected layer (groups written out)."""
+    if not _is_pointwise(k) or any(s != 1 for s in k.stride) or any(k.padding):
+        raise NotEquivalent(
+            f"only a 1x1 conv with stride 1 and no padding is an FC; got kernel {k.kernel_size}, "
+            f"stride {k.stride}, padding {k.padding}"
+        )
+    w = _dense_weight(k).reshape(k.out_channels, k.in_channels)
+    return Kernel(w, k.bias)
+
+
+def conv_as_fc(k: Kernel, in_shape: Sequence[int]) -> Kernel:
+    """A conv applied to inputs of fixed shape (C, *spatial), as one FC on the flattened input (RepMLP).
+
+    The FC matrix is the conv applied to the identity: feed the C*H*W one-hot images through the
+    conv; column j of the FC is the flattened response to one-hot j. Weight (out*H'*W', C*H*W).
+    """
+    in_shape = tuple(in_shape)
+    if len(in_shape) != k.ndim + 1 or in_shape[0] != k.in_channels:
+        raise NotEquivalent(f"input shape {in_shape} does not fit a conv over {k.in_channels} channels, {k.ndim}-d")
+    dtype = k.dtype
+    k64 = k.to(torch.float64)
+    n = math.prod(in_shape)
+    eye = torch.eye(n, dtype=torch.float64, device=k.weight.device).reshape(n, *in_shape)
+    response = apply(replace(k64, bias=None), eye)  # (n, out, *out_spatial)
+    out_spatial = response.shape[2:]
+    w = response.reshape(n, -1).t().contiguous()
+    bias = None
+    if k.bias is not None:
+        bias = k64.bias.repeat_interleave(math.prod(out_spatial))
+    return Kernel(w.to(dtype), None if bias is None else bias.to(dtype))

@@ -1,0 +1,6 @@
+"""Block families: one file each, holding the training-time module(s) and the recipe.
+
+Importing this package registers every built-in recipe.
+"""
+
+from . import common, repvgg  # noqa: F401

@@ -1,0 +1,250 @@
+"""The `reparam` command line: a thin Typer skin over `reparam_cli.pipeline`.
+
+Exit codes: 0 ok; 1 verification failed; 2 bad usage or bad input (one line on stderr, no
+traceback). Machine output (`--json`) goes to stdout; everything meant for people goes to stderr.
+torch is imported only inside commands, so `reparam --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from ._version import __version__
+
+app = typer.Typer(
+    name="reparam",
+    help="Convert training checkpoints of structurally re-parameterized networks (RepVGG, ACNet, DBB, "
+         "RepMLP, MobileOne, ...) into their fused deploy form, verified on random inputs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
+
+SpecOpt = typer.Option(..., "--spec", "-s", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
+                                                 "or a Python file exposing build_model() (file.py[:function]).")
+JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout instead of a table on stderr.")
+RtolOpt = typer.Option(None, "--rtol", help="Relative tolerance, scaled by the output's magnitude "
+                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
+AtolOpt = typer.Option(None, "--atol", help="Absolute tolerance added to rtol * max|output| [default: 1e-6 for float32].",
+                       min=0.0)
+SeedOpt = typer.Option(0, "--seed", help="Seed of the random verification inputs.")
+SamplesOpt = typer.Option(1, "--samples", help="Number of random batches to verify on.", min=1)
+ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e.g. 2,3,64,64 "
+                                                    "[default: the spec's input_shape].")
+TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
+                                                      "you trust: a pickle can run arbitrary code.")
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} x{v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def _summary(title: str, report: dict, rows: list[tuple[str, str]]) -> None:
+    from rich.table import Table
+
+    ok = report.get("ok", True)
+    table = Table(title=f"{title}: [{'green' if ok else 'red'}]{'OK' if ok else 'FAILED'}[/]", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for label, key in rows:
+        if key in report and report[key] is not None:
+            table.add_row(label, _fmt(report[key]))
+    worst = report.get("worst_block")
+    if worst:
+        table.add_row("worst block", f"{worst['path']} ({worst['type']}): {worst['max_rel_err']:.3g}")
+    if report.get("failed_blocks"):
+        table.add_row("failed blocks", ", ".join(report["failed_blocks"][:5]))
+    _stderr().print(table)
+
+
+CONVERT_ROWS = [
+    ("input", "input"), ("output", "output"), ("spec", "spec"), ("format", "format"), ("dtype", "dtype"),
+    ("blocks", "blocks"), ("params before", "params_before"), ("params after", "params_after"),
+    ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("cosine", "cosine"),
+    ("training-model rel err (float floor)", "train_rel_err"), ("tolerance rtol/atol", "tolerance"),
+]
+
+
+def _run(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows) -> None:
+    """Run a pipeline action, print its report, map errors to exit codes."""
+    from .errors import ReparamError, VerificationFailed
+
+    console = _stderr()
+    status = None
+    if not as_json and console.is_terminal:
+        status = console.status(f"{title}...")
+        status.start()
+
+    def progress(msg: str) -> None:
+        if status is not None:
+            status.update(f"{title}: {msg}...")
+
+    code = EXIT_OK
+    try:
+        report = action(progress)
+    except VerificationFailed as exc:
+        report, code = exc.report, EXIT_MISMATCH
+        if not as_json:
+            console.print(f"[red]error:[/] {exc}")
+    except ReparamError as exc:
+        _fail(str(exc), as_json)
+    except KeyboardInterrupt:
+        _fail("interrupted", as_json)
+    except Exception as exc:  # never a traceback for the user; REPARAM_DEBUG=1 shows it
+        if os.environ.get("REPARAM_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+              "(set REPARAM_DEBUG=1 for a traceback)", as_json)
+    finally:
+        if status is not None:
+            status.stop()
+    if "rtol" in report:
+        report["tolerance"] = f"{report['rtol']:.3g} / {report['atol']:.3g}"
+    if as_json:
+        report.pop("tolerance", None)
+        typer.echo(json.dumps(report, default=str))
+    else:
+        _summary(title, report, rows)
+    raise typer.Exit(code)
+
+
+def _fail(message: str, as_json: bool) -> None:
+    typer.echo(f"error: {message}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "error": message}))
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _verify_options(samples: int, seed: int, rtol, atol, input_shape):
+    from .pipeline import VerifyOptions
+    from .spec import parse_shape
+
+    return VerifyOptions(samples=samples, seed=seed, rtol=rtol, atol=atol,
+                         input_shape=parse_shape(input_shape) if input_shape else None)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"reparam {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Show the version and exit.", callback=_version_callback,
+                                 is_eager=True),
+) -> None:
+    """Convert, verify and inspect re-parameterizable network checkpoints."""
+
+
+@app.command()
+def init(
+    spec: str = typer.Argument(..., help="Model spec: built-in name, YAML file or Python file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.pth or .safetensors)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random weights and BatchNorm statistics."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write a training-form checkpoint with random weights and randomized BatchNorm statistics."""
+
+    def action(progress):
+        from .pipeline import init_checkpoint
+
+        progress("building model")
+        return init_checkpoint(spec, output, seed=seed, overwrite=overwrite)
+
+    _run(action, as_json, "init", [("output", "output"), ("spec", "spec"), ("params", "params"), ("seed", "seed")])
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.ckpt/.safetensors)."),
+    spec: str = SpecOpt,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write "
+                                          "[default: <input stem>.deploy.safetensors (or .pt) beside the input]."),
+    fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended)."),
+    rtol: Optional[float] = RtolOpt,
+    atol: Optional[float] = AtolOpt,
+    seed: int = SeedOpt,
+    samples: int = SamplesOpt,
+    input_shape: Optional[str] = ShapeOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    trust_pickle: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fuse every re-parameterizable block, verify the result, and write the deploy model."""
+
+    def action(progress):
+        from .pipeline import convert_checkpoint
+
+        return convert_checkpoint(
+            checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
+            verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
+            trust_pickle=trust_pickle, progress=progress,
+        )
+
+    _run(action, as_json, "convert", CONVERT_ROWS)
+
+
+@app.command()
+def verify(
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint."),
+    deployed: Path = typer.Argument(..., help="Deploy file: safetensors written by reparam, or TorchScript."),
+    spec: str = SpecOpt,
+    rtol: Optional[float] = RtolOpt,
+    atol: Optional[float] = AtolOpt,
+    seed: int = SeedOpt,
+    samples: int = SamplesOpt,
+    input_shape: Optional[str] = ShapeOpt,
+    trust_pickle: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not)."""
+
+    def action(progress):
+        from .errors import VerificationFailed
+        from .pipeline import verify_checkpoint
+
+        report = verify_checkpoint(checkpoint, deployed, spec,
+                                   verify_options=_verify_options(samples, seed, rtol, atol, input_shape),
+                                   trust_pickle=trust_pickle, progress=progress)
+        if not report["ok"]:
+            raise VerificationFailed("the deploy file does not match the training checkpoint", report)
+        return report
+
+    _run(action, as_json, "verify", CONVERT_ROWS)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `reparam ... --json | head`
+        sys.stderr.close()
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The engine: walk a module tree and replace every block that has a recipe by its deploy form.
+
+`reparameterize(model)` returns a *new* module tree and a report; the model it is given and its
+tensors are never modified. Containers along the way are shallow clones, so parameters of
+untouched layers share storage with the input model (no copy): treat the result as a new model
+over the same weights, and clone it if you intend to train both independently.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import NotEquivalent, ReparamError
+from .recipes import Recipe, recipe_for
+
+
+@dataclass
+class ConvertedBlock:
+    path: str
+    block_type: str
+    family: str
+
+
+@dataclass
+class ConversionReport:
+    """What `reparameterize` did: each converted block with its path, and counts per block type."""
+
+    converted: list[ConvertedBlock] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> dict[str, int]:
+        return dict(sorted(Counter(b.block_type for b in self.converted).items()))
+
+    @property
+    def paths(self) -> list[str]:
+        return [b.path for b in self.converted]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (buffers such as BN statistics not included)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A new module object with its own child, parameter and buffer dicts (tensors shared)."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = {
+        name: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
+        for name, p in module._parameters.items()
+    }
+    new._buffers = dict(module._buffers)
+    return new
+
+
+def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:
+    try:
+        deployed = recipe.fuse(block)
+    except NotEquivalent as exc:
+        raise NotEquivalent(f"block {path or '<root>'} ({recipe.name}): {exc.message}", exc.hint) from None
+    deployed.train(block.training)
+    return deployed
+
+
+def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
+    """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
+
+    Blocks are matched top-down: once a block is converted its children are not visited. Works on
+    any device, including `meta` (shapes only), which builds a deploy skeleton without data.
+    """
+    import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
+
+    report = ConversionReport()
+
+    def walk(module: nn.Module, path: str) -> nn.Module:
+        found = recipe_for(module)
+        if found is not None:
+            report.converted.append(ConvertedBlock(path, found.name, found.family))
+            return _fuse(found, module, path)
+        new = _shallow_clone(module)
+        for name, child in module._modules.items():
+            if child is not None:
+                new._modules[name] = walk(child, f"{path}.{name}" if path else name)
+        return new
+
+    if not isinstance(model, nn.Module):
+        raise ReparamError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    with torch.no_grad():
+        deployed = walk(model, "")
+    return deployed, report

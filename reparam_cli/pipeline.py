@@ -1,0 +1,212 @@
+"""The pipeline behind the CLI: checkpoint -> state dict -> training model -> recipes -> deploy model
+-> verification -> file. Each function returns a plain dict report (what `--json` prints).
+
+    init_checkpoint(spec, output)                 random training checkpoint for trying things out
+    convert_checkpoint(checkpoint, spec, ...)     fuse, verify, write
+    verify_checkpoint(checkpoint, deployed, ...)  compare a training checkpoint with a deploy file
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .checkpoint import extract_state_dict, load_into, read_raw, sha256_file
+from .engine import ConversionReport, count_parameters, reparameterize
+from .errors import OutputError, ReparamError, VerificationFailed
+from .export import FORMATS, SUFFIX, load_deployed_any, write_safetensors, write_torchscript
+from .spec import ModelSpec, load_spec
+from .verify import VerifyResult, model_dtype, verify
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+@dataclass
+class VerifyOptions:
+    """How to verify: random batches of `input_shape` (default: the spec's), tolerances (default: per dtype)."""
+
+    samples: int = 1
+    seed: int = 0
+    rtol: float | None = None
+    atol: float | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+def _spec(spec: ModelSpec | str) -> ModelSpec:
+    return load_spec(spec) if isinstance(spec, str) else spec
+
+
+def load_training_model(checkpoint: str | Path, spec: ModelSpec, trust_pickle: bool = False) -> nn.Module:
+    """Build the spec's training model on `meta` and assign the checkpoint's tensors (no random init)."""
+    state = extract_state_dict(read_raw(checkpoint, trust_pickle), spec.checkpoint.get("key"),
+                               spec.checkpoint.get("strip_prefix"), source=str(checkpoint))
+    model = spec.build(device="meta")
+    return load_into(model, state).eval()
+
+
+def default_output(checkpoint: Path, fmt: str) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.deploy{SUFFIX[fmt]}")
+
+
+def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
+    if output.resolve() == checkpoint.resolve():
+        raise OutputError(f"refusing to write the output over its input {checkpoint}", hint="pass another -o")
+    if output.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists", hint="pass --overwrite to replace it")
+    if output.is_dir():
+        raise OutputError(f"output {output} is a directory")
+
+
+def _verification_dict(result: VerifyResult | None) -> dict:
+    if result is None:
+        return {"verified": False}
+    worst = result.worst_block()
+    return {
+        "verified": True, "ok": result.ok, "max_abs_err": result.max_abs_err, "max_rel_err": result.max_rel_err,
+        "cosine": result.cosine, "train_rel_err": result.train_rel_err, "rtol": result.rtol, "atol": result.atol,
+        "samples": result.samples, "input_shape": result.input_shape, "seed": result.seed,
+        "worst_block": None if worst is None else {"path": worst.path, "type": worst.block_type,
+                                                   "max_rel_err": worst.max_rel_err},
+        "failed_blocks": [b.path for b in result.blocks if not b.ok],
+    }
+
+
+def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: ConversionReport | None,
+                opts: VerifyOptions) -> VerifyResult:
+    blocks = [(b.path, b.block_type) for b in report.converted] if report else []
+    return verify(train, deploy, opts.input_shape or spec.input_shape, blocks=blocks, samples=opts.samples,
+                  seed=opts.seed, rtol=opts.rtol, atol=opts.atol)
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    spec: ModelSpec | str,
+    output: str | Path | None = None,
+    *,
+    fmt: str = "safetensors",
+    verify_output: bool = True,
+    verify_options: VerifyOptions | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: Progress = _noop,
+) -> dict:
+    """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
+    when the fused model does not match, ReparamError on bad input."""
+    if fmt not in FORMATS:
+        raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
+    checkpoint = Path(checkpoint)
+    spec = _spec(spec)
+    output = Path(output) if output else default_output(checkpoint, fmt)
+    _check_output(checkpoint, output, overwrite)
+    opts = verify_options or VerifyOptions()
+
+    progress("reading checkpoint")
+    train = load_training_model(checkpoint, spec, trust_pickle)
+    progress("fusing blocks")
+    deploy, conv_report = reparameterize(train)
+    deploy.eval()
+    if not conv_report.converted:
+        raise ReparamError(f"the model built from spec {spec.name!r} has no re-parameterizable blocks")
+    result = None
+    if verify_output:
+        progress("verifying on random inputs")
+        result = _run_verify(train, deploy, spec, conv_report, opts)
+    report = {
+        "ok": result.ok if result else True,
+        "input": str(checkpoint), "output": str(output), "spec": spec.name, "format": fmt,
+        "dtype": str(model_dtype(deploy)).removeprefix("torch."),
+        "blocks": conv_report.blocks,
+        "params_before": count_parameters(train), "params_after": count_parameters(deploy),
+        **_verification_dict(result),
+    }
+    if result is not None and not result.ok:
+        raise VerificationFailed("the deploy model does not match the training model; nothing was written", report)
+
+    progress(f"writing {fmt}")
+    if fmt == "safetensors":
+        metadata = {
+            "version": __version__, "spec": spec.to_json(), "source_sha256": sha256_file(checkpoint),
+            "source": checkpoint.name, "blocks": conv_report.blocks, "verification": _verification_dict(result),
+        }
+        write_safetensors(output, deploy, metadata)
+    else:
+        shape = opts.input_shape or spec.input_shape
+        write_torchscript(output, deploy, torch.randn(*shape, dtype=model_dtype(deploy)))
+    return report
+
+
+def verify_checkpoint(
+    checkpoint: str | Path,
+    deployed: str | Path,
+    spec: ModelSpec | str,
+    *,
+    verify_options: VerifyOptions | None = None,
+    trust_pickle: bool = False,
+    progress: Progress = _noop,
+) -> dict:
+    """Compare a training checkpoint with a deploy file (reparam safetensors or TorchScript)."""
+    spec = _spec(spec)
+    opts = verify_options or VerifyOptions()
+    progress("reading checkpoint")
+    train = load_training_model(checkpoint, spec, trust_pickle)
+    progress("reading deploy file")
+    deploy = load_deployed_any(deployed, spec)
+    # Per-block figures where the deploy file keeps the block structure (safetensors, not TorchScript);
+    # which blocks were converted is read off a shape-only conversion.
+    report = None if isinstance(deploy, torch.jit.ScriptModule) else reparameterize(spec.build(device="meta"))[1]
+    progress("verifying on random inputs")
+    result = _run_verify(train, deploy, spec, report, opts)
+    return {
+        "ok": result.ok, "input": str(checkpoint), "output": str(deployed), "spec": spec.name,
+        "format": "safetensors" if Path(deployed).suffix == ".safetensors" else "torchscript",
+        "blocks": report.blocks if report else {},
+        "params_before": count_parameters(train), "params_after": count_parameters(deploy),
+        **_verification_dict(result),
+    }
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    """Move every BatchNorm's statistics and affine parameters away from their defaults, so a fused
+    model is tested on non-trivial BN folding (defaults make BN nearly the identity)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            if m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+
+
+def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0, overwrite: bool = False) -> dict:
+    """Write a training checkpoint with random weights and randomized BatchNorm statistics."""
+    spec = _spec(spec)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists", hint="pass --overwrite to replace it")
+    torch.manual_seed(seed)
+    model = spec.build()
+    with torch.no_grad():
+        randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    from .export import atomic_output
+
+    with atomic_output(output) as tmp:
+        if output.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
+    return {"ok": True, "output": str(output), "spec": spec.name, "params": count_parameters(model),
+            "tensors": len(state), "seed": seed}

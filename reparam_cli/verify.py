@@ -1,0 +1,176 @@
+"""Equivalence on random inputs: does the deploy model compute the training model's function?
+
+The reference is the training model evaluated in float64 (its own tensors upcast, not a copy of
+the module). Reported, each against that reference:
+
+* the deploy model's max abs error, max relative error (max |deploy - ref| / max |ref|) and
+  cosine similarity, end to end;
+* the training model's own error in its checkpoint dtype: the floor that rounding alone gives;
+* per converted block, the deploy block's relative error on the very input its training block
+  saw, so a failing model points at the block that broke.
+
+It passes when max_abs_err <= atol + rtol * max|ref| end to end and for every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+# Defaults per checkpoint dtype: well above the rounding floor, well below what a wrong kernel gives.
+DEFAULT_TOLERANCES = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (1e-4, 1e-6),
+    torch.float16: (2e-2, 1e-3),
+    torch.bfloat16: (8e-2, 1e-2),
+}
+
+
+@dataclass
+class BlockError:
+    path: str
+    block_type: str
+    max_rel_err: float
+    ok: bool
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    max_abs_err: float
+    max_rel_err: float
+    cosine: float
+    train_rel_err: float  # the training model's own error in its dtype vs float64
+    rtol: float
+    atol: float
+    samples: int
+    input_shape: list[int]
+    seed: int
+    blocks: list[BlockError] = field(default_factory=list)
+
+    def worst_block(self) -> BlockError | None:
+        return max(self.blocks, key=lambda b: b.max_rel_err, default=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of a model's first floating parameter (float32 if it has none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def tolerances(dtype: torch.dtype, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
+    d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+    return (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
+
+
+def _float64_state(model: nn.Module) -> dict[str, Tensor]:
+    return {
+        name: t.to(torch.float64) if t.is_floating_point() else t
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    }
+
+
+def _first_tensor(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (list, tuple)) and out:
+        return _first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return _first_tensor(next(iter(out.values())))
+    raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+
+
+def _errors(out: Tensor, ref: Tensor) -> tuple[float, float, float]:
+    out64, ref64 = out.detach().to(torch.float64).flatten(), ref.detach().to(torch.float64).flatten()
+    diff = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    rel = diff / scale if scale > 0 else diff
+    denom = out64.norm() * ref64.norm()
+    cos = (out64 @ ref64 / denom).item() if denom > 0 else 1.0
+    return diff, rel, cos
+
+
+def _within(abs_err: float, ref: Tensor, rtol: float, atol: float) -> bool:
+    return abs_err <= atol + rtol * ref.detach().abs().max().item()
+
+
+def verify(
+    train_model: nn.Module,
+    deploy_model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    blocks: Sequence[tuple[str, str]] = (),
+    samples: int = 1,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> VerifyResult:
+    """Compare deploy_model to train_model (both in eval mode) on `samples` random batches of `input_shape`.
+
+    `blocks` lists (path, block type) of converted blocks; each must exist at the same path in both
+    models (a TorchScript deploy model gets end-to-end figures only: pass no blocks).
+    """
+    dtype, deploy_dtype = model_dtype(train_model), model_dtype(deploy_model)
+    # The coarser of the two dtypes sets the default tolerances.
+    coarse = max((dtype, deploy_dtype), key=lambda d: tolerances(d)[0])
+    rtol, atol = tolerances(coarse, rtol, atol)
+    was_training = train_model.training
+    train_model.eval()
+    deploy_model.eval()
+    state64 = _float64_state(train_model)
+    gen = torch.Generator().manual_seed(seed)
+    worst_abs = worst_rel = 0.0
+    worst_cos = 1.0
+    train_rel = 0.0
+    ok = True
+    block_errors: dict[str, BlockError] = {}
+    try:
+        with torch.no_grad():
+            for i in range(samples):
+                x64 = torch.randn(*input_shape, generator=gen, dtype=torch.float64)
+                captured: dict[str, tuple[Tensor, Tensor]] = {}
+                hooks = []
+                if i == 0:  # per-block figures from the first sample keep memory bounded
+                    for path, _ in blocks:
+                        def hook(_m, args, out, path=path):
+                            captured[path] = (args[0], _first_tensor(out))
+                        hooks.append(train_model.get_submodule(path).register_forward_hook(hook))
+                try:
+                    ref = _first_tensor(functional_call(train_model, state64, (x64,)))
+                finally:
+                    for h in hooks:
+                        h.remove()
+                x = x64.to(dtype)
+                out = _first_tensor(deploy_model(x64.to(deploy_dtype)))
+                own = _first_tensor(train_model(x))
+                if out.shape != ref.shape:
+                    raise ValueError(f"deploy output shape {tuple(out.shape)} differs from training {tuple(ref.shape)}")
+                abs_err, rel_err, cos = _errors(out, ref)
+                train_rel = max(train_rel, _errors(own, ref)[1])
+                ok &= _within(abs_err, ref, rtol, atol)
+                worst_abs, worst_rel, worst_cos = max(worst_abs, abs_err), max(worst_rel, rel_err), min(worst_cos, cos)
+                for path, block_type in blocks:
+                    if path not in captured:
+                        continue
+                    inp, block_ref = captured[path]
+                    block_out = _first_tensor(deploy_model.get_submodule(path)(inp.to(deploy_dtype)))
+                    b_abs, b_rel, _ = _errors(block_out, block_ref)
+                    b_ok = _within(b_abs, block_ref, rtol, atol)
+                    ok &= b_ok
+                    block_errors[path] = BlockError(path, block_type, b_rel, b_ok)
+    finally:
+        train_model.train(was_training)
+    return VerifyResult(
+        ok=bool(ok), max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos, train_rel_err=train_rel,
+        rtol=rtol, atol=atol, samples=samples, input_shape=list(input_shape), seed=seed,
+        blocks=list(block_errors.values()),
+    )

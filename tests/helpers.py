@@ -1,0 +1,39 @@
+"""Shared test helpers: random training models and the equivalence check used by block tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reparam_cli.engine import reparameterize
+from reparam_cli.pipeline import randomize_batchnorm
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A training model in eval mode with random weights and BN statistics away from their defaults."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            with torch.no_grad():
+                p.normal_(0, 0.3 if p.dim() > 1 else 0.1)
+    with torch.no_grad():
+        randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def assert_equivalent(model: nn.Module, input_shape, rtol: float = 1e-5, dtype=torch.float32):
+    """Convert `model` and check the deploy form on a random input, in float32 against float64.
+
+    Returns (deploy model, report). The tolerance is relative to the output's magnitude: float32
+    rounding gives ~1e-7, a wrong kernel or bias gives O(1).
+    """
+    model = model.to(dtype).eval()
+    deploy, report = reparameterize(model)
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        model.to(dtype)
+        out = deploy(x.to(dtype)).double()
+    err = (out - ref).abs().max().item() / ref.abs().max().item()
+    assert err < rtol, f"relative error {err:.3g} >= {rtol}"
+    return deploy, report

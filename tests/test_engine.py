@@ -1,0 +1,70 @@
+"""The engine: tree walk, no mutation of its input, meta-device skeletons, recipe errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reparam_cli.blocks.common import ConvBN
+from reparam_cli.blocks.repvgg import RepVGGBlock
+from reparam_cli.engine import count_parameters, reparameterize
+from reparam_cli.errors import NotEquivalent
+from reparam_cli.recipes import all_recipes, recipe
+
+from .helpers import randomized
+
+
+def small_net():
+    return nn.Sequential(RepVGGBlock(3, 8, stride=2), nn.Sequential(RepVGGBlock(8, 8), ConvBN(8, 4, 1)),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_converts_nested_blocks_and_counts_them():
+    deploy, report = reparameterize(randomized(small_net()))
+    assert report.blocks == {"ConvBN": 1, "RepVGGBlock": 2}
+    assert report.paths == ["0", "1.0", "1.1"]
+    assert isinstance(deploy[1][1], nn.Conv2d)
+
+
+def test_input_model_and_tensors_are_not_modified():
+    model = randomized(small_net())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    deploy, _ = reparameterize(model)
+    assert [type(m) for m in model.modules()] == modules_before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # Parameters of untouched layers share storage but are distinct Parameter objects.
+    assert deploy[4].weight is not model[4].weight
+    assert deploy[4].weight.data_ptr() == model[4].weight.data_ptr()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(deploy(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_meta_model_gives_deploy_skeleton():
+    with torch.device("meta"):
+        model = small_net()
+    deploy, report = reparameterize(model)
+    assert all(p.is_meta for p in deploy.parameters())
+    assert count_parameters(deploy) == count_parameters(reparameterize(small_net())[0])
+
+
+def test_recipe_errors_name_the_block():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    @recipe(Odd, family="test-odd")
+    def fuse_odd(block):
+        raise NotEquivalent("geometry does not line up")
+
+    with pytest.raises(NotEquivalent, match=r"block 1 \(Odd\): geometry does not line up"):
+        reparameterize(nn.Sequential(nn.ReLU(), Odd()))
+
+
+def test_registry_lists_builtin_recipes():
+    families = {r.family for r in all_recipes()}
+    assert {"repvgg", "conv-bn"} <= families
