@@ -253,18 +253,27 @@ def _is_pointwise(k: Kernel) -> bool:
     return all(s == 1 for s in k.kernel_size)
 
 
-def _align(kernels: Sequence[Kernel], what: str) -> list[Kernel]:
-    """Zero-pad every kernel to the union of their windows so all share one padding (P4).
+@dataclass(frozen=True)
+class _Window:
+    kernel_size: Ints
+    stride: Ints
+    padding: Ints
+    dilation: Ints
+
+
+def _union_window(kernels: Sequence[Kernel], what: str) -> tuple[_Window, list[Ints]]:
+    """The common window of parallel branches (P4) and each kernel's offset inside it.
 
     Branch i reads input positions [o*s - p_i, o*s - p_i + d*(k_i - 1)] for output o. The branches
     only produce outputs of equal size for every input size when 2*p_i - d*(k_i - 1) is the same
-    for all i; then the union window is centred and each kernel is padded symmetrically.
+    for all i; then the union window is centred and each kernel sits (P - p_i) / d taps in from
+    each side, where P is the largest padding.
     """
     _check_same(kernels, what)
     n = kernels[0].ndim
     # A pointwise kernel's dilation is irrelevant: adopt that of the others.
     dilation = next((k.dilation for k in kernels if not _is_pointwise(k)), kernels[0].dilation)
-    target_pad = []
+    target_pad, target_size = [], []
     for dim in range(n):
         d = dilation[dim]
         spans = {2 * k.padding[dim] - d * (k.kernel_size[dim] - 1) for k in kernels}
@@ -274,19 +283,27 @@ def _align(kernels: Sequence[Kernel], what: str) -> list[Kernel]:
                 f"cannot {what} branches whose outputs differ in size along dim {dim}: kernel sizes {sizes}",
                 hint="each branch must satisfy 2*padding - dilation*(kernel-1) = the same value",
             )
-        target_pad.append(max(k.padding[dim] for k in kernels))
-    aligned = []
+        pad = max(k.padding[dim] for k in kernels)
+        target_pad.append(pad)
+        target_size.append(max(k.kernel_size[dim] + 2 * (pad - k.padding[dim]) // d for k in kernels))
+    offsets = []
     for k in kernels:
-        pads = []
-        for dim in reversed(range(n)):
-            gap = target_pad[dim] - k.padding[dim]
-            if gap % dilation[dim]:
-                raise NotEquivalent(
-                    f"cannot {what}: padding {k.padding} is off the dilation-{dilation[dim]} grid of the other branches"
-                )
-            pads += [gap // dilation[dim]] * 2
+        gaps = [target_pad[dim] - k.padding[dim] for dim in range(n)]
+        if any(gap % dilation[dim] for dim, gap in enumerate(gaps)):
+            raise NotEquivalent(f"cannot {what}: padding {k.padding} is off the dilation grid {dilation} of the other branches")
+        offsets.append(tuple(gap // dilation[dim] for dim, gap in enumerate(gaps)))
+    window = _Window(tuple(target_size), kernels[0].stride, tuple(target_pad), dilation)
+    return window, offsets
+
+
+def _align(kernels: Sequence[Kernel], what: str) -> list[Kernel]:
+    """Zero-pad every kernel to the union of their windows so all share one padding (P4)."""
+    window, offsets = _union_window(kernels, what)
+    aligned = []
+    for k, offset in zip(kernels, offsets):
+        pads = [q for o in reversed(offset) for q in (o, o)]
         w = F.pad(k.weight, pads) if any(pads) else k.weight
-        aligned.append(replace(k, weight=w, padding=tuple(target_pad), dilation=dilation))
+        aligned.append(replace(k, weight=w, padding=window.padding, dilation=window.dilation))
     return aligned
 
 
@@ -301,15 +318,19 @@ def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -> Kernel
     p = bn_params(bn)
     if p.mean.shape[0] != k.out_channels:
         raise NotEquivalent(f"a BatchNorm over {p.mean.shape[0]} channels cannot follow a layer with {k.out_channels} outputs")
-    w, b = k.weight.to(torch.float64), k.bias_or_zeros().to(torch.float64)
     scale = torch.rsqrt(p.var.to(torch.float64) + p.eps)
     if p.weight is not None:
         scale = scale * p.weight.to(torch.float64)
     shift = -p.mean.to(torch.float64) * scale
     if p.bias is not None:
         shift = shift + p.bias.to(torch.float64)
-    w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    b = b * scale + shift
+    scale_w = scale.reshape(-1, *([1] * (k.weight.dim() - 1)))
+    if torch.is_grad_enabled() and (k.weight.requires_grad or scale.requires_grad):
+        w = k.weight.to(torch.float64) * scale_w  # keeps the derivation differentiable
+    else:  # one float64 allocation for the (possibly huge) weight: multiply straight into it
+        w = torch.empty(k.weight.shape, dtype=torch.float64, device=k.weight.device)
+        torch.mul(k.weight, scale_w, out=w)
+    b = k.bias_or_zeros().to(torch.float64) * scale + shift
     dtype = k.dtype
     return replace(k, weight=w.to(dtype), bias=b.to(dtype))
 
@@ -326,12 +347,20 @@ def add(*kernels: Kernel) -> Kernel:
     if len(outs) > 1:
         raise NotEquivalent(f"cannot add branches with {sorted(outs)} output channels")
     g = _common_groups(kernels)
-    aligned = _align([regroup(k.to(torch.float64), g) for k in kernels], "add")
-    weight = sum(k.weight for k in aligned)
-    biases = [k.bias for k in aligned if k.bias is not None]
+    regrouped = [regroup(k, g) for k in kernels]
+    target, offsets = _union_window(regrouped, "add")
+    # Accumulate every branch into the centred slice of one float64 buffer: no padded copies.
+    first = regrouped[0]
+    weight = torch.zeros((first.out_channels, first.weight.shape[1], *target.kernel_size),
+                         dtype=torch.float64, device=first.weight.device)
+    for k, offset in zip(regrouped, offsets):
+        window = tuple(slice(o, o + size) for o, size in zip(offset, k.kernel_size))
+        weight[(slice(None), slice(None), *window)] += k.weight
+    biases = [k.bias.to(torch.float64) for k in regrouped if k.bias is not None]
     bias = sum(biases) if biases else None
     dtype = _out_dtype(*kernels)
-    return replace(aligned[0], weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
+    return Kernel(weight.to(dtype), None if bias is None else bias.to(dtype), target.stride, target.padding,
+                  target.dilation, g)
 
 
 def concat(*kernels: Kernel) -> Kernel:

@@ -67,11 +67,23 @@ def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:
     return deployed
 
 
-def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
+def _release(block: nn.Module) -> None:
+    """Drop a converted training block's tensors so their memory is freed before the next block."""
+    for m in block.modules():
+        for store in (m._parameters, m._buffers):
+            for name in store:
+                store[name] = None
+
+
+def reparameterize(model: nn.Module, *, consume: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
     Blocks are matched top-down: once a block is converted its children are not visited. Works on
     any device, including `meta` (shapes only), which builds a deploy skeleton without data.
+
+    consume=True is the one exception to "the input is never modified": each training block's
+    tensors are dropped as soon as it is fused, so peak memory stays near one copy of the weights.
+    The training model is unusable afterwards (the pipeline uses this when it will not verify).
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
@@ -81,7 +93,10 @@ def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
         found = recipe_for(module)
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
-            return _fuse(found, module, path)
+            deployed = _fuse(found, module, path)
+            if consume:
+                _release(module)
+            return deployed
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed
 from .export import FORMATS, SUFFIX, load_deployed_any, write_safetensors, write_torchscript
 from .spec import ModelSpec, load_spec
+from .stats import count_flops
 from .verify import VerifyResult, model_dtype, verify
 
 Progress = Callable[[str], None]
@@ -51,6 +53,17 @@ def load_training_model(checkpoint: str | Path, spec: ModelSpec, trust_pickle: b
                                spec.checkpoint.get("strip_prefix"), source=str(checkpoint))
     model = spec.build(device="meta")
     return load_into(model, state).eval()
+
+
+def _flops(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> dict:
+    """FLOPs before/after at the verification input shape, counted on shape-only (meta) models."""
+    shape = input_shape or spec.input_shape
+    try:
+        train = spec.build(device="meta").eval()
+        deploy, _ = reparameterize(train)
+    except Exception:  # e.g. a third-party block that cannot run on meta: the count is a nicety
+        return {"flops_before": None, "flops_after": None}
+    return {"flops_before": count_flops(train, shape), "flops_after": count_flops(deploy, shape)}
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -109,10 +122,16 @@ def convert_checkpoint(
     _check_output(checkpoint, output, overwrite)
     opts = verify_options or VerifyOptions()
 
+    # The input's checksum (for the metadata) is computed on the other core while we fuse.
+    hasher = ThreadPoolExecutor(max_workers=1)
+    source_sha256 = hasher.submit(sha256_file, checkpoint) if fmt == "safetensors" else None
+    hasher.shutdown(wait=False)
     progress("reading checkpoint")
     train = load_training_model(checkpoint, spec, trust_pickle)
+    params_before = count_parameters(train)
     progress("fusing blocks")
-    deploy, conv_report = reparameterize(train)
+    # Without verification the training model is not needed again: free each block once fused.
+    deploy, conv_report = reparameterize(train, consume=not verify_output)
     deploy.eval()
     if not conv_report.converted:
         raise ReparamError(f"the model built from spec {spec.name!r} has no re-parameterizable blocks")
@@ -125,7 +144,8 @@ def convert_checkpoint(
         "input": str(checkpoint), "output": str(output), "spec": spec.name, "format": fmt,
         "dtype": str(model_dtype(deploy)).removeprefix("torch."),
         "blocks": conv_report.blocks,
-        "params_before": count_parameters(train), "params_after": count_parameters(deploy),
+        "params_before": params_before, "params_after": count_parameters(deploy),
+        **_flops(spec, opts.input_shape),
         **_verification_dict(result),
     }
     if result is not None and not result.ok:
@@ -134,7 +154,7 @@ def convert_checkpoint(
     progress(f"writing {fmt}")
     if fmt == "safetensors":
         metadata = {
-            "version": __version__, "spec": spec.to_json(), "source_sha256": sha256_file(checkpoint),
+            "version": __version__, "spec": spec.to_json(), "source_sha256": source_sha256.result(),
             "source": checkpoint.name, "blocks": conv_report.blocks, "verification": _verification_dict(result),
         }
         write_safetensors(output, deploy, metadata)

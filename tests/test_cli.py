@@ -50,6 +50,7 @@ def test_convert_writes_verified_safetensors_with_metadata(a0, tmp_path):
         assert key in report
     assert report["ok"] and report["blocks"] == {"RepVGGBlock": 22}
     assert report["params_after"] == 8309384
+    assert report["flops_after"] < report["flops_before"]  # the 1x1 branches are gone
     meta = read_metadata(out)
     assert meta["version"] and len(meta["source_sha256"]) == 64
     assert meta["spec"]["name"] == SPEC and meta["verification"]["max_rel_err"] == report["max_rel_err"]

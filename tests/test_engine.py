@@ -68,3 +68,23 @@ def test_recipe_errors_name_the_block():
 def test_registry_lists_builtin_recipes():
     families = {r.family for r in all_recipes()}
     assert {"repvgg", "conv-bn"} <= families
+
+
+def test_consume_frees_each_block_and_gives_the_same_deploy_model():
+    model = randomized(small_net())
+    expect, _ = reparameterize(model)
+    deploy, report = reparameterize(model, consume=True)
+    assert model[0].rbr_dense.conv.weight is None and model[1][1].bn.running_mean is None
+    assert model[4].weight is not None  # untouched layers keep their tensors
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(deploy(x), expect(x))
+
+
+def test_flop_counts_shape_only():
+    from reparam_cli.stats import count_flops
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    # conv: 2 * (3*3*3) * 8 * 16 outputs; linear: 2 * 128 * 10
+    assert count_flops(model, (1, 3, 4, 4)) == 2 * 27 * 8 * 16 + 2 * 128 * 10

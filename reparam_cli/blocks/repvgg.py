@@ -74,6 +74,7 @@ def fuse_repvgg(block: RepVGGBlock) -> nn.Module:
     if block.rbr_identity is not None:
         branches.append(A.bn_as_conv(block.rbr_identity, dtype=torch.float64))
     fused = A.add(*branches)
+    del branches  # free the float64 branch kernels before the final cast: lower peak memory
     conv = A.to_module(fused, dtype=block.rbr_dense.conv.weight.dtype)
     return RepVGGDeployBlock(conv, block.se, block.nonlinearity)
 
