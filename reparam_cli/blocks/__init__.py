@@ -4,3 +4,4 @@ Importing this package registers every built-in recipe.
 """
 
 from . import common, repvgg  # noqa: F401
+from . import acnet, dbb, mobileone  # noqa: F401
