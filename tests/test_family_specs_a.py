@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from reparam_cli.export import load_deploy
@@ -32,6 +31,7 @@ def plain_params(model: nn.Module) -> int:
 
 
 def plain_resnet18() -> int:
+    torchvision = pytest.importorskip("torchvision")  # installed with the timm extra, as in CI
     with torch.device("meta"):
         return plain_params(torchvision.models.resnet18(num_classes=1000))
 
