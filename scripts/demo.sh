@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Set up .venv (CPU torch) and run the built-in example end to end.
+# Set up .venv (CPU torch) and run the demo: a really trained network (examples/digits-repvgg.*,
+# RepVGG blocks, 99% on handwritten digits) converted by `reparam convert`, then the training and
+# deploy forms evaluated side by side on the held-out test images. Outputs go to out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh .venv
 out="${DEMO_DIR:-out/demo}"
 mkdir -p "$out"
 export PATH="$PWD/.venv/bin:$PATH"
-echo "== reparam init: a RepVGG-A0 training checkpoint with random weights" >&2
-reparam init repvgg-a0 -o "$out/repvgg-a0.pth" --overwrite
-echo "== reparam convert: fuse, verify, write safetensors and TorchScript" >&2
-reparam convert "$out/repvgg-a0.pth" --spec repvgg-a0 --overwrite
-reparam convert "$out/repvgg-a0.pth" --spec repvgg-a0 --format torchscript --overwrite
-echo "== reparam verify: the deploy files against the training checkpoint" >&2
-reparam verify "$out/repvgg-a0.pth" "$out/repvgg-a0.deploy.safetensors" --spec repvgg-a0
-reparam verify "$out/repvgg-a0.pth" "$out/repvgg-a0.deploy.pt" --spec repvgg-a0
+ckpt=examples/digits-repvgg.safetensors
+spec=examples/digits-repvgg.yaml
+deploy="$out/digits-repvgg.deploy.safetensors"
+echo "== 1/2 reparam convert: fuse every RepVGG block into one 3x3 conv, verify, write safetensors" >&2
+reparam convert "$ckpt" --spec "$spec" -o "$deploy" --overwrite
+echo "== 2/2 training form vs deploy form on the held-out test images (examples/digits-test.npz)" >&2
+python scripts/demo.py --checkpoint "$ckpt" --spec "$spec" --deploy "$deploy" --json "$out/demo.json"
+echo "figures written to $out/demo.json" >&2
