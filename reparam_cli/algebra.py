@@ -16,7 +16,8 @@ Paradigm numbers follow `shared/seeds/paradigms.md`:
     P7  avgpool          average pooling as a depthwise conv
     P8  bn_as_conv       a lone BatchNorm as a conv
     P9  linear_as_conv / conv_as_linear   FC <-> pointwise conv
-        conv_as_fc       a conv on a fixed-size input as one FC (RepMLP)
+        conv_as_fc       a conv on a fixed-size input as one FC (RepMLP), repeat_bn for its BN
+        refocus          RefConv: W_b + R(W_b), a conv over the weights themselves
 
 Arithmetic is done in float64 and each result is cast back to the dtype of its inputs. Recipes
 call `from_module(..., dtype=torch.float64)` so that a chain of paradigms stays in float64 and
@@ -511,20 +512,72 @@ def conv_as_linear(k: Kernel) -> Kernel:
 def conv_as_fc(k: Kernel, in_shape: Sequence[int]) -> Kernel:
     """A conv applied to inputs of fixed shape (C, *spatial), as one FC on the flattened input (RepMLP).
 
-    The FC matrix is the conv applied to the identity: feed the C*H*W one-hot images through the
-    conv; column j of the FC is the flattened response to one-hot j. Weight (out*H'*W', C*H*W).
+    The FC matrix is the conv applied to the identity: column j of the FC is the flattened response
+    to the one-hot input j. The result keeps the conv's groups, as a grouped FC (0 spatial dims):
+    channel groups are contiguous blocks of the flattened (C, *spatial) input and (out, *out_spatial)
+    output, so group i of the FC maps the flattened inputs of conv group i to its outputs.
+    Weight (out * prod(out_spatial), C // groups * prod(spatial)), bias repeated per output position.
+
+    Cost: the one-hot batch is (C/g * prod(spatial), C, *spatial), every group answering the same
+    one-hot at once, so a depthwise conv costs prod(spatial)^2 * C rather than (C * prod(spatial))^2.
     """
     in_shape = tuple(in_shape)
     if len(in_shape) != k.ndim + 1 or in_shape[0] != k.in_channels:
         raise NotEquivalent(f"input shape {in_shape} does not fit a conv over {k.in_channels} channels, {k.ndim}-d")
-    dtype = k.dtype
+    dtype, g = k.dtype, k.groups
     k64 = k.to(torch.float64)
-    n = math.prod(in_shape)
-    eye = torch.eye(n, dtype=torch.float64, device=k.weight.device).reshape(n, *in_shape)
-    response = apply(replace(k64, bias=None), eye)  # (n, out, *out_spatial)
+    spatial = in_shape[1:]
+    n = (in_shape[0] // g) * math.prod(spatial)  # flattened inputs per group
+    # One-hot j of a group's flattened input, repeated in every group: (n, g, C/g * spatial) -> (n, C, *spatial).
+    eye = torch.eye(n, dtype=torch.float64, device=k.weight.device)
+    ones = eye.unsqueeze(1).expand(n, g, n).reshape(n, *in_shape)
+    response = apply(replace(k64, bias=None), ones)  # (n, out, *out_spatial)
     out_spatial = response.shape[2:]
-    w = response.reshape(n, -1).t().contiguous()
+    # Row block i of the FC is group i's response: (g, out/g * out_spatial, n).
+    w = response.reshape(n, g, -1).permute(1, 2, 0).reshape(-1, n).contiguous()
     bias = None
     if k.bias is not None:
         bias = k64.bias.repeat_interleave(math.prod(out_spatial))
-    return Kernel(w.to(dtype), None if bias is None else bias.to(dtype))
+    return Kernel(w.to(dtype), None if bias is None else bias.to(dtype), groups=g)
+
+
+def repeat_bn(bn: nn.modules.batchnorm._BatchNorm | BNParams, repeats: int) -> BNParams:
+    """A BatchNorm over C channels seen as one over C * repeats channels, each repeated `repeats` times.
+
+    For a layer whose outputs are viewed as (N, C, *rest) before a BatchNorm over C (RepMLP's FC3
+    and its BN over share-sets): the BN acts on channel c // repeats of the flat output, so P1
+    (`fuse_bn`) applies with the statistics repeated channel-major.
+    """
+    p = bn_params(bn)
+
+    def rep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.repeat_interleave(repeats)
+
+    return BNParams(rep(p.mean), rep(p.var), p.eps, rep(p.weight), rep(p.bias))
+
+
+def refocus(base: Kernel, refocuser: Kernel) -> Kernel:
+    """RefConv: the conv whose weight is W_b + R(W_b), R a conv applied to the base weights themselves.
+
+    The base weight (out, in/g, *k) is read as one image of out * in/g channels (one per 2-d kernel)
+    and spatial size k; `refocuser` (stride 1, 'same' padding, no bias) maps it to an image of the
+    same shape, which is added back (the identity term of the refocusing transformation). The result
+    has the base's geometry and bias.
+    """
+    n2d = base.weight.shape[0] * base.weight.shape[1]
+    if refocuser.ndim != base.ndim or refocuser.in_channels != n2d or refocuser.out_channels != n2d:
+        raise NotEquivalent(
+            f"a refocusing conv over {refocuser.in_channels} -> {refocuser.out_channels} kernels does not fit "
+            f"a base weight of shape {tuple(base.weight.shape)} ({n2d} kernels)"
+        )
+    if any(s != 1 for s in refocuser.stride) or refocuser.bias is not None:
+        raise NotEquivalent("a refocusing conv must have stride 1 and no bias")
+    w = base.weight.to(torch.float64)
+    image = w.reshape(1, n2d, *base.kernel_size)
+    mapped = apply(refocuser.to(torch.float64), image)
+    if mapped.shape != image.shape:
+        raise NotEquivalent(
+            f"the refocusing conv changes the kernel size {base.kernel_size} to {tuple(mapped.shape[2:])}",
+            hint="use padding = map_k // 2 with an odd map_k",
+        )
+    return replace(base, weight=(w + mapped.reshape(w.shape)).to(base.dtype))

@@ -4,3 +4,4 @@ Importing this package registers every built-in recipe.
 """
 
 from . import common, repvgg  # noqa: F401
+from . import inception, refconv, repmlp, repnext  # noqa: F401  (families-b)
