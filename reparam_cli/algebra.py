@@ -10,9 +10,9 @@ Paradigm numbers follow `shared/seeds/paradigms.md`:
 
     P1  fuse_bn          conv (or FC) followed by BatchNorm
     P2  add              parallel branches summed (P4: kernels of different sizes, centred)
-    P3  concat           parallel branches concatenated along channels
+    P3  concat           parallel branches concatenated along channels (concat_grouped: within groups)
     P5  sequential       1x1 -> kxk (P5a) and kxk -> 1x1 (P5b), with groups
-    P6a identity         x -> x as a kernel of any odd size and any groups
+    P6a identity         x -> x as a kernel of any odd size and any groups (select_channels: a subset)
     P7  avgpool          average pooling as a depthwise conv
     P8  bn_as_conv       a lone BatchNorm as a conv
     P9  linear_as_conv / conv_as_linear   FC <-> pointwise conv
@@ -581,3 +581,49 @@ def refocus(base: Kernel, refocuser: Kernel) -> Kernel:
             hint="use padding = map_k // 2 with an odd map_k",
         )
     return replace(base, weight=(w + mapped.reshape(w.shape)).to(base.dtype))
+
+
+def concat_grouped(*kernels: Kernel) -> Kernel:
+    """P3 within groups: branches with equal `groups`, their outputs concatenated group by group.
+
+    Unlike `concat` (branch-major order, groups written out densely) this keeps the groups: the
+    result's output channels are ordered group-major, [group 0 of kernels[0], group 0 of
+    kernels[1], ..., group 1 of kernels[0], ...]. A depthwise conv (C groups) concatenated with a
+    depthwise identity gives 2C channels, (branch 0, branch 1) interleaved per input channel: what
+    a grouped conv can produce, since groups always own adjacent output channels. Kernels of
+    different sizes are centred as in `add`.
+    """
+    if not kernels:
+        raise NotEquivalent("concat_grouped() needs at least one kernel")
+    groups = {k.groups for k in kernels}
+    if len(groups) > 1:
+        raise NotEquivalent(f"concat_grouped needs branches with equal groups, got {sorted(groups)}",
+                            hint="use concat() for a dense, branch-major concatenation")
+    g = kernels[0].groups
+    aligned = _align([k.to(torch.float64) for k in kernels], "concatenate")
+    per_group = [k.weight.reshape(g, k.out_channels // g, *k.weight.shape[1:]) for k in aligned]
+    weight = torch.cat(per_group, 1).reshape(-1, *aligned[0].weight.shape[1:])
+    bias = None
+    if any(k.bias is not None for k in aligned):
+        bias = torch.cat([k.bias_or_zeros().reshape(g, -1) for k in aligned], 1).reshape(-1)
+    dtype = _out_dtype(*kernels)
+    return replace(aligned[0], weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
+
+
+def select_channels(
+    in_channels: int, index: Sequence[int], scale: float = 1.0, ndim: int = 2,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+) -> Kernel:
+    """P6a generalised: the pointwise layer whose output j is `scale * input[index[j]]`.
+
+    Weight (len(index), in_channels, 1, ...): a row of the identity per selected channel. Composed
+    with `sequential` it embeds a layer into wider inputs (zero weights for the other channels);
+    added to a layer it routes a shortcut through it (dirac weights, seed paradigm 6b).
+    """
+    index = list(index)
+    if any(i < 0 or i >= in_channels for i in index):
+        raise NotEquivalent(f"channel index out of range for {in_channels} channels")
+    w = torch.zeros((len(index), in_channels, *([1] * ndim)), dtype=dtype, device=device)
+    rows = torch.arange(len(index), device=device)
+    w[(rows, torch.tensor(index, dtype=torch.long, device=device), *([torch.zeros_like(rows)] * ndim))] = scale
+    return Kernel(w, None, (1,) * ndim, (0,) * ndim, (1,) * ndim, 1)
