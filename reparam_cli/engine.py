@@ -67,11 +67,13 @@ def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:
     return deployed
 
 
-def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
+def reparameterize(model: nn.Module, *, linear_as_conv: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
     Blocks are matched top-down: once a block is converted its children are not visited. Works on
     any device, including `meta` (shapes only), which builds a deploy skeleton without data.
+    linear_as_conv: also turn every plain nn.Linear outside converted blocks into an equivalent
+    pointwise conv module (P9, `blocks.linear_conv.PointwiseLinear`), reported as block type "Linear".
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
@@ -82,6 +84,11 @@ def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
             return _fuse(found, module, path)
+        if linear_as_conv and type(module) is nn.Linear:
+            from .blocks.linear_conv import linear_to_pointwise
+
+            report.converted.append(ConvertedBlock(path, "Linear", "linear-as-conv"))
+            return linear_to_pointwise(module)
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:
