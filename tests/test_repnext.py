@@ -9,8 +9,10 @@ from torch import nn
 
 from reparam_cli import algebra as A
 from reparam_cli.blocks.repnext import RepNeXt, RepNeXtBlock, RepNeXtDeployBlock, RepUnit, RepUnitDeploy
+from reparam_cli.checkpoint import read_raw
 from reparam_cli.engine import count_parameters, reparameterize
 from reparam_cli.errors import NotEquivalent
+from reparam_cli.export import load_deploy
 from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint
 
 from .helpers import assert_equivalent, randomized
@@ -138,3 +140,11 @@ def test_repnext_tiny_spec_end_to_end(tmp_path):
     expected = untouched + sum(_deploy_params(m.dim, 4 * m.dim, (7, 7), passes=1)
                                for m in model.modules() if isinstance(m, RepNeXtBlock))
     assert report["params_after"] == expected
+    # The deploy file loads into a skeleton converted shape-only on the meta device.
+    deploy = load_deploy(tmp_path / "tiny.deploy.safetensors")
+    train = RepNeXt(depths=(2, 2, 4, 2), dims=(32, 64, 128, 256))
+    train.load_state_dict(read_raw(ckpt, False))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = train.eval()(x)
+        assert (deploy(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
