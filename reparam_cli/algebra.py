@@ -10,13 +10,14 @@ Paradigm numbers follow `shared/seeds/paradigms.md`:
 
     P1  fuse_bn          conv (or FC) followed by BatchNorm
     P2  add              parallel branches summed (P4: kernels of different sizes, centred)
-    P3  concat           parallel branches concatenated along channels
+    P3  concat           parallel branches concatenated along channels (concat_grouped: within groups)
     P5  sequential       1x1 -> kxk (P5a) and kxk -> 1x1 (P5b), with groups
-    P6a identity         x -> x as a kernel of any odd size and any groups
+    P6a identity         x -> x as a kernel of any odd size and any groups (select_channels: a subset)
     P7  avgpool          average pooling as a depthwise conv
     P8  bn_as_conv       a lone BatchNorm as a conv
     P9  linear_as_conv / conv_as_linear   FC <-> pointwise conv
-        conv_as_fc       a conv on a fixed-size input as one FC (RepMLP)
+        conv_as_fc       a conv on a fixed-size input as one FC (RepMLP), repeat_bn for its BN
+        refocus          RefConv: W_b + R(W_b), a conv over the weights themselves
 
 Arithmetic is done in float64 and each result is cast back to the dtype of its inputs. Recipes
 call `from_module(..., dtype=torch.float64)` so that a chain of paradigms stays in float64 and
@@ -540,20 +541,118 @@ def conv_as_linear(k: Kernel) -> Kernel:
 def conv_as_fc(k: Kernel, in_shape: Sequence[int]) -> Kernel:
     """A conv applied to inputs of fixed shape (C, *spatial), as one FC on the flattened input (RepMLP).
 
-    The FC matrix is the conv applied to the identity: feed the C*H*W one-hot images through the
-    conv; column j of the FC is the flattened response to one-hot j. Weight (out*H'*W', C*H*W).
+    The FC matrix is the conv applied to the identity: column j of the FC is the flattened response
+    to the one-hot input j. The result keeps the conv's groups, as a grouped FC (0 spatial dims):
+    channel groups are contiguous blocks of the flattened (C, *spatial) input and (out, *out_spatial)
+    output, so group i of the FC maps the flattened inputs of conv group i to its outputs.
+    Weight (out * prod(out_spatial), C // groups * prod(spatial)), bias repeated per output position.
+
+    Cost: the one-hot batch is (C/g * prod(spatial), C, *spatial), every group answering the same
+    one-hot at once, so a depthwise conv costs prod(spatial)^2 * C rather than (C * prod(spatial))^2.
     """
     in_shape = tuple(in_shape)
     if len(in_shape) != k.ndim + 1 or in_shape[0] != k.in_channels:
         raise NotEquivalent(f"input shape {in_shape} does not fit a conv over {k.in_channels} channels, {k.ndim}-d")
-    dtype = k.dtype
+    dtype, g = k.dtype, k.groups
     k64 = k.to(torch.float64)
-    n = math.prod(in_shape)
-    eye = torch.eye(n, dtype=torch.float64, device=k.weight.device).reshape(n, *in_shape)
-    response = apply(replace(k64, bias=None), eye)  # (n, out, *out_spatial)
+    spatial = in_shape[1:]
+    n = (in_shape[0] // g) * math.prod(spatial)  # flattened inputs per group
+    # One-hot j of a group's flattened input, repeated in every group: (n, g, C/g * spatial) -> (n, C, *spatial).
+    eye = torch.eye(n, dtype=torch.float64, device=k.weight.device)
+    ones = eye.unsqueeze(1).expand(n, g, n).reshape(n, *in_shape)
+    response = apply(replace(k64, bias=None), ones)  # (n, out, *out_spatial)
     out_spatial = response.shape[2:]
-    w = response.reshape(n, -1).t().contiguous()
+    # Row block i of the FC is group i's response: (g, out/g * out_spatial, n).
+    w = response.reshape(n, g, -1).permute(1, 2, 0).reshape(-1, n).contiguous()
     bias = None
     if k.bias is not None:
         bias = k64.bias.repeat_interleave(math.prod(out_spatial))
-    return Kernel(w.to(dtype), None if bias is None else bias.to(dtype))
+    return Kernel(w.to(dtype), None if bias is None else bias.to(dtype), groups=g)
+
+
+def repeat_bn(bn: nn.modules.batchnorm._BatchNorm | BNParams, repeats: int) -> BNParams:
+    """A BatchNorm over C channels seen as one over C * repeats channels, each repeated `repeats` times.
+
+    For a layer whose outputs are viewed as (N, C, *rest) before a BatchNorm over C (RepMLP's FC3
+    and its BN over share-sets): the BN acts on channel c // repeats of the flat output, so P1
+    (`fuse_bn`) applies with the statistics repeated channel-major.
+    """
+    p = bn_params(bn)
+
+    def rep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.repeat_interleave(repeats)
+
+    return BNParams(rep(p.mean), rep(p.var), p.eps, rep(p.weight), rep(p.bias))
+
+
+def refocus(base: Kernel, refocuser: Kernel) -> Kernel:
+    """RefConv: the conv whose weight is W_b + R(W_b), R a conv applied to the base weights themselves.
+
+    The base weight (out, in/g, *k) is read as one image of out * in/g channels (one per 2-d kernel)
+    and spatial size k; `refocuser` (stride 1, 'same' padding, no bias) maps it to an image of the
+    same shape, which is added back (the identity term of the refocusing transformation). The result
+    has the base's geometry and bias.
+    """
+    n2d = base.weight.shape[0] * base.weight.shape[1]
+    if refocuser.ndim != base.ndim or refocuser.in_channels != n2d or refocuser.out_channels != n2d:
+        raise NotEquivalent(
+            f"a refocusing conv over {refocuser.in_channels} -> {refocuser.out_channels} kernels does not fit "
+            f"a base weight of shape {tuple(base.weight.shape)} ({n2d} kernels)"
+        )
+    if any(s != 1 for s in refocuser.stride) or refocuser.bias is not None:
+        raise NotEquivalent("a refocusing conv must have stride 1 and no bias")
+    w = base.weight.to(torch.float64)
+    image = w.reshape(1, n2d, *base.kernel_size)
+    mapped = apply(refocuser.to(torch.float64), image)
+    if mapped.shape != image.shape:
+        raise NotEquivalent(
+            f"the refocusing conv changes the kernel size {base.kernel_size} to {tuple(mapped.shape[2:])}",
+            hint="use padding = map_k // 2 with an odd map_k",
+        )
+    return replace(base, weight=(w + mapped.reshape(w.shape)).to(base.dtype))
+
+
+def concat_grouped(*kernels: Kernel) -> Kernel:
+    """P3 within groups: branches with equal `groups`, their outputs concatenated group by group.
+
+    Unlike `concat` (branch-major order, groups written out densely) this keeps the groups: the
+    result's output channels are ordered group-major, [group 0 of kernels[0], group 0 of
+    kernels[1], ..., group 1 of kernels[0], ...]. A depthwise conv (C groups) concatenated with a
+    depthwise identity gives 2C channels, (branch 0, branch 1) interleaved per input channel: what
+    a grouped conv can produce, since groups always own adjacent output channels. Kernels of
+    different sizes are centred as in `add`.
+    """
+    if not kernels:
+        raise NotEquivalent("concat_grouped() needs at least one kernel")
+    groups = {k.groups for k in kernels}
+    if len(groups) > 1:
+        raise NotEquivalent(f"concat_grouped needs branches with equal groups, got {sorted(groups)}",
+                            hint="use concat() for a dense, branch-major concatenation")
+    g = kernels[0].groups
+    aligned = _align([k.to(torch.float64) for k in kernels], "concatenate")
+    per_group = [k.weight.reshape(g, k.out_channels // g, *k.weight.shape[1:]) for k in aligned]
+    weight = torch.cat(per_group, 1).reshape(-1, *aligned[0].weight.shape[1:])
+    bias = None
+    if any(k.bias is not None for k in aligned):
+        bias = torch.cat([k.bias_or_zeros().reshape(g, -1) for k in aligned], 1).reshape(-1)
+    dtype = _out_dtype(*kernels)
+    return replace(aligned[0], weight=weight.to(dtype), bias=None if bias is None else bias.to(dtype))
+
+
+def select_channels(
+    in_channels: int, index: Sequence[int], scale: float = 1.0, ndim: int = 2,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+) -> Kernel:
+    """P6a generalised: the pointwise layer whose output j is `scale * input[index[j]]`.
+
+    Weight (len(index), in_channels, 1, ...): a row of the identity per selected channel. Composed
+    with `sequential` it embeds a layer into wider inputs (zero weights for the other channels);
+    added to a layer it routes a shortcut through it (dirac weights, seed paradigm 6b).
+    """
+    index = list(index)
+    if any(i < 0 or i >= in_channels for i in index):
+        raise NotEquivalent(f"channel index out of range for {in_channels} channels")
+    w = torch.zeros((len(index), in_channels, *([1] * ndim)), dtype=dtype, device=device)
+    rows = torch.arange(len(index), device=device)
+    w[(rows, torch.tensor(index, dtype=torch.long, device=device), *([torch.zeros_like(rows)] * ndim))] = scale
+    return Kernel(w, None, (1,) * ndim, (0,) * ndim, (1,) * ndim, 1)

@@ -42,6 +42,9 @@ ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
 
+LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Linear layers into equivalent pointwise "
+                                                               "(1x1) conv modules (paradigm 9).")
+
 
 def _stderr():
     from rich.console import Console
@@ -194,6 +197,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
+    linear_as_conv: bool = LinearAsConvOpt,
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model."""
 
@@ -203,7 +207,7 @@ def convert(
         return convert_checkpoint(
             checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
             verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
-            trust_pickle=trust_pickle, progress=progress,
+            trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv,
         )
 
     _run(action, as_json, "convert", CONVERT_ROWS)
@@ -236,6 +240,37 @@ def verify(
         return report
 
     _run(action, as_json, "verify", CONVERT_ROWS)
+
+
+@app.command()
+def specs(
+    as_json: bool = JsonOpt,
+    params: bool = typer.Option(True, "--params/--no-params", help="Count parameters before and after conversion "
+                                                                   "(shape-only builds on the meta device; fast)."),
+) -> None:
+    """List the built-in model specs: name, family, description and parameters before -> after conversion.
+
+    The listing is this command's product, so the table goes to stdout (like --json).
+    """
+    from .pipeline import list_specs
+
+    rows = list_specs(params=params)
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "specs": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="built-in specs", title_justify="left")
+    for column in ("spec", "family", "params (M)", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        counts = "-"
+        if "params_before" in row:
+            counts = f"{row['params_before'] / 1e6:.2f} -> {row['params_after'] / 1e6:.2f}"
+        table.add_row(row["name"], row.get("family") or "-", counts,
+                      row.get("description", "") if "error" not in row else f"[red]error:[/] {row['error']}")
+    Console(highlight=False).print(table)
 
 
 def main() -> None:

@@ -75,11 +75,16 @@ def _release(block: nn.Module) -> None:
                 store[name] = None
 
 
-def reparameterize(model: nn.Module, *, consume: bool = False) -> tuple[nn.Module, ConversionReport]:
+def reparameterize(
+    model: nn.Module, *, linear_as_conv: bool = False, consume: bool = False,
+) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
     Blocks are matched top-down: once a block is converted its children are not visited. Works on
     any device, including `meta` (shapes only), which builds a deploy skeleton without data.
+
+    linear_as_conv: also turn every plain nn.Linear outside converted blocks into an equivalent
+    pointwise conv module (P9, `blocks.linear_conv.PointwiseLinear`), reported as block type "Linear".
 
     consume=True is the one exception to "the input is never modified": each training block's
     tensors are dropped as soon as it is fused, so peak memory stays near one copy of the weights.
@@ -97,6 +102,11 @@ def reparameterize(model: nn.Module, *, consume: bool = False) -> tuple[nn.Modul
             if consume:
                 _release(module)
             return deployed
+        if linear_as_conv and type(module) is nn.Linear:
+            from .blocks.linear_conv import linear_to_pointwise
+
+            report.converted.append(ConvertedBlock(path, "Linear", "linear-as-conv"))
+            return linear_to_pointwise(module)
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:

@@ -131,7 +131,9 @@ def load_deploy(path: str | Path, spec=None) -> nn.Module:
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
         stored = meta["spec"]
         spec = ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
-    skeleton, _ = reparameterize(spec.build(device="meta"))
+    from .pipeline import deploy_file_options
+
+    skeleton, _ = reparameterize(spec.build(device="meta"), **deploy_file_options(path))
     return load_into(skeleton, load_file(str(path)), what="deploy file").eval()
 
 

@@ -111,9 +111,13 @@ def convert_checkpoint(
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Progress = _noop,
+    linear_as_conv: bool = False,
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
-    when the fused model does not match, ReparamError on bad input."""
+    when the fused model does not match, ReparamError on bad input.
+
+    linear_as_conv: also turn nn.Linear layers into equivalent pointwise convs (recorded in the
+    deploy file's metadata, so `load_deploy` rebuilds the same skeleton)."""
     if fmt not in FORMATS:
         raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
     checkpoint = Path(checkpoint)
@@ -131,7 +135,7 @@ def convert_checkpoint(
     params_before = count_parameters(train)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
-    deploy, conv_report = reparameterize(train, consume=not verify_output)
+    deploy, conv_report = reparameterize(train, consume=not verify_output, **_conversion_options(linear_as_conv))
     deploy.eval()
     if not conv_report.converted:
         raise ReparamError(f"the model built from spec {spec.name!r} has no re-parameterizable blocks")
@@ -157,6 +161,8 @@ def convert_checkpoint(
             "version": __version__, "spec": spec.to_json(), "source_sha256": source_sha256.result(),
             "source": checkpoint.name, "blocks": conv_report.blocks, "verification": _verification_dict(result),
         }
+        if linear_as_conv:
+            metadata["options"] = _conversion_options(linear_as_conv)
         write_safetensors(output, deploy, metadata)
     else:
         shape = opts.input_shape or spec.input_shape
@@ -182,7 +188,9 @@ def verify_checkpoint(
     deploy = load_deployed_any(deployed, spec)
     # Per-block figures where the deploy file keeps the block structure (safetensors, not TorchScript);
     # which blocks were converted is read off a shape-only conversion.
-    report = None if isinstance(deploy, torch.jit.ScriptModule) else reparameterize(spec.build(device="meta"))[1]
+    report = None
+    if not isinstance(deploy, torch.jit.ScriptModule):
+        report = reparameterize(spec.build(device="meta"), **deploy_file_options(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     return {
@@ -192,6 +200,21 @@ def verify_checkpoint(
         "params_before": count_parameters(train), "params_after": count_parameters(deploy),
         **_verification_dict(result),
     }
+
+
+def _conversion_options(linear_as_conv: bool) -> dict:
+    """Keyword options for `reparameterize` beyond the recipes (stored in deploy files when set)."""
+    return {"linear_as_conv": True} if linear_as_conv else {}
+
+
+def deploy_file_options(path: str | Path) -> dict:
+    """The conversion options a reparam safetensors deploy file was written with ({} if none)."""
+    from .export import read_metadata
+
+    if Path(path).suffix != ".safetensors":
+        return {}
+    options = read_metadata(path).get("options") or {}
+    return {"linear_as_conv": True} if isinstance(options, dict) and options.get("linear_as_conv") else {}
 
 
 def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
@@ -230,3 +253,36 @@ def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0,
             torch.save(state, tmp)
     return {"ok": True, "output": str(output), "spec": spec.name, "params": count_parameters(model),
             "tensors": len(state), "seed": seed}
+
+
+def list_specs(params: bool = True) -> list[dict]:
+    """Every built-in spec: name, family, description, input shape and, with `params`, the parameter
+    counts before and after conversion (from shape-only builds on the meta device: no memory, no data).
+
+    The family is the YAML's `family`, or else the families of the blocks a conversion finds. A spec
+    that fails to build is listed with an `error` instead of stopping the listing.
+    """
+    import yaml
+
+    from .spec import SPECS_DIR, builtin_names
+
+    rows = []
+    for name in builtin_names():
+        row: dict = {"name": name}
+        try:
+            spec = load_spec(name)
+            raw = yaml.safe_load((SPECS_DIR / f"{name}.yaml").read_text()) or {}
+            row.update(family=raw.get("family"), description=spec.description,
+                       input_shape=list(spec.input_shape), builder=spec.builder)
+            if params or not row["family"]:
+                model = spec.build(device="meta")
+                deploy, report = reparameterize(model)
+                if params:
+                    row.update(params_before=count_parameters(model), params_after=count_parameters(deploy))
+                row["family"] = row["family"] or ",".join(sorted({b.family for b in report.converted})) or None
+        except ReparamError as exc:
+            row["error"] = str(exc)
+        except Exception as exc:  # a broken builder must not hide the other specs
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    return rows
