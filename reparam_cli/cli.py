@@ -273,8 +273,8 @@ def batch(
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for the deploy files (the input "
                                     "layout is mirrored) and manifest.jsonl; created if missing."),
     pattern: Optional[list[str]] = typer.Option(None, "--pattern", "-p", help="File-name glob to convert, repeatable "
-                                                "(a glob with / matches the relative path) "
-                                                "[default: *.pth *.pt *.ckpt *.safetensors *.bin]."),
+                                                "(a glob with / matches the relative path); "
+                                                "default: *.pth *.pt *.ckpt *.safetensors *.bin."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also convert checkpoints in subfolders."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=0, help="Conversions in parallel (processes); 0: one per core."),
     fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
