@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -234,6 +235,9 @@ def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    # stdout belongs to the parent's --json report: a print in a user's spec must not land there.
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     # Ctrl-C reaches the whole process group: the parent handles it (and stops the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -402,6 +406,7 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
     """Convert a folder. Returns the summary (`ok` is False when any file failed); raises BatchError
     when the batch cannot start, KeyboardInterrupt (after closing the manifest) when stopped."""
     from .export import FORMATS
+    from .pipeline import stdout_to_stderr
 
     if options.fmt not in FORMATS:
         raise BatchError(f"unknown format {options.fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
@@ -418,7 +423,7 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
     start = time.perf_counter()
     on_start(todo)
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), stdout_to_stderr():  # stdout is kept for the --json report
             for entry in _results(todo.tasks, options, jobs):
                 manifest.write(entry)
                 entries.append(entry)

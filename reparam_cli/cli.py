@@ -201,13 +201,14 @@ def convert(
     _refuse_json_on_stdout(output, as_json)
 
     def action(progress):
-        from .pipeline import convert_stdio
+        from .pipeline import convert_stdio, stdout_to_stderr
 
-        return convert_stdio(
-            checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
-            verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
-            trust_pickle=trust_pickle, progress=progress,
-        )
+        with stdout_to_stderr():  # stdout is for the JSON report or the deploy file: no stray prints
+            return convert_stdio(
+                checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
+                verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
+                trust_pickle=trust_pickle, progress=progress,
+            )
 
     _run(action, as_json, "convert", CONVERT_ROWS)
 
@@ -301,9 +302,12 @@ def batch(
     def action() -> dict:
         nonlocal reporter
         from .batch import ConvertOptions, Reporter, Shard, run_batch
+        from .pipeline import stdout_to_stderr
         from .spec import load_spec
 
-        options = ConvertOptions(load_spec(spec), fmt, not no_verify,
+        with stdout_to_stderr():  # a Python spec may print on import: stdout is for --json
+            spec_ = load_spec(spec)
+        options = ConvertOptions(spec_, fmt, not no_verify,
                                  _verify_options(samples, seed, rtol, atol, input_shape), overwrite, trust_pickle)
         shard_ = Shard.parse(shard)
         reporter = None if as_json else Reporter(console)
@@ -370,9 +374,10 @@ def inspect(
     converting it would do. A reparam deploy file is recognised and its stored spec used."""
 
     def action() -> dict:
-        from .pipeline import inspect_checkpoint
+        from .pipeline import inspect_checkpoint, stdout_to_stderr
 
-        return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)
+        with stdout_to_stderr():  # stdout is for --json: no stray prints from a Python spec
+            return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)
 
     report = _guarded(action, as_json)
     if as_json:

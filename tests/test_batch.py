@@ -250,3 +250,14 @@ def test_human_output_goes_to_stderr(tmp_path, spec, pool):
     assert result.exit_code == 1 and result.stdout == ""
     assert "converted a.pth" in result.stderr and "failed    bad.pth: cannot read" in result.stderr
     assert "1 converted, 0 skipped, 1 failed" in result.stderr
+
+
+def test_json_stdout_survives_a_printing_spec(tmp_path, pool):
+    spec = tmp_path / "noisy.py"
+    spec.write_text("from reparam_cli.blocks.repvgg import RepVGG\nprint('noise on import')\n"
+                    "INPUT_SHAPE = (1, 3, 32, 32)\n\n\ndef build_model():\n    print('noise while building')\n"
+                    "    return RepVGG(num_blocks=[1, 1, 1, 1], width_multiplier=[0.25] * 4, num_classes=10)\n")
+    src = make_tree(tmp_path / "in", pool, {"a.pth": "s0.pth"})
+    result = run("batch", src, "--spec", spec, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["converted"] == 1 and "noise while building" in result.stderr
