@@ -201,9 +201,12 @@ def convert(
     _refuse_json_on_stdout(output, as_json)
 
     def action(progress):
-        from .pipeline import convert_stdio, stdout_to_stderr
+        import contextlib
 
-        with stdout_to_stderr():  # stdout is for the JSON report or the deploy file: no stray prints
+        from .pipeline import convert_stdio, is_stdio, stdout_to_stderr
+
+        # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
+        with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
             return convert_stdio(
                 checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
                 verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
