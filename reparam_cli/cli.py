@@ -183,9 +183,9 @@ def init(
 
 @app.command()
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.ckpt/.safetensors)."),
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.ckpt/.safetensors), or - for stdin."),
     spec: str = SpecOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write "
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write, or - for stdout "
                                           "[default: <input stem>.deploy.safetensors (or .pt) beside the input]."),
     fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended)."),
@@ -199,16 +199,24 @@ def convert(
     as_json: bool = JsonOpt,
     linear_as_conv: bool = LinearAsConvOpt,
 ) -> None:
-    """Fuse every re-parameterizable block, verify the result, and write the deploy model."""
+    """Fuse every re-parameterizable block, verify the result, and write the deploy model.
+
+    `-` reads the checkpoint from stdin, `-o -` writes the deploy file to stdout (after verification).
+    """
+    _refuse_json_on_stdout(output, as_json)
 
     def action(progress):
-        from .pipeline import convert_checkpoint
+        import contextlib
 
-        return convert_checkpoint(
-            checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
-            verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
-            trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv,
-        )
+        from .pipeline import convert_stdio, is_stdio, stdout_to_stderr
+
+        # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
+        with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
+            return convert_stdio(
+                checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
+                verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
+                trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv,
+            )
 
     _run(action, as_json, "convert", CONVERT_ROWS)
 
@@ -271,6 +279,150 @@ def specs(
         table.add_row(row["name"], row.get("family") or "-", counts,
                       row.get("description", "") if "error" not in row else f"[red]error:[/] {row['error']}")
     Console(highlight=False).print(table)
+
+
+def _refuse_json_on_stdout(output: Optional[Path], as_json: bool) -> None:
+    """With `-o -`, stdout carries the deploy file: a JSON report there would corrupt it."""
+    if as_json and output is not None and str(output) == "-":
+        _fail("--json cannot be combined with -o - (stdout carries the deploy file)", as_json=False)
+
+
+def _guarded(action: Callable[[], Any], as_json: bool) -> Any:
+    """Run `action`, mapping user errors to exit 2 with one line on stderr (as `_run` does)."""
+    from .errors import ReparamError
+
+    try:
+        return action()
+    except ReparamError as exc:
+        _fail(str(exc), as_json)
+    except KeyboardInterrupt:
+        _fail("interrupted", as_json)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if os.environ.get("REPARAM_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+              "(set REPARAM_DEBUG=1 for a traceback)", as_json)
+
+
+@app.command()
+def batch(
+    input_dir: Path = typer.Argument(..., help="Folder of training checkpoints."),
+    spec: str = SpecOpt,
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for the deploy files (the input "
+                                    "layout is mirrored) and manifest.jsonl; created if missing."),
+    pattern: Optional[list[str]] = typer.Option(None, "--pattern", "-p", help="File-name glob to convert, repeatable "
+                                                "(a glob with / matches the relative path); "
+                                                "default: *.pth *.pt *.ckpt *.safetensors *.bin."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also convert checkpoints in subfolders."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=0, help="Conversions in parallel (processes); 0: one per core."),
+    fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
+    resume: bool = typer.Option(False, "--resume", help="Skip inputs the manifest records as converted from the same "
+                                "bytes (sha256) whose output is unchanged; reconvert the rest, replacing stale outputs."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Convert only shard K of N (K from 0), e.g. "
+                                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; shards partition "
+                                        "the inputs and write manifest.shard-K-of-N.jsonl."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended)."),
+    rtol: Optional[float] = RtolOpt,
+    atol: Optional[float] = AtolOpt,
+    seed: int = SeedOpt,
+    samples: int = SamplesOpt,
+    input_shape: Optional[str] = ShapeOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    trust_pickle: bool = TrustOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with every manifest line) on stdout."),
+) -> None:
+    """Convert every checkpoint in a folder (in parallel, resumable, shardable), keeping going past
+    failures. Exit 0 when all were converted or skipped, 1 when any failed."""
+    console = _stderr()
+    reporter = None
+
+    def action() -> dict:
+        nonlocal reporter
+        from .batch import ConvertOptions, Reporter, Shard, run_batch
+        from .pipeline import stdout_to_stderr
+        from .spec import load_spec
+
+        with stdout_to_stderr():  # a Python spec may print on import: stdout is for --json
+            spec_ = load_spec(spec)
+        options = ConvertOptions(spec_, fmt, not no_verify,
+                                 _verify_options(samples, seed, rtol, atol, input_shape), overwrite, trust_pickle)
+        shard_ = Shard.parse(shard)
+        reporter = None if as_json else Reporter(console)
+        try:
+            return run_batch(input_dir, output_dir, options, patterns=pattern or (), recursive=recursive,
+                             jobs=jobs, resume=resume, shard=shard_,
+                             on_start=reporter.start if reporter else (lambda plan: None),
+                             on_result=reporter.result if reporter else (lambda entry: None))
+        finally:
+            if reporter is not None:
+                reporter.stop()
+
+    report = _guarded(action, as_json)
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+    else:
+        reporter.summary(report)
+    raise typer.Exit(EXIT_OK if report["ok"] else EXIT_MISMATCH)
+
+
+INSPECT_ROWS = [
+    ("input", "input"), ("format", "format"), ("kind", "kind"), ("size (bytes)", "size_bytes"),
+    ("tensors", "tensors"), ("dtypes", "dtypes"), ("parameters", "parameters"), ("spec", "spec"),
+    ("blocks", "blocks"), ("params before", "params_before"), ("params after", "params_after"),
+]
+
+
+def _inspect_tables(report: dict) -> None:
+    from rich.table import Table
+
+    console = _stderr()
+    table = Table(title="inspect", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for label, key in INSPECT_ROWS:
+        if report.get(key) is not None:
+            table.add_row(label, _fmt(report[key]))
+    for key, value in (report.get("reparam") or {}).items():
+        if value is not None:
+            table.add_row(f"deploy {key.replace('_', ' ')}", ("yes" if value else "no") if isinstance(value, bool)
+                          else _fmt(value))
+    console.print(table)
+    if report.get("block_list"):
+        blocks = Table(title="re-parameterizable blocks", title_justify="left")
+        for column in ("path", "type", "family"):
+            blocks.add_column(column)
+        blocks.add_column("params before", justify="right")
+        blocks.add_column("params after", justify="right")
+        for b in report["block_list"]:
+            blocks.add_row(b["path"] or "<root>", b["type"], b["family"], _fmt(b["params_before"]),
+                           _fmt(b["params_after"]))
+        console.print(blocks)
+
+
+@app.command()
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint or deploy file (torch or safetensors), or - for stdin."),
+    spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Model spec: also list the re-parameterizable "
+                                       "blocks and the parameters before/after (nothing is computed or written)."),
+    trust_pickle: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show what a checkpoint holds (format, dtypes, tensors, parameters) and, with --spec, what
+    converting it would do. A reparam deploy file is recognised and its stored spec used."""
+
+    def action() -> dict:
+        from .pipeline import inspect_checkpoint, stdout_to_stderr
+
+        with stdout_to_stderr():  # stdout is for --json: no stray prints from a Python spec
+            return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)
+
+    report = _guarded(action, as_json)
+    if as_json:
+        typer.echo(json.dumps(report, default=str))
+    else:
+        _inspect_tables(report)
 
 
 def main() -> None:

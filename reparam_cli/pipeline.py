@@ -4,14 +4,22 @@
     init_checkpoint(spec, output)                 random training checkpoint for trying things out
     convert_checkpoint(checkpoint, spec, ...)     fuse, verify, write
     verify_checkpoint(checkpoint, deployed, ...)  compare a training checkpoint with a deploy file
+    convert_stdio(checkpoint, spec, output, ...)  convert_checkpoint where either may be `-` (stdin/stdout)
+    inspect_checkpoint(checkpoint, spec=None)     what a checkpoint holds and what converting would do
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -286,3 +294,247 @@ def list_specs(params: bool = True) -> list[dict]:
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
     return rows
+
+
+# --- Pipes: `-` as the checkpoint (stdin) and as the output (stdout) -------------------------------
+
+STDIO = "-"
+
+
+def is_stdio(path: str | Path | None) -> bool:
+    """True for the `-` that stands for stdin (as a checkpoint) or stdout (as an output)."""
+    return path is not None and str(path) == STDIO
+
+
+def sniff_format(head: bytes) -> str:
+    """'safetensors' or 'torch', from a file's first bytes (at least 9 of them for safetensors).
+
+    safetensors: an 8-byte little-endian header length, then the JSON header ('{'). torch: a zip
+    archive ('PK', torch >= 1.6) or a legacy pickle (protocol byte 0x80). Raises CheckpointError.
+    """
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 32:
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    from .errors import CheckpointError
+
+    raise CheckpointError("the input is neither a safetensors file nor a torch checkpoint"
+                          if head else "the input is empty")
+
+
+def spool_stdin(folder: Path, stdin=None) -> Path:
+    """Copy a checkpoint piped to stdin into `folder` (streamed, not held in memory) and return its
+    path, named `stdin.safetensors` or `stdin.pth` after its content so the usual readers apply."""
+    import shutil
+
+    from .errors import CheckpointError
+
+    stream = stdin if stdin is not None else sys.stdin.buffer
+    if stdin is None and sys.stdin.isatty():
+        raise CheckpointError("no checkpoint on stdin", hint="pipe one in, e.g. `< model.pth`")
+    head = stream.read(16)
+    while len(head) < 16:  # a pipe may deliver fewer bytes than asked for
+        more = stream.read(16 - len(head))
+        if not more:
+            break
+        head += more
+    path = folder / f"stdin{'.safetensors' if sniff_format(head) == 'safetensors' else '.pth'}"
+    with open(path, "wb") as f:
+        f.write(head)
+        shutil.copyfileobj(stream, f, 1 << 20)
+    return path
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout meanwhile (print, logging, C extensions) to stderr, so that
+    stdout carries nothing but the binary output written after the block."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+        err = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. a test runner's buffer)
+        fd = None
+    saved = None
+    if fd is not None:
+        saved = os.dup(fd)
+        os.dup2(err, fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def convert_stdio(
+    checkpoint: str | Path,
+    spec: ModelSpec | str,
+    output: str | Path | None = None,
+    *,
+    stdin=None,
+    stdout=None,
+    **options,
+) -> dict:
+    """`convert_checkpoint` where the checkpoint and/or the output may be `-` (stdin / stdout).
+
+    The piped checkpoint is spooled to a temporary folder (its format told from its content); a
+    stdout output is written there first and copied to stdout only once converted and verified, so a
+    failed verification writes nothing. While converting, stdout is redirected to stderr so no stray
+    print can corrupt the binary output. `options` are those of `convert_checkpoint`.
+    """
+    if not (is_stdio(checkpoint) or is_stdio(output)):
+        return convert_checkpoint(checkpoint, spec, output, **options)
+    if output is None:
+        raise OutputError("a checkpoint read from stdin has no folder to write beside",
+                          hint="pass -o FILE, or -o - for stdout")
+    if is_stdio(output):
+        sink = stdout if stdout is not None else sys.stdout.buffer
+        if stdout is None and sys.stdout.isatty():
+            raise OutputError("refusing to write a binary file to the terminal",
+                              hint="redirect stdout, e.g. `> model.safetensors`")
+    with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:
+        folder = Path(tmp)
+        source = spool_stdin(folder, stdin) if is_stdio(checkpoint) else Path(checkpoint)
+        fmt = options.get("fmt", "safetensors")
+        target = folder / f"stdout{SUFFIX.get(fmt, '.out')}" if is_stdio(output) else Path(output)
+        names = {str(source): "<stdin>"} if is_stdio(checkpoint) else {}
+        if is_stdio(output):
+            names[str(target)] = "<stdout>"
+        try:
+            with stdout_to_stderr():
+                report = convert_checkpoint(source, spec, target, **options)
+        except VerificationFailed as exc:
+            exc.report.update(_stdio_names(checkpoint, output))
+            raise
+        except ReparamError as exc:  # name the pipe, not the temporary file behind it
+            for tmp_name, shown in names.items():
+                exc.message = exc.message.replace(tmp_name, shown)
+            raise
+        if is_stdio(output):
+            with open(target, "rb") as f:
+                shutil.copyfileobj(f, sink, 1 << 20)
+            sink.flush()
+    report.update(_stdio_names(checkpoint, output))
+    return report
+
+
+def _stdio_names(checkpoint: str | Path, output: str | Path) -> dict[str, str]:
+    return {"input": "<stdin>" if is_stdio(checkpoint) else str(checkpoint),
+            "output": "<stdout>" if is_stdio(output) else str(output)}
+
+
+# --- inspect: what a checkpoint holds, and what converting it would do (nothing computed) ---------
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+}
+# BatchNorm bookkeeping: buffers, not parameters (what `parameters` counts without a spec).
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({name: meta tensor of the stored shape and dtype}, raw metadata) from the header alone."""
+    from .errors import CheckpointError
+
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {
+            name: torch.empty(info["shape"], device="meta",
+                              dtype=getattr(torch, _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"].lower())))
+            for name, info in header.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {path} as safetensors: bad header ({type(exc).__name__})") from None
+    return tensors, metadata
+
+
+def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = None, *, trust_pickle: bool = False,
+                       stdin=None, progress: Progress = _noop) -> dict:
+    """What a checkpoint holds (format told from its content, dtypes, tensor and parameter counts) and,
+    with a spec, every re-parameterizable block (path, type, recipe family, parameters before/after).
+
+    Nothing heavy is computed and nothing is written: safetensors are read from their header alone,
+    the model is built on the `meta` device and converted shape-only. A reparam deploy file is
+    recognised by its metadata; its stored spec is used when no spec is given. `-` reads stdin.
+    """
+    from .errors import CheckpointError
+    from .export import read_metadata
+
+    if is_stdio(checkpoint):
+        with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:
+            source = spool_stdin(Path(tmp), stdin)
+            try:
+                report = inspect_checkpoint(source, spec, trust_pickle=trust_pickle, progress=progress)
+            except ReparamError as exc:
+                exc.message = exc.message.replace(str(source), "<stdin>")
+                raise
+        return {**report, "input": "<stdin>"}
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"not a file: {path}")
+    with open(path, "rb") as f:
+        fmt = sniff_format(f.read(16))
+    progress("reading checkpoint")
+    reparam_meta: dict[str, Any] = {}
+    if fmt == "safetensors":
+        raw, _ = _safetensors_header(path)
+        reparam_meta = read_metadata(path)
+    else:
+        raw = read_raw(path, trust_pickle)
+    deploy_file = "spec" in reparam_meta and "verification" in reparam_meta
+    spec = _spec(spec) if spec is not None else None
+    if spec is None and deploy_file:
+        stored = reparam_meta["spec"]
+        spec = ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
+    ckpt = spec.checkpoint if spec is not None and not deploy_file else {}
+    state = extract_state_dict(raw, ckpt.get("key"), ckpt.get("strip_prefix"), source=str(path))
+    dtypes: dict[str, int] = {}
+    for t in state.values():
+        name = str(t.dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    report: dict[str, Any] = {
+        "ok": True, "input": str(path), "format": fmt, "kind": "deploy" if deploy_file else "training",
+        "size_bytes": path.stat().st_size, "tensors": len(state), "dtypes": dict(sorted(dtypes.items())),
+        "parameters": sum(t.numel() for k, t in state.items() if not k.endswith(_BUFFER_SUFFIXES)),
+        "elements": sum(t.numel() for t in state.values()),
+    }
+    if deploy_file:
+        verification = reparam_meta.get("verification") or {}
+        report["reparam"] = {
+            "version": reparam_meta.get("version"), "source": reparam_meta.get("source"),
+            "source_sha256": reparam_meta.get("source_sha256"),
+            "verified": bool(verification.get("verified")), "max_rel_err": verification.get("max_rel_err"),
+        }
+    if spec is None:
+        return report
+
+    progress("building the model on the meta device")
+    # Only shapes matter: meta tensors keep the fit check and the conversion free of real work.
+    shapes = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
+    train = spec.build(device="meta")
+    if deploy_file:
+        train.eval()
+        deploy, conv = reparameterize(train)
+        load_into(deploy, shapes, what="deploy file")
+    else:
+        train = load_into(train, shapes)
+        deploy, conv = reparameterize(train)
+    report.update({
+        "spec": spec.name, "params_before": count_parameters(train), "params_after": count_parameters(deploy),
+        "blocks": conv.blocks,
+        "block_list": [
+            {"path": b.path, "type": b.block_type, "family": b.family,
+             "params_before": count_parameters(train.get_submodule(b.path)),
+             "params_after": count_parameters(deploy.get_submodule(b.path))}
+            for b in conv.converted
+        ],
+    })
+    return report
