@@ -41,6 +41,12 @@ ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e
                                                     "[default: the spec's input_shape].")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
+EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
+                                           "instead of its training weights.")
+DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
+                                              "[default: the checkpoint's]. Fusion always runs in float64.")
+FormatOpt = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors, torchscript, pt2 "
+                         "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
 
 
 def _stderr():
@@ -56,6 +62,8 @@ def _fmt(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, dict):
         return ", ".join(f"{k} x{v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return "; ".join(str(v) for v in value) or "-"
     return str(value)
 
 
@@ -83,6 +91,9 @@ CONVERT_ROWS = [
     ("blocks", "blocks"), ("params before", "params_before"), ("params after", "params_after"),
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("cosine", "cosine"),
     ("training-model rel err (float floor)", "train_rel_err"), ("tolerance rtol/atol", "tolerance"),
+    ("checkpoint dtype", "checkpoint_dtype"), ("native blocks", "native_blocks"),
+    ("exported file checked in", "export_runtime"), ("exported vs deploy rel err", "export_max_rel_err"),
+    ("notes", "notes"),
 ]
 
 
@@ -179,11 +190,13 @@ def init(
 
 @app.command()
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.ckpt/.safetensors)."),
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors)."),
     spec: str = SpecOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write "
-                                          "[default: <input stem>.deploy.safetensors (or .pt) beside the input]."),
-    fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write [default: "
+                                          "<input stem>.deploy.safetensors (.pt, .pt2, .onnx) beside the input]."),
+    fmt: str = FormatOpt,
+    dtype: Optional[str] = DtypeOpt,
+    ema: bool = EmaOpt,
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended)."),
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
@@ -202,7 +215,7 @@ def convert(
         return convert_checkpoint(
             checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
             verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
-            trust_pickle=trust_pickle, progress=progress,
+            trust_pickle=trust_pickle, progress=progress, dtype=dtype, ema=ema,
         )
 
     _run(action, as_json, "convert", CONVERT_ROWS)
@@ -211,7 +224,8 @@ def convert(
 @app.command()
 def verify(
     checkpoint: Path = typer.Argument(..., help="Training checkpoint."),
-    deployed: Path = typer.Argument(..., help="Deploy file: safetensors written by reparam, or TorchScript."),
+    deployed: Path = typer.Argument(..., help="Deploy file: safetensors written by reparam, TorchScript (.pt), "
+                                              "torch.export (.pt2) or ONNX (.onnx)."),
     spec: str = SpecOpt,
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
@@ -219,6 +233,7 @@ def verify(
     samples: int = SamplesOpt,
     input_shape: Optional[str] = ShapeOpt,
     trust_pickle: bool = TrustOpt,
+    ema: bool = EmaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not)."""
@@ -229,7 +244,7 @@ def verify(
 
         report = verify_checkpoint(checkpoint, deployed, spec,
                                    verify_options=_verify_options(samples, seed, rtol, atol, input_shape),
-                                   trust_pickle=trust_pickle, progress=progress)
+                                   trust_pickle=trust_pickle, progress=progress, ema=ema)
         if not report["ok"]:
             raise VerificationFailed("the deploy file does not match the training checkpoint", report)
         return report

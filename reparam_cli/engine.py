@@ -67,13 +67,18 @@ def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:
     return deployed
 
 
-def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
+def reparameterize(model: nn.Module, *, native: bool = True) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
     Blocks are matched top-down: once a block is converted its children are not visited. Works on
     any device, including `meta` (shapes only), which builds a deploy skeleton without data.
+    With `native` (default), blocks without a recipe that have their own `fuse()`,
+    `reparameterize()` or `switch_to_deploy()` (timm, mmpretrain, ...) are converted by that
+    method on a copy, reported with family "native" (rules in `reparam_cli.native`).
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
+
+    from .native import FAMILY as NATIVE, fuses_natively, native_fuse
 
     report = ConversionReport()
 
@@ -82,6 +87,9 @@ def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
             return _fuse(found, module, path)
+        if native and fuses_natively(module, is_root=not path):
+            report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
+            return native_fuse(module, path)
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:
@@ -92,4 +100,8 @@ def reparameterize(model: nn.Module) -> tuple[nn.Module, ConversionReport]:
         raise ReparamError(f"expected a torch.nn.Module, got {type(model).__name__}")
     with torch.no_grad():
         deployed = walk(model, "")
+        # The model's own method only when nothing inside it could be converted (see native.py).
+        if native and not report.converted and fuses_natively(model):
+            report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
+            deployed = native_fuse(model, "")
     return deployed, report
