@@ -105,7 +105,8 @@ def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
             raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
     deploy_format = sniff_deploy_format(path)
     if deploy_format:
-        raise AlreadyDeployed(f"{path} is a {deploy_format} deploy file, not a training checkpoint",
+        article = {"onnx": "an ONNX", "pt2": "a torch.export (.pt2)", "torchscript": "a TorchScript"}[deploy_format]
+        raise AlreadyDeployed(f"{path} is {article} deploy file, not a training checkpoint",
                               hint="convert the training checkpoint, or check this file with `reparam verify`")
     try:
         if trust_pickle:

@@ -29,22 +29,23 @@ app = typer.Typer(
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
 SpecOpt = typer.Option(..., "--spec", "-s", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
-                                                 "or a Python file exposing build_model() (file.py[:function]).")
+                                                 "a Python file exposing build_model() (file.py\\[:function]), or "
+                                                 "timm:MODEL\\[?arg=value&...] (needs the timm extra).")
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout instead of a table on stderr.")
 RtolOpt = typer.Option(None, "--rtol", help="Relative tolerance, scaled by the output's magnitude "
-                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
-AtolOpt = typer.Option(None, "--atol", help="Absolute tolerance added to rtol * max|output| [default: 1e-6 for float32].",
+                                            "\\[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
+AtolOpt = typer.Option(None, "--atol", help="Absolute tolerance added to rtol * max|output| \\[default: 1e-6 for float32].",
                        min=0.0)
 SeedOpt = typer.Option(0, "--seed", help="Seed of the random verification inputs.")
 SamplesOpt = typer.Option(1, "--samples", help="Number of random batches to verify on.", min=1)
 ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e.g. 2,3,64,64 "
-                                                    "[default: the spec's input_shape].")
+                                                    "\\[default: the spec's input_shape].")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
                                            "instead of its training weights.")
 DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
-                                              "[default: the checkpoint's]. Fusion always runs in float64.")
+                                              "\\[default: the checkpoint's]. Fusion always runs in float64.")
 FormatOpt = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors, torchscript, pt2 "
                          "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
 
@@ -76,7 +77,7 @@ def _summary(title: str, report: dict, rows: list[tuple[str, str]]) -> None:
     table.add_column(style="bold")
     table.add_column()
     for label, key in rows:
-        if key in report and report[key] is not None:
+        if key in report and report[key] is not None and report[key] != []:
             table.add_row(label, _fmt(report[key]))
     worst = report.get("worst_block")
     if worst:
@@ -192,7 +193,7 @@ def init(
 def convert(
     checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors)."),
     spec: str = SpecOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write [default: "
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write \\[default: "
                                           "<input stem>.deploy.safetensors (.pt, .pt2, .onnx) beside the input]."),
     fmt: str = FormatOpt,
     dtype: Optional[str] = DtypeOpt,

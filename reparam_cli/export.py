@@ -271,6 +271,22 @@ def _onnx_weight_count(path: str | Path) -> int:
         return 0
 
 
+class ExportedProgramModule(nn.Module):
+    """A loaded torch.export program as a module; `eval()`/`train()` do nothing (the program was
+    exported in eval mode, and its GraphModule refuses mode switches)."""
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        self.program = graph_module
+        self.training = False
+
+    def train(self, mode: bool = True) -> "ExportedProgramModule":
+        return self
+
+    def forward(self, x: Tensor):
+        return self.program(x)
+
+
 def deploy_format_of(path: str | Path) -> str:
     """The deploy format of a file, from its suffix (and its contents for .pt / .pt2)."""
     from .checkpoint import sniff_deploy_format
@@ -292,7 +308,7 @@ def load_exported(path: str | Path, fmt: str) -> nn.Module:
         warnings.simplefilter("ignore")
         if fmt == "pt2":
             try:
-                return torch.export.load(str(path)).module()
+                return ExportedProgramModule(torch.export.load(str(path)).module())
             except Exception as exc:
                 raise CheckpointError(f"cannot read {path} as a torch.export (.pt2) file: {_first_line(exc)}") from None
         try:

@@ -178,6 +178,9 @@ def convert_checkpoint(
 
     progress("reading checkpoint")
     train, ckpt = read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)
+    if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
+        raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
+                          "verified", hint="pass --dtype float16 or float32, or --no-verify")
     progress("fusing blocks")
     deploy, conv_report = reparameterize(train)
     deploy.eval()
