@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import click
 import pytest
@@ -39,7 +40,9 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 def _run_file(path, fmt: str, x: torch.Tensor) -> torch.Tensor:
     """Run a deploy file with its own runtime only (no reparam code)."""
     if fmt == "torchscript":
-        return torch.jit.load(str(path))(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
+            return torch.jit.load(str(path))(x)
     if fmt == "pt2":
         return torch.export.load(str(path)).module()(x)
     import onnxruntime as ort
