@@ -1,15 +1,32 @@
 """Reading checkpoints into a flat state dict, safely, and loading them into a model.
 
-Torch pickles are loaded with `weights_only=True`: a file that would need arbitrary code to
-unpickle is refused unless the caller explicitly trusts it.
+Formats: torch files (`.pth`, `.pt`, `.bin`, PyTorch Lightning `.ckpt`, any other name) and
+`.safetensors`. Torch pickles are always loaded with `weights_only=True`: a file that would need
+arbitrary code to unpickle is refused unless the caller explicitly trusts it (`--trust-pickle`).
+TorchScript, `torch.export` (.pt2) and ONNX files are recognised and refused as deploy files.
+
+Unwrapping (`extract_state_dict`):
+
+* wrappers `state_dict`, `model`, `model_state_dict` (the training weights) and `state_dict_ema`,
+  `model_ema`, `ema` (EMA weights) are unwrapped, nested ones too; a pickled `nn.Module` (only
+  with `--trust-pickle`) gives its state dict. With `ema=True` the EMA weights are used; without,
+  the training weights, and an EMA-only checkpoint is used with a note;
+* prefixes: `module.` (DataParallel / DDP, timm's EMA) and `_orig_mod.` (torch.compile) are removed
+  when every key has them; with the model's expected keys known, any leading component (Lightning's
+  `model.`, or `net.`, ...) is removed when that makes more keys fit, keeping only the keys under it;
+* mixed floating dtypes are unified to the checkpoint's dominant one (by element count).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +34,27 @@ from torch import Tensor, nn
 from .errors import CheckpointError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-WRAPPER_KEYS = ("state_dict", "model")
-STRIP_PREFIXES = ("module.",)
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+# Globals that unpickle into plain data and that training scripts routinely store beside the
+# weights (timm's train.py saves its argparse arguments): allowed under weights_only.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class AlreadyDeployed(CheckpointError):
+    """The input is already a deploy file / deploy-form checkpoint: there is nothing to convert."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read and unwrapped: tensors, their dtype, and what was done to get them."""
+
+    state: dict[str, Tensor]
+    dtype: torch.dtype
+    wrappers: list[str] = field(default_factory=list)
+    prefix: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -29,6 +65,29 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header starting with '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (1 << 30)
+
+
+def sniff_deploy_format(path: Path) -> str | None:
+    """'torchscript', 'pt2' or 'onnx' when the file is one of those deploy formats, else None."""
+    if path.suffix == ".onnx":
+        return "onnx"
+    if zipfile.is_zipfile(path):
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if any(n.endswith("/archive_format") for n in names):
+            return "pt2"
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+    return None
+
+
 def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
     """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files."""
     path = Path(path)
@@ -36,7 +95,7 @@ def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint is a directory, not a file: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -44,8 +103,16 @@ def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+    deploy_format = sniff_deploy_format(path)
+    if deploy_format:
+        article = {"onnx": "an ONNX", "pt2": "a torch.export (.pt2)", "torchscript": "a TorchScript"}[deploy_format]
+        raise AlreadyDeployed(f"{path} is {article} deploy file, not a training checkpoint",
+                              hint="convert the training checkpoint, or check this file with `reparam verify`")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         message = str(exc)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
@@ -54,46 +121,167 @@ def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
                 f"{path} needs arbitrary code to unpickle ({unsafe.group(1)}), so it was not loaded",
                 hint="only if you trust its origin, pass --trust-pickle",
             ) from None
+        if "Weights only load failed" in message:
+            detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", message)
+            raise CheckpointError(
+                f"cannot read {path} as a torch checkpoint: {detail.group(1).strip() if detail else 'unsafe pickle'}",
+                hint="not a torch file, or a pickle that safe loading cannot read: only if you trust its origin, "
+                     "pass --trust-pickle",
+            ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
         text = detail.group(1).strip() if detail else (message.strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"cannot read {path} as a torch checkpoint: {text}") from None
 
 
-def extract_state_dict(obj: Any, key: str | None = None, strip_prefix: str | None = None,
-                       source: str = "checkpoint") -> dict[str, Tensor]:
-    """Unwrap a checkpoint object into a flat {name: tensor} dict.
+def _as_mapping(obj: Any) -> Any:
+    return obj.state_dict() if isinstance(obj, nn.Module) else obj
 
-    `key` picks a wrapper explicitly; otherwise a `state_dict` or `model` wrapper is unwrapped when
-    present. `strip_prefix` (and the usual `module.` from DataParallel) is removed from every key.
+
+def _is_wrapper(value: Any) -> bool:
+    return isinstance(value, (Mapping, nn.Module))
+
+
+def _unwrap(obj: Any, ema: bool, notes: list[str], source: str) -> tuple[Any, list[str]]:
+    """Follow wrapper entries down to the state dict; returns it and the wrapper keys taken.
+
+    With `ema`, an EMA wrapper is taken where there is one; a flat state dict reached without one
+    keeps only the keys whose first component names an EMA copy (a Lightning module's `ema_model.`).
     """
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
+    taken: list[str] = []
+    obj = _as_mapping(obj)
+    while isinstance(obj, Mapping):
+        regular = [k for k in WRAPPER_KEYS if k in obj and _is_wrapper(obj[k])]
+        emas = [k for k in EMA_KEYS if k in obj and _is_wrapper(obj[k])]
+        if not regular and not emas:
+            break
+        if ema and emas:
+            chosen = emas[0]
+            notes.append(f"using the EMA weights ({chosen!r})")
+            ema = False  # inside the EMA entry, unwrap plainly
+        elif regular:
+            chosen = regular[0]
+            if emas:
+                notes.append(f"using the training weights ({chosen!r}); the checkpoint also holds EMA weights "
+                             f"({emas[0]!r}): pass --ema to use those")
+        else:
+            chosen = emas[0]
+            notes.append(f"the checkpoint holds only EMA weights ({chosen!r}): using them")
+        taken.append(chosen)
+        obj = _as_mapping(obj[chosen])
+    if ema and isinstance(obj, Mapping):
+        ema_keys = {k: v for k, v in obj.items() if isinstance(k, str) and "ema" in k.split(".", 1)[0].lower()}
+        if not ema_keys:
+            raise CheckpointError(f"{source} holds no EMA weights (no {', '.join(EMA_KEYS)} entry)",
+                                  hint="drop --ema to use its weights")
+        prefixes = sorted({k.split(".", 1)[0] for k in ema_keys})
+        notes.append(f"using the EMA weights (keys under {', '.join(prefixes)})")
+        obj = ema_keys
+    return obj, taken
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _fit_prefix(state: dict[str, Tensor], expected: set[str] | None, notes: list[str]) -> tuple[dict[str, Tensor], str]:
+    """Remove key prefixes (see the module doc); returns the new state and the prefix removed."""
+    removed = ""
+
+    def score(s: Mapping[str, Tensor]) -> int:
+        return len(expected & s.keys()) if expected is not None else 0
+
+    for _ in range(8):  # e.g. module._orig_mod.model.
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and score(_strip(state, prefix)) >= score(state):
+                state, removed, changed = _strip(state, prefix), removed + prefix, True
+        if expected is not None and not expected <= state.keys():
+            firsts = sorted({k.split(".", 1)[0] + "." for k in state if "." in k})
+            # Ties between two prefixes (model. and ema_model. in a Lightning module): not the EMA copy.
+            ranked = sorted(firsts, key=lambda p: (-score(_strip(state, p)), "ema" in p.lower()))
+            if ranked and score(_strip(state, ranked[0])) > score(state):
+                prefix = ranked[0]
+                dropped = sorted(k for k in state if not k.startswith(prefix))
+                if dropped:
+                    more = f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""
+                    notes.append(f"used the keys under {prefix!r}; ignored {len(dropped)} others "
+                                 f"({', '.join(dropped[:3])}{more})")
+                state, removed, changed = _strip(state, prefix), removed + prefix, True
+        if not changed:
+            break
+    return state, removed
+
+
+def _unify_dtype(state: dict[str, Tensor], notes: list[str]) -> torch.dtype:
+    """Cast floating tensors to the dominant floating dtype (by elements); returns that dtype."""
+    counts: Counter[torch.dtype] = Counter()
+    for t in state.values():
+        if t.is_floating_point():
+            counts[t.dtype] += t.numel()
+    if not counts:
+        return torch.float32
+    dtype = counts.most_common(1)[0][0]
+    odd = [k for k, t in state.items() if t.is_floating_point() and t.dtype != dtype]
+    if odd:
+        notes.append(f"{len(odd)} tensors cast to the checkpoint's dtype {str(dtype).removeprefix('torch.')} "
+                     f"(e.g. {odd[0]})")
+        for k in odd:
+            state[k] = state[k].to(dtype)
+    return dtype
+
+
+def extract_checkpoint(obj: Any, key: str | None = None, strip_prefix: str | None = None, *,
+                       ema: bool = False, expected: Iterable[str] | None = None,
+                       source: str = "checkpoint") -> Checkpoint:
+    """Unwrap a checkpoint object into a flat {name: tensor} dict (see the module doc).
+
+    `key` picks a wrapper explicitly (a spec's checkpoint.key); `strip_prefix` keeps and strips the
+    keys under that prefix (a spec's checkpoint.strip_prefix); `expected` (the model's state-dict
+    keys) guides the prefix removal.
+    """
+    notes: list[str] = []
+    obj = _as_mapping(obj)
+    wrappers: list[str] = []
     if key:
         if not isinstance(obj, Mapping) or key not in obj:
             found = ", ".join(sorted(str(k) for k in obj)[:8]) if isinstance(obj, Mapping) else type(obj).__name__
             raise CheckpointError(f"{source} has no {key!r} entry (found: {found})")
-        obj = obj[key]
+        obj, wrappers = _as_mapping(obj[key]), [key]
     else:
-        for wrapper in WRAPPER_KEYS:
-            while isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], (Mapping, nn.Module)):
-                obj = obj[wrapper]
-                if isinstance(obj, nn.Module):
-                    obj = obj.state_dict()
+        obj, wrappers = _unwrap(obj, ema, notes, source)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise CheckpointError(f"{source} contains no tensors")
-    for prefix in ([strip_prefix] if strip_prefix else []) + list(STRIP_PREFIXES):
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
+    removed = ""
+    if strip_prefix and any(k.startswith(strip_prefix) for k in tensors):
+        tensors, removed = _strip(tensors, strip_prefix), strip_prefix
+    expected_set = set(expected) if expected is not None else None
+    tensors, more = _fit_prefix(tensors, expected_set, notes)
+    dtype = _unify_dtype(tensors, notes)
+    return Checkpoint(tensors, dtype, wrappers, removed + more, notes)
+
+
+def extract_state_dict(obj: Any, key: str | None = None, strip_prefix: str | None = None,
+                       source: str = "checkpoint", *, ema: bool = False,
+                       expected: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Unwrap a checkpoint object into a flat {name: tensor} dict (see `extract_checkpoint`)."""
+    return extract_checkpoint(obj, key, strip_prefix, ema=ema, expected=expected, source=source).state
+
+
+def read_checkpoint(path: str | Path, key: str | None = None, strip_prefix: str | None = None, *,
+                    ema: bool = False, expected: Iterable[str] | None = None,
+                    trust_pickle: bool = False) -> Checkpoint:
+    """Read and unwrap a checkpoint file (see `read_raw` and `extract_checkpoint`)."""
+    return extract_checkpoint(read_raw(path, trust_pickle), key, strip_prefix, ema=ema, expected=expected,
+                              source=str(path))
 
 
 def read_state_dict(path: str | Path, key: str | None = None, strip_prefix: str | None = None,
-                    trust_pickle: bool = False) -> dict[str, Tensor]:
-    """Read a checkpoint file into a flat state dict (see `read_raw` and `extract_state_dict`)."""
-    return extract_state_dict(read_raw(path, trust_pickle), key, strip_prefix, source=str(path))
+                    trust_pickle: bool = False, *, ema: bool = False) -> dict[str, Tensor]:
+    """Read a checkpoint file into a flat state dict (see `read_raw` and `extract_checkpoint`)."""
+    return read_checkpoint(path, key, strip_prefix, ema=ema, trust_pickle=trust_pickle).state
 
 
 def _names(keys, limit: int = 5) -> str:
@@ -102,15 +290,12 @@ def _names(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint") -> nn.Module:
-    """Load `state_dict` into `model` strictly, assigning the tensors (the model may live on `meta`).
-
-    Missing keys, unexpected keys and shape mismatches raise a CheckpointError naming them.
-    """
+def fit_problems(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Why `state_dict` does not fit `model`: missing keys, unexpected keys, shape mismatches ([] if it fits)."""
     expected = model.state_dict(keep_vars=True)
     missing = set(expected) - set(state_dict)
     unexpected = set(state_dict) - set(expected)
-    # BatchNorm's num_batches_tracked is bookkeeping; old checkpoints lack it.
+    # BatchNorm's num_batches_tracked is bookkeeping; old checkpoints lack it, deploy forms drop it.
     missing = {k for k in missing if not k.endswith("num_batches_tracked")}
     mismatched = [
         f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
@@ -124,9 +309,19 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "c
         problems.append(f"unexpected keys: {_names(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatch: {_names(mismatched, 3)}")
+    return problems
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint") -> nn.Module:
+    """Load `state_dict` into `model` strictly, assigning the tensors (the model may live on `meta`).
+
+    Missing keys, unexpected keys and shape mismatches raise a CheckpointError naming them.
+    """
+    problems = fit_problems(model, state_dict)
     if problems:
         raise CheckpointError(f"the {what} does not fit the model: " + "; ".join(problems),
                               hint="is this the right --spec for it?")
+    expected = model.state_dict(keep_vars=True)
     state = dict(state_dict)
     for k in expected:
         if k not in state:  # a missing num_batches_tracked

@@ -29,18 +29,25 @@ app = typer.Typer(
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
 SpecOpt = typer.Option(..., "--spec", "-s", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
-                                                 "or a Python file exposing build_model() (file.py[:function]).")
+                                                 "a Python file exposing build_model() (file.py\\[:function]), or "
+                                                 "timm:MODEL\\[?arg=value&...] (needs the timm extra).")
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout instead of a table on stderr.")
 RtolOpt = typer.Option(None, "--rtol", help="Relative tolerance, scaled by the output's magnitude "
-                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
-AtolOpt = typer.Option(None, "--atol", help="Absolute tolerance added to rtol * max|output| [default: 1e-6 for float32].",
+                                            "\\[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
+AtolOpt = typer.Option(None, "--atol", help="Absolute tolerance added to rtol * max|output| \\[default: 1e-6 for float32].",
                        min=0.0)
 SeedOpt = typer.Option(0, "--seed", help="Seed of the random verification inputs.")
 SamplesOpt = typer.Option(1, "--samples", help="Number of random batches to verify on.", min=1)
 ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e.g. 2,3,64,64 "
-                                                    "[default: the spec's input_shape].")
+                                                    "\\[default: the spec's input_shape].")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
+EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
+                                           "instead of its training weights.")
+DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
+                                              "\\[default: the checkpoint's]. Fusion always runs in float64.")
+FormatOpt = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors, torchscript, pt2 "
+                         "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
 
 LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Linear layers into equivalent pointwise "
                                                                "(1x1) conv modules (paradigm 9).")
@@ -59,6 +66,8 @@ def _fmt(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, dict):
         return ", ".join(f"{k} x{v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return "; ".join(str(v) for v in value) or "-"
     return str(value)
 
 
@@ -71,7 +80,7 @@ def _summary(title: str, report: dict, rows: list[tuple[str, str]]) -> None:
     table.add_column(style="bold")
     table.add_column()
     for label, key in rows:
-        if key in report and report[key] is not None:
+        if key in report and report[key] is not None and report[key] != []:
             table.add_row(label, _fmt(report[key]))
     worst = report.get("worst_block")
     if worst:
@@ -87,6 +96,9 @@ CONVERT_ROWS = [
     ("FLOPs before", "flops_before"), ("FLOPs after", "flops_after"),
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("cosine", "cosine"),
     ("training-model rel err (float floor)", "train_rel_err"), ("tolerance rtol/atol", "tolerance"),
+    ("checkpoint dtype", "checkpoint_dtype"), ("native blocks", "native_blocks"),
+    ("exported file checked in", "export_runtime"), ("exported vs deploy rel err", "export_max_rel_err"),
+    ("notes", "notes"),
 ]
 
 
@@ -183,11 +195,14 @@ def init(
 
 @app.command()
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.ckpt/.safetensors), or - for stdin."),
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors), "
+                                                "or - for stdin."),
     spec: str = SpecOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write, or - for stdout "
-                                          "[default: <input stem>.deploy.safetensors (or .pt) beside the input]."),
-    fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write, or - for stdout \\[default: "
+                                          "<input stem>.deploy.safetensors (.pt, .pt2, .onnx) beside the input]."),
+    fmt: str = FormatOpt,
+    dtype: Optional[str] = DtypeOpt,
+    ema: bool = EmaOpt,
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended)."),
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
@@ -215,7 +230,7 @@ def convert(
             return convert_stdio(
                 checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
                 verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
-                trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv,
+                trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
             )
 
     _run(action, as_json, "convert", CONVERT_ROWS)
@@ -224,7 +239,8 @@ def convert(
 @app.command()
 def verify(
     checkpoint: Path = typer.Argument(..., help="Training checkpoint."),
-    deployed: Path = typer.Argument(..., help="Deploy file: safetensors written by reparam, or TorchScript."),
+    deployed: Path = typer.Argument(..., help="Deploy file: safetensors written by reparam, TorchScript (.pt), "
+                                              "torch.export (.pt2) or ONNX (.onnx)."),
     spec: str = SpecOpt,
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
@@ -232,6 +248,7 @@ def verify(
     samples: int = SamplesOpt,
     input_shape: Optional[str] = ShapeOpt,
     trust_pickle: bool = TrustOpt,
+    ema: bool = EmaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not)."""
@@ -242,7 +259,7 @@ def verify(
 
         report = verify_checkpoint(checkpoint, deployed, spec,
                                    verify_options=_verify_options(samples, seed, rtol, atol, input_shape),
-                                   trust_pickle=trust_pickle, progress=progress)
+                                   trust_pickle=trust_pickle, progress=progress, ema=ema)
         if not report["ok"]:
             raise VerificationFailed("the deploy file does not match the training checkpoint", report)
         return report

@@ -76,12 +76,16 @@ def _release(block: nn.Module) -> None:
 
 
 def reparameterize(
-    model: nn.Module, *, linear_as_conv: bool = False, consume: bool = False,
+    model: nn.Module, *, native: bool = True, linear_as_conv: bool = False, consume: bool = False,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
     Blocks are matched top-down: once a block is converted its children are not visited. Works on
     any device, including `meta` (shapes only), which builds a deploy skeleton without data.
+
+    With `native` (default), blocks without a recipe that have their own `fuse()`,
+    `reparameterize()` or `switch_to_deploy()` (timm, mmpretrain, ...) are converted by that
+    method on a copy, reported with family "native" (rules in `reparam_cli.native`).
 
     linear_as_conv: also turn every plain nn.Linear outside converted blocks into an equivalent
     pointwise conv module (P9, `blocks.linear_conv.PointwiseLinear`), reported as block type "Linear".
@@ -92,6 +96,8 @@ def reparameterize(
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
+    from .native import FAMILY as NATIVE, fuses_natively, native_fuse
+
     report = ConversionReport()
 
     def walk(module: nn.Module, path: str) -> nn.Module:
@@ -99,6 +105,12 @@ def reparameterize(
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
             deployed = _fuse(found, module, path)
+            if consume:
+                _release(module)
+            return deployed
+        if native and fuses_natively(module, is_root=not path):
+            report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
+            deployed = native_fuse(module, path)
             if consume:
                 _release(module)
             return deployed
@@ -117,4 +129,8 @@ def reparameterize(
         raise ReparamError(f"expected a torch.nn.Module, got {type(model).__name__}")
     with torch.no_grad():
         deployed = walk(model, "")
+        # The model's own method only when nothing inside it could be converted (see native.py).
+        if native and not report.converted and fuses_natively(model):
+            report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
+            deployed = native_fuse(model, "")
     return deployed, report

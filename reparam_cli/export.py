@@ -1,28 +1,39 @@
-"""Writing deploy models (atomically) and reading reparam's safetensors deploy files back.
+"""Writing deploy models (atomically) and reading deploy files back.
+
+Formats: `safetensors` (state dict + reparam metadata; rebuilt with the spec), `torchscript`
+(traced, runs without reparam), `pt2` (`torch.export`, loadable with `torch.export.load`) and
+`onnx` (exported with torch's dynamo exporter, run with onnxruntime). TorchScript, pt2 and ONNX
+files get a dynamic batch dimension where the model allows it.
 
 Every writer goes through `atomic_output`: the file is written to a temporary name beside the
 target and renamed into place only when complete, so a crash or a failed verification never
-leaves a half-written output.
+leaves a half-written output. Writers take a `check` callback that runs on the finished
+temporary file before the rename (the pipeline loads the file back with its runtime there and
+compares it with the deploy model; raising aborts the write).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, OutputError
 
-FORMATS = ("safetensors", "torchscript")
-SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt"}
+FORMATS = ("safetensors", "torchscript", "pt2", "onnx")
+SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 META_PREFIX = "reparam."
+RUNTIME = {"torchscript": "torch.jit", "pt2": "torch.export", "onnx": "onnxruntime"}
+Check = Callable[[Path], None]
 
 
 @contextlib.contextmanager
@@ -31,7 +42,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.exists():
         raise OutputError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name keeps the suffix: torch.export.save insists on `.pt2`.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -67,7 +79,8 @@ def safetensors_bytes_metadata(metadata: dict[str, object]) -> dict[str, str]:
     }
 
 
-def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, object]) -> None:
+def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, object],
+                      check: Check | None = None) -> None:
     """Write the model's state dict and reparam's metadata (spec, version, checksums, figures)."""
     from safetensors.torch import save_file
 
@@ -75,9 +88,16 @@ def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, ob
     meta = safetensors_bytes_metadata({"format": "pt", **metadata})
     with atomic_output(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+        if check is not None:
+            check(tmp)
 
 
-def write_torchscript(path: str | Path, model: nn.Module, example: Tensor) -> None:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def write_torchscript(path: str | Path, model: nn.Module, example: Tensor, check: Check | None = None) -> None:
     """Trace the deploy model on `example` and save a self-contained TorchScript file."""
     model = model.eval()
     with warnings.catch_warnings(), torch.no_grad():
@@ -85,9 +105,74 @@ def write_torchscript(path: str | Path, model: nn.Module, example: Tensor) -> No
         try:
             scripted = torch.jit.trace(model, example, check_trace=False)
         except Exception as exc:
-            raise OutputError(f"TorchScript tracing failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise OutputError(f"TorchScript tracing failed: {_first_line(exc)}") from None
         with atomic_output(path) as tmp:
             torch.jit.save(scripted, str(tmp))
+            if check is not None:
+                check(tmp)
+
+
+def _batched(example: Tensor) -> Tensor:
+    """Export with a batch of at least 2: torch.export specialises a size-1 dimension to a constant."""
+    return example if example.shape[0] > 1 else example.expand(2, *example.shape[1:]).contiguous()
+
+
+def _export_program(model: nn.Module, example: Tensor):
+    """torch.export the model with a dynamic batch dimension, or a static one if the model needs it."""
+    batched = _batched(example)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        return torch.export.export(model, (batched,), dynamic_shapes=({0: batch},)), batched, True
+    except Exception:  # e.g. a reshape with a hard-coded batch size: fall back to the example's shape
+        pass
+    try:
+        return torch.export.export(model, (example,)), example, False
+    except Exception as exc:
+        raise OutputError(f"torch.export failed: {_first_line(exc)}") from None
+
+
+def write_pt2(path: str | Path, model: nn.Module, example: Tensor, check: Check | None = None) -> None:
+    """Export the deploy model with torch.export and save it (load with `torch.export.load(path).module()`)."""
+    model = model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program, _, _ = _export_program(model, example)
+        with atomic_output(path) as tmp:
+            torch.export.save(program, str(tmp))
+            if check is not None:
+                check(tmp)
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise OutputError(f"ONNX export needs the onnx extra ({exc.name} is not installed)",
+                          hint="pip install 'reparam-cli[onnx]'") from None
+
+
+def write_onnx(path: str | Path, model: nn.Module, example: Tensor, check: Check | None = None) -> None:
+    """Export the deploy model to a single self-contained ONNX file (input `input`, output `output`)."""
+    _require_onnx()
+    model = model.eval()
+    batched = _batched(example)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings(), torch.no_grad(), atomic_output(path) as tmp:
+        warnings.simplefilter("ignore")
+        for shapes, x in ((({0: batch},), batched), (None, example)):  # dynamic batch, else static
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # keep stdout clean for --json
+                    torch.onnx.export(model, (x,), str(tmp), dynamo=True, external_data=False,
+                                      input_names=["input"], output_names=["output"], dynamic_shapes=shapes,
+                                      verbose=False)
+                break
+            except Exception as exc:
+                error = exc
+        else:
+            raise OutputError(f"ONNX export failed: {_first_line(error)}") from None
+        if check is not None:
+            check(tmp)
 
 
 def read_metadata(path: str | Path) -> dict[str, object]:
@@ -137,14 +222,137 @@ def load_deploy(path: str | Path, spec=None) -> nn.Module:
     return load_into(skeleton, load_file(str(path)), what="deploy file").eval()
 
 
+class OnnxModule(nn.Module):
+    """An ONNX deploy file run by onnxruntime (CPU), callable like the deploy nn.Module.
+
+    It holds no parameters; a zero-size buffer carries the model's input dtype (for tolerances),
+    and `num_parameters` counts the floating initializers (the weights).
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CheckpointError("reading ONNX files needs onnxruntime, which is not installed",
+                                  hint="pip install 'reparam-cli[onnx]'") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise CheckpointError(f"cannot load {path} with onnxruntime: {_first_line(exc)}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        onnx_type = self.session.get_inputs()[0].type
+        dtype = {"tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+                 "tensor(bfloat16)": torch.bfloat16}.get(onnx_type, torch.float32)
+        self.register_buffer("dtype_marker", torch.zeros(0, dtype=dtype), persistent=False)
+        self.num_parameters = _onnx_weight_count(path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.detach().to(self.dtype_marker.dtype).cpu().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+
+def _onnx_weight_count(path: str | Path) -> int:
+    try:
+        import onnx
+        from onnx import TensorProto
+
+        floating = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+        graph = onnx.load(str(path), load_external_data=False).graph
+        total = 0
+        for init in graph.initializer:
+            if init.data_type in floating:
+                n = 1
+                for d in init.dims:
+                    n *= d
+                total += n
+        return total
+    except Exception:  # figures only: never fail verification over them
+        return 0
+
+
+class ExportedProgramModule(nn.Module):
+    """A loaded torch.export program as a module; `eval()`/`train()` do nothing (the program was
+    exported in eval mode, and its GraphModule refuses mode switches)."""
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        self.program = graph_module
+        self.training = False
+
+    def train(self, mode: bool = True) -> "ExportedProgramModule":
+        return self
+
+    def forward(self, x: Tensor):
+        return self.program(x)
+
+
+def deploy_format_of(path: str | Path) -> str:
+    """The deploy format of a file, from its suffix (and its contents for .pt / .pt2)."""
+    from .checkpoint import sniff_deploy_format
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix == ".onnx":
+        return "onnx"
+    return sniff_deploy_format(path) or ("pt2" if path.suffix == ".pt2" else "torchscript")
+
+
+def load_exported(path: str | Path, fmt: str) -> nn.Module:
+    """A TorchScript, pt2 or ONNX deploy file as a callable module (in eval mode)."""
+    path = Path(path)
+    if fmt == "onnx":
+        return OnnxModule(path).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "pt2":
+            try:
+                return ExportedProgramModule(torch.export.load(str(path)).module())
+            except Exception as exc:
+                raise CheckpointError(f"cannot read {path} as a torch.export (.pt2) file: {_first_line(exc)}") from None
+        try:
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {path} as a TorchScript file: {_first_line(exc)}") from None
+
+
 def load_deployed_any(path: str | Path, spec=None) -> nn.Module:
-    """A deploy model from a safetensors file written by reparam, or from a TorchScript file."""
+    """A deploy model from a safetensors file written by reparam, or a TorchScript, pt2 or ONNX file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"deploy file not found: {path}")
-    if path.suffix == ".safetensors":
+    fmt = deploy_format_of(path)
+    if fmt == "safetensors":
         return load_deploy(path, spec)
-    try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a TorchScript file: {str(exc).splitlines()[0]}") from None
+    return load_exported(path, fmt)
+
+
+def compare_exported(path: str | Path, fmt: str, deploy: nn.Module, x: Tensor,
+                     rtol: float, atol: float) -> dict[str, object]:
+    """Run an exported file with its own runtime on `x` and compare with the deploy module's output.
+
+    Returns {"runtime", "max_abs_err", "max_rel_err", "ok"}: ok when max |exported - deploy| <=
+    atol + rtol * max |deploy|.
+    """
+    from .verify import _first_tensor
+
+    if fmt == "onnx" and x.dtype == torch.bfloat16:
+        raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so the ONNX file cannot be verified",
+                          hint="use --dtype float16 or float32, or --no-verify")
+    exported = load_exported(path, fmt)
+    with torch.no_grad():
+        expected = _first_tensor(deploy.eval()(x)).detach().to(torch.float64)
+        try:
+            got = _first_tensor(exported(x)).detach().to(torch.float64)
+        except Exception as exc:
+            raise OutputError(f"the exported {fmt} file fails to run in {RUNTIME[fmt]}: {_first_line(exc)}") from None
+    if got.shape != expected.shape:
+        raise OutputError(f"the exported {fmt} file gives output shape {tuple(got.shape)}, "
+                          f"the deploy model {tuple(expected.shape)}")
+    abs_err = (got - expected).abs().max().item() if got.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return {"runtime": RUNTIME[fmt], "max_abs_err": abs_err, "max_rel_err": abs_err / scale if scale > 0 else abs_err,
+            "ok": abs_err <= atol + rtol * scale}

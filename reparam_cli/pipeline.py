@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import extract_state_dict, load_into, read_raw, sha256_file
+from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, fit_problems, load_into, read_raw,
+                         sha256_file)
 from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed
-from .export import FORMATS, SUFFIX, load_deployed_any, write_safetensors, write_torchscript
+from .export import (DTYPES, FORMATS, SUFFIX, compare_exported, deploy_format_of, load_deployed_any,
+                     read_metadata, write_onnx, write_pt2, write_safetensors, write_torchscript)
 from .spec import ModelSpec, load_spec
 from .stats import count_flops
 from .verify import VerifyResult, model_dtype, verify
@@ -55,12 +57,68 @@ def _spec(spec: ModelSpec | str) -> ModelSpec:
     return load_spec(spec) if isinstance(spec, str) else spec
 
 
-def load_training_model(checkpoint: str | Path, spec: ModelSpec, trust_pickle: bool = False) -> nn.Module:
+def load_training_model(checkpoint: str | Path, spec: ModelSpec, trust_pickle: bool = False, *,
+                        ema: bool = False) -> nn.Module:
     """Build the spec's training model on `meta` and assign the checkpoint's tensors (no random init)."""
-    state = extract_state_dict(read_raw(checkpoint, trust_pickle), spec.checkpoint.get("key"),
-                               spec.checkpoint.get("strip_prefix"), source=str(checkpoint))
+    return read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)[0]
+
+
+def _refuse_reparam_deploy_file(checkpoint: Path) -> None:
+    """A safetensors file carrying reparam's deploy metadata is a deploy file, not a training checkpoint."""
+    if checkpoint.suffix != ".safetensors" or not checkpoint.is_file():
+        return
+    try:
+        meta = read_metadata(checkpoint)
+    except ReparamError:
+        return  # read_raw reports unreadable files
+    if "spec" in meta or "version" in meta:
+        stored = meta.get("spec")
+        name = stored.get("name") if isinstance(stored, dict) else None
+        raise AlreadyDeployed(f"{checkpoint} is already a reparam deploy file" + (f" (spec {name})" if name else ""),
+                              hint="nothing to convert; check it against its training checkpoint with `reparam verify`")
+
+
+def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle: bool = False,
+                        ema: bool = False) -> tuple[nn.Module, Checkpoint]:
+    """The spec's training model (built on `meta`, the checkpoint's tensors assigned) and the checkpoint.
+
+    A checkpoint that is already in deploy form (a reparam deploy file, a TorchScript/pt2/ONNX
+    file, or tensors that fit the fused model rather than the training one) raises AlreadyDeployed.
+    """
+    checkpoint = Path(checkpoint)
+    _refuse_reparam_deploy_file(checkpoint)
+    raw = read_raw(checkpoint, trust_pickle)
+    key, strip = spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix")
     model = spec.build(device="meta")
-    return load_into(model, state).eval()
+    ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
+    if fit_problems(model, ckpt.state):
+        _refuse_deploy_form(raw, checkpoint, spec, ema)
+    return load_into(model, ckpt.state).eval(), ckpt
+
+
+def _refuse_deploy_form(raw, checkpoint: Path, spec: ModelSpec, ema: bool) -> None:
+    """Raise AlreadyDeployed when the checkpoint's tensors fit the spec's deploy skeleton exactly."""
+    skeleton, conv = reparameterize(spec.build(device="meta"))
+    if not conv.converted:
+        return
+    try:
+        deployed = extract_checkpoint(raw, spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix"), ema=ema,
+                                      expected=skeleton.state_dict().keys(), source=str(checkpoint))
+    except ReparamError:
+        return
+    if not fit_problems(skeleton, deployed.state):
+        raise AlreadyDeployed(f"{checkpoint} is already in deploy form: its tensors fit the fused {spec.name} model, "
+                              "not the training one", hint="nothing to convert; load it with load_deploy or "
+                              "check it against its training checkpoint with `reparam verify`")
+
+
+def output_dtype(dtype: str | None):
+    """--dtype -> torch dtype (None: keep the checkpoint's)."""
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ReparamError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _flops(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> dict:
@@ -120,14 +178,22 @@ def convert_checkpoint(
     trust_pickle: bool = False,
     progress: Progress = _noop,
     linear_as_conv: bool = False,
+    dtype: str | None = None,
+    ema: bool = False,
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
     when the fused model does not match, ReparamError on bad input.
 
-    linear_as_conv: also turn nn.Linear layers into equivalent pointwise convs (recorded in the
-    deploy file's metadata, so `load_deploy` rebuilds the same skeleton)."""
+    Blocks are fused in float64 and the deploy model is written in the checkpoint's dtype, or in
+    `dtype` ('float32', 'float16', 'bfloat16'). `ema` picks a checkpoint's EMA weights. TorchScript,
+    pt2 and ONNX outputs are loaded back with their runtime and compared with the deploy model
+    before they are renamed into place (figures `export_*` in the report). `linear_as_conv` also
+    turns nn.Linear layers into equivalent pointwise convs (recorded in the deploy file's metadata,
+    so `load_deploy` rebuilds the same skeleton).
+    """
     if fmt not in FORMATS:
         raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
+    out_dtype = output_dtype(dtype)
     checkpoint = Path(checkpoint)
     spec = _spec(spec)
     output = Path(output) if output else default_output(checkpoint, fmt)
@@ -139,12 +205,17 @@ def convert_checkpoint(
     source_sha256 = hasher.submit(sha256_file, checkpoint) if fmt == "safetensors" else None
     hasher.shutdown(wait=False)
     progress("reading checkpoint")
-    train = load_training_model(checkpoint, spec, trust_pickle)
+    train, ckpt = read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)
+    if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
+        raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
+                          "verified", hint="pass --dtype float16 or float32, or --no-verify")
     params_before = count_parameters(train)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
     deploy, conv_report = reparameterize(train, consume=not verify_output, **_conversion_options(linear_as_conv))
     deploy.eval()
+    if out_dtype is not None and out_dtype != ckpt.dtype:
+        deploy = deploy.to(out_dtype)
     if not conv_report.converted:
         raise ReparamError(f"the model built from spec {spec.name!r} has no re-parameterizable blocks")
     result = None
@@ -155,27 +226,55 @@ def convert_checkpoint(
         "ok": result.ok if result else True,
         "input": str(checkpoint), "output": str(output), "spec": spec.name, "format": fmt,
         "dtype": str(model_dtype(deploy)).removeprefix("torch."),
-        "blocks": conv_report.blocks,
+        "checkpoint_dtype": str(ckpt.dtype).removeprefix("torch."),
+        "blocks": conv_report.blocks, "native_blocks": _native_blocks(conv_report),
         "params_before": params_before, "params_after": count_parameters(deploy),
         **_flops(spec, opts.input_shape),
         **_verification_dict(result),
     }
+    if ckpt.notes:
+        report["notes"] = list(ckpt.notes)
     if result is not None and not result.ok:
         raise VerificationFailed("the deploy model does not match the training model; nothing was written", report)
 
     progress(f"writing {fmt}")
-    if fmt == "safetensors":
-        metadata = {
-            "version": __version__, "spec": spec.to_json(), "source_sha256": source_sha256.result(),
-            "source": checkpoint.name, "blocks": conv_report.blocks, "verification": _verification_dict(result),
-        }
-        if linear_as_conv:
-            metadata["options"] = _conversion_options(linear_as_conv)
-        write_safetensors(output, deploy, metadata)
-    else:
-        shape = opts.input_shape or spec.input_shape
-        write_torchscript(output, deploy, torch.randn(*shape, dtype=model_dtype(deploy)))
+    metadata = {"version": __version__, "spec": spec.to_json(), "source": checkpoint.name,
+                "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
+    if source_sha256 is not None:
+        metadata["source_sha256"] = source_sha256.result()
+    if linear_as_conv:
+        metadata["options"] = _conversion_options(linear_as_conv)
+    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata)
     return report
+
+
+def _native_blocks(conv_report: ConversionReport) -> list[str]:
+    """Block types converted by their own third-party method (family 'native'), for the report."""
+    return sorted({b.block_type for b in conv_report.converted if b.family == "native"})
+
+
+def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
+                 result: VerifyResult | None, report: dict, metadata: dict) -> None:
+    """Write `deploy` in `fmt` atomically. When verification ran, an exported file (TorchScript, pt2,
+    ONNX) is first loaded back with its runtime and compared with the deploy model on the verification
+    input: its figures go into `report`, and a mismatch raises VerificationFailed with nothing written."""
+    if fmt == "safetensors":
+        write_safetensors(output, deploy, metadata)
+        return
+    dtype = model_dtype(deploy)
+    shape = tuple(opts.input_shape or spec.input_shape)
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(opts.seed), dtype=torch.float64).to(dtype)
+
+    def check(tmp: Path) -> None:
+        figures = compare_exported(tmp, fmt, deploy, example, result.rtol, result.atol)
+        report.update({f"export_{k}": v for k, v in figures.items()})
+        if not figures["ok"]:
+            report["ok"] = False
+            raise VerificationFailed(f"the {fmt} file does not match the deploy model in {figures['runtime']}; "
+                                     "nothing was written", report)
+
+    writer = {"torchscript": write_torchscript, "pt2": write_pt2, "onnx": write_onnx}[fmt]
+    writer(output, deploy, example, check=check if result is not None else None)
 
 
 def verify_checkpoint(
@@ -186,28 +285,35 @@ def verify_checkpoint(
     verify_options: VerifyOptions | None = None,
     trust_pickle: bool = False,
     progress: Progress = _noop,
+    ema: bool = False,
 ) -> dict:
-    """Compare a training checkpoint with a deploy file (reparam safetensors or TorchScript)."""
+    """Compare a training checkpoint with a deploy file (reparam safetensors, TorchScript, pt2 or ONNX)."""
     spec = _spec(spec)
     opts = verify_options or VerifyOptions()
     progress("reading checkpoint")
-    train = load_training_model(checkpoint, spec, trust_pickle)
+    train, ckpt = read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)
     progress("reading deploy file")
     deploy = load_deployed_any(deployed, spec)
-    # Per-block figures where the deploy file keeps the block structure (safetensors, not TorchScript);
+    fmt = deploy_format_of(deployed)
+    # Per-block figures where the deploy file keeps the block structure (safetensors only);
     # which blocks were converted is read off a shape-only conversion.
     report = None
-    if not isinstance(deploy, torch.jit.ScriptModule):
+    if fmt == "safetensors":
         report = reparameterize(spec.build(device="meta"), **deploy_file_options(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
-    return {
-        "ok": result.ok, "input": str(checkpoint), "output": str(deployed), "spec": spec.name,
-        "format": "safetensors" if Path(deployed).suffix == ".safetensors" else "torchscript",
+    out = {
+        "ok": result.ok, "input": str(checkpoint), "output": str(deployed), "spec": spec.name, "format": fmt,
+        "dtype": str(model_dtype(deploy)).removeprefix("torch."),
+        "checkpoint_dtype": str(ckpt.dtype).removeprefix("torch."),
         "blocks": report.blocks if report else {},
-        "params_before": count_parameters(train), "params_after": count_parameters(deploy),
+        "params_before": count_parameters(train),
+        "params_after": getattr(deploy, "num_parameters", None) or count_parameters(deploy),
         **_verification_dict(result),
     }
+    if ckpt.notes:
+        out["notes"] = list(ckpt.notes)
+    return out
 
 
 def _conversion_options(linear_as_conv: bool) -> dict:

@@ -4,7 +4,11 @@ A spec reference (`--spec`) is one of:
 
 * a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`),
 * a path to a YAML file,
-* a Python file `spec.py` exposing `build_model()`, or `spec.py:function`.
+* a Python file `spec.py` exposing `build_model()`, or `spec.py:function`,
+* `timm:<model_name>`, optionally with keyword arguments for `timm.create_model` as a query:
+  `timm:repvgg_a0?num_classes=10&in_chans=1` (values parsed as YAML scalars or lists). The model
+  is built with `pretrained=False`: weights come from the checkpoint, nothing is downloaded.
+  In a YAML spec, `builder: timm:create_model` with `args: {model_name: repvgg_a0, ...}` does the same.
 
 A YAML spec names a builder (`module:callable`), its keyword arguments, the verification input
 shape and optional checkpoint options:
@@ -94,6 +98,8 @@ def load_spec(ref: str) -> ModelSpec:
     """Resolve a `--spec` reference (built-in name, YAML path, or Python file[:function])."""
     if not ref:
         raise SpecError("no spec given", hint="pass --spec NAME, a YAML file or a Python file")
+    if ref.startswith(TIMM_PREFIX):
+        return timm_spec(ref)
     py_path, _, func = ref.partition(".py:")
     if ref.endswith(".py") or func:
         return _python_spec(Path(f"{py_path}.py" if func else ref), func or "build_model")
@@ -176,8 +182,75 @@ def _import_file(path: Path):
     return module
 
 
+TIMM_PREFIX = "timm:"
+TIMM_BUILDERS = ("timm:create_model", "timm.models:create_model")
+_TIMM_REFUSED = {"pretrained": "weights come from the checkpoint, nothing is downloaded",
+                 "checkpoint_path": "pass the checkpoint to reparam instead",
+                 "pretrained_cfg_overlay": "weights come from the checkpoint, nothing is downloaded"}
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise SpecError(f"timm specs need the timm package, which cannot be imported ({exc})",
+                        hint="pip install 'reparam-cli[timm]'") from None
+    return timm
+
+
+def timm_create_model(model_name: str, **kwargs: Any):
+    """`timm.create_model(model_name, pretrained=False, **kwargs)`, with errors a user can act on."""
+    timm = _import_timm()
+    for key, why in _TIMM_REFUSED.items():
+        if kwargs.get(key):
+            raise SpecError(f"timm spec {model_name!r}: {key} is not allowed ({why})")
+        kwargs.pop(key, None)
+    if not timm.is_model(model_name):
+        import difflib
+
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=4, cutoff=0.6)
+        raise SpecError(f"timm has no model {model_name!r}",
+                        hint=f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
+    return timm.create_model(model_name, pretrained=False, **kwargs)
+
+
+def timm_spec(ref: str) -> ModelSpec:
+    """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
+    from urllib.parse import parse_qsl
+
+    import yaml
+
+    body = ref[len(TIMM_PREFIX):]
+    model_name, _, query = body.partition("?")
+    if not model_name:
+        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
+    args: dict[str, Any] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise SpecError(f"spec {ref!r}: arguments must look like ?key=value&key=value") from None
+    for key, value in pairs:
+        try:
+            args[key] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            args[key] = value
+    timm = _import_timm()
+    if not timm.is_model(model_name):
+        timm_create_model(model_name)  # raises with suggestions
+    cfg = timm.get_pretrained_cfg(model_name)
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    in_chans = args.get("in_chans")
+    shape = (1, *size) if size else DEFAULT_INPUT_SHAPE
+    if isinstance(in_chans, int):
+        shape = (shape[0], in_chans, *shape[2:])
+    return ModelSpec(name=ref, builder=TIMM_BUILDERS[0], args={"model_name": model_name, **args},
+                     input_shape=_shape(shape, ref), description=f"timm model {model_name}", source=ref)
+
+
 def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:
-    """'package.module:attr' or '/path/file.py:attr' -> the callable."""
+    """'package.module:attr' or '/path/file.py:attr' -> the callable ('timm:create_model': never pretrained)."""
+    if ref in TIMM_BUILDERS:
+        return timm_create_model
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
         raise SpecError(f"spec {spec_name!r}: builder must look like 'module:function', got {ref!r}")

@@ -142,7 +142,8 @@ def verify(
                 if i == 0:  # per-block figures from the first sample keep memory bounded
                     for path, _ in blocks:
                         def hook(_m, args, out, path=path):
-                            captured[path] = (args[0], _first_tensor(out))
+                            # Copies: later in-place ops (timm's `x += shortcut`) would change them.
+                            captured[path] = (args[0].clone(), _first_tensor(out).clone())
                         hooks.append(train_model.get_submodule(path).register_forward_hook(hook))
                 try:
                     ref = _first_tensor(functional_call(train_model, state64, (x64,)))

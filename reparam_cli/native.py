@@ -1,0 +1,115 @@
+"""Native fallback: blocks from third-party code that know how to fuse themselves.
+
+timm, mmpretrain, the papers' reference repositories and YOLO code give their re-parameterizable
+blocks a method that turns the block into its deploy form. Three conventions are recognised, in
+this order (timm's `reparameterize_model` uses the same ones):
+
+* `fuse()` returns the deploy module (timm's RepViT, LeViT, ...); it may also return `None`
+  after changing the block in place, or return the block itself;
+* `reparameterize()` changes the block in place and returns `None` (timm's RepVGG, MobileOne,
+  FastViT, Apple's MobileOne, ...);
+* `switch_to_deploy()` changes the block in place (DingXiaoH's RepVGG/DBB/ACNet, mmpretrain,
+  YOLOv6, timm's RepGhost).
+
+Which modules get their method called (the engine decides, see `engine.reparameterize`):
+
+* a module whose type has a recipe is always converted by the recipe, never natively;
+* otherwise the *outermost* module with a native method is converted, and its children are not
+  visited: an outer method usually needs its children untouched (timm's `RepVggDw.fuse()` calls
+  `fuse()` on its own `ConvNorm` children, `RepMixer.reparameterize()` on its MobileOne blocks);
+* except when something below it has a recipe: then the engine descends instead, so reparam's
+  own verified recipes handle what they know;
+* and except the model itself (the root of the walk): a model-level `fuse()` or
+  `reparameterize()` is typically a tree walk over the blocks (timm's `RepVit.fuse`), and
+  converting block by block keeps per-block verification. The root's own method is used only
+  when no module below it can be converted at all.
+
+The method runs on a deep copy of the block in eval mode, upcast to float64 (default dtype
+float64 while it runs, so modules it creates are float64 too); the result is cast back to the
+block's dtype. The input model is never modified. Methods run under `torch.device(<block
+device>)`, so on the `meta` device they build a shape-only deploy skeleton like recipes do.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from .errors import ReparamError
+
+NATIVE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+FAMILY = "native"
+
+
+def native_method(module: nn.Module) -> str | None:
+    """The name of the module's native deploy method, if its class defines one.
+
+    Only functions defined on the class count: a child module or attribute that happens to be
+    called `fuse` (e.g. `self.fuse = nn.Conv2d(...)`) is not a method.
+    """
+    for name in NATIVE_METHODS:
+        attr = inspect.getattr_static(type(module), name, None)
+        if isinstance(attr, staticmethod):
+            continue
+        if inspect.isfunction(attr):
+            return name
+    return None
+
+
+def fuses_natively(module: nn.Module, is_root: bool = False) -> bool:
+    """Whether the engine should convert this module by its native method (see the module doc):
+    it has one, no recipe of its own or below it, and it is not the root of the walk."""
+    from .recipes import recipe_for
+
+    if is_root or native_method(module) is None:
+        return False
+    return not any(recipe_for(m) is not None for m in module.modules())
+
+
+def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device, None
+    return torch.device("cpu"), None
+
+
+def native_fuse(block: nn.Module, path: str = "") -> nn.Module:
+    """The deploy form of `block` from its own native method, computed on a float64 deep copy.
+
+    Returns a new module in the block's dtype and training mode; `block` is not modified.
+    """
+    method = native_method(block)
+    if method is None:
+        raise ReparamError(f"block {path or '<root>'} ({type(block).__name__}) has no native deploy method")
+    device, dtype = _device_and_dtype(block)
+    work = copy.deepcopy(block).eval()
+    if dtype is not None and dtype != torch.float64:
+        work = work.to(torch.float64)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad(), torch.device(device):
+            result = getattr(work, method)()
+    except ReparamError:
+        raise
+    except Exception as exc:  # third-party code: name the block, do not crash with a traceback
+        raise ReparamError(
+            f"block {path or '<root>'} ({type(block).__name__}): its own {method}() failed: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        ) from None
+    finally:
+        torch.set_default_dtype(previous)
+    if result is None:
+        result = work
+    if not isinstance(result, nn.Module):
+        raise ReparamError(f"block {path or '<root>'} ({type(block).__name__}): {method}() returned "
+                           f"{type(result).__name__}, not a module")
+    if dtype is not None:
+        result = result.to(dtype)
+    result.train(block.training)
+    return result
