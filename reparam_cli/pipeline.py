@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, fit_problems, load_into, read_raw,
+from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, extract_state_dict, fit_problems, load_into, read_raw,
                          sha256_file)
 from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed

@@ -87,4 +87,6 @@ def test_mobilenetv2_refconv_spec_end_to_end(tmp_path):
     reference.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(reference(x), deploy(x), rtol=0, atol=0)
+        ref, out = reference(x), deploy(x)
+    # Same function up to float32 rounding (the two implementations order some ops differently).
+    assert (ref - out).abs().max() <= 1e-5 * ref.abs().max()
