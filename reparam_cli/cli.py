@@ -40,6 +40,7 @@ SeedOpt = typer.Option(0, "--seed", help="Seed of the random verification inputs
 SamplesOpt = typer.Option(1, "--samples", help="Number of random batches to verify on.", min=1)
 ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e.g. 2,3,64,64 "
                                                     "\\[default: the spec's input_shape].")
+NoVerifyOpt = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended).")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
@@ -203,7 +204,7 @@ def convert(
     fmt: str = FormatOpt,
     dtype: Optional[str] = DtypeOpt,
     ema: bool = EmaOpt,
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended)."),
+    no_verify: bool = NoVerifyOpt,
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
     seed: int = SeedOpt,
@@ -340,7 +341,7 @@ def batch(
     shard: Optional[str] = typer.Option(None, "--shard", help="Convert only shard K of N (K from 0), e.g. "
                                         "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; shards partition "
                                         "the inputs and write manifest.shard-K-of-N.jsonl."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended)."),
+    no_verify: bool = NoVerifyOpt,
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
     seed: int = SeedOpt,

@@ -37,3 +37,12 @@ def assert_equivalent(model: nn.Module, input_shape, rtol: float = 1e-5, dtype=t
     err = (out - ref).abs().max().item() / ref.abs().max().item()
     assert err < rtol, f"relative error {err:.3g} >= {rtol}"
     return deploy, report
+
+
+def run_cli(*args, stdin: bytes | None = None):
+    """Invoke the `reparam` CLI in-process; the result has exit_code, stdout and stderr."""
+    from typer.testing import CliRunner
+
+    from reparam_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from reparam_cli.batch import BatchError, Manifest, Shard, discover, output_names
 from reparam_cli.checkpoint import sha256_file
-from reparam_cli.cli import app
 from reparam_cli.export import load_deploy
 from reparam_cli.pipeline import init_checkpoint, load_training_model
 from reparam_cli.spec import load_spec
+
+from .helpers import run_cli
 
 TINY = """\
 name: tiny-repvgg
@@ -28,8 +28,7 @@ input_shape: [1, 3, 32, 32]
 """
 
 
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+run = run_cli
 
 
 @pytest.fixture(scope="module")

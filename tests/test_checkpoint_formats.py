@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from reparam_cli.checkpoint import extract_checkpoint
-from reparam_cli.cli import app
 from reparam_cli.engine import reparameterize
 from reparam_cli.errors import CheckpointError
 from reparam_cli.export import load_deploy
-from reparam_cli.pipeline import convert_checkpoint
 from reparam_cli.spec import load_spec
 
-from .helpers import randomized
+from .helpers import randomized, run_cli
 
 TINY_SPEC = """\
 name: tiny-repvgg
@@ -30,8 +27,7 @@ input_shape: [2, 3, 32, 32]
 """
 
 
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+run = run_cli
 
 
 @pytest.fixture(scope="module")

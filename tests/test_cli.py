@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from reparam_cli.cli import app
 from reparam_cli.export import load_deploy, read_metadata
+
+from .helpers import run_cli
 
 SPEC = "repvgg-a0"
 SMALL = ["--input-shape", "1,3,32,32"]
 
 
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from reparam_cli import engine
-from reparam_cli.cli import app
 from reparam_cli.engine import count_parameters, reparameterize
 from reparam_cli.pipeline import convert_checkpoint, init_checkpoint, inspect_checkpoint
 from reparam_cli.spec import load_spec
+
+from .helpers import run_cli
 
 TINY = """\
 name: tiny-repvgg
@@ -24,8 +24,7 @@ input_shape: [1, 3, 32, 32]
 """
 
 
-def run(*args, stdin: bytes | None = None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+run = run_cli
 
 
 @pytest.fixture(scope="module")

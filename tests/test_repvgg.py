@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
 
 from reparam_cli.blocks.repvgg import RepVGG, RepVGGBlock, RepVGGDeployBlock
-from reparam_cli.engine import count_parameters
 from reparam_cli.pipeline import convert_checkpoint, init_checkpoint, VerifyOptions
 from reparam_cli.spec import builtin_names, load_spec
 

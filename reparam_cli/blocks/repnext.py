@@ -44,7 +44,6 @@ from torch import nn
 from .. import algebra as A
 from ..errors import NotEquivalent
 from ..recipes import recipe
-from .common import conv_bn_kernel
 
 # Activations by name (YAML specs), built without inplace so the shortcut never sees a modified x.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
