@@ -328,19 +328,23 @@ def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -> Kernel
     scale_w = scale.reshape(-1, *([1] * (k.weight.dim() - 1)))
     if torch.is_grad_enabled() and (k.weight.requires_grad or scale.requires_grad):
         w = k.weight.to(torch.float64) * scale_w  # keeps the derivation differentiable
-    else:  # one float64 allocation for the (possibly huge) weight: multiply straight into it
-        w = torch.empty(k.weight.shape, dtype=torch.float64, device=k.weight.device)
-        torch.mul(k.weight, scale_w, out=w)
+    else:  # one float64 allocation for the (possibly huge) weight, scaled in place. (Not
+        # torch.mul(..., out=w): with mixed dtypes that takes a Python path importing torch._dynamo.)
+        w = k.weight.to(torch.float64, copy=True).mul_(scale_w)
     b = k.bias_or_zeros().to(torch.float64) * scale + shift
     dtype = k.dtype
     return replace(k, weight=w.to(dtype), bias=b.to(dtype))
 
 
-def add(*kernels: Kernel) -> Kernel:
+def add(*kernels: Kernel, dtype: torch.dtype | None = None) -> Kernel:
     """P2/P4: parallel branches whose outputs are summed, as one layer.
 
     Kernels of different sizes are zero-padded to the largest window (centred, see `_align`);
-    different group counts are brought to their greatest common divisor.
+    different group counts are brought to their greatest common divisor. The sum is taken in
+    float64 and the result has `dtype` (default: the first kernel's). Recipes pass the checkpoint's
+    dtype: the float64 sum is then formed a few output channels at a time and written straight into
+    the result, so no full-size float64 accumulator is allocated (it would be the largest buffer of
+    a conversion).
     """
     if not kernels:
         raise NotEquivalent("add() needs at least one kernel")
@@ -350,17 +354,25 @@ def add(*kernels: Kernel) -> Kernel:
     g = _common_groups(kernels)
     regrouped = [regroup(k, g) for k in kernels]
     target, offsets = _union_window(regrouped, "add")
-    # Accumulate every branch into the centred slice of one float64 buffer: no padded copies.
+    dtype = dtype or _out_dtype(*kernels)
     first = regrouped[0]
-    weight = torch.zeros((first.out_channels, first.weight.shape[1], *target.kernel_size),
-                         dtype=torch.float64, device=first.weight.device)
-    for k, offset in zip(regrouped, offsets):
-        window = tuple(slice(o, o + size) for o, size in zip(offset, k.kernel_size))
-        weight[(slice(None), slice(None), *window)] += k.weight
+    shape = (first.out_channels, first.weight.shape[1], *target.kernel_size)
+    weight = torch.empty(shape, dtype=dtype, device=first.weight.device)
+    # ~16 MB of float64 per chunk (one chunk on meta, where there is no data to move).
+    per_row = max(1, math.prod(shape[1:]))
+    rows = shape[0] if weight.is_meta else max(1, (1 << 21) // per_row)
+    windows = [tuple(slice(o, o + size) for o, size in zip(offset, k.kernel_size))
+               for k, offset in zip(regrouped, offsets)]
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        # Each branch lands in the centred slice of the accumulator: no padded copies.
+        acc = torch.zeros((stop - start, *shape[1:]), dtype=torch.float64, device=weight.device)
+        for k, window in zip(regrouped, windows):
+            acc[(slice(None), slice(None), *window)] += k.weight[start:stop]
+        weight[start:stop] = acc
     biases = [k.bias.to(torch.float64) for k in regrouped if k.bias is not None]
     bias = sum(biases) if biases else None
-    dtype = _out_dtype(*kernels)
-    return Kernel(weight.to(dtype), None if bias is None else bias.to(dtype), target.stride, target.padding,
+    return Kernel(weight, None if bias is None else bias.to(dtype), target.stride, target.padding,
                   target.dilation, g)
 
 

@@ -32,7 +32,6 @@ from .errors import OutputError, ReparamError, VerificationFailed
 from .export import (DTYPES, FORMATS, SUFFIX, compare_exported, deploy_format_of, load_deployed_any,
                      read_metadata, write_onnx, write_pt2, write_safetensors, write_torchscript)
 from .spec import ModelSpec, load_spec
-from .stats import count_flops
 from .verify import VerifyResult, model_dtype, verify
 
 Progress = Callable[[str], None]
@@ -119,17 +118,6 @@ def output_dtype(dtype: str | None):
     if dtype not in DTYPES:
         raise ReparamError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def _flops(spec: ModelSpec, input_shape: tuple[int, ...] | None) -> dict:
-    """FLOPs before/after at the verification input shape, counted on shape-only (meta) models."""
-    shape = input_shape or spec.input_shape
-    try:
-        train = spec.build(device="meta").eval()
-        deploy, _ = reparameterize(train)
-    except Exception:  # e.g. a third-party block that cannot run on meta: the count is a nicety
-        return {"flops_before": None, "flops_after": None}
-    return {"flops_before": count_flops(train, shape), "flops_after": count_flops(deploy, shape)}
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -229,7 +217,8 @@ def convert_checkpoint(
         "checkpoint_dtype": str(ckpt.dtype).removeprefix("torch."),
         "blocks": conv_report.blocks, "native_blocks": _native_blocks(conv_report),
         "params_before": params_before, "params_after": count_parameters(deploy),
-        **_flops(spec, opts.input_shape),
+        "flops_before": result.flops_train if result else None,
+        "flops_after": result.flops_deploy if result else None,
         **_verification_dict(result),
     }
     if ckpt.notes:

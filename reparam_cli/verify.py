@@ -14,12 +14,15 @@ It passes when max_abs_err <= atol + rtol * max|ref| end to end and for every bl
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .stats import FlopCounter
 
 # Defaults per checkpoint dtype: well above the rounding floor, well below what a wrong kernel gives.
 DEFAULT_TOLERANCES = {
@@ -51,6 +54,8 @@ class VerifyResult:
     input_shape: list[int]
     seed: int
     blocks: list[BlockError] = field(default_factory=list)
+    flops_train: int | None = None  # conv/linear FLOPs of one forward pass on input_shape
+    flops_deploy: int | None = None
 
     def worst_block(self) -> BlockError | None:
         return max(self.blocks, key=lambda b: b.max_rel_err, default=None)
@@ -133,6 +138,7 @@ def verify(
     train_rel = 0.0
     ok = True
     block_errors: dict[str, BlockError] = {}
+    flops: tuple[int | None, int | None] = (None, None)
     try:
         with torch.no_grad():
             for i in range(samples):
@@ -151,8 +157,15 @@ def verify(
                     for h in hooks:
                         h.remove()
                 x = x64.to(dtype)
-                out = _first_tensor(deploy_model(x64.to(deploy_dtype)))
-                own = _first_tensor(train_model(x))
+                # FLOPs are read off the first sample's passes (hooks, no extra forward).
+                count_train, count_deploy = FlopCounter(), FlopCounter()
+                countable = i == 0 and not isinstance(deploy_model, torch.jit.ScriptModule)
+                with count_deploy.attach(deploy_model) if countable else contextlib.nullcontext():
+                    out = _first_tensor(deploy_model(x64.to(deploy_dtype)))
+                with count_train.attach(train_model) if countable else contextlib.nullcontext():
+                    own = _first_tensor(train_model(x))
+                if countable:
+                    flops = (count_train.total, count_deploy.total)
                 if out.shape != ref.shape:
                     raise ValueError(f"deploy output shape {tuple(out.shape)} differs from training {tuple(ref.shape)}")
                 abs_err, rel_err, cos = _errors(out, ref)
@@ -173,5 +186,5 @@ def verify(
     return VerifyResult(
         ok=bool(ok), max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos, train_rel_err=train_rel,
         rtol=rtol, atol=atol, samples=samples, input_shape=list(input_shape), seed=seed,
-        blocks=list(block_errors.values()),
+        blocks=list(block_errors.values()), flops_train=flops[0], flops_deploy=flops[1],
     )

@@ -335,3 +335,25 @@ def test_paradigms_run_on_meta_tensors():
 def test_from_module_refuses_non_zero_padding_mode():
     with pytest.raises(NotEquivalent, match="padding_mode"):
         A.from_module(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+
+
+@given(branches=aligned_branches())
+@settings(max_examples=15)
+def test_add_written_in_a_lower_dtype_is_the_rounded_float64_sum(branches):
+    """add(..., dtype=float32) forms the sum in float64 chunk by chunk and rounds once."""
+    _, kernels = branches
+    exact = A.add(*kernels)
+    low = A.add(*kernels, dtype=torch.float32)
+    assert low.dtype == torch.float32 and torch.equal(low.weight, exact.weight.float())
+    assert (low.bias is None) == (exact.bias is None)
+
+
+def test_add_chunks_large_kernels_exactly():
+    """More output channels than one ~16 MB chunk holds: every chunk lands in its place."""
+    g = torch.Generator().manual_seed(0)
+    big = A.Kernel(torch.randn(600, 512, 3, 3, generator=g, dtype=torch.float64), None, (1, 1), (1, 1))
+    small = A.Kernel(torch.randn(600, 512, 1, 1, generator=g, dtype=torch.float64), None, (1, 1), (0, 0))
+    out = A.add(big, small, dtype=torch.float32)
+    expect = big.weight.clone()
+    expect[:, :, 1:2, 1:2] += small.weight
+    assert torch.equal(out.weight, expect.float())

@@ -83,9 +83,11 @@ def _branch(conv: nn.Conv2d, bn: nn.BatchNorm2d, crop: tuple[int, int]) -> A.Ker
 def fuse_acb(block: ACBlock) -> nn.Module:
     """add(square, ver, hor): the asymmetric kernels are zero-padded onto the square's centre cross (P1, P4)."""
     c = block.crop
+    dtype = block.square_conv.weight.dtype
     fused = A.add(
         _branch(block.square_conv, block.square_bn, (0, 0)),
         _branch(block.ver_conv, block.ver_bn, (0, c)),
         _branch(block.hor_conv, block.hor_bn, (c, 0)),
+        dtype=dtype,
     )
-    return ACBDeployBlock(A.to_module(fused, dtype=block.square_conv.weight.dtype), block.nonlinear)
+    return ACBDeployBlock(A.to_module(fused, dtype=dtype), block.nonlinear)

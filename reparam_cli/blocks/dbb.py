@@ -221,5 +221,5 @@ def fuse_dbb(block: DiverseBranchBlock) -> nn.Module:
     second = A.fuse_bn(A.from_module(seq.conv2, torch.float64), seq.bn2)
     branches.append(A.sequential(_padded_1x1(first_conv, seq.bn1), second))
 
-    fused = A.add(*branches)
-    return DBBDeployBlock(A.to_module(fused, dtype=block.dbb_origin.conv.weight.dtype), block.nonlinear)
+    dtype = block.dbb_origin.conv.weight.dtype
+    return DBBDeployBlock(A.to_module(A.add(*branches, dtype=dtype), dtype=dtype), block.nonlinear)

@@ -99,8 +99,8 @@ def fuse_mobileone(block: MobileOneBlock) -> nn.Module:
         branches.append(conv_bn_kernel(block.rbr_scale))
     if block.rbr_skip is not None:
         branches.append(A.bn_as_conv(block.rbr_skip, groups=block.groups, dtype=torch.float64))
-    fused = A.add(*branches)
-    conv = A.to_module(fused, dtype=block.rbr_conv[0].conv.weight.dtype)
+    dtype = block.rbr_conv[0].conv.weight.dtype
+    conv = A.to_module(A.add(*branches, dtype=dtype), dtype=dtype)
     return MobileOneDeployBlock(conv, block.se, block.activation)
 
 

@@ -73,9 +73,10 @@ def fuse_repvgg(block: RepVGGBlock) -> nn.Module:
     branches = [conv_bn_kernel(block.rbr_dense), conv_bn_kernel(block.rbr_1x1)]
     if block.rbr_identity is not None:
         branches.append(A.bn_as_conv(block.rbr_identity, dtype=torch.float64))
-    fused = A.add(*branches)
-    del branches  # free the float64 branch kernels before the final cast: lower peak memory
-    conv = A.to_module(fused, dtype=block.rbr_dense.conv.weight.dtype)
+    dtype = block.rbr_dense.conv.weight.dtype
+    fused = A.add(*branches, dtype=dtype)  # summed in float64, written in the checkpoint's dtype
+    del branches  # free the float64 branch kernels before building the module: lower peak memory
+    conv = A.to_module(fused, dtype=dtype)
     return RepVGGDeployBlock(conv, block.se, block.nonlinearity)
 
 
