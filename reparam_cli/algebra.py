@@ -310,11 +310,13 @@ def _align(kernels: Sequence[Kernel], what: str) -> list[Kernel]:
 
 # --------------------------------------------------------------------------- paradigms
 
-def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -> Kernel:
+def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams, dtype: torch.dtype | None = None) -> Kernel:
     """P1: a conv or FC followed by an eval-mode BatchNorm, as one layer.
 
     W' = W * gamma / sqrt(var + eps) (per output channel); b' = (b - mean) * gamma / sqrt(var + eps) + beta.
-    BatchNorm without affine parameters uses gamma = 1, beta = 0.
+    BatchNorm without affine parameters uses gamma = 1, beta = 0. The result has `dtype` (default:
+    the kernel's); recipes ask for float64 to keep a chain of paradigms in float64, which costs one
+    float64 copy of the weight rather than two (converting first, then scaling a copy).
     """
     p = bn_params(bn)
     if p.mean.shape[0] != k.out_channels:
@@ -332,8 +334,19 @@ def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -> Kernel
         # torch.mul(..., out=w): with mixed dtypes that takes a Python path importing torch._dynamo.)
         w = k.weight.to(torch.float64, copy=True).mul_(scale_w)
     b = k.bias_or_zeros().to(torch.float64) * scale + shift
-    dtype = k.dtype
+    dtype = dtype or k.dtype
     return replace(k, weight=w.to(dtype), bias=b.to(dtype))
+
+
+def _accumulate(weight: Tensor, chunk: Tensor, rows: int, kernels: Sequence[Kernel], windows) -> None:
+    """weight[rows...] = sum of each kernel placed at its window, summed in the float64 `chunk`."""
+    for start in range(0, weight.shape[0], rows):
+        stop = min(start + rows, weight.shape[0])
+        # Each branch lands in the centred slice of the accumulator: no padded copies.
+        acc = chunk[: stop - start].zero_()
+        for k, window in zip(kernels, windows):
+            acc[(slice(None), slice(None), *window)] += k.weight[start:stop]
+        weight[start:stop] = acc
 
 
 def add(*kernels: Kernel, dtype: torch.dtype | None = None) -> Kernel:
@@ -363,13 +376,9 @@ def add(*kernels: Kernel, dtype: torch.dtype | None = None) -> Kernel:
     rows = shape[0] if weight.is_meta else max(1, (1 << 21) // per_row)
     windows = [tuple(slice(o, o + size) for o, size in zip(offset, k.kernel_size))
                for k, offset in zip(regrouped, offsets)]
-    for start in range(0, shape[0], rows):
-        stop = min(start + rows, shape[0])
-        # Each branch lands in the centred slice of the accumulator: no padded copies.
-        acc = torch.zeros((stop - start, *shape[1:]), dtype=torch.float64, device=weight.device)
-        for k, window in zip(regrouped, windows):
-            acc[(slice(None), slice(None), *window)] += k.weight[start:stop]
-        weight[start:stop] = acc
+    chunk = torch.empty((min(rows, shape[0]), *shape[1:]), dtype=torch.float64, device=weight.device)
+    with torch.no_grad():  # buffers filled in place: a conversion, not a differentiable op
+        _accumulate(weight, chunk, rows, regrouped, windows)
     biases = [k.bias.to(torch.float64) for k in regrouped if k.bias is not None]
     bias = sum(biases) if biases else None
     return Kernel(weight, None if bias is None else bias.to(dtype), target.stride, target.padding,

@@ -75,7 +75,7 @@ class ACBDeployBlock(nn.Module):
 
 def _branch(conv: nn.Conv2d, bn: nn.BatchNorm2d, crop: tuple[int, int]) -> A.Kernel:
     """P1 on one branch, with the block's input crop written as negative padding (float64)."""
-    k = A.fuse_bn(A.from_module(conv, torch.float64), bn)
+    k = A.fuse_bn(A.from_module(conv), bn, dtype=torch.float64)
     return replace(k, padding=tuple(p - c for p, c in zip(k.padding, crop)))
 
 

@@ -29,7 +29,7 @@ class ConvBN(nn.Sequential):
 
 def conv_bn_kernel(branch: nn.Module) -> A.Kernel:
     """P1 on a `conv`+`bn` pair (a ConvBN, or any module with those two children), in float64."""
-    return A.fuse_bn(A.from_module(branch.conv, torch.float64), branch.bn)
+    return A.fuse_bn(A.from_module(branch.conv), branch.bn, dtype=torch.float64)
 
 
 @recipe(ConvBN, family="conv-bn")

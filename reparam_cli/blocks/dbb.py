@@ -218,7 +218,7 @@ def fuse_dbb(block: DiverseBranchBlock) -> nn.Module:
 
     seq = block.dbb_1x1_kxk
     first_conv = seq.idconv1 if hasattr(seq, "idconv1") else seq.conv1
-    second = A.fuse_bn(A.from_module(seq.conv2, torch.float64), seq.bn2)
+    second = A.fuse_bn(A.from_module(seq.conv2), seq.bn2, dtype=torch.float64)
     branches.append(A.sequential(_padded_1x1(first_conv, seq.bn1), second))
 
     dtype = block.dbb_origin.conv.weight.dtype

@@ -152,7 +152,7 @@ class RepMLPDeployBlock(_RepMLPBase):
 @recipe(RepMLPBlock, family="repmlp")
 def fuse_repmlp(block: RepMLPBlock) -> nn.Module:
     """add(fuse_bn(fc3, repeat_bn(fc3_bn, h*w)), linear_as_conv(conv_as_fc(add(conv_bn(repconv_k)), (S, h, w))))."""
-    fc3 = A.fuse_bn(A.from_module(block.fc3, torch.float64), A.repeat_bn(block.fc3_bn, block.h * block.w))
+    fc3 = A.fuse_bn(A.from_module(block.fc3), A.repeat_bn(block.fc3_bn, block.h * block.w), dtype=torch.float64)
     branches = [conv_bn_kernel(b) for b in block.local_branches()]
     if branches:
         local = A.conv_as_fc(A.add(*branches), (block.S, block.h, block.w))  # FC with S groups

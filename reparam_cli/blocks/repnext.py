@@ -123,7 +123,7 @@ class RepUnitDeploy(nn.Module):
 
 def rep_unit_kernel(unit: RepUnit) -> A.Kernel:
     """P1 per branch, then P2/P4: the depthwise kernel (C, 1, kh, kw) the unit equals, in float64."""
-    return A.add(*[A.fuse_bn(A.from_module(conv, torch.float64), bn) for conv, bn in unit.branches()])
+    return A.add(*[A.fuse_bn(A.from_module(conv), bn, dtype=torch.float64) for conv, bn in unit.branches()])
 
 
 @recipe(RepUnit, family="repnext")
