@@ -88,3 +88,21 @@ def test_flop_counts_shape_only():
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
     # conv: 2 * (3*3*3) * 8 * 16 outputs; linear: 2 * 128 * 10
     assert count_flops(model, (1, 3, 4, 4)) == 2 * 27 * 8 * 16 + 2 * 128 * 10
+
+
+def test_flops_count_conv_like_blocks_and_verification_reports_them():
+    """Hook-based counts: a RefConv convolves with a computed kernel and still counts as a conv."""
+    from reparam_cli.blocks.refconv import RefConv
+    from reparam_cli.stats import count_flops
+    from reparam_cli.verify import verify
+
+    block = RefConv(4, 4, 3, groups=4).eval()
+    deploy, _ = reparameterize(block)
+    conv = 2 * 4 * 8 * 8 * 1 * 9          # depthwise 3x3 on 8x8: 2 * outputs * (in/groups) * k*k
+    # The refocusing conv (dense 4 -> 4, 3x3) runs over the four 3x3 base kernels as one image.
+    assert block.convmap.groups == 1
+    convmap = 2 * (4 * 3 * 3) * 4 * 9
+    assert count_flops(deploy, (1, 4, 8, 8)) == conv
+    assert count_flops(block, (1, 4, 8, 8)) == conv + convmap
+    result = verify(block, deploy, (1, 4, 8, 8))
+    assert (result.flops_train, result.flops_deploy) == (conv + convmap, conv)
