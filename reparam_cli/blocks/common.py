@@ -27,6 +27,28 @@ class ConvBN(nn.Sequential):
         self.add_module("bn", _BN[ndim](out_channels))
 
 
+class StagedClassifier(nn.Module):
+    """stage0 -> stage1 ... stage4 -> global average pool `gap` -> `linear`: (N, C, H, W) -> (N, classes).
+
+    The layout (and key names) that RepVGG, MobileOne and the DBB repository's ResNet share;
+    subclasses build the stages, `gap` and `linear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage4(self.stage3(self.stage2(self.stage1(self.stage0(x)))))
+        return self.linear(torch.flatten(self.gap(x), 1))
+
+
+def check_centred_kernel(block: str, kernel_size: int, padding: int, dilation: int = 1) -> None:
+    """Raise ValueError unless the kernel is odd with padding kernel_size // 2 and dilation 1: the
+    geometry under which every branch of a RepVGG / DBB / MobileOne block lines up."""
+    if kernel_size % 2 == 0 or padding != kernel_size // 2:
+        raise ValueError(f"{block} needs an odd kernel with padding kernel_size // 2, "
+                         f"got kernel {kernel_size}, padding {padding}")
+    if dilation != 1:
+        raise ValueError(f"{block} supports dilation 1 only (as the reference)")
+
+
 def conv_bn_kernel(branch: nn.Module) -> A.Kernel:
     """P1 on a `conv`+`bn` pair (a ConvBN, or any module with those two children), in float64."""
     return A.fuse_bn(A.from_module(branch.conv), branch.bn, dtype=torch.float64)

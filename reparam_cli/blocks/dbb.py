@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import algebra as A
 from ..recipes import recipe
-from .common import ConvBN, conv_bn_kernel
+from .common import ConvBN, check_centred_kernel, conv_bn_kernel
 
 
 class ConvBNAct(ConvBN):
@@ -129,11 +129,7 @@ class DiverseBranchBlock(nn.Module):
                  internal_channels_1x1_3x3: int | None = None, nonlinear: nn.Module | None = None):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
-        if kernel_size % 2 == 0 or padding != kernel_size // 2:
-            raise ValueError(f"DiverseBranchBlock needs an odd kernel with padding kernel_size // 2, "
-                             f"got kernel {kernel_size}, padding {padding}")
-        if dilation != 1:
-            raise ValueError("DiverseBranchBlock supports dilation 1 only (as the reference)")
+        check_centred_kernel("DiverseBranchBlock", kernel_size, padding, dilation)
         depthwise = groups >= out_channels
         if depthwise and in_channels != out_channels:
             raise ValueError("a depthwise DiverseBranchBlock (groups == out_channels) needs in_channels == out_channels")

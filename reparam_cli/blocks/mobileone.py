@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import algebra as A
 from ..recipes import recipe
-from .common import ConvBN, conv_bn_kernel
+from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_kernel
 
 
 class SEBlock(nn.Module):
@@ -48,11 +48,7 @@ class MobileOneBlock(nn.Module):
                  num_conv_branches: int = 1):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
-        if kernel_size % 2 == 0 or padding != kernel_size // 2:
-            raise ValueError(f"MobileOneBlock needs an odd kernel with padding kernel_size // 2, "
-                             f"got kernel {kernel_size}, padding {padding}")
-        if dilation != 1:
-            raise ValueError("MobileOneBlock supports dilation 1 only (as the reference)")
+        check_centred_kernel("MobileOneBlock", kernel_size, padding, dilation)
         if num_conv_branches < 1:
             raise ValueError(f"MobileOneBlock needs at least one conv branch, got {num_conv_branches}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -104,7 +100,7 @@ def fuse_mobileone(block: MobileOneBlock) -> nn.Module:
     return MobileOneDeployBlock(conv, block.se, block.activation)
 
 
-class MobileOne(nn.Module):
+class MobileOne(StagedClassifier):
     """The MobileOne classifier: stage0 (a dense 3x3 block, stride 2), four stages, GAP, linear.
 
     Each stage block is a depthwise 3x3 MobileOneBlock then a pointwise 1x1 one; the first of a
@@ -144,7 +140,3 @@ class MobileOne(nn.Module):
                                          num_conv_branches=self.num_conv_branches))
             self.in_planes = planes
         return nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage4(self.stage3(self.stage2(self.stage1(self.stage0(x)))))
-        return self.linear(torch.flatten(self.gap(x), 1))

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import algebra as A
 from ..recipes import recipe
-from .common import ConvBN, conv_bn_kernel
+from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_kernel
 
 
 class SEBlock(nn.Module):
@@ -39,8 +39,7 @@ class RepVGGBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 1, groups: int = 1, use_se: bool = False):
         super().__init__()
-        if kernel_size % 2 == 0 or padding != kernel_size // 2:
-            raise ValueError("RepVGGBlock needs an odd kernel with padding kernel_size // 2")
+        check_centred_kernel("RepVGGBlock", kernel_size, padding)
         self.nonlinearity = nn.ReLU()
         self.se = SEBlock(out_channels, out_channels // 16) if use_se else nn.Identity()
         self.rbr_identity = nn.BatchNorm2d(in_channels) if in_channels == out_channels and stride == 1 else None
@@ -84,7 +83,7 @@ def fuse_repvgg(block: RepVGGBlock) -> nn.Module:
 OPTIONAL_GROUPWISE_LAYERS = tuple(range(2, 27, 2))
 
 
-class RepVGG(nn.Module):
+class RepVGG(StagedClassifier):
     """The RepVGG classifier: stage0 (one block, stride 2) and four stages of blocks, GAP, linear.
 
     Args:
@@ -116,7 +115,3 @@ class RepVGG(nn.Module):
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(self.in_planes, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage4(self.stage3(self.stage2(self.stage1(self.stage0(x)))))
-        return self.linear(torch.flatten(self.gap(x), 1))

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..blocks.common import StagedClassifier
 from ..blocks.acnet import ACBlock
 from ..blocks.dbb import ConvBNAct, DiverseBranchBlock
 
@@ -72,7 +73,7 @@ class Bottleneck(nn.Module):
         return torch.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedClassifier):
     """ResNet classifier (N, in_channels, H, W) -> (N, num_classes).
 
     Args:
@@ -106,7 +107,3 @@ class ResNet(nn.Module):
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(self.in_planes, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage4(self.stage3(self.stage2(self.stage1(self.stage0(x)))))
-        return self.linear(torch.flatten(self.gap(x), 1))
