@@ -79,15 +79,46 @@ def safetensors_bytes_metadata(metadata: dict[str, object]) -> dict[str, str]:
     }
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _serialize_safetensors(f, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format (an 8-byte little-endian header length, a JSON header, then the raw
+    bytes), written with sorted tensor names and metadata keys so equal inputs give equal bytes.
+    (safetensors' own writer orders the metadata differently in every process.)"""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    names = sorted(state)
+    offset = 0
+    for name in names:
+        t = state[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise OutputError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name in names:
+        t = state[name].detach().cpu().contiguous()
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, object],
                       check: Check | None = None) -> None:
     """Write the model's state dict and reparam's metadata (spec, version, checksums, figures)."""
-    from safetensors.torch import save_file
-
     state = _contiguous_unshared(model.state_dict())
     meta = safetensors_bytes_metadata({"format": "pt", **metadata})
     with atomic_output(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        with open(tmp, "wb") as f:
+            _serialize_safetensors(f, state, meta)
         if check is not None:
             check(tmp)
 

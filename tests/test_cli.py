@@ -166,3 +166,19 @@ def test_subprocess_entry_points_and_help():
     proc = subprocess.run([sys.executable, "-c", "import reparam_cli.cli, sys; print('torch' in sys.modules)"],
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "False"  # --help does not pay for importing torch
+
+
+def test_deploy_files_are_byte_reproducible(a0, tmp_path):
+    """Same input, same options -> the same bytes (sorted header and metadata), readable by safetensors."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    digests = []
+    for name in ("one.safetensors", "two.safetensors"):
+        out = tmp_path / name
+        assert run("convert", a0, "--spec", SPEC, "-o", out, *SMALL).exit_code == 0
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata()["format"] == "pt" and "stage0.rbr_reparam.weight" in f.keys()
+    assert digests[0] == digests[1]
