@@ -310,14 +310,8 @@ def _align(kernels: Sequence[Kernel], what: str) -> list[Kernel]:
 
 # --------------------------------------------------------------------------- paradigms
 
-def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams, dtype: torch.dtype | None = None) -> Kernel:
-    """P1: a conv or FC followed by an eval-mode BatchNorm, as one layer.
-
-    W' = W * gamma / sqrt(var + eps) (per output channel); b' = (b - mean) * gamma / sqrt(var + eps) + beta.
-    BatchNorm without affine parameters uses gamma = 1, beta = 0. The result has `dtype` (default:
-    the kernel's); recipes ask for float64 to keep a chain of paradigms in float64, which costs one
-    float64 copy of the weight rather than two (converting first, then scaling a copy).
-    """
+def _bn_scale_shift(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as y = x * scale + shift per channel, in float64: scale = gamma / sqrt(var + eps)."""
     p = bn_params(bn)
     if p.mean.shape[0] != k.out_channels:
         raise NotEquivalent(f"a BatchNorm over {p.mean.shape[0]} channels cannot follow a layer with {k.out_channels} outputs")
@@ -327,6 +321,19 @@ def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams, dtype: to
     shift = -p.mean.to(torch.float64) * scale
     if p.bias is not None:
         shift = shift + p.bias.to(torch.float64)
+    return scale, shift
+
+
+def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams, dtype: torch.dtype | None = None) -> Kernel:
+    """P1: a conv or FC followed by an eval-mode BatchNorm, as one layer.
+
+    W' = W * gamma / sqrt(var + eps) (per output channel); b' = (b - mean) * gamma / sqrt(var + eps) + beta.
+    BatchNorm without affine parameters uses gamma = 1, beta = 0. The result has `dtype` (default:
+    the kernel's); recipes ask for float64 to keep a chain of paradigms in float64, which costs one
+    float64 copy of the weight rather than two (converting first, then scaling a copy). When the
+    result only feeds `add`, `fuse_bn_lazy` avoids even that copy.
+    """
+    scale, shift = _bn_scale_shift(k, bn)
     scale_w = scale.reshape(-1, *([1] * (k.weight.dim() - 1)))
     if torch.is_grad_enabled() and (k.weight.requires_grad or scale.requires_grad):
         w = k.weight.to(torch.float64) * scale_w  # keeps the derivation differentiable
@@ -338,18 +345,59 @@ def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams, dtype: to
     return replace(k, weight=w.to(dtype), bias=b.to(dtype))
 
 
-def _accumulate(weight: Tensor, chunk: Tensor, rows: int, kernels: Sequence[Kernel], windows) -> None:
-    """weight[rows...] = sum of each kernel placed at its window, summed in the float64 `chunk`."""
+class ScaledKernel(NamedTuple):
+    """P1 not yet applied to the weight: the layer is `kernel` with each output row of its weight
+    multiplied by `scale` (float64); the bias is already fused. Only `add` accepts it: it multiplies
+    a few rows at a time inside its float64 accumulator, so a big weight is never copied whole."""
+
+    kernel: Kernel
+    scale: Tensor
+
+    @property
+    def out_channels(self) -> int:
+        return self.kernel.out_channels
+
+    def materialize(self) -> Kernel:
+        """The fused Kernel in float64 (what `fuse_bn(..., dtype=float64)` returns)."""
+        w = self.kernel.weight.to(torch.float64) * self.scale.reshape(-1, *([1] * (self.kernel.weight.dim() - 1)))
+        return replace(self.kernel, weight=w)
+
+
+def fuse_bn_lazy(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -> ScaledKernel:
+    """P1 for a branch that goes straight into `add`: the same layer as `fuse_bn(k, bn)`, with the
+    weight left as it is (no copy) and its per-row float64 scale applied later by `add`."""
+    scale, shift = _bn_scale_shift(k, bn)
+    return ScaledKernel(replace(k, bias=k.bias_or_zeros().to(torch.float64) * scale + shift), scale)
+
+
+def _accumulate(weight: Tensor, chunk: Tensor, rows: int, kernels: Sequence[Kernel],
+                scales: Sequence[Tensor | None], windows) -> None:
+    """weight[rows...] = sum of each kernel (times its row scale) at its window, summed in the float64 `chunk`."""
+    full = tuple(weight.shape[2:])
+    # A branch that covers the whole window initialises the accumulator (copy, scale in place):
+    # one pass fewer over the biggest weight than zero-filling and adding it.
+    base = next((i for i, k in enumerate(kernels) if tuple(k.kernel_size) == full), None)
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
-        # Each branch lands in the centred slice of the accumulator: no padded copies.
-        acc = chunk[: stop - start].zero_()
-        for k, window in zip(kernels, windows):
-            acc[(slice(None), slice(None), *window)] += k.weight[start:stop]
+        acc = chunk[: stop - start]
+        if base is None:
+            acc.zero_()
+        else:
+            acc.copy_(kernels[base].weight[start:stop])
+            if scales[base] is not None:
+                acc.mul_(scales[base][start:stop].reshape(-1, *([1] * (acc.dim() - 1))))
+        # Each other branch lands in the centred slice of the accumulator: no padded copies.
+        for i, (k, scale, window) in enumerate(zip(kernels, scales, windows)):
+            if i == base:
+                continue
+            part = k.weight[start:stop]
+            if scale is not None:
+                part = part * scale[start:stop].reshape(-1, *([1] * (part.dim() - 1)))  # float64, one chunk
+            acc[(slice(None), slice(None), *window)] += part
         weight[start:stop] = acc
 
 
-def add(*kernels: Kernel, dtype: torch.dtype | None = None) -> Kernel:
+def add(*kernels: Kernel | ScaledKernel, dtype: torch.dtype | None = None) -> Kernel:
     """P2/P4: parallel branches whose outputs are summed, as one layer.
 
     Kernels of different sizes are zero-padded to the largest window (centred, see `_align`);
@@ -357,17 +405,20 @@ def add(*kernels: Kernel, dtype: torch.dtype | None = None) -> Kernel:
     float64 and the result has `dtype` (default: the first kernel's). Recipes pass the checkpoint's
     dtype: the float64 sum is then formed a few output channels at a time and written straight into
     the result, so no full-size float64 accumulator is allocated (it would be the largest buffer of
-    a conversion).
+    a conversion). Branches may be `ScaledKernel`s (from `fuse_bn_lazy`): their BN scale is applied
+    in the same chunks, so their weights are never copied whole either.
     """
     if not kernels:
         raise NotEquivalent("add() needs at least one kernel")
-    outs = {k.out_channels for k in kernels}
+    scales = [k.scale if isinstance(k, ScaledKernel) else None for k in kernels]
+    plain = [k.kernel if isinstance(k, ScaledKernel) else k for k in kernels]
+    outs = {k.out_channels for k in plain}
     if len(outs) > 1:
         raise NotEquivalent(f"cannot add branches with {sorted(outs)} output channels")
-    g = _common_groups(kernels)
-    regrouped = [regroup(k, g) for k in kernels]
+    g = _common_groups(plain)
+    regrouped = [regroup(k, g) for k in plain]  # regrouping keeps the output rows, so scales still apply
     target, offsets = _union_window(regrouped, "add")
-    dtype = dtype or _out_dtype(*kernels)
+    dtype = dtype or (torch.float64 if scales[0] is not None else _out_dtype(*plain))
     first = regrouped[0]
     shape = (first.out_channels, first.weight.shape[1], *target.kernel_size)
     weight = torch.empty(shape, dtype=dtype, device=first.weight.device)
@@ -378,7 +429,7 @@ def add(*kernels: Kernel, dtype: torch.dtype | None = None) -> Kernel:
                for k, offset in zip(regrouped, offsets)]
     chunk = torch.empty((min(rows, shape[0]), *shape[1:]), dtype=torch.float64, device=weight.device)
     with torch.no_grad():  # buffers filled in place: a conversion, not a differentiable op
-        _accumulate(weight, chunk, rows, regrouped, windows)
+        _accumulate(weight, chunk, rows, regrouped, scales, windows)
     biases = [k.bias.to(torch.float64) for k in regrouped if k.bias is not None]
     bias = sum(biases) if biases else None
     return Kernel(weight, None if bias is None else bias.to(dtype), target.stride, target.padding,

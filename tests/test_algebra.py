@@ -357,3 +357,27 @@ def test_add_chunks_large_kernels_exactly():
     expect = big.weight.clone()
     expect[:, :, 1:2, 1:2] += small.weight
     assert torch.equal(out.weight, expect.float())
+
+
+@given(branches=aligned_branches(), seed=st.integers(0, 1000))
+@settings(max_examples=20)
+def test_lazy_bn_in_add_equals_eager_fusion(branches, seed):
+    """fuse_bn_lazy + add == fuse_bn (float64) + add, bit for bit after the final rounding."""
+    _, kernels = branches
+    bn = rand_bn(kernels[0].out_channels, seed=seed)
+    f32 = [k.to(torch.float32) for k in kernels]
+    eager = A.add(A.fuse_bn(f32[0], bn, dtype=torch.float64), *f32[1:], dtype=torch.float32)
+    lazy = A.add(A.fuse_bn_lazy(f32[0], bn), *f32[1:], dtype=torch.float32)
+    assert torch.equal(lazy.weight, eager.weight) and torch.allclose(lazy.bias, eager.bias, rtol=0, atol=1e-6)
+    assert torch.equal(A.fuse_bn_lazy(f32[0], bn).materialize().weight, A.fuse_bn(f32[0], bn, torch.float64).weight)
+    x = rand_input(kernels[0], (20, 19)[: kernels[0].ndim])
+    bn_out = F.batch_norm(A.apply(kernels[0], x), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                          False, 0.0, bn.eps)  # any number of spatial dims
+    expect = bn_out + sum(A.apply(k, x) for k in kernels[1:])
+    assert close(A.apply(lazy, x), expect, tol=1e-5)  # float32 result
+
+
+def test_scaled_kernel_is_only_accepted_by_add():
+    lazy = A.fuse_bn_lazy(A.from_module(nn.Conv2d(2, 2, 3, padding=1)), rand_bn(2).float())
+    with pytest.raises(AttributeError):
+        A.sequential(lazy, lazy)  # not a Kernel: fails loudly instead of ignoring the scale

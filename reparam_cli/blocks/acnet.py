@@ -73,10 +73,10 @@ class ACBDeployBlock(nn.Module):
         return self.nonlinear(self.fused_conv(x))
 
 
-def _branch(conv: nn.Conv2d, bn: nn.BatchNorm2d, crop: tuple[int, int]) -> A.Kernel:
-    """P1 on one branch, with the block's input crop written as negative padding (float64)."""
-    k = A.fuse_bn(A.from_module(conv), bn, dtype=torch.float64)
-    return replace(k, padding=tuple(p - c for p, c in zip(k.padding, crop)))
+def _branch(conv: nn.Conv2d, bn: nn.BatchNorm2d, crop: tuple[int, int]) -> A.ScaledKernel:
+    """P1 on one branch (applied lazily by `add`), with the block's input crop written as negative padding."""
+    k, scale = A.fuse_bn_lazy(A.from_module(conv), bn)
+    return A.ScaledKernel(replace(k, padding=tuple(p - c for p, c in zip(k.padding, crop))), scale)
 
 
 @recipe(ACBlock, family="acnet")

@@ -54,6 +54,11 @@ def conv_bn_kernel(branch: nn.Module) -> A.Kernel:
     return A.fuse_bn(A.from_module(branch.conv), branch.bn, dtype=torch.float64)
 
 
+def conv_bn_lazy(branch: nn.Module) -> A.ScaledKernel:
+    """P1 on a `conv`+`bn` pair for a branch that goes straight into `algebra.add` (no weight copy)."""
+    return A.fuse_bn_lazy(A.from_module(branch.conv), branch.bn)
+
+
 @recipe(ConvBN, family="conv-bn")
 def fuse_conv_bn(block: ConvBN) -> nn.Module:
     """A lone conv + BN becomes one conv with bias."""

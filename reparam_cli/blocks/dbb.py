@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import algebra as A
 from ..recipes import recipe
-from .common import ConvBN, check_centred_kernel, conv_bn_kernel
+from .common import ConvBN, check_centred_kernel, conv_bn_kernel, conv_bn_lazy
 
 
 class ConvBNAct(ConvBN):
@@ -196,16 +196,16 @@ def _padded_1x1(conv: nn.Conv2d, bn_and_pad: BNAndPadLayer) -> A.Kernel:
 @recipe(DiverseBranchBlock, family="dbb")
 def fuse_dbb(block: DiverseBranchBlock) -> nn.Module:
     """add(origin, 1x1, sequential(1x1, avg), sequential(1x1, kxk)) — P1, P4, P5a, P7."""
-    origin = conv_bn_kernel(block.dbb_origin)
+    origin = conv_bn_lazy(block.dbb_origin)
     branches = [origin]
     if hasattr(block, "dbb_1x1"):
-        branches.append(conv_bn_kernel(block.dbb_1x1))
+        branches.append(conv_bn_lazy(block.dbb_1x1))
 
     avg_mod: nn.AvgPool2d = block.dbb_avg.avg
     channels = block.dbb_avg.avgbn.num_features
     avg = A.avgpool(channels, avg_mod.kernel_size, avg_mod.stride, avg_mod.padding,
                     count_include_pad=avg_mod.count_include_pad, ceil_mode=avg_mod.ceil_mode,
-                    divisor_override=avg_mod.divisor_override, device=origin.weight.device)
+                    divisor_override=avg_mod.divisor_override, device=block.dbb_origin.conv.weight.device)
     avg = A.fuse_bn(avg, block.dbb_avg.avgbn)
     if hasattr(block.dbb_avg, "conv"):
         # Depthwise pool regrouped to the 1x1's groups, so the chain stays grouped (not dense).

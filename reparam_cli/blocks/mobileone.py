@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import algebra as A
 from ..recipes import recipe
-from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_kernel
+from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_lazy
 
 
 class SEBlock(nn.Module):
@@ -90,9 +90,9 @@ class MobileOneDeployBlock(nn.Module):
 @recipe(MobileOneBlock, family="mobileone")
 def fuse_mobileone(block: MobileOneBlock) -> nn.Module:
     """add(conv branches, 1x1 padded to kxk, bn_as_conv(skip)) — P1, P2, P4, P8."""
-    branches = [conv_bn_kernel(b) for b in block.rbr_conv]
+    branches = [conv_bn_lazy(b) for b in block.rbr_conv]
     if block.rbr_scale is not None:
-        branches.append(conv_bn_kernel(block.rbr_scale))
+        branches.append(conv_bn_lazy(block.rbr_scale))
     if block.rbr_skip is not None:
         branches.append(A.bn_as_conv(block.rbr_skip, groups=block.groups, dtype=torch.float64))
     dtype = block.rbr_conv[0].conv.weight.dtype

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import algebra as A
 from ..recipes import recipe
-from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_kernel
+from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_lazy
 
 
 class SEBlock(nn.Module):
@@ -69,12 +69,11 @@ class RepVGGDeployBlock(nn.Module):
 @recipe(RepVGGBlock, family="repvgg")
 def fuse_repvgg(block: RepVGGBlock) -> nn.Module:
     """add(conv_bn(dense), conv_bn(1x1) padded to kxk, bn_as_conv(identity))."""
-    branches = [conv_bn_kernel(block.rbr_dense), conv_bn_kernel(block.rbr_1x1)]
+    branches = [conv_bn_lazy(block.rbr_dense), conv_bn_lazy(block.rbr_1x1)]
     if block.rbr_identity is not None:
         branches.append(A.bn_as_conv(block.rbr_identity, dtype=torch.float64))
     dtype = block.rbr_dense.conv.weight.dtype
     fused = A.add(*branches, dtype=dtype)  # summed in float64, written in the checkpoint's dtype
-    del branches  # free the float64 branch kernels before building the module: lower peak memory
     conv = A.to_module(fused, dtype=dtype)
     return RepVGGDeployBlock(conv, block.se, block.nonlinearity)
 
