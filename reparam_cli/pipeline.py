@@ -150,8 +150,14 @@ def _verification_dict(result: VerifyResult | None) -> dict:
 def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: ConversionReport | None,
                 opts: VerifyOptions) -> VerifyResult:
     blocks = [(b.path, b.block_type) for b in report.converted] if report else []
-    return verify(train, deploy, opts.input_shape or spec.input_shape, blocks=blocks, samples=opts.samples,
-                  seed=opts.seed, rtol=opts.rtol, atol=opts.atol)
+    shape = tuple(opts.input_shape or spec.input_shape)
+    try:
+        return verify(train, deploy, shape, blocks=blocks, samples=opts.samples,
+                      seed=opts.seed, rtol=opts.rtol, atol=opts.atol)
+    except RuntimeError as exc:  # almost always an input the model cannot take
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ReparamError(f"the training model cannot run on verification input {shape}: {detail}",
+                           hint="pass --input-shape N,C,H,W that the model accepts") from None
 
 
 def convert_checkpoint(

@@ -128,6 +128,8 @@ def test_bad_inputs_exit_2_with_one_line(a0, tmp_path):
                    "does not fit the model", "missing keys: stage1.2.")
     one_line_error(run("convert", a0, "--spec", "repvgg-a1", "-o", tmp_path / "y.safetensors"),
                    "shape mismatch: ")
+    one_line_error(run("convert", a0, "--spec", SPEC, "--input-shape", "1,4,32,32", "-o", tmp_path / "w.safetensors"),
+                   "cannot run on verification input (1, 4, 32, 32)", "--input-shape")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     one_line_error(run("convert", garbage, "--spec", SPEC), "cannot read")
