@@ -14,6 +14,7 @@ from ._version import __version__
 _API = {
     "convert_checkpoint": "pipeline", "verify_checkpoint": "pipeline", "init_checkpoint": "pipeline",
     "VerifyOptions": "pipeline", "load_training_model": "pipeline",
+    "convert_stdio": "pipes", "inspect_checkpoint": "inspection", "run_batch": "batch",
     "reparameterize": "engine", "ConversionReport": "engine",
     "verify": "verify", "VerifyResult": "verify",
     "load_deploy": "export", "read_metadata": "export",

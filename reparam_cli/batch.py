@@ -406,7 +406,7 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
     """Convert a folder. Returns the summary (`ok` is False when any file failed); raises BatchError
     when the batch cannot start, KeyboardInterrupt (after closing the manifest) when stopped."""
     from .export import FORMATS
-    from .pipeline import stdout_to_stderr
+    from .pipes import stdout_to_stderr
 
     if options.fmt not in FORMATS:
         raise BatchError(f"unknown format {options.fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")

@@ -224,7 +224,7 @@ def convert(
     def action(progress):
         import contextlib
 
-        from .pipeline import convert_stdio, is_stdio, stdout_to_stderr
+        from .pipes import convert_stdio, is_stdio, stdout_to_stderr
 
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
         with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
@@ -359,7 +359,7 @@ def batch(
     def action() -> dict:
         nonlocal reporter
         from .batch import ConvertOptions, Reporter, Shard, run_batch
-        from .pipeline import stdout_to_stderr
+        from .pipes import stdout_to_stderr
         from .spec import load_spec
 
         with stdout_to_stderr():  # a Python spec may print on import: stdout is for --json
@@ -431,7 +431,8 @@ def inspect(
     converting it would do. A reparam deploy file is recognised and its stored spec used."""
 
     def action() -> dict:
-        from .pipeline import inspect_checkpoint, stdout_to_stderr
+        from .inspection import inspect_checkpoint
+        from .pipes import stdout_to_stderr
 
         with stdout_to_stderr():  # stdout is for --json: no stray prints from a Python spec
             return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)

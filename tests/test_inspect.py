@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from reparam_cli import engine
 from reparam_cli.engine import count_parameters, reparameterize
-from reparam_cli.pipeline import convert_checkpoint, init_checkpoint, inspect_checkpoint
+from reparam_cli.inspection import inspect_checkpoint
+from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
 from reparam_cli.spec import load_spec
 
 from .helpers import run_cli

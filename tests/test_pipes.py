@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from reparam_cli.cli import app
 from reparam_cli.errors import CheckpointError
 from reparam_cli.export import load_deploy
-from reparam_cli.pipeline import convert_stdio, init_checkpoint, load_training_model, sniff_format, spool_stdin
+from reparam_cli.pipeline import init_checkpoint, load_training_model
+from reparam_cli.pipes import convert_stdio, sniff_format, spool_stdin
 from reparam_cli.spec import load_spec
 
 # A Python spec that prints on import and while building: none of it may reach stdout.
