@@ -103,9 +103,29 @@ CONVERT_ROWS = [
 ]
 
 
+def _guarded(action: Callable[[], Any], as_json: bool) -> Any:
+    """Run `action`, mapping user errors to exit 2 with one line on stderr: never a traceback (unless
+    REPARAM_DEBUG is set). Every command goes through here."""
+    from .errors import ReparamError
+
+    try:
+        return action()
+    except ReparamError as exc:
+        _fail(str(exc), as_json)
+    except KeyboardInterrupt:
+        _fail("interrupted", as_json)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if os.environ.get("REPARAM_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+              "(set REPARAM_DEBUG=1 for a traceback)", as_json)
+
+
 def _run(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows) -> None:
     """Run a pipeline action, print its report, map errors to exit codes."""
-    from .errors import ReparamError, VerificationFailed
+    from .errors import VerificationFailed
 
     console = _stderr()
     status = None
@@ -117,22 +137,16 @@ def _run(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: 
         if status is not None:
             status.update(f"{title}: {msg}...")
 
-    code = EXIT_OK
+    def attempt() -> tuple[dict, int]:
+        try:
+            return action(progress), EXIT_OK
+        except VerificationFailed as exc:
+            if not as_json:
+                console.print(f"[red]error:[/] {exc}")
+            return exc.report, EXIT_MISMATCH
+
     try:
-        report = action(progress)
-    except VerificationFailed as exc:
-        report, code = exc.report, EXIT_MISMATCH
-        if not as_json:
-            console.print(f"[red]error:[/] {exc}")
-    except ReparamError as exc:
-        _fail(str(exc), as_json)
-    except KeyboardInterrupt:
-        _fail("interrupted", as_json)
-    except Exception as exc:  # never a traceback for the user; REPARAM_DEBUG=1 shows it
-        if os.environ.get("REPARAM_DEBUG"):
-            raise
-        _fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
-              "(set REPARAM_DEBUG=1 for a traceback)", as_json)
+        report, code = _guarded(attempt, as_json)
     finally:
         if status is not None:
             status.stop()
@@ -303,25 +317,6 @@ def _refuse_json_on_stdout(output: Optional[Path], as_json: bool) -> None:
     """With `-o -`, stdout carries the deploy file: a JSON report there would corrupt it."""
     if as_json and output is not None and str(output) == "-":
         _fail("--json cannot be combined with -o - (stdout carries the deploy file)", as_json=False)
-
-
-def _guarded(action: Callable[[], Any], as_json: bool) -> Any:
-    """Run `action`, mapping user errors to exit 2 with one line on stderr (as `_run` does)."""
-    from .errors import ReparamError
-
-    try:
-        return action()
-    except ReparamError as exc:
-        _fail(str(exc), as_json)
-    except KeyboardInterrupt:
-        _fail("interrupted", as_json)
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        if os.environ.get("REPARAM_DEBUG"):
-            raise
-        _fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
-              "(set REPARAM_DEBUG=1 for a traceback)", as_json)
 
 
 @app.command()
