@@ -100,17 +100,20 @@ def reparameterize(
 
     report = ConversionReport()
 
-    def walk(module: nn.Module, path: str) -> nn.Module:
+    def convert_block(module: nn.Module, path: str) -> nn.Module | None:
+        """The deploy form of `module` by its recipe or its own method; None if it is no block."""
         found = recipe_for(module)
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
-            deployed = _fuse(found, module, path)
-            if consume:
-                _release(module)
-            return deployed
+            return _fuse(found, module, path)
         if native and fuses_natively(module, is_root=not path):
             report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
-            deployed = native_fuse(module, path)
+            return native_fuse(module, path)
+        return None
+
+    def walk(module: nn.Module, path: str) -> nn.Module:
+        deployed = convert_block(module, path)
+        if deployed is not None:
             if consume:
                 _release(module)
             return deployed
