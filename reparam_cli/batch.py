@@ -93,8 +93,10 @@ def _is_deploy_output(path: Path) -> bool:
             header = json.loads(f.read(size))
     except (OSError, ValueError):
         return False  # unreadable: let the conversion report it
+    from .metadata import decode_metadata, is_deploy_metadata
+
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and "reparam.verification" in meta
+    return isinstance(meta, dict) and is_deploy_metadata(decode_metadata(meta))
 
 
 def _matches(relpath: str, patterns: Iterable[str]) -> bool:

@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, OutputError
+from .metadata import META_PREFIX, decode_metadata
 
 FORMATS = ("safetensors", "torchscript", "pt2", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-META_PREFIX = "reparam."
 RUNTIME = {"torchscript": "torch.jit", "pt2": "torch.export", "onnx": "onnxruntime"}
 Check = Callable[[Path], None]
 
@@ -215,15 +215,30 @@ def read_metadata(path: str | Path) -> dict[str, object]:
             raw = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
-    meta: dict[str, object] = {}
-    for k, v in raw.items():
-        if not k.startswith(META_PREFIX):
-            continue
-        try:
-            meta[k[len(META_PREFIX):]] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k[len(META_PREFIX):]] = v
-    return meta
+    return decode_metadata(raw)
+
+
+def stored_spec(meta: dict[str, object]):
+    """The ModelSpec a deploy file was converted with, from its decoded metadata (None if absent)."""
+    from .spec import ModelSpec
+
+    stored = meta.get("spec")
+    if stored is None:
+        return None
+    return ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
+
+
+def conversion_options(linear_as_conv: bool = False) -> dict:
+    """Keyword options for `reparameterize` beyond the recipes, as stored in a deploy file when set."""
+    return {"linear_as_conv": True} if linear_as_conv else {}
+
+
+def deploy_file_options(path: str | Path) -> dict:
+    """The conversion options a reparam safetensors deploy file was written with ({} if none)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    options = read_metadata(path).get("options")
+    return conversion_options(isinstance(options, dict) and bool(options.get("linear_as_conv")))
 
 
 def load_deploy(path: str | Path, spec=None) -> nn.Module:
@@ -237,18 +252,14 @@ def load_deploy(path: str | Path, spec=None) -> nn.Module:
 
     from .checkpoint import load_into
     from .engine import reparameterize
-    from .spec import ModelSpec, load_spec
+    from .spec import load_spec
 
     if isinstance(spec, str):
         spec = load_spec(spec)
     if spec is None:
-        meta = read_metadata(path)
-        if "spec" not in meta:
+        spec = stored_spec(read_metadata(path))
+        if spec is None:
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
-        stored = meta["spec"]
-        spec = ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
-    from .pipeline import deploy_file_options
-
     skeleton, _ = reparameterize(spec.build(device="meta"), **deploy_file_options(path))
     return load_into(skeleton, load_file(str(path)), what="deploy file").eval()
 

@@ -58,7 +58,8 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     recognised by its metadata; its stored spec is used when no spec is given. `-` reads stdin.
     """
     from .errors import CheckpointError
-    from .export import read_metadata
+    from .export import stored_spec
+    from .metadata import decode_metadata, is_deploy_metadata
 
     if is_stdio(checkpoint):
         with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:
@@ -77,15 +78,14 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     progress("reading checkpoint")
     reparam_meta: dict[str, Any] = {}
     if fmt == "safetensors":
-        raw, _ = _safetensors_header(path)
-        reparam_meta = read_metadata(path)
+        raw, header_meta = _safetensors_header(path)
+        reparam_meta = decode_metadata(header_meta)
     else:
         raw = read_raw(path, trust_pickle)
-    deploy_file = "spec" in reparam_meta and "verification" in reparam_meta
+    deploy_file = is_deploy_metadata(reparam_meta)
     spec = _spec(spec) if spec is not None else None
     if spec is None and deploy_file:
-        stored = reparam_meta["spec"]
-        spec = ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
+        spec = stored_spec(reparam_meta)
     ckpt = spec.checkpoint if spec is not None and not deploy_file else {}
     state = extract_state_dict(raw, ckpt.get("key"), ckpt.get("strip_prefix"), source=str(path))
     dtypes: dict[str, int] = {}

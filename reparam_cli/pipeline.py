@@ -23,8 +23,10 @@ from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, fit_pr
                          sha256_file)
 from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed
-from .export import (DTYPES, FORMATS, SUFFIX, compare_exported, deploy_format_of, load_deployed_any,
-                     read_metadata, write_onnx, write_pt2, write_safetensors, write_torchscript)
+from .metadata import is_deploy_metadata
+from .export import (DTYPES, FORMATS, SUFFIX, compare_exported, conversion_options, deploy_file_options,
+                     deploy_format_of, load_deployed_any, read_metadata, stored_spec, write_onnx,
+                     write_pt2, write_safetensors, write_torchscript)
 from .spec import ModelSpec, load_spec
 from .verify import VerifyResult, model_dtype, verify
 
@@ -64,10 +66,9 @@ def _refuse_reparam_deploy_file(checkpoint: Path) -> None:
         meta = read_metadata(checkpoint)
     except ReparamError:
         return  # read_raw reports unreadable files
-    if "spec" in meta or "version" in meta:
-        stored = meta.get("spec")
-        name = stored.get("name") if isinstance(stored, dict) else None
-        raise AlreadyDeployed(f"{checkpoint} is already a reparam deploy file" + (f" (spec {name})" if name else ""),
+    if is_deploy_metadata(meta):
+        name = stored_spec(meta).name
+        raise AlreadyDeployed(f"{checkpoint} is already a reparam deploy file (spec {name})",
                               hint="nothing to convert; check it against its training checkpoint with `reparam verify`")
 
 
@@ -200,7 +201,7 @@ def convert_checkpoint(
     params_before = count_parameters(train)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
-    deploy, conv_report = reparameterize(train, consume=not verify_output, **_conversion_options(linear_as_conv))
+    deploy, conv_report = reparameterize(train, consume=not verify_output, **conversion_options(linear_as_conv))
     deploy.eval()
     if out_dtype is not None and out_dtype != ckpt.dtype:
         deploy = deploy.to(out_dtype)
@@ -232,7 +233,7 @@ def convert_checkpoint(
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()
     if linear_as_conv:
-        metadata["options"] = _conversion_options(linear_as_conv)
+        metadata["options"] = conversion_options(linear_as_conv)
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata)
     return report
 
@@ -303,21 +304,6 @@ def verify_checkpoint(
     if ckpt.notes:
         out["notes"] = list(ckpt.notes)
     return out
-
-
-def _conversion_options(linear_as_conv: bool) -> dict:
-    """Keyword options for `reparameterize` beyond the recipes (stored in deploy files when set)."""
-    return {"linear_as_conv": True} if linear_as_conv else {}
-
-
-def deploy_file_options(path: str | Path) -> dict:
-    """The conversion options a reparam safetensors deploy file was written with ({} if none)."""
-    from .export import read_metadata
-
-    if Path(path).suffix != ".safetensors":
-        return {}
-    options = read_metadata(path).get("options") or {}
-    return {"linear_as_conv": True} if isinstance(options, dict) and options.get("linear_as_conv") else {}
 
 
 def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
