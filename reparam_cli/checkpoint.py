@@ -65,11 +65,15 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def is_safetensors_head(head: bytes) -> bool:
+    """Whether a file's first bytes (9 or more) are safetensors': an 8-byte little-endian header
+    length, then a JSON header starting with '{'."""
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (1 << 30)
+
+
 def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors: an 8-byte little-endian header length, then a JSON header starting with '{'."""
     with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (1 << 30)
+        return is_safetensors_head(f.read(9))
 
 
 def sniff_deploy_format(path: Path) -> str | None:

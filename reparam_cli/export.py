@@ -114,8 +114,14 @@ def _serialize_safetensors(f, state: dict[str, Tensor], metadata: dict[str, str]
 def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, object],
                       check: Check | None = None) -> None:
     """Write the model's state dict and reparam's metadata (spec, version, checksums, figures)."""
-    state = _contiguous_unshared(model.state_dict())
-    meta = safetensors_bytes_metadata({"format": "pt", **metadata})
+    write_state_safetensors(path, model.state_dict(), metadata, check)
+
+
+def write_state_safetensors(path: str | Path, state: dict[str, Tensor], metadata: dict[str, object] | None = None,
+                            check: Check | None = None) -> None:
+    """Write a state dict (and reparam metadata, if any) as safetensors, atomically and reproducibly."""
+    state = _contiguous_unshared(state)
+    meta = safetensors_bytes_metadata({"format": "pt", **(metadata or {})})
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             _serialize_safetensors(f, state, meta)

@@ -26,7 +26,7 @@ from .errors import OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
 from .export import (DTYPES, FORMATS, SUFFIX, compare_exported, conversion_options, deploy_file_options,
                      deploy_format_of, load_deployed_any, read_metadata, stored_spec, write_onnx,
-                     write_pt2, write_safetensors, write_torchscript)
+                     write_pt2, write_safetensors, write_state_safetensors, write_torchscript)
 from .spec import ModelSpec, load_spec
 from .verify import VerifyResult, model_dtype, verify
 
@@ -331,14 +331,12 @@ def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0,
     with torch.no_grad():
         randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    from .export import atomic_output
+    if output.suffix == ".safetensors":
+        write_state_safetensors(output, state)
+    else:
+        from .export import atomic_output
 
-    with atomic_output(output) as tmp:
-        if output.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        else:
+        with atomic_output(output) as tmp:
             torch.save(state, tmp)
     return {"ok": True, "output": str(output), "spec": spec.name, "params": count_parameters(model),
             "tensors": len(state), "seed": seed}

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .checkpoint import is_safetensors_head
 from .errors import OutputError, ReparamError, VerificationFailed
 from .export import SUFFIX
 from .pipeline import convert_checkpoint
@@ -34,7 +35,7 @@ def sniff_format(head: bytes) -> str:
     safetensors: an 8-byte little-endian header length, then the JSON header ('{'). torch: a zip
     archive ('PK', torch >= 1.6) or a legacy pickle (protocol byte 0x80). Raises CheckpointError.
     """
-    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 32:
+    if is_safetensors_head(head):
         return "safetensors"
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return "torch"
