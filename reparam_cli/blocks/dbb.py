@@ -67,12 +67,8 @@ class IdentityBasedConv1x1(nn.Conv2d):
         nn.init.zeros_(self.weight)
 
     def identity(self) -> torch.Tensor:
-        """(C, C // groups, 1, 1): 1 at [i, i % (C // groups)]."""
-        c, per_group = self.weight.shape[:2]
-        idx = torch.arange(c, device=self.weight.device)
-        eye = torch.zeros_like(self.weight)
-        eye[idx, idx % per_group] = 1
-        return eye
+        """(C, C // groups, 1, 1): 1 at [i, i % (C // groups)] (paradigm P6a)."""
+        return A.identity(self.out_channels, 1, self.groups, dtype=self.weight.dtype, device=self.weight.device).weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight + self.identity(), None, 1, 0, self.dilation, self.groups)
