@@ -17,7 +17,7 @@ _API = {
     "convert_stdio": "pipes", "inspect_checkpoint": "inspection", "run_batch": "batch",
     "reparameterize": "engine", "ConversionReport": "engine",
     "verify": "verify", "VerifyResult": "verify",
-    "load_deploy": "export", "read_metadata": "export",
+    "load_deploy": "deploy", "read_metadata": "deploy",
     "load_spec": "spec", "ModelSpec": "spec",
     "recipe": "recipes", "all_recipes": "recipes",
     "ReparamError": "errors", "VerificationFailed": "errors", "NotEquivalent": "errors",

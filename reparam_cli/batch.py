@@ -179,7 +179,7 @@ def _first_line(exc: BaseException) -> str:
 def convert_one(task: Task, options: ConvertOptions) -> Entry:
     """Convert (or skip) one input; never raises for a bad input: the manifest line says what happened."""
     from .checkpoint import sha256_file
-    from .export import read_metadata
+    from .deploy import read_metadata
     from .pipeline import convert_checkpoint
 
     start = time.perf_counter()

@@ -58,7 +58,7 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     recognised by its metadata; its stored spec is used when no spec is given. `-` reads stdin.
     """
     from .errors import CheckpointError
-    from .export import stored_spec
+    from .deploy import stored_spec
     from .metadata import decode_metadata, is_deploy_metadata
 
     if is_stdio(checkpoint):

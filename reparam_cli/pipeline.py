@@ -24,9 +24,10 @@ from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, fit_pr
 from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
-from .export import (DTYPES, FORMATS, SUFFIX, compare_exported, conversion_options, deploy_file_options,
-                     deploy_format_of, load_deployed_any, read_metadata, stored_spec, write_onnx,
-                     write_pt2, write_safetensors, write_state_safetensors, write_torchscript)
+from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
+                     load_deployed_any, read_metadata, stored_spec)
+from .export import (DTYPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors, write_state_safetensors,
+                     write_torchscript)
 from .spec import ModelSpec, load_spec
 from .verify import VerifyResult, model_dtype, verify
 
@@ -136,6 +137,7 @@ def _verification_dict(result: VerifyResult | None) -> dict:
         "verified": True, "ok": result.ok, "max_abs_err": result.max_abs_err, "max_rel_err": result.max_rel_err,
         "cosine": result.cosine, "train_rel_err": result.train_rel_err, "rtol": result.rtol, "atol": result.atol,
         "samples": result.samples, "input_shape": result.input_shape, "seed": result.seed,
+        "worst_output": result.worst_output,
         "worst_block": None if worst is None else {"path": worst.path, "type": worst.block_type,
                                                    "max_rel_err": worst.max_rel_err},
         "failed_blocks": [b.path for b in result.blocks if not b.ok],

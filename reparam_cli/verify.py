@@ -56,6 +56,7 @@ class VerifyResult:
     blocks: list[BlockError] = field(default_factory=list)
     flops_train: int | None = None  # conv/linear FLOPs of one forward pass on input_shape
     flops_deploy: int | None = None
+    worst_output: str = "output"  # the output leaf (path in a tuple/list/dict output) with the largest rel error
 
     def worst_block(self) -> BlockError | None:
         return max(self.blocks, key=lambda b: b.max_rel_err, default=None)
@@ -84,14 +85,66 @@ def _float64_state(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def _first_tensor(out) -> Tensor:
+def tensor_leaves(out, path: str = "output") -> list[tuple[str, Tensor]]:
+    """Every tensor in a model's output, with its path in the structure (`output`, `output[0]`,
+    `output['boxes'][1]`, ...). Tuples, lists, dicts and nested mixes are walked in order; other
+    values (None, ints, strings) are not compared."""
     if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (list, tuple)) and out:
-        return _first_tensor(out[0])
-    if isinstance(out, dict) and out:
-        return _first_tensor(next(iter(out.values())))
-    raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+        return [(path, out)]
+    if isinstance(out, (list, tuple)):
+        return [leaf for i, item in enumerate(out) for leaf in tensor_leaves(item, f"{path}[{i}]")]
+    if isinstance(out, dict):
+        return [leaf for k, item in out.items() for leaf in tensor_leaves(item, f"{path}[{k!r}]")]
+    return []
+
+
+def _first_tensor(out) -> Tensor:
+    """The first tensor of a model's output (exported files compare this one)."""
+    leaves = tensor_leaves(out)
+    if not leaves:
+        raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+    return leaves[0][1]
+
+
+def _leaves(out, what: str) -> list[tuple[str, Tensor]]:
+    leaves = tensor_leaves(out)
+    if not leaves:
+        raise ValueError(f"the {what} output (a {type(out).__name__}) holds no tensor to compare")
+    return leaves
+
+
+def _compare(out, ref, rtol: float, atol: float, what: str) -> tuple[float, float, float, bool, str]:
+    """(max abs err, max rel err, min cosine, ok, worst leaf path) of `out` against `ref`, leaf by leaf.
+
+    Each leaf's relative error is scaled by that leaf's own magnitude, and each leaf must be within
+    atol + rtol * max|leaf| (a small box-coordinate tensor is not hidden by large class scores)."""
+    outs, refs = _leaves(out, what), _leaves(ref, "reference")
+    if [p for p, _ in outs] != [p for p, _ in refs]:
+        raise ValueError(f"the {what} output's structure {[p for p, _ in outs]} differs from the training "
+                         f"model's {[p for p, _ in refs]}")
+    worst_abs = worst_rel = 0.0
+    worst_cos, ok, worst_path = 1.0, True, refs[0][0]
+    for (path, o), (_, r) in zip(outs, refs):
+        if o.shape != r.shape:
+            raise ValueError(f"{what} {path} has shape {tuple(o.shape)}, the training model's {tuple(r.shape)}")
+        abs_err, rel_err, cos = _errors(o, r)
+        ok &= _within(abs_err, r, rtol, atol)
+        if rel_err > worst_rel or (rel_err == worst_rel and abs_err > worst_abs):
+            worst_path = path
+        worst_abs, worst_rel, worst_cos = max(worst_abs, abs_err), max(worst_rel, rel_err), min(worst_cos, cos)
+    return worst_abs, worst_rel, worst_cos, ok, worst_path
+
+
+def _clone_leaves(out):
+    """A copy of an output structure's tensors (later in-place ops must not change what was captured)."""
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        items = [_clone_leaves(o) for o in out]
+        return items if isinstance(out, list) else tuple(items)
+    if isinstance(out, dict):
+        return {k: _clone_leaves(v) for k, v in out.items()}
+    return out
 
 
 def _errors(out: Tensor, ref: Tensor) -> tuple[float, float, float]:
@@ -121,6 +174,9 @@ def verify(
 ) -> VerifyResult:
     """Compare deploy_model to train_model (both in eval mode) on `samples` random batches of `input_shape`.
 
+    Outputs may be tensors or tuples, lists and dicts of them (nested too): every tensor leaf is
+    compared, each within atol + rtol * its own magnitude; `worst_output` names the worst leaf.
+
     `blocks` lists (path, block type) of converted blocks; each must exist at the same path in both
     models (a TorchScript deploy model gets end-to-end figures only: pass no blocks).
     """
@@ -139,6 +195,7 @@ def verify(
     ok = True
     block_errors: dict[str, BlockError] = {}
     flops: tuple[int | None, int | None] = (None, None)
+    worst_output = "output"
     try:
         with torch.no_grad():
             for i in range(samples):
@@ -149,10 +206,10 @@ def verify(
                     for path, _ in blocks:
                         def hook(_m, args, out, path=path):
                             # Copies: later in-place ops (timm's `x += shortcut`) would change them.
-                            captured[path] = (args[0].clone(), _first_tensor(out).clone())
+                            captured[path] = (args[0].clone(), _clone_leaves(out))
                         hooks.append(train_model.get_submodule(path).register_forward_hook(hook))
                 try:
-                    ref = _first_tensor(functional_call(train_model, state64, (x64,)))
+                    ref = functional_call(train_model, state64, (x64,))
                 finally:
                     for h in hooks:
                         h.remove()
@@ -161,24 +218,23 @@ def verify(
                 count_train, count_deploy = FlopCounter(), FlopCounter()
                 countable = i == 0 and not isinstance(deploy_model, torch.jit.ScriptModule)
                 with count_deploy.attach(deploy_model) if countable else contextlib.nullcontext():
-                    out = _first_tensor(deploy_model(x64.to(deploy_dtype)))
+                    out = deploy_model(x64.to(deploy_dtype))
                 with count_train.attach(train_model) if countable else contextlib.nullcontext():
-                    own = _first_tensor(train_model(x))
+                    own = train_model(x)
                 if countable:
                     flops = (count_train.total, count_deploy.total)
-                if out.shape != ref.shape:
-                    raise ValueError(f"deploy output shape {tuple(out.shape)} differs from training {tuple(ref.shape)}")
-                abs_err, rel_err, cos = _errors(out, ref)
-                train_rel = max(train_rel, _errors(own, ref)[1])
-                ok &= _within(abs_err, ref, rtol, atol)
+                abs_err, rel_err, cos, out_ok, out_path = _compare(out, ref, rtol, atol, "deploy model")
+                train_rel = max(train_rel, _compare(own, ref, rtol, atol, "training model")[1])
+                ok &= out_ok
+                if rel_err >= worst_rel:
+                    worst_output = out_path
                 worst_abs, worst_rel, worst_cos = max(worst_abs, abs_err), max(worst_rel, rel_err), min(worst_cos, cos)
                 for path, block_type in blocks:
                     if path not in captured:
                         continue
                     inp, block_ref = captured[path]
-                    block_out = _first_tensor(deploy_model.get_submodule(path)(inp.to(deploy_dtype)))
-                    b_abs, b_rel, _ = _errors(block_out, block_ref)
-                    b_ok = _within(b_abs, block_ref, rtol, atol)
+                    block_out = deploy_model.get_submodule(path)(inp.to(deploy_dtype))
+                    _, b_rel, _, b_ok, _ = _compare(block_out, block_ref, rtol, atol, f"deploy block {path}")
                     ok &= b_ok
                     block_errors[path] = BlockError(path, block_type, b_rel, b_ok)
     finally:
@@ -186,5 +242,5 @@ def verify(
     return VerifyResult(
         ok=bool(ok), max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos, train_rel_err=train_rel,
         rtol=rtol, atol=atol, samples=samples, input_shape=list(input_shape), seed=seed,
-        blocks=list(block_errors.values()), flops_train=flops[0], flops_deploy=flops[1],
+        blocks=list(block_errors.values()), flops_train=flops[0], flops_deploy=flops[1], worst_output=worst_output,
     )

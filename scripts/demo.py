@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from reparam_cli.engine import count_parameters  # noqa: E402
 from reparam_cli.errors import ReparamError  # noqa: E402
-from reparam_cli.export import load_deploy  # noqa: E402
+from reparam_cli.deploy import load_deploy  # noqa: E402
 from reparam_cli.pipeline import load_training_model  # noqa: E402
 from reparam_cli.spec import load_spec  # noqa: E402
 

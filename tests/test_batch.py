@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from reparam_cli.batch import BatchError, Manifest, Shard, discover, output_names
 from reparam_cli.checkpoint import sha256_file
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.pipeline import init_checkpoint, load_training_model
 from reparam_cli.spec import load_spec
 

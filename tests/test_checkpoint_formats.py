@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from reparam_cli.checkpoint import extract_checkpoint
 from reparam_cli.engine import reparameterize
 from reparam_cli.errors import CheckpointError
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.spec import load_spec
 
 from .helpers import randomized, run_cli

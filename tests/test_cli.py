@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reparam_cli.export import load_deploy, read_metadata
+from reparam_cli.deploy import load_deploy, read_metadata
 
 from .helpers import run_cli
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from reparam_cli.errors import SpecError
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.models.digits import DigitsNet
 from reparam_cli.pipeline import convert_checkpoint, load_training_model, verify_checkpoint
 from reparam_cli.spec import load_spec

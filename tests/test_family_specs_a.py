@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.models.mobilenet import MOBILE_CHANNELS, STRIDE2_BLOCKS
 from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint
 from reparam_cli.spec import builtin_names, load_spec

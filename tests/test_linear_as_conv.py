@@ -13,7 +13,7 @@ from reparam_cli.blocks.linear_conv import PointwiseLinear, linear_to_pointwise
 from reparam_cli.blocks.repvgg import RepVGG
 from reparam_cli.cli import app
 from reparam_cli.engine import reparameterize
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint, verify_checkpoint
 
 from .helpers import randomized

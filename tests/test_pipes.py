@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from reparam_cli.cli import app
 from reparam_cli.errors import CheckpointError
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.pipeline import init_checkpoint, load_training_model
 from reparam_cli.pipes import convert_stdio, sniff_format, spool_stdin
 from reparam_cli.spec import load_spec

@@ -11,7 +11,7 @@ from reparam_cli import algebra as A
 from reparam_cli.blocks.refconv import RefConv
 from reparam_cli.engine import count_parameters
 from reparam_cli.errors import NotEquivalent
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.models.mobilenetv2 import MobileNetV2
 from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint
 

@@ -12,7 +12,7 @@ from reparam_cli.blocks.repnext import RepNeXt, RepNeXtBlock, RepNeXtDeployBlock
 from reparam_cli.checkpoint import read_raw
 from reparam_cli.engine import count_parameters, reparameterize
 from reparam_cli.errors import NotEquivalent
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint
 
 from .helpers import assert_equivalent, randomized

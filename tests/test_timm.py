@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reparam_cli.errors import SpecError
-from reparam_cli.export import load_deploy
+from reparam_cli.deploy import load_deploy
 from reparam_cli.spec import load_spec
 
 from .test_checkpoint_formats import run
