@@ -39,8 +39,8 @@ def test_nested_outputs_every_leaf_compared_and_the_worst_named():
     # A small leaf (boxes, scaled by 1e-3) broken: each leaf is judged on its own magnitude, so the
     # error is not hidden by the larger leaves, and the report names it by its path.
     broken = reparameterize(model)[0]
-    with torch.no_grad():
-        broken.boxes.bias.add_(1e-2)  # 1e-5 at the output: under rtol * max|scores|
+    # (a new tensor: the deploy model shares untouched layers' storage with the training model)
+    broken.boxes.bias = nn.Parameter(broken.boxes.bias.detach() + 1e-2)  # 1e-5 at the output: < rtol*max|scores|
     result = verify(model, broken, (2, 4, 8, 8))
     assert not result.ok
     assert result.worst_output == "output[1]['boxes']"
