@@ -1,0 +1,174 @@
+"""Official layouts: deploy-form state dicts of reference implementations (read by verify, inspect and
+load_deploy), RepMLPNet deploy files that load strictly into the reference deploy model, RepNeXt-M
+and RefConv's MobileNetV3 with their reference key names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reparam_cli.deploy import deploy_format_of, load_deploy
+from reparam_cli.engine import reparameterize
+from reparam_cli.errors import CheckpointError
+from reparam_cli.inspection import inspect_checkpoint
+from reparam_cli.pipeline import init_checkpoint, read_training_model, verify_checkpoint
+from reparam_cli.spec import load_spec
+
+from .helpers import run_cli
+
+TINY_REPVGG = ("builder: reparam_cli.blocks.repvgg:RepVGG\n"
+               "args: {num_blocks: [1, 1, 1, 1], width_multiplier: [0.25, 0.25, 0.25, 0.25], num_classes: 5}\n"
+               "input_shape: [2, 3, 32, 32]\n")
+
+
+# --------------------------------------------------------------------------- deploy state dicts
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(spec path, training checkpoint, its deploy model in eval mode)."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_REPVGG)
+    ckpt = tmp_path / "train.pth"
+    init_checkpoint(str(spec), ckpt, seed=3)
+    train, _ = read_training_model(ckpt, load_spec(str(spec)))
+    deploy, _ = reparameterize(train.eval())
+    return spec, ckpt, deploy.eval()
+
+
+def test_reference_deploy_state_dict_verifies_inspects_and_loads(tiny, tmp_path):
+    """What a reference convert script writes (torch.save of the fused model's state dict, here
+    under a `state_dict` wrapper with DataParallel's `module.` prefix, as `.pth.tar`) is a deploy file."""
+    spec, ckpt, deploy = tiny
+    path = tmp_path / "fused.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in deploy.state_dict().items()}}, path)
+    assert deploy_format_of(path) == "state_dict"
+
+    report = verify_checkpoint(ckpt, path, str(spec))
+    assert report["ok"] and report["format"] == "state_dict" and report["blocks"] == {"RepVGGBlock": 5}
+    assert report["max_rel_err"] < 1e-5
+
+    loaded = load_deploy(path, spec=str(spec))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), deploy(x))
+
+    info = inspect_checkpoint(path, str(spec))
+    assert info["kind"] == "deploy" and info["params_after"] == info["parameters"] < info["params_before"]
+    result = run_cli("verify", ckpt, path, "--spec", spec)
+    assert result.exit_code == 0, result.output
+
+
+def test_wrong_deploy_state_dict_fails_verification(tiny, tmp_path):
+    spec, ckpt, deploy = tiny
+    state = {k: v.clone() for k, v in deploy.state_dict().items()}
+    state["stage2.0.rbr_reparam.bias"] += 0.5
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    assert not verify_checkpoint(ckpt, path, str(spec))["ok"]
+    assert run_cli("verify", ckpt, path, "--spec", spec).exit_code == 1
+
+
+def test_training_checkpoint_or_no_spec_is_a_clear_error(tiny):
+    spec, ckpt, _ = tiny
+    with pytest.raises(CheckpointError, match="training checkpoint of tiny, not a deploy file"):
+        load_deploy(ckpt, spec=str(spec))
+    with pytest.raises(CheckpointError, match="needs|pass --spec"):
+        load_deploy(ckpt)
+    result = run_cli("verify", ckpt, ckpt, "--spec", spec)
+    assert result.exit_code == 2 and "not a deploy file" in result.output and "Traceback" not in result.output
+    info = inspect_checkpoint(ckpt, str(spec))
+    assert info["kind"] == "training"
+
+
+# --------------------------------------------------------------------------- RepMLPNet, reference deploy keys
+
+def _ref_conv_bn(cin, cout, k, s, relu=False):
+    """The reference's conv_bn / conv_bn_relu: Sequential(conv (no bias), bn[, relu])."""
+    seq = nn.Sequential()
+    seq.add_module("conv", nn.Conv2d(cin, cout, k, s, 0, bias=False))
+    seq.add_module("bn", nn.BatchNorm2d(cout))
+    if relu:
+        seq.add_module("relu", nn.ReLU())
+    return seq
+
+
+class _RefDeployRepMLPBlock(nn.Module):
+    """DingXiaoH/RepMLP's RepMLPBlock with deploy=True (after locality injection), written from its structure:
+    gp.fc1/fc2, fc3 (grouped 1x1 conv with bias), fc3_bn = Identity, no local perceptron."""
+
+    def __init__(self, c, h, w, s, reduce):
+        super().__init__()
+        self.C, self.S, self.h, self.w = c, s, h, w
+        self.gp = nn.Module()
+        self.gp.fc1 = nn.Conv2d(c, c // reduce, 1)
+        self.gp.fc2 = nn.Conv2d(c // reduce, c, 1)
+        self.fc3 = nn.Conv2d(s * h * w, s * h * w, 1, groups=s)
+        self.fc3_bn = nn.Identity()
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.gp.fc2(torch.relu(self.gp.fc1(x.mean((2, 3), keepdim=True)))))
+        n, c, hh, ww = x.shape
+        hp, wp = hh // self.h, ww // self.w
+        p = x.reshape(n, c, hp, self.h, wp, self.w).permute(0, 2, 4, 1, 3, 5)
+        out = self.fc3_bn(self.fc3(p.reshape(-1, self.S * self.h * self.w, 1, 1)))
+        out = out.reshape(-1, hp, wp, self.S, self.h, self.w).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+        return out * gate
+
+
+class _RefDeployRepMLPNet(nn.Module):
+    """The reference RepMLPNet(deploy=True) module tree and forward (no weights of its own)."""
+
+    def __init__(self, channels, hs, num_blocks, sharesets, num_class, reduce=4):
+        super().__init__()
+        self.conv_embedding = _ref_conv_bn(3, channels[0], 4, 4, relu=True)
+        self.stages = nn.ModuleList()
+        for c, h, n, s in zip(channels, hs, num_blocks, sharesets):
+            units = nn.ModuleList()
+            for _ in range(n):
+                unit = nn.Module()
+                unit.repmlp_block = _RefDeployRepMLPBlock(c, h, h, s, reduce)
+                unit.ffn_block = nn.Module()
+                unit.ffn_block.ffn_fc1 = _ref_conv_bn(c, 4 * c, 1, 1)
+                unit.ffn_block.ffn_fc2 = _ref_conv_bn(4 * c, c, 1, 1)
+                unit.prebn1, unit.prebn2 = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+                units.append(unit)
+            self.stages.append(units)
+        self.embeds = nn.ModuleList(_ref_conv_bn(a, b, 2, 2, relu=True) for a, b in zip(channels, channels[1:]))
+        self.head_norm = nn.BatchNorm2d(channels[-1])
+        self.head = nn.Linear(channels[-1], num_class)
+
+    def forward(self, x):
+        x = self.conv_embedding(x)
+        for i, stage in enumerate(self.stages):
+            for u in stage:
+                x = x + u.repmlp_block(u.prebn1(x))
+                x = x + u.ffn_block.ffn_fc2(nn.functional.gelu(u.ffn_block.ffn_fc1(u.prebn2(x))))
+            if i < len(self.embeds):
+                x = self.embeds[i](x)
+        return self.head(self.head_norm(x).mean((2, 3)))
+
+
+def test_repmlpnet_deploy_file_loads_strictly_into_the_reference_deploy_model(tmp_path):
+    from reparam_cli.pipeline import convert_checkpoint
+
+    spec = tmp_path / "mini-repmlpnet.yaml"
+    spec.write_text("builder: reparam_cli.blocks.repmlp:RepMLPNet\n"
+                    "args: {channels: [8, 16], hs: [4, 2], ws: [4, 2], num_blocks: [1, 2], sharesets_nums: [2, 4],"
+                    " reparam_conv_k: [1, 3], num_class: 10}\ninput_shape: [2, 3, 16, 16]\n")
+    ckpt = tmp_path / "train.pth"
+    init_checkpoint(str(spec), ckpt, seed=5)
+    out = tmp_path / "deploy.safetensors"
+    assert convert_checkpoint(ckpt, str(spec), out)["ok"]
+    deploy = load_deploy(out)
+
+    from safetensors.torch import load_file
+
+    reference = _RefDeployRepMLPNet((8, 16), (4, 2), (1, 2), (2, 4), 10).eval()
+    reference.load_state_dict(load_file(str(out)), strict=True)  # every key and shape, nothing left over
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(reference(x), deploy(x), rtol=1e-5, atol=1e-6)
+    # and the reference deploy model's own state dict is a deploy file for reparam
+    torch.save(reference.state_dict(), tmp_path / "reference.pth")
+    assert verify_checkpoint(ckpt, tmp_path / "reference.pth", str(spec))["ok"]
