@@ -172,3 +172,46 @@ def test_repmlpnet_deploy_file_loads_strictly_into_the_reference_deploy_model(tm
     # and the reference deploy model's own state dict is a deploy file for reparam
     torch.save(reference.state_dict(), tmp_path / "reference.pth")
     assert verify_checkpoint(ckpt, tmp_path / "reference.pth", str(spec))["ok"]
+
+
+# --------------------------------------------------------------------------- RefConv's MobileNetV3
+
+class _ScriptRepConv(nn.Module):
+    """The tensors of RefConv's reference `RepConv` (ImageNet-MobileNetv3-RefConv.py), written from its
+    structure: a frozen base `weight` buffer and `convmap` with in*out/groups^2 groups; no conversion method."""
+
+    def __init__(self, cin, cout, k, groups=1, map_k=3):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(cout, cin // groups, k, k))
+        n = cout * cin // groups
+        self.convmap = nn.Conv2d(n, n, map_k, 1, map_k // 2, groups=cin * cout // groups ** 2, bias=False)
+
+
+@pytest.mark.parametrize("mode,params_after,refconvs", [("large", 5_476_416, 16), ("small", 2_938_368, 12)])
+def test_mobilenetv3_refconv_specs_have_the_scripts_keys(mode, params_after, refconvs):
+    from reparam_cli.engine import count_parameters
+
+    net = load_spec(f"mobilenetv3-refconv-{mode}").build(device="meta")
+    state = net.state_dict()
+    exp = 72 if mode == "large" else 96  # the first 5x5 bottleneck (features.4 in both)
+    stem, dw = _ScriptRepConv(3, 16, 3), _ScriptRepConv(exp, exp, 5, groups=exp)
+    for prefix, module in (("features.0.0.", stem), ("features.4.conv.3.", dw)):
+        for k, t in module.state_dict().items():
+            assert state[prefix + k].shape == t.shape, prefix + k
+    assert {"features.1.conv.0.weight", "features.1.conv.8.running_var", "classifier.1.weight"} <= state.keys()
+    assert any(k.endswith("conv.5.fc.2.weight") for k in state)
+    deploy, report = reparameterize(net)
+    # MobileNetV3-Large 5.4M / -Small 2.9M parameters (Howard et al.): the deploy form is the plain network.
+    assert report.blocks == {"RefConv": refconvs} and count_parameters(deploy) == params_after
+    assert "features.0.0.weight" in deploy.state_dict() and not any("convmap" in k for k in deploy.state_dict())
+
+
+def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
+    """A checkpoint as the script saves it (a plain state dict, RepConv keys) converts and verifies."""
+    from reparam_cli.pipeline import convert_checkpoint
+
+    ckpt = tmp_path / "tsl.pth"
+    init_checkpoint("mobilenetv3-refconv-small", ckpt, seed=4)
+    report = convert_checkpoint(ckpt, "mobilenetv3-refconv-small", tmp_path / "tsl.deploy.safetensors")
+    assert report["ok"] and report["blocks"] == {"RefConv": 12} and report["params_after"] == 2_938_368
+    assert report["max_rel_err"] < 1e-5
