@@ -215,3 +215,98 @@ def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
     report = convert_checkpoint(ckpt, "mobilenetv3-refconv-small", tmp_path / "tsl.deploy.safetensors")
     assert report["ok"] and report["blocks"] == {"RefConv": 12} and report["params_after"] == 2_938_368
     assert report["max_rel_err"] < 1e-5
+
+
+# --------------------------------------------------------------------------- RepNeXt-M
+
+from reparam_cli import algebra as A  # noqa: E402
+from reparam_cli.blocks.repnext_m import (RepDWConvM, RepDWConvS, RepNext, RepNextClassifier,  # noqa: E402
+                                          VARIANTS)
+
+from .helpers import assert_equivalent, randomized  # noqa: E402
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups,cin,mid,cout", [(4, 4, 4, 4), (1, 3, 6, 5), (2, 4, 8, 6)])
+def test_sequential_of_1xk_then_kx1_is_one_conv(stride, groups, cin, mid, cout):
+    """P5c: a 1xk conv (no bias) then a kx1 conv (with bias) is one kxk conv, exactly, borders included."""
+    torch.manual_seed(0)
+    c1 = nn.Conv2d(cin, mid, (1, 5), (1, stride), (0, 2), groups=groups, bias=False).double()
+    c2 = nn.Conv2d(mid, cout, (5, 1), (stride, 1), (2, 0), groups=groups).double()
+    k = A.sequential(A.from_module(c1), A.from_module(c2))
+    assert k.kernel_size == (5, 5) and k.padding == (2, 2) and k.stride == (stride, stride)
+    x = torch.randn(2, cin, 9, 11, dtype=torch.float64)
+    assert torch.allclose(A.apply(k, x), c2(c1(x)), atol=1e-12)
+
+
+def test_sequential_refuses_a_bias_into_padding_and_kxk_chains():
+    c1 = nn.Conv2d(4, 4, (1, 3), 1, (0, 1), groups=4, bias=True)  # its bias would meet the 3x1's zero padding
+    c2 = nn.Conv2d(4, 4, (3, 1), 1, (1, 0), groups=4)
+    with pytest.raises(A.NotEquivalent):
+        A.sequential(A.from_module(c1), A.from_module(c2))
+    with pytest.raises(A.NotEquivalent):
+        A.sequential(A.from_module(nn.Conv2d(4, 4, 3, 1, 1)), A.from_module(nn.Conv2d(4, 4, 3, 1, 1)))
+
+
+def test_undilate_spreads_the_taps():
+    conv = nn.Conv2d(4, 4, 2, 2, 1, dilation=2, groups=4).double()
+    k = A.undilate(A.from_module(conv))
+    assert k.kernel_size == (3, 3) and k.dilation == (1, 1) and k.padding == (1, 1)
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    assert torch.allclose(A.apply(k, x), conv(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [RepDWConvS(8), RepDWConvS(8, stride=2), RepDWConvM(8), RepDWConvM(8, stride=2),
+                                   RepNextClassifier(8, 5)], ids=["S", "S-stride2", "M", "M-stride2", "head"])
+def test_repnext_m_blocks_fuse_to_one_layer(block):
+    shape = (2, 8) if isinstance(block, RepNextClassifier) else (2, 8, 13, 12)  # odd sizes: every border case
+    deploy, _ = assert_equivalent(randomized(block), shape)
+    assert isinstance(deploy, (nn.Conv2d, nn.Linear))
+    if isinstance(deploy, nn.Conv2d):
+        assert deploy.groups == 8 and deploy.kernel_size == ((3, 3) if isinstance(block, RepDWConvS) else (7, 7))
+
+
+def test_repnext_m_deploy_params_match_the_paper():
+    """Deploy parameters of M0..M5 as in the paper's table (2.3, 4.8, 6.5, 7.8, 13.3, 21.7 M)."""
+    from reparam_cli.engine import count_parameters
+
+    paper = {"m0": 2.3, "m1": 4.8, "m2": 6.5, "m3": 7.8, "m4": 13.3, "m5": 21.7}
+    for name, (dims, depth) in VARIANTS.items():
+        net = load_spec(f"repnext-{name}").build(device="meta")
+        assert net.stem.stem[0].conv.out_channels * 2 == dims[0] and len(net.stages[2].blocks) == depth[2]
+        deploy, report = reparameterize(net)
+        assert round(count_parameters(deploy) / 1e6, 1) == paper[name], name
+        assert report.blocks["RepDWConvS"] == report.blocks["RepDWConvM"] == sum(depth) + len(depth) - 1
+
+
+def test_repnext_m0_reference_keys_and_end_to_end(tmp_path):
+    """suous/RepNeXt's key names (training and fused), and init -> convert -> load_deploy of RepNeXt-M0."""
+    from reparam_cli.pipeline import VerifyOptions, convert_checkpoint
+
+    net = load_spec("repnext-m0").build(device="meta")
+    keys = set(net.state_dict())
+    for key in ("stem.stem.0.conv.weight", "stem.stem.2.norm.running_var",
+                "stages.0.blocks.0.token_mixer.conv_s.conv_2_2.weight", "stages.0.blocks.0.token_mixer.conv_s.conv_3_w.bias",
+                "stages.0.blocks.1.token_mixer.conv_m.conv_5_h.weight", "stages.0.blocks.0.token_mixer.conv_l.1.bias",
+                "stages.0.blocks.0.norm.running_mean", "stages.0.blocks.0.channel_mixer.2.conv.weight",
+                "stages.1.downsample.token_mixer.conv_s.conv_3_3.bias", "stages.1.downsample.norm.weight",
+                "stages.3.downsample.channel_mixer.0.norm.bias", "head.head.norm.running_var", "head.head_dist.linear.weight"):
+        assert key in keys, key
+    assert "stages.1.downsample.token_mixer.conv_s.conv_3_w.bias" not in keys  # no bias on stride-2 1xk / kx1
+    fused = set(reparameterize(net)[0].state_dict())
+    for key in ("stem.stem.0.weight", "stem.stem.0.bias", "stages.0.blocks.0.token_mixer.conv_s.weight",
+                "stages.1.downsample.token_mixer.conv_m.bias", "stages.0.blocks.0.token_mixer.conv_l.0.weight",
+                "stages.0.blocks.0.channel_mixer.0.bias", "head.weight", "head.bias"):
+        assert key in fused, key
+
+    ckpt = tmp_path / "repnext_m0.pth"
+    init_checkpoint("repnext-m0", ckpt, seed=1)
+    out = tmp_path / "m0.deploy.safetensors"
+    report = convert_checkpoint(ckpt, "repnext-m0", out, verify_options=VerifyOptions(input_shape=(1, 3, 64, 64)))
+    assert report["ok"] and report["params_after"] == 2_333_200 and report["max_rel_err"] < 1e-5
+    train, _ = read_training_model(ckpt, load_spec("repnext-m0"))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = train.eval().double()(x.double())
+        got = load_deploy(out)(x).double()
+    assert (got - ref).abs().max().item() / ref.abs().max().item() < 1e-5
