@@ -191,7 +191,7 @@ class _ScriptRepConv(nn.Module):
 def test_mobilenetv3_refconv_specs_have_the_scripts_keys(mode, params_after, refconvs):
     from reparam_cli.engine import count_parameters
 
-    net = load_spec(f"mobilenetv3-refconv-{mode}").build(device="meta")
+    net = load_spec(f"mobilenetv3-refconv-{mode[0]}").build(device="meta")
     state = net.state_dict()
     exp = 72 if mode == "large" else 96  # the first 5x5 bottleneck (features.4 in both)
     stem, dw = _ScriptRepConv(3, 16, 3), _ScriptRepConv(exp, exp, 5, groups=exp)
@@ -211,8 +211,8 @@ def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
     from reparam_cli.pipeline import convert_checkpoint
 
     ckpt = tmp_path / "tsl.pth"
-    init_checkpoint("mobilenetv3-refconv-small", ckpt, seed=4)
-    report = convert_checkpoint(ckpt, "mobilenetv3-refconv-small", tmp_path / "tsl.deploy.safetensors")
+    init_checkpoint("mobilenetv3-refconv-s", ckpt, seed=4)
+    report = convert_checkpoint(ckpt, "mobilenetv3-refconv-s", tmp_path / "tsl.deploy.safetensors")
     assert report["ok"] and report["blocks"] == {"RefConv": 12} and report["params_after"] == 2_938_368
     assert report["max_rel_err"] < 1e-5
 
