@@ -11,7 +11,8 @@ Paradigm numbers follow `shared/seeds/paradigms.md`:
     P1  fuse_bn          conv (or FC) followed by BatchNorm
     P2  add              parallel branches summed (P4: kernels of different sizes, centred)
     P3  concat           parallel branches concatenated along channels (concat_grouped: within groups)
-    P5  sequential       1x1 -> kxk (P5a) and kxk -> 1x1 (P5b), with groups
+    P5  sequential       1x1 -> kxk (P5a), kxk -> 1x1 (P5b), 1xk -> kx1 (P5c, axis-separable), with groups
+        undilate         a dilated kernel as the undilated one with zeros between its taps
     P6a identity         x -> x as a kernel of any odd size and any groups (select_channels: a subset)
     P7  avgpool          average pooling as a depthwise conv
     P8  bn_as_conv       a lone BatchNorm as a conv
@@ -519,12 +520,68 @@ def sequential(first: Kernel, second: Kernel) -> Kernel:
             bias = b.bias_or_zeros() + torch.einsum("ged,gd->ge", w2, a.bias_or_zeros().reshape(g, -1)).reshape(-1)
         stride = tuple(s * t for s, t in zip(a.stride, b.stride))
         out = Kernel(weight, bias, stride, a.padding, a.dilation, g)
+    elif _axis_separable(a, b):
+        out = _sequential_separable(a, b, g)
     else:
         raise NotEquivalent(
-            "chaining two kxk convs grows the kernel; only 1x1 -> kxk and kxk -> 1x1 are fused",
-            hint="first must be 1x1 with stride 1, or second 1x1 without padding",
+            "chaining two kxk convs grows the kernel; only 1x1 -> kxk, kxk -> 1x1 and 1xk -> kx1 are fused",
+            hint="first must be 1x1 with stride 1, or second 1x1 without padding, or the two act on different axes",
         )
     return out.to(dtype)
+
+
+def _trivial_dims(k: Kernel) -> list[bool]:
+    """Per spatial dim: whether the layer leaves it alone (size 1, stride 1, no padding)."""
+    return [size == 1 and s == 1 and p == 0 for size, s, p in zip(k.kernel_size, k.stride, k.padding)]
+
+
+def _axis_separable(first: Kernel, second: Kernel) -> bool:
+    """P5c applies: in every spatial dim at least one of the two layers is trivial, and a bias of
+    `first` never meets `second`'s zero padding (that would make the borders differ)."""
+    pairs = list(zip(_trivial_dims(first), _trivial_dims(second)))
+    if not all(t1 or t2 for t1, t2 in pairs):
+        return False
+    return first.bias is None or all(p == 0 for p in second.padding)
+
+
+def _sequential_separable(a: Kernel, b: Kernel, groups: int) -> Kernel:
+    """P5c: `b(a(x))` where each spatial dim is worked on by one of the two (e.g. 1xk then kx1).
+
+    Exact with zero padding: where `b` pads a dim, `a` is trivial in it, so `a`'s output outside
+    the map along that dim would read only padding (zeros) anyway. The weight is, per group, the
+    channel contraction of the two with each dim's taps taken from the layer that has them:
+    w[e, c, ...] = sum_d b[e, d, ...] * a[d, c, ...] (size-1 dims broadcast).
+    """
+    e, d_g = b.weight.shape[:2]
+    d, c_g = a.weight.shape[:2]
+    n = a.ndim
+    outer = b.weight.reshape(groups, e // groups, d_g, 1, *b.kernel_size)
+    inner = a.weight.reshape(groups, 1, d // groups, c_g, *a.kernel_size)
+    weight = (outer * inner).sum(2).reshape(e, c_g, *[max(x, y) for x, y in zip(a.kernel_size, b.kernel_size)])
+    bias = None
+    if a.bias is not None or b.bias is not None:
+        taps = b.weight.reshape(groups, e // groups, d_g, -1).sum(-1)  # b applied to a constant map
+        bias = b.bias_or_zeros() + torch.einsum("ged,gd->ge", taps, a.bias_or_zeros().reshape(groups, -1)).reshape(-1)
+    ta = _trivial_dims(a)
+    pick = [(a if not ta[i] else b) for i in range(n)]
+    stride = tuple(x * y for x, y in zip(a.stride, b.stride))
+    padding = tuple(pick[i].padding[i] for i in range(n))
+    dilation = tuple(pick[i].dilation[i] for i in range(n))
+    return Kernel(weight, bias, stride, padding, dilation, groups)
+
+
+def undilate(k: Kernel) -> Kernel:
+    """A dilated conv as the same conv with dilation 1: its taps spread out with zeros between them.
+
+    Weight (O, I/g, *k) with dilation d -> (O, I/g, *(d * (k - 1) + 1)); stride, padding and groups
+    are unchanged, so it can be added to undilated branches of the same window (P4).
+    """
+    if all(d == 1 for d in k.dilation):
+        return k
+    size = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
+    weight = k.weight.new_zeros((*k.weight.shape[:2], *size))
+    weight[(slice(None), slice(None), *[slice(None, None, d) for d in k.dilation])] = k.weight
+    return replace(k, weight=weight, dilation=(1,) * k.ndim)
 
 
 def identity(

@@ -58,6 +58,8 @@ def load_deploy(path: str | Path, spec=None) -> nn.Module:
     """Rebuild a runnable deploy model from a reparam safetensors file.
 
     The spec stored in the file is used unless `spec` (a ModelSpec or a --spec reference) is given.
+    A torch pickle holding a plain state dict of the fused model (a reference layout) needs `spec`
+    (see `load_deploy_state_dict`).
     The training model is built on the meta device and converted shape-only, then the file's
     tensors are assigned to the resulting skeleton.
     """
@@ -69,6 +71,8 @@ def load_deploy(path: str | Path, spec=None) -> nn.Module:
 
     if isinstance(spec, str):
         spec = load_spec(spec)
+    if deploy_format_of(path) == "state_dict":
+        return load_deploy_state_dict(path, spec)
     if spec is None:
         spec = stored_spec(read_metadata(path))
         if spec is None:
@@ -145,7 +149,8 @@ class ExportedProgramModule(nn.Module):
 
 
 def deploy_format_of(path: str | Path) -> str:
-    """The deploy format of a file, from its suffix (and its contents for .pt / .pt2)."""
+    """The deploy format of a file, from its suffix and its contents: 'safetensors', 'onnx', 'pt2',
+    'torchscript', or 'state_dict' (a plain torch.save pickle: a state dict in a reference layout)."""
     from .checkpoint import sniff_deploy_format
 
     path = Path(path)
@@ -153,7 +158,62 @@ def deploy_format_of(path: str | Path) -> str:
         return "safetensors"
     if path.suffix == ".onnx":
         return "onnx"
-    return sniff_deploy_format(path) or ("pt2" if path.suffix == ".pt2" else "torchscript")
+    found = sniff_deploy_format(path)
+    if found:
+        return found
+    if path.suffix == ".pt2":
+        return "pt2"
+    return "state_dict" if _is_torch_pickle(path) else "torchscript"
+
+
+def _is_torch_pickle(path: Path) -> bool:
+    """A torch.save file (zip or legacy pickle) that is not TorchScript / pt2 (checked before)."""
+    from .pipes import sniff_format
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        return sniff_format(head) == "torch"
+    except (OSError, CheckpointError):
+        return False
+
+
+def deploy_skeleton(spec) -> nn.Module:
+    """The spec's deploy model on the meta device (shapes only): reparameterize(spec.build('meta'))."""
+    from .engine import reparameterize
+
+    return reparameterize(spec.build(device="meta").eval())[0]
+
+
+def load_deploy_state_dict(path: str | Path, spec) -> nn.Module:
+    """A deploy model from a plain state dict of the fused model (`.pth`, `.pth.tar`): what a reference
+    implementation's convert script or timm's reparameterize + torch.save writes.
+
+    The file is read with weights_only (wrappers such as `state_dict` and `module.` prefixes are
+    unwrapped as for training checkpoints) and loaded strictly into the spec's deploy skeleton.
+    """
+    from .checkpoint import extract_checkpoint, fit_problems, load_into, read_raw
+    from .spec import load_spec
+
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    if spec is None:
+        raise CheckpointError(f"{path} is a plain state dict without reparam metadata",
+                              hint="pass --spec (spec=...) naming the architecture it was fused from")
+    skeleton = deploy_skeleton(spec)
+    expected = skeleton.state_dict().keys()
+    state = extract_checkpoint(read_raw(path), expected=expected, source=str(path)).state
+    if fit_problems(skeleton, state) and not fit_problems(spec.build(device="meta"), state):
+        raise CheckpointError(f"{path} is a training checkpoint of {spec.name}, not a deploy file",
+                              hint="convert it with `reparam convert`, or pass its deploy file")
+    return load_into(skeleton, state, what="deploy state dict").eval()
+
+
+def is_deploy_state(spec, state) -> bool:
+    """Whether a state dict's keys and shapes fit the spec's deploy skeleton (and not its training model)."""
+    from .checkpoint import fit_problems
+
+    return not fit_problems(deploy_skeleton(spec), state) and bool(fit_problems(spec.build(device="meta"), state))
 
 
 def load_exported(path: str | Path, fmt: str) -> nn.Module:
@@ -175,12 +235,13 @@ def load_exported(path: str | Path, fmt: str) -> nn.Module:
 
 
 def load_deployed_any(path: str | Path, spec=None) -> nn.Module:
-    """A deploy model from a safetensors file written by reparam, or a TorchScript, pt2 or ONNX file."""
+    """A deploy model from a safetensors file written by reparam, a plain deploy state dict (with a
+    spec), or a TorchScript, pt2 or ONNX file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"deploy file not found: {path}")
     fmt = deploy_format_of(path)
-    if fmt == "safetensors":
+    if fmt in ("safetensors", "state_dict"):
         return load_deploy(path, spec)
     return load_exported(path, fmt)
 

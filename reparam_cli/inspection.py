@@ -88,6 +88,10 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
         spec = stored_spec(reparam_meta)
     ckpt = spec.checkpoint if spec is not None and not deploy_file else {}
     state = extract_state_dict(raw, ckpt.get("key"), ckpt.get("strip_prefix"), source=str(path))
+    if spec is not None and not deploy_file and fmt == "torch":
+        from .deploy import is_deploy_state
+
+        deploy_file = is_deploy_state(spec, state)  # a plain state dict of the fused model (reference layout)
     dtypes: dict[str, int] = {}
     for t in state.values():
         name = str(t.dtype).removeprefix("torch.")

@@ -287,10 +287,10 @@ def verify_checkpoint(
     progress("reading deploy file")
     deploy = load_deployed_any(deployed, spec)
     fmt = deploy_format_of(deployed)
-    # Per-block figures where the deploy file keeps the block structure (safetensors only);
+    # Per-block figures where the deploy file keeps the block structure (safetensors, state dicts);
     # which blocks were converted is read off a shape-only conversion.
     report = None
-    if fmt == "safetensors":
+    if fmt in ("safetensors", "state_dict"):
         report = reparameterize(spec.build(device="meta"), **deploy_file_options(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)

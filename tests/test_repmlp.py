@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from reparam_cli import algebra as A
-from reparam_cli.blocks.common import ConvBN
-from reparam_cli.blocks.repmlp import ConvBNReLU, RepMLPBlock, RepMLPDeployBlock, RepMLPNet
+from reparam_cli.blocks.repmlp import RepMLPBlock, RepMLPDeployBlock, RepMLPNet
 from reparam_cli.engine import count_parameters, reparameterize
 from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
 
@@ -96,15 +95,12 @@ def test_reference_key_names():
 
 def _deploy_param_formula(model: nn.Module) -> int:
     """Deploy parameters from the training architecture: FC3 gains a bias and loses BN and the local
-    perceptron; every conv-BN(-ReLU) trades its BN (2 per channel) for a bias (1 per channel)."""
+    perceptron; everything else stays (the reference deploy model keeps its conv-BN pairs)."""
     total = count_parameters(model)
-    local = {id(b) for m in model.modules() if isinstance(m, RepMLPBlock) for b in m.local_branches()}
     for m in model.modules():
         if isinstance(m, RepMLPBlock):
             s, hw = m.S, m.h * m.w
             total += s * hw - 2 * s - sum(s * k * k + 2 * s for k in m.reparam_conv_k or ())
-        elif isinstance(m, (ConvBN, ConvBNReLU)) and id(m) not in local:
-            total -= m.bn.num_features
     return total
 
 

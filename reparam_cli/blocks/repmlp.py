@@ -14,8 +14,11 @@ FC3 (with bias) where the local perceptron was, and nothing else changes.
 
 Key names follow the reference implementation (DingXiaoH/RepMLP, repmlpnet.py): `gp.fc1`, `gp.fc2`,
 `fc3`, `fc3_bn`, `repconv{k}.conv` / `.bn`; units `repmlp_block`, `ffn_block.ffn_fc1/2`, `prebn1/2`;
-the network `conv_embedding`, `stages.i.j`, `embeds.i`, `head_norm`, `head`. The deploy block has
-`gp.*` and `fc3.weight/bias` like the reference's deploy form.
+the network `conv_embedding`, `stages.i.j`, `embeds.i`, `head_norm`, `head`. The deploy form is the
+reference's own (`RepMLPNet(deploy=True)` after `locality_injection()`): each RepMLP block holds
+`gp.*` and `fc3.weight/bias`, and everything else keeps its training keys (the reference leaves its
+conv-BN pairs, pre-BNs and head norm unfused), so a reparam deploy file loads strictly into the
+reference deploy model.
 
 One deliberate difference: the reference reassembles the partitions with a reshape that is only a
 correct inverse of the partitioning when an image holds a single partition per axis (H == h, which
@@ -161,28 +164,26 @@ def fuse_repmlp(block: RepMLPBlock) -> nn.Module:
     return RepMLPDeployBlock(block.gp, fc, block.C, block.h, block.w, block.S)
 
 
-class ConvBNReLU(nn.Sequential):
-    """conv -> BN -> ReLU with the reference's keys (`conv`, `bn`, `relu`)."""
+class ConvBNPair(nn.Sequential):
+    """conv (no bias) -> BN with the reference's keys (`conv`, `bn`), the reference's `conv_bn`.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, groups: int = 1):
+    Deliberately not a `common.ConvBN` (which has a recipe): the reference deploy model keeps these
+    conv-BN pairs unfused, and so does reparam, so that deploy files load strictly into it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, groups: int = 1):
         super().__init__(OrderedDict(
             conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
             bn=nn.BatchNorm2d(out_channels),
-            relu=nn.ReLU(),
         ))
 
 
-class ConvReLU(nn.Sequential):
-    """Deploy form of ConvBNReLU: keys `conv.weight`, `conv.bias`."""
+class ConvBNReLU(ConvBNPair):
+    """conv -> BN -> ReLU with the reference's keys (`conv`, `bn`, `relu`); kept as is at deploy."""
 
-    def __init__(self, conv: nn.Module, relu: nn.Module):
-        super().__init__(OrderedDict(conv=conv, relu=relu))
-
-
-@recipe(ConvBNReLU, family="conv-bn")
-def fuse_conv_bn_relu(block: ConvBNReLU) -> nn.Module:
-    """P1: conv + BN -> one conv with bias; the ReLU stays."""
-    return ConvReLU(A.to_module(conv_bn_kernel(block), dtype=block.conv.weight.dtype), block.relu)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups)
+        self.add_module("relu", nn.ReLU())
 
 
 class FFNBlock(nn.Module):
@@ -191,8 +192,8 @@ class FFNBlock(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int | None = None, out_channels: int | None = None):
         super().__init__()
         hidden = hidden_channels or in_channels
-        self.ffn_fc1 = ConvBN(in_channels, hidden, 1)
-        self.ffn_fc2 = ConvBN(hidden, out_channels or in_channels, 1)
+        self.ffn_fc1 = ConvBNPair(in_channels, hidden, 1)
+        self.ffn_fc2 = ConvBNPair(hidden, out_channels or in_channels, 1)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

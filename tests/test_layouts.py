@@ -1,0 +1,312 @@
+"""Official layouts: deploy-form state dicts of reference implementations (read by verify, inspect and
+load_deploy), RepMLPNet deploy files that load strictly into the reference deploy model, RepNeXt-M
+and RefConv's MobileNetV3 with their reference key names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reparam_cli.deploy import deploy_format_of, load_deploy
+from reparam_cli.engine import reparameterize
+from reparam_cli.errors import CheckpointError
+from reparam_cli.inspection import inspect_checkpoint
+from reparam_cli.pipeline import init_checkpoint, read_training_model, verify_checkpoint
+from reparam_cli.spec import load_spec
+
+from .helpers import run_cli
+
+TINY_REPVGG = ("builder: reparam_cli.blocks.repvgg:RepVGG\n"
+               "args: {num_blocks: [1, 1, 1, 1], width_multiplier: [0.25, 0.25, 0.25, 0.25], num_classes: 5}\n"
+               "input_shape: [2, 3, 32, 32]\n")
+
+
+# --------------------------------------------------------------------------- deploy state dicts
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(spec path, training checkpoint, its deploy model in eval mode)."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_REPVGG)
+    ckpt = tmp_path / "train.pth"
+    init_checkpoint(str(spec), ckpt, seed=3)
+    train, _ = read_training_model(ckpt, load_spec(str(spec)))
+    deploy, _ = reparameterize(train.eval())
+    return spec, ckpt, deploy.eval()
+
+
+def test_reference_deploy_state_dict_verifies_inspects_and_loads(tiny, tmp_path):
+    """What a reference convert script writes (torch.save of the fused model's state dict, here
+    under a `state_dict` wrapper with DataParallel's `module.` prefix, as `.pth.tar`) is a deploy file."""
+    spec, ckpt, deploy = tiny
+    path = tmp_path / "fused.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in deploy.state_dict().items()}}, path)
+    assert deploy_format_of(path) == "state_dict"
+
+    report = verify_checkpoint(ckpt, path, str(spec))
+    assert report["ok"] and report["format"] == "state_dict" and report["blocks"] == {"RepVGGBlock": 5}
+    assert report["max_rel_err"] < 1e-5
+
+    loaded = load_deploy(path, spec=str(spec))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), deploy(x))
+
+    info = inspect_checkpoint(path, str(spec))
+    assert info["kind"] == "deploy" and info["params_after"] == info["parameters"] < info["params_before"]
+    result = run_cli("verify", ckpt, path, "--spec", spec)
+    assert result.exit_code == 0, result.output
+
+
+def test_wrong_deploy_state_dict_fails_verification(tiny, tmp_path):
+    spec, ckpt, deploy = tiny
+    state = {k: v.clone() for k, v in deploy.state_dict().items()}
+    state["stage2.0.rbr_reparam.bias"] += 0.5
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    assert not verify_checkpoint(ckpt, path, str(spec))["ok"]
+    assert run_cli("verify", ckpt, path, "--spec", spec).exit_code == 1
+
+
+def test_training_checkpoint_or_no_spec_is_a_clear_error(tiny):
+    spec, ckpt, _ = tiny
+    with pytest.raises(CheckpointError, match="training checkpoint of tiny, not a deploy file"):
+        load_deploy(ckpt, spec=str(spec))
+    with pytest.raises(CheckpointError, match="needs|pass --spec"):
+        load_deploy(ckpt)
+    result = run_cli("verify", ckpt, ckpt, "--spec", spec)
+    assert result.exit_code == 2 and "not a deploy file" in result.output and "Traceback" not in result.output
+    info = inspect_checkpoint(ckpt, str(spec))
+    assert info["kind"] == "training"
+
+
+# --------------------------------------------------------------------------- RepMLPNet, reference deploy keys
+
+def _ref_conv_bn(cin, cout, k, s, relu=False):
+    """The reference's conv_bn / conv_bn_relu: Sequential(conv (no bias), bn[, relu])."""
+    seq = nn.Sequential()
+    seq.add_module("conv", nn.Conv2d(cin, cout, k, s, 0, bias=False))
+    seq.add_module("bn", nn.BatchNorm2d(cout))
+    if relu:
+        seq.add_module("relu", nn.ReLU())
+    return seq
+
+
+class _RefDeployRepMLPBlock(nn.Module):
+    """DingXiaoH/RepMLP's RepMLPBlock with deploy=True (after locality injection), written from its structure:
+    gp.fc1/fc2, fc3 (grouped 1x1 conv with bias), fc3_bn = Identity, no local perceptron."""
+
+    def __init__(self, c, h, w, s, reduce):
+        super().__init__()
+        self.C, self.S, self.h, self.w = c, s, h, w
+        self.gp = nn.Module()
+        self.gp.fc1 = nn.Conv2d(c, c // reduce, 1)
+        self.gp.fc2 = nn.Conv2d(c // reduce, c, 1)
+        self.fc3 = nn.Conv2d(s * h * w, s * h * w, 1, groups=s)
+        self.fc3_bn = nn.Identity()
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.gp.fc2(torch.relu(self.gp.fc1(x.mean((2, 3), keepdim=True)))))
+        n, c, hh, ww = x.shape
+        hp, wp = hh // self.h, ww // self.w
+        p = x.reshape(n, c, hp, self.h, wp, self.w).permute(0, 2, 4, 1, 3, 5)
+        out = self.fc3_bn(self.fc3(p.reshape(-1, self.S * self.h * self.w, 1, 1)))
+        out = out.reshape(-1, hp, wp, self.S, self.h, self.w).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+        return out * gate
+
+
+class _RefDeployRepMLPNet(nn.Module):
+    """The reference RepMLPNet(deploy=True) module tree and forward (no weights of its own)."""
+
+    def __init__(self, channels, hs, num_blocks, sharesets, num_class, reduce=4):
+        super().__init__()
+        self.conv_embedding = _ref_conv_bn(3, channels[0], 4, 4, relu=True)
+        self.stages = nn.ModuleList()
+        for c, h, n, s in zip(channels, hs, num_blocks, sharesets):
+            units = nn.ModuleList()
+            for _ in range(n):
+                unit = nn.Module()
+                unit.repmlp_block = _RefDeployRepMLPBlock(c, h, h, s, reduce)
+                unit.ffn_block = nn.Module()
+                unit.ffn_block.ffn_fc1 = _ref_conv_bn(c, 4 * c, 1, 1)
+                unit.ffn_block.ffn_fc2 = _ref_conv_bn(4 * c, c, 1, 1)
+                unit.prebn1, unit.prebn2 = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+                units.append(unit)
+            self.stages.append(units)
+        self.embeds = nn.ModuleList(_ref_conv_bn(a, b, 2, 2, relu=True) for a, b in zip(channels, channels[1:]))
+        self.head_norm = nn.BatchNorm2d(channels[-1])
+        self.head = nn.Linear(channels[-1], num_class)
+
+    def forward(self, x):
+        x = self.conv_embedding(x)
+        for i, stage in enumerate(self.stages):
+            for u in stage:
+                x = x + u.repmlp_block(u.prebn1(x))
+                x = x + u.ffn_block.ffn_fc2(nn.functional.gelu(u.ffn_block.ffn_fc1(u.prebn2(x))))
+            if i < len(self.embeds):
+                x = self.embeds[i](x)
+        return self.head(self.head_norm(x).mean((2, 3)))
+
+
+def test_repmlpnet_deploy_file_loads_strictly_into_the_reference_deploy_model(tmp_path):
+    from reparam_cli.pipeline import convert_checkpoint
+
+    spec = tmp_path / "mini-repmlpnet.yaml"
+    spec.write_text("builder: reparam_cli.blocks.repmlp:RepMLPNet\n"
+                    "args: {channels: [8, 16], hs: [4, 2], ws: [4, 2], num_blocks: [1, 2], sharesets_nums: [2, 4],"
+                    " reparam_conv_k: [1, 3], num_class: 10}\ninput_shape: [2, 3, 16, 16]\n")
+    ckpt = tmp_path / "train.pth"
+    init_checkpoint(str(spec), ckpt, seed=5)
+    out = tmp_path / "deploy.safetensors"
+    assert convert_checkpoint(ckpt, str(spec), out)["ok"]
+    deploy = load_deploy(out)
+
+    from safetensors.torch import load_file
+
+    reference = _RefDeployRepMLPNet((8, 16), (4, 2), (1, 2), (2, 4), 10).eval()
+    reference.load_state_dict(load_file(str(out)), strict=True)  # every key and shape, nothing left over
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(reference(x), deploy(x), rtol=1e-5, atol=1e-6)
+    # and the reference deploy model's own state dict is a deploy file for reparam
+    torch.save(reference.state_dict(), tmp_path / "reference.pth")
+    assert verify_checkpoint(ckpt, tmp_path / "reference.pth", str(spec))["ok"]
+
+
+# --------------------------------------------------------------------------- RefConv's MobileNetV3
+
+class _ScriptRepConv(nn.Module):
+    """The tensors of RefConv's reference `RepConv` (ImageNet-MobileNetv3-RefConv.py), written from its
+    structure: a frozen base `weight` buffer and `convmap` with in*out/groups^2 groups; no conversion method."""
+
+    def __init__(self, cin, cout, k, groups=1, map_k=3):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(cout, cin // groups, k, k))
+        n = cout * cin // groups
+        self.convmap = nn.Conv2d(n, n, map_k, 1, map_k // 2, groups=cin * cout // groups ** 2, bias=False)
+
+
+@pytest.mark.parametrize("mode,params_after,refconvs", [("large", 5_476_416, 16), ("small", 2_938_368, 12)])
+def test_mobilenetv3_refconv_specs_have_the_scripts_keys(mode, params_after, refconvs):
+    from reparam_cli.engine import count_parameters
+
+    net = load_spec(f"mobilenetv3-refconv-{mode[0]}").build(device="meta")
+    state = net.state_dict()
+    exp = 72 if mode == "large" else 96  # the first 5x5 bottleneck (features.4 in both)
+    stem, dw = _ScriptRepConv(3, 16, 3), _ScriptRepConv(exp, exp, 5, groups=exp)
+    for prefix, module in (("features.0.0.", stem), ("features.4.conv.3.", dw)):
+        for k, t in module.state_dict().items():
+            assert state[prefix + k].shape == t.shape, prefix + k
+    assert {"features.1.conv.0.weight", "features.1.conv.8.running_var", "classifier.1.weight"} <= state.keys()
+    assert any(k.endswith("conv.5.fc.2.weight") for k in state)
+    deploy, report = reparameterize(net)
+    # MobileNetV3-Large 5.4M / -Small 2.9M parameters (Howard et al.): the deploy form is the plain network.
+    assert report.blocks == {"RefConv": refconvs} and count_parameters(deploy) == params_after
+    assert "features.0.0.weight" in deploy.state_dict() and not any("convmap" in k for k in deploy.state_dict())
+
+
+def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
+    """A checkpoint as the script saves it (a plain state dict, RepConv keys) converts and verifies."""
+    from reparam_cli.pipeline import convert_checkpoint
+
+    ckpt = tmp_path / "tsl.pth"
+    init_checkpoint("mobilenetv3-refconv-s", ckpt, seed=4)
+    report = convert_checkpoint(ckpt, "mobilenetv3-refconv-s", tmp_path / "tsl.deploy.safetensors")
+    assert report["ok"] and report["blocks"] == {"RefConv": 12} and report["params_after"] == 2_938_368
+    assert report["max_rel_err"] < 1e-5
+
+
+# --------------------------------------------------------------------------- RepNeXt-M
+
+from reparam_cli import algebra as A  # noqa: E402
+from reparam_cli.blocks.repnext_m import (RepDWConvM, RepDWConvS, RepNext, RepNextClassifier,  # noqa: E402
+                                          VARIANTS)
+
+from .helpers import assert_equivalent, randomized  # noqa: E402
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups,cin,mid,cout", [(4, 4, 4, 4), (1, 3, 6, 5), (2, 4, 8, 6)])
+def test_sequential_of_1xk_then_kx1_is_one_conv(stride, groups, cin, mid, cout):
+    """P5c: a 1xk conv (no bias) then a kx1 conv (with bias) is one kxk conv, exactly, borders included."""
+    torch.manual_seed(0)
+    c1 = nn.Conv2d(cin, mid, (1, 5), (1, stride), (0, 2), groups=groups, bias=False).double()
+    c2 = nn.Conv2d(mid, cout, (5, 1), (stride, 1), (2, 0), groups=groups).double()
+    k = A.sequential(A.from_module(c1), A.from_module(c2))
+    assert k.kernel_size == (5, 5) and k.padding == (2, 2) and k.stride == (stride, stride)
+    x = torch.randn(2, cin, 9, 11, dtype=torch.float64)
+    assert torch.allclose(A.apply(k, x), c2(c1(x)), atol=1e-12)
+
+
+def test_sequential_refuses_a_bias_into_padding_and_kxk_chains():
+    c1 = nn.Conv2d(4, 4, (1, 3), 1, (0, 1), groups=4, bias=True)  # its bias would meet the 3x1's zero padding
+    c2 = nn.Conv2d(4, 4, (3, 1), 1, (1, 0), groups=4)
+    with pytest.raises(A.NotEquivalent):
+        A.sequential(A.from_module(c1), A.from_module(c2))
+    with pytest.raises(A.NotEquivalent):
+        A.sequential(A.from_module(nn.Conv2d(4, 4, 3, 1, 1)), A.from_module(nn.Conv2d(4, 4, 3, 1, 1)))
+
+
+def test_undilate_spreads_the_taps():
+    conv = nn.Conv2d(4, 4, 2, 2, 1, dilation=2, groups=4).double()
+    k = A.undilate(A.from_module(conv))
+    assert k.kernel_size == (3, 3) and k.dilation == (1, 1) and k.padding == (1, 1)
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    assert torch.allclose(A.apply(k, x), conv(x), atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [RepDWConvS(8), RepDWConvS(8, stride=2), RepDWConvM(8), RepDWConvM(8, stride=2),
+                                   RepNextClassifier(8, 5)], ids=["S", "S-stride2", "M", "M-stride2", "head"])
+def test_repnext_m_blocks_fuse_to_one_layer(block):
+    shape = (2, 8) if isinstance(block, RepNextClassifier) else (2, 8, 13, 12)  # odd sizes: every border case
+    deploy, _ = assert_equivalent(randomized(block), shape)
+    assert isinstance(deploy, (nn.Conv2d, nn.Linear))
+    if isinstance(deploy, nn.Conv2d):
+        assert deploy.groups == 8 and deploy.kernel_size == ((3, 3) if isinstance(block, RepDWConvS) else (7, 7))
+
+
+def test_repnext_m_deploy_params_match_the_paper():
+    """Deploy parameters of M0..M5 as in the paper's table (2.3, 4.8, 6.5, 7.8, 13.3, 21.7 M)."""
+    from reparam_cli.engine import count_parameters
+
+    paper = {"m0": 2.3, "m1": 4.8, "m2": 6.5, "m3": 7.8, "m4": 13.3, "m5": 21.7}
+    for name, (dims, depth) in VARIANTS.items():
+        net = load_spec(f"repnext-{name}").build(device="meta")
+        assert net.stem.stem[0].conv.out_channels * 2 == dims[0] and len(net.stages[2].blocks) == depth[2]
+        deploy, report = reparameterize(net)
+        assert round(count_parameters(deploy) / 1e6, 1) == paper[name], name
+        assert report.blocks["RepDWConvS"] == report.blocks["RepDWConvM"] == sum(depth) + len(depth) - 1
+
+
+def test_repnext_m0_reference_keys_and_end_to_end(tmp_path):
+    """suous/RepNeXt's key names (training and fused), and init -> convert -> load_deploy of RepNeXt-M0."""
+    from reparam_cli.pipeline import VerifyOptions, convert_checkpoint
+
+    net = load_spec("repnext-m0").build(device="meta")
+    keys = set(net.state_dict())
+    for key in ("stem.stem.0.conv.weight", "stem.stem.2.norm.running_var",
+                "stages.0.blocks.0.token_mixer.conv_s.conv_2_2.weight", "stages.0.blocks.0.token_mixer.conv_s.conv_3_w.bias",
+                "stages.0.blocks.1.token_mixer.conv_m.conv_5_h.weight", "stages.0.blocks.0.token_mixer.conv_l.1.bias",
+                "stages.0.blocks.0.norm.running_mean", "stages.0.blocks.0.channel_mixer.2.conv.weight",
+                "stages.1.downsample.token_mixer.conv_s.conv_3_3.bias", "stages.1.downsample.norm.weight",
+                "stages.3.downsample.channel_mixer.0.norm.bias", "head.head.norm.running_var", "head.head_dist.linear.weight"):
+        assert key in keys, key
+    assert "stages.1.downsample.token_mixer.conv_s.conv_3_w.bias" not in keys  # no bias on stride-2 1xk / kx1
+    fused = set(reparameterize(net)[0].state_dict())
+    for key in ("stem.stem.0.weight", "stem.stem.0.bias", "stages.0.blocks.0.token_mixer.conv_s.weight",
+                "stages.1.downsample.token_mixer.conv_m.bias", "stages.0.blocks.0.token_mixer.conv_l.0.weight",
+                "stages.0.blocks.0.channel_mixer.0.bias", "head.weight", "head.bias"):
+        assert key in fused, key
+
+    ckpt = tmp_path / "repnext_m0.pth"
+    init_checkpoint("repnext-m0", ckpt, seed=1)
+    out = tmp_path / "m0.deploy.safetensors"
+    report = convert_checkpoint(ckpt, "repnext-m0", out, verify_options=VerifyOptions(input_shape=(1, 3, 64, 64)))
+    assert report["ok"] and report["params_after"] == 2_333_200 and report["max_rel_err"] < 1e-5
+    train, _ = read_training_model(ckpt, load_spec("repnext-m0"))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = train.eval().double()(x.double())
+        got = load_deploy(out)(x).double()
+    assert (got - ref).abs().max().item() / ref.abs().max().item() < 1e-5
