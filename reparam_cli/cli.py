@@ -43,6 +43,9 @@ ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e
 NoVerifyOpt = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended).")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
+TrustSpecOpt = typer.Option(False, "--trust-spec", help="Rebuild a deploy file from the spec stored in it even when "
+                            "that spec names code other than reparam's or timm's builders (a module:function or a "
+                            ".py file). Only for files you trust: it runs that code.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
                                            "instead of its training weights.")
 DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
@@ -420,6 +423,7 @@ def inspect(
     spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Model spec: also list the re-parameterizable "
                                        "blocks and the parameters before/after (nothing is computed or written)."),
     trust_pickle: bool = TrustOpt,
+    trust_spec: bool = TrustSpecOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Show what a checkpoint holds (format, dtypes, tensors, parameters) and, with --spec, what
@@ -430,7 +434,7 @@ def inspect(
         from .pipes import stdout_to_stderr
 
         with stdout_to_stderr():  # stdout is for --json: no stray prints from a Python spec
-            return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)
+            return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle, trust_spec=trust_spec)
 
     report = _guarded(action, as_json)
     if as_json:

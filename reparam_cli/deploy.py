@@ -31,13 +31,23 @@ def read_metadata(path: str | Path) -> dict[str, object]:
     return decode_metadata(raw)
 
 
-def stored_spec(meta: dict[str, object]):
-    """The ModelSpec a deploy file was converted with, from its decoded metadata (None if absent)."""
+def stored_spec(meta: dict[str, object], *, trust: bool = False):
+    """The ModelSpec a deploy file was converted with, from its decoded metadata (None if absent).
+
+    The stored spec is data: it is parsed, never imported, and returned only when rebuilding it
+    runs nothing but reparam's own or an integrated library's builders (`spec.SAFE_SPEC_KINDS`);
+    any other builder raises SpecError unless `trust` (--trust-spec) is set.
+    """
+    from .spec import ModelSpec, check_stored_spec
+
+    return None if meta.get("spec") is None else check_stored_spec(stored_spec_data(meta), trust)
+
+
+def stored_spec_data(meta: dict[str, object]):
+    """The stored ModelSpec, parsed but not checked: for its name and figures only, never to build."""
     from .spec import ModelSpec
 
-    stored = meta.get("spec")
-    if stored is None:
-        return None
+    stored = meta["spec"]
     return ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
 
 
@@ -54,10 +64,12 @@ def deploy_file_options(path: str | Path) -> dict:
     return conversion_options(isinstance(options, dict) and bool(options.get("linear_as_conv")))
 
 
-def load_deploy(path: str | Path, spec=None) -> nn.Module:
+def load_deploy(path: str | Path, spec=None, *, trust_spec: bool = False) -> nn.Module:
     """Rebuild a runnable deploy model from a reparam safetensors file.
 
     The spec stored in the file is used unless `spec` (a ModelSpec or a --spec reference) is given.
+    A stored spec is rebuilt only when it names a built-in or timm builder with plain arguments;
+    one naming other code (a module:function, a .py file) raises SpecError unless `trust_spec`.
     The training model is built on the meta device and converted shape-only, then the file's
     tensors are assigned to the resulting skeleton.
     """
@@ -70,10 +82,10 @@ def load_deploy(path: str | Path, spec=None) -> nn.Module:
     if isinstance(spec, str):
         spec = load_spec(spec)
     if spec is None:
-        spec = stored_spec(read_metadata(path))
+        spec = stored_spec(read_metadata(path), trust=trust_spec)
         if spec is None:
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
-    skeleton, _ = reparameterize(spec.build(device="meta"), **deploy_file_options(path))
+    skeleton, _ = reparameterize(spec.build(device="meta").eval(), **deploy_file_options(path))
     return load_into(skeleton, load_file(str(path)), what="deploy file").eval()
 
 

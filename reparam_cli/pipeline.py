@@ -25,7 +25,7 @@ from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
 from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
-                     load_deployed_any, read_metadata, stored_spec)
+                     load_deployed_any, read_metadata, stored_spec_data)
 from .export import (DTYPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors, write_state_safetensors,
                      write_torchscript)
 from .spec import ModelSpec, load_spec
@@ -68,7 +68,10 @@ def _refuse_reparam_deploy_file(checkpoint: Path) -> None:
     except ReparamError:
         return  # read_raw reports unreadable files
     if is_deploy_metadata(meta):
-        name = stored_spec(meta).name
+        try:
+            name = stored_spec_data(meta).name  # its name only: nothing stored is built here
+        except ReparamError:
+            name = "unreadable"
         raise AlreadyDeployed(f"{checkpoint} is already a reparam deploy file (spec {name})",
                               hint="nothing to convert; check it against its training checkpoint with `reparam verify`")
 

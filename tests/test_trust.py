@@ -1,0 +1,95 @@
+"""Trust: a deploy file's stored spec is data (never code to run), specs cannot hijack the process,
+--json is strict JSON, and the engine refuses what would compute something else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from reparam_cli.deploy import load_deploy
+from reparam_cli.errors import SpecError
+from reparam_cli.inspection import inspect_checkpoint
+from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
+
+from .helpers import run_cli
+
+TINY = """\
+name: tiny-repvgg
+builder: reparam_cli.blocks.repvgg:RepVGG
+args: {num_blocks: [1, 1, 1, 1], width_multiplier: [0.25, 0.25, 0.25, 0.25], num_classes: 10}
+input_shape: [1, 3, 32, 32]
+"""
+
+
+def restamp(src: Path, dst: Path, **spec_changes) -> Path:
+    """A copy of deploy file `src` whose stored spec has `spec_changes` applied (same tensors)."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    spec = json.loads(meta["reparam.spec"])
+    spec.update(spec_changes)
+    meta["reparam.spec"] = json.dumps(spec)
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory) -> dict[str, Path]:
+    """A good deploy file and copies whose stored spec would run code that writes a marker file."""
+    folder = tmp_path_factory.mktemp("crafted")
+    spec = folder / "tiny.yaml"
+    spec.write_text(TINY)
+    ckpt = folder / "t.pth"
+    init_checkpoint(str(spec), ckpt, seed=0)
+    good = folder / "t.deploy.safetensors"
+    convert_checkpoint(ckpt, str(spec), good, verify_output=False)
+    marker = folder / "MARKER"
+    evil_py = folder / "evil.py"
+    evil_py.write_text(f"open({str(marker)!r}, 'w').write('ran')\n\ndef build_model():\n    raise SystemExit(0)\n")
+    files = {"spec": spec, "ckpt": ckpt, "good": good, "marker": marker, "folder": folder}
+    files["os_system"] = restamp(good, folder / "sys.deploy.safetensors", builder="os:system",
+                                 args={"command": f"touch {marker}"})
+    files["py_file"] = restamp(good, folder / "py.deploy.safetensors", builder=f"{evil_py}:build_model", args={})
+    # Looks like reparam's own code but names something merely imported there.
+    files["imported"] = restamp(good, folder / "imp.deploy.safetensors",
+                                builder="reparam_cli.blocks.repvgg:recipe", args={})
+    files["bad_args"] = restamp(good, folder / "args.deploy.safetensors",
+                                args={"num_blocks": [1, 1, 1, 1], "width_multiplier": f"{evil_py}:build_model"})
+    return files
+
+
+CRAFTED = ["os_system", "py_file", "imported", "bad_args"]
+
+
+@pytest.mark.parametrize("kind", CRAFTED)
+def test_stored_spec_naming_code_runs_nothing(crafted, kind):
+    path, marker = crafted[kind], crafted["marker"]
+    with pytest.raises(SpecError, match="--trust-spec"):
+        load_deploy(path)
+    for args, stdin in ((("inspect", path), None), (("inspect", path, "--json"), None),
+                        (("inspect", "-"), path.read_bytes())):
+        result = run_cli(*args, stdin=stdin)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and "--trust-spec" in result.stderr
+    # verify and batch never consult the stored spec: the one given is used, deploy files are not inputs
+    result = run_cli("verify", crafted["ckpt"], path, "--spec", crafted["spec"], "--json")
+    assert result.exit_code == 0, result.output
+    assert run_cli("batch", crafted["folder"], "--spec", crafted["spec"], "-o", crafted["folder"] / f"out-{kind}",
+                   "-p", path.name).exit_code == 2  # no input: a deploy file is never one
+    assert not marker.exists()
+
+
+def test_explicit_spec_or_trust_spec_rebuilds(crafted):
+    x = torch.randn(1, 3, 32, 32)
+    want = load_deploy(crafted["good"])(x)  # the built-in builder is rebuilt from the file alone
+    assert torch.allclose(load_deploy(crafted["os_system"], spec=str(crafted["spec"]))(x), want, rtol=1e-5, atol=1e-6)
+    report = inspect_checkpoint(crafted["imported"], str(crafted["spec"]))
+    assert report["kind"] == "deploy" and report["blocks"] == {"RepVGGBlock": 5}
+    with pytest.raises(SystemExit):  # trusted: the file's code runs (here it exits on build)
+        load_deploy(crafted["py_file"], trust_spec=True)
+    assert crafted["marker"].exists()
+    crafted["marker"].unlink()
