@@ -69,6 +69,8 @@ class ModelSpec:
                     model = fn(**self.args)
         except TypeError as exc:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
+        except SystemExit as exc:  # the builder is user code: exiting is an error, not the end of reparam
+            raise SpecError(f"spec {self.name!r}: builder {self.builder} called sys.exit({exc.code!r})") from None
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -179,17 +181,41 @@ def _python_spec(path: Path, func: str) -> ModelSpec:
     )
 
 
+_IMPORTED: dict[Path, Any] = {}  # Python spec files by resolved path: each is imported once per process
+
+
 def _import_file(path: Path):
+    """Import a Python spec file (once per process). Its code is the user's: an exception or a
+    sys.exit() (argparse at import, for instance) becomes a one-line SpecError, and what it writes to
+    stderr meanwhile is held back and replayed only if the import succeeds."""
+    import contextlib
+    import io
+    import sys
+
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    name = f"reparam_user_spec_{abs(hash(str(path.resolve())))}"
+    key = path.resolve()
+    if key in _IMPORTED:
+        return _IMPORTED[key]
+    name = f"reparam_user_spec_{abs(hash(str(key)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    said = io.StringIO()
     try:
-        spec.loader.exec_module(module)
+        with contextlib.redirect_stderr(said):
+            spec.loader.exec_module(module)
+    except SystemExit as exc:
+        raise SpecError(f"importing {path} called sys.exit({exc.code!r})",
+                        hint="a spec must not exit or parse the command line at import") from None
     except Exception as exc:  # user code: report, do not crash
-        raise SpecError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+        raise SpecError(f"importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    sys.stderr.write(said.getvalue())
+    _IMPORTED[key] = module
     return module
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 TIMM_PREFIX = "timm:"

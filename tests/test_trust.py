@@ -89,7 +89,73 @@ def test_explicit_spec_or_trust_spec_rebuilds(crafted):
     assert torch.allclose(load_deploy(crafted["os_system"], spec=str(crafted["spec"]))(x), want, rtol=1e-5, atol=1e-6)
     report = inspect_checkpoint(crafted["imported"], str(crafted["spec"]))
     assert report["kind"] == "deploy" and report["blocks"] == {"RepVGGBlock": 5}
-    with pytest.raises(SystemExit):  # trusted: the file's code runs (here it exits on build)
+    with pytest.raises(SpecError, match=r"sys\.exit"):  # trusted: the file's code runs (and exits on build)
         load_deploy(crafted["py_file"], trust_spec=True)
     assert crafted["marker"].exists()
     crafted["marker"].unlink()
+
+
+NOISY = """\
+import atexit, os, sys
+from reparam_cli.blocks.repvgg import RepVGG
+print("print at import")
+os.write(1, b"raw write to fd 1 at import\\n")
+atexit.register(lambda: print("print at exit"))
+with open({counter!r}, "a") as f:
+    f.write("imported\\n")
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
+def build_model():
+    print("print while building")
+    return RepVGG(num_blocks=[1, 1, 1, 1], width_multiplier=[0.25] * 4, num_classes=10)
+"""
+
+
+def reparam_process(*args, cwd=None):
+    """The real console entry point in a subprocess (fds, atexit and interpreter exit included)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run([sys.executable, "-m", "reparam_cli", *map(str, args)], capture_output=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_a_noisy_spec_cannot_touch_stdout(crafted, tmp_path):
+    counter = tmp_path / "imports.txt"
+    noisy = tmp_path / "noisy.py"
+    noisy.write_text(NOISY.format(counter=str(counter)))
+    done = reparam_process("convert", crafted["ckpt"], "--spec", noisy, "-o", "-", "--samples", "1")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout[8:9] == b"{"  # a safetensors file and nothing else
+    out = tmp_path / "piped.safetensors"
+    out.write_bytes(done.stdout)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(load_deploy(out, spec=str(crafted["spec"]))(x), load_deploy(crafted["good"])(x),
+                          rtol=1e-5, atol=1e-6)
+    for noise in (b"print at import", b"raw write to fd 1", b"print while building", b"print at exit"):
+        assert noise in done.stderr
+    assert counter.read_text() == "imported\n"  # imported once per process
+    quiet_exit = tmp_path / "noisy_in_process.py"  # no atexit handler left behind in the test process
+    quiet_exit.write_text(NOISY.format(counter=str(counter)).replace('atexit.register(lambda: print("print at exit"))', ""))
+    result = run_cli("inspect", crafted["ckpt"], "--spec", quiet_exit, "--json")  # in-process: Python-level prints
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["blocks"] == {"RepVGGBlock": 5} and "print at import" in result.stderr
+
+
+@pytest.mark.parametrize("code", ["import sys\nsys.exit(3)\n",
+                                  "import argparse\nargparse.ArgumentParser().parse_args()\n",
+                                  "def build_model():\n    raise SystemExit('bye')\n",
+                                  "raise ValueError('first line\\nsecond line')\n"])
+def test_a_spec_that_exits_or_fails_is_one_error_line(crafted, tmp_path, code):
+    spec = tmp_path / "exits.py"
+    spec.write_text(code)
+    for args in (("convert", crafted["ckpt"], "--spec", spec, "-o", tmp_path / "o.safetensors"),
+                 ("inspect", crafted["ckpt"], "--spec", spec, "--json")):
+        result = run_cli(*args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert json.loads(result.stdout)["ok"] is False
+    assert not (tmp_path / "o.safetensors").exists()
