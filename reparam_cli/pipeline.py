@@ -96,7 +96,7 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
 
 def _refuse_deploy_form(raw, checkpoint: Path, spec: ModelSpec, ema: bool) -> None:
     """Raise AlreadyDeployed when the checkpoint's tensors fit the spec's deploy skeleton exactly."""
-    skeleton, conv = reparameterize(spec.build(device="meta"))
+    skeleton, conv = reparameterize(spec.build(device="meta").eval())
     if not conv.converted:
         return
     try:
@@ -294,7 +294,7 @@ def verify_checkpoint(
     # which blocks were converted is read off a shape-only conversion.
     report = None
     if fmt == "safetensors":
-        report = reparameterize(spec.build(device="meta"), **deploy_file_options(deployed))[1]
+        report = reparameterize(spec.build(device="meta").eval(), **deploy_file_options(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     out = {
@@ -367,7 +367,7 @@ def list_specs(params: bool = True) -> list[dict]:
             row.update(family=raw.get("family"), description=spec.description,
                        input_shape=list(spec.input_shape), builder=spec.builder)
             if params or not row["family"]:
-                model = spec.build(device="meta")
+                model = spec.build(device="meta").eval()
                 deploy, report = reparameterize(model)
                 if params:
                     row.update(params_before=count_parameters(model), params_after=count_parameters(deploy))

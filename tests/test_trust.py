@@ -159,3 +159,69 @@ def test_a_spec_that_exits_or_fails_is_one_error_line(crafted, tmp_path, code):
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert json.loads(result.stdout)["ok"] is False
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- numbers never hide
+
+def _reject(token):
+    raise ValueError(f"non-strict JSON token {token}")
+
+
+def test_strict_json_replaces_non_finite_numbers_and_says_why():
+    from reparam_cli.jsonio import dumps
+
+    text = dumps({"ok": False, "max_abs_err": float("nan"), "worst": {"err": float("-inf")}, "xs": [1.0, float("inf")]})
+    data = json.loads(text, parse_constant=_reject)
+    assert data["max_abs_err"] is None and data["worst"]["err"] is None and data["xs"] == [1.0, None]
+    assert data["nonfinite"] == {"max_abs_err": "nan", "worst.err": "-inf", "xs[1]": "inf"}
+    assert "nonfinite" not in json.loads(dumps({"ok": True, "x": 1.5}))
+
+
+def _repvgg_block(dtype=torch.float32):
+    from reparam_cli.blocks.repvgg import RepVGGBlock
+
+    from .helpers import randomized
+
+    return randomized(RepVGGBlock(4, 4)).to(dtype)
+
+
+def test_fused_weights_that_overflow_the_dtype_are_an_error_even_unverified(tmp_path):
+    from reparam_cli.engine import reparameterize
+    from reparam_cli.errors import NotEquivalent
+
+    block = _repvgg_block(torch.float16)
+    with torch.no_grad():  # finite float16 values whose fused product (300 / sqrt(1e-5) = 9.5e4) is not
+        block.rbr_dense.conv.weight.fill_(300.0)
+        block.rbr_dense.bn.running_var.zero_()
+        block.rbr_dense.bn.weight.fill_(1.0)
+    assert all(torch.isfinite(t).all() for t in block.state_dict().values())
+    with pytest.raises(NotEquivalent, match=r"block <root> \(RepVGGBlock\): .*non-finite .*float16"):
+        reparameterize(block)
+
+
+def test_batchnorm_with_non_positive_variance_is_refused_naming_the_block():
+    from torch import nn
+
+    from reparam_cli.engine import reparameterize
+    from reparam_cli.errors import NotEquivalent
+
+    net = nn.Sequential(nn.Identity(), _repvgg_block())
+    with torch.no_grad():
+        net[1].rbr_1x1.bn.running_var[2] = -1.0
+    with pytest.raises(NotEquivalent, match=r"block 1 \(RepVGGBlock\): BatchNorm2d has running_var \+ eps <= 0 in 1"):
+        reparameterize(net)
+
+
+def test_training_mode_converts_the_eval_function_and_says_so():
+    from torch import nn
+
+    from reparam_cli.engine import reparameterize
+
+    net = nn.Sequential(_repvgg_block(), nn.Dropout(0.5), nn.BatchNorm2d(4)).train()
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.warns(UserWarning, match="training mode"):
+        deploy, report = reparameterize(net)
+    assert not any(m.training for m in deploy.modules()) and "eval-mode" in report.notes[0]
+    assert net.training  # the input is left as it was
+    with torch.no_grad():
+        assert torch.allclose(deploy(x), net.eval()(x), rtol=1e-5, atol=1e-5)
