@@ -7,6 +7,7 @@ Writing lives in `export.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -176,14 +177,45 @@ def load_exported(path: str | Path, fmt: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "pt2":
+            logged: list[str] = []
             try:
-                return ExportedProgramModule(torch.export.load(str(path)).module())
+                with _torch_logs_kept(logged):  # torch logs a whole traceback before raising
+                    return ExportedProgramModule(torch.export.load(str(path)).module())
             except Exception as exc:
-                raise CheckpointError(f"cannot read {path} as a torch.export (.pt2) file: {_first_line(exc)}") from None
+                detail = _last_logged_error(logged) or _first_line(exc)
+                raise CheckpointError(f"cannot read {path} as a torch.export (.pt2) file: {detail}") from None
         try:
             return torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:
             raise CheckpointError(f"cannot read {path} as a TorchScript file: {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _torch_logs_kept(into: list[str], name: str = "torch.export"):
+    """Collect what torch's `name` logger says meanwhile into `into` instead of printing it."""
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            into.append(record.getMessage() + ("\n" + self.formatException(record.exc_info) if record.exc_info else ""))
+
+        def formatException(self, exc_info) -> str:
+            return logging.Formatter().formatException(exc_info)
+
+    logger = logging.getLogger(name)
+    handlers, propagate = logger.handlers, logger.propagate  # torch attaches its own handlers here
+    logger.handlers, logger.propagate = [Keep()], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def _last_logged_error(logged: list[str]) -> str:
+    """The exception line that ends a logged traceback, first sentence only ('' if none)."""
+    lines = [line.strip() for text in logged for line in text.splitlines() if line.strip()]
+    last = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), "")
+    return last.split(". ")[0]
 
 
 def load_deployed_any(path: str | Path, spec=None) -> nn.Module:
