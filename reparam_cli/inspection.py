@@ -76,7 +76,11 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"not a file: {path}")
     with open(path, "rb") as f:
-        fmt = sniff_format(f.read(16))
+        head = f.read(16)
+    try:
+        fmt = sniff_format(head)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc.message}", exc.hint) from None
     progress("reading checkpoint")
     reparam_meta: dict[str, Any] = {}
     if fmt == "safetensors":
