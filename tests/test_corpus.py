@@ -247,3 +247,46 @@ def test_cli_bad_input(inputs, tmp_path, argv, code, expect):
         assert json.loads(result.stdout, parse_constant=float)["ok"] is False
     assert _snapshot(out) == {} and _snapshot(folder) == before  # nothing written, inputs unchanged
     assert not inputs["marker"].exists()
+
+
+def _api_cases(d: Path):
+    from reparam_cli import algebra  # noqa: F401
+    from reparam_cli.deploy import load_deploy
+    from reparam_cli.engine import reparameterize
+    from reparam_cli.inspection import inspect_checkpoint
+    from reparam_cli.pipeline import verify_checkpoint
+    from reparam_cli.spec import load_spec
+
+    spec = str(d / "tiny.yaml")
+    return {
+        "load_deploy-os-system": lambda: load_deploy(d / "os_system.deploy.safetensors"),
+        "load_deploy-pyfile": lambda: load_deploy(d / "pyfile.deploy.safetensors"),
+        "load_deploy-truncated": lambda: load_deploy(d / "truncated.safetensors", spec),
+        "load_deploy-no-metadata": lambda: load_deploy(d / "badheader.safetensors"),
+        "convert-missing": lambda: convert_checkpoint(d / "nope.pth", spec, d / "o.safetensors"),
+        "convert-int": lambda: convert_checkpoint(d / "int.pth", spec, d / "o.safetensors"),
+        "convert-pickle-code": lambda: convert_checkpoint(d / "torch_pickle_code.pth", spec, d / "o.safetensors"),
+        "verify-foreign-pt2": lambda: verify_checkpoint(d / "t.pth", d / "foreign.pt2", spec),
+        "inspect-crafted": lambda: inspect_checkpoint(d / "pyfile.deploy.safetensors"),
+        "load_spec-exits": lambda: load_spec(str(d / "exits.py")),
+        "load_spec-unknown": lambda: load_spec("no-such-spec"),
+        "reparameterize-not-a-module": lambda: reparameterize("model"),
+    }
+
+
+API_CASES = ["load_deploy-os-system", "load_deploy-pyfile", "load_deploy-truncated", "load_deploy-no-metadata",
+             "convert-missing", "convert-int", "convert-pickle-code", "verify-foreign-pt2", "inspect-crafted",
+             "load_spec-exits", "load_spec-unknown", "reparameterize-not-a-module"]
+
+
+@pytest.mark.parametrize("case", API_CASES)
+def test_python_api_bad_input(inputs, case):
+    """The Python API raises a ReparamError with a one-line message, writes nothing, runs nothing."""
+    from reparam_cli.errors import ReparamError
+
+    folder = inputs["dir"]
+    before = _snapshot(folder)
+    with pytest.raises(ReparamError) as info:
+        _api_cases(folder)[case]()
+    assert "\n" not in str(info.value)
+    assert _snapshot(folder) == before and not inputs["marker"].exists()
