@@ -225,3 +225,52 @@ def test_training_mode_converts_the_eval_function_and_says_so():
     assert net.training  # the input is left as it was
     with torch.no_grad():
         assert torch.allclose(deploy(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- block geometry, more dtypes
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _stack(kind: str, c: int, groups: int, stride: int, k: int):
+    """Two blocks of one family back to back: (N, c*groups, H, W) -> (N, c*groups, H', W')."""
+    from torch import nn
+
+    from reparam_cli.blocks.acnet import ACBlock
+    from reparam_cli.blocks.dbb import DiverseBranchBlock
+    from reparam_cli.blocks.repvgg import RepVGGBlock
+
+    w = c * groups
+    make = {"repvgg": lambda s: RepVGGBlock(w, w, 3, s, 1, groups=groups),
+            "acnet": lambda s: ACBlock(w, w, k, s, k // 2, groups=groups),
+            "dbb": lambda s: DiverseBranchBlock(w, w, k, s, groups=groups)}[kind]
+    return nn.Sequential(make(stride), make(1))
+
+
+@settings(max_examples=24, deadline=None, derandomize=True)
+@given(kind=st.sampled_from(["repvgg", "acnet", "dbb"]), c=st.integers(1, 3), groups=st.sampled_from([1, 2]),
+       stride=st.integers(1, 2), k=st.sampled_from([3, 5]), training=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_stacked_blocks_any_dtype_and_mode(kind, c, groups, stride, k, training, dtype):
+    """Stacked blocks in float32/float16/bfloat16, in eval or training mode: the deploy model (in
+    eval mode) computes the eval-mode function of the exact low-precision weights, to the rounding
+    of the fused weights in that dtype (compared in float64, so no half-precision kernels decide)."""
+    import warnings
+
+    from reparam_cli.engine import reparameterize
+
+    from .helpers import randomized
+
+    net = randomized(_stack(kind, c, groups, stride, k), seed=c + 7 * groups).to(dtype).train(training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        deploy, report = reparameterize(net)
+    assert len(report.converted) == 2 and not any(m.training for m in deploy.modules())
+    assert {p.dtype for p in deploy.parameters()} == {dtype}
+    x = torch.randn(2, c * groups, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net.double().eval()(x)
+        out = deploy.double()(x)
+    rel = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert rel < {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype], rel
