@@ -14,19 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
 
-from .helpers import run_cli
+from .helpers import TINY_REPVGG_YAML, restamp, run_cli
 
-TINY = """\
-name: tiny-repvgg
-builder: reparam_cli.blocks.repvgg:RepVGG
-args: {num_blocks: [1, 1, 1, 1], width_multiplier: [0.25, 0.25, 0.25, 0.25], num_classes: 10}
-input_shape: [1, 3, 32, 32]
-"""
+TINY = TINY_REPVGG_YAML
 
 
 class Payload:
@@ -40,12 +33,6 @@ class Payload:
 
         return os.system, (f"touch {self.marker}",)
 
-
-def _restamp(src: Path, dst: Path, **changes) -> None:
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-    meta["reparam.spec"] = json.dumps({**json.loads(meta["reparam.spec"]), **changes})
-    save_file(load_file(str(src)), str(dst), metadata=meta)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +60,10 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     torch.save({**state, "stage9.extra": torch.zeros(3)}, d / "extra_keys.pth")
     (d / "pickle_code.pth").write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
     torch.save({"weights": Payload(marker)}, d / "torch_pickle_code.pth")
-    _restamp(d / "t.deploy.safetensors", d / "os_system.deploy.safetensors", builder="os:system",
+    restamp(d / "t.deploy.safetensors", d / "os_system.deploy.safetensors", builder="os:system",
              args={"command": f"touch {marker}"})
     (d / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n\ndef build_model():\n    open({str(marker)!r}, 'w')\n")
-    _restamp(d / "t.deploy.safetensors", d / "pyfile.deploy.safetensors", builder=f"{d / 'evil.py'}:build_model")
+    restamp(d / "t.deploy.safetensors", d / "pyfile.deploy.safetensors", builder=f"{d / 'evil.py'}:build_model")
     (d / "foreign.pt2").write_bytes(good)
     (d / "garbage.onnx").write_bytes(b"\x08\x07garbage" * 10)
     (d / "garbage.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 60)

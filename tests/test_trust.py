@@ -8,33 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from reparam_cli.deploy import load_deploy
 from reparam_cli.errors import SpecError
 from reparam_cli.inspection import inspect_checkpoint
 from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
 
-from .helpers import run_cli
+from .helpers import TINY_REPVGG_YAML, restamp, run_cli
 
-TINY = """\
-name: tiny-repvgg
-builder: reparam_cli.blocks.repvgg:RepVGG
-args: {num_blocks: [1, 1, 1, 1], width_multiplier: [0.25, 0.25, 0.25, 0.25], num_classes: 10}
-input_shape: [1, 3, 32, 32]
-"""
+TINY = TINY_REPVGG_YAML
 
-
-def restamp(src: Path, dst: Path, **spec_changes) -> Path:
-    """A copy of deploy file `src` whose stored spec has `spec_changes` applied (same tensors)."""
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-    spec = json.loads(meta["reparam.spec"])
-    spec.update(spec_changes)
-    meta["reparam.spec"] = json.dumps(spec)
-    save_file(load_file(str(src)), str(dst), metadata=meta)
-    return dst
 
 
 @pytest.fixture(scope="module")
