@@ -126,7 +126,13 @@ def bn_params(bn: nn.modules.batchnorm._BatchNorm | BNParams) -> BNParams:
             f"{type(bn).__name__} has no running statistics (track_running_stats=False), "
             "so in eval mode it normalises by batch statistics and cannot be folded into a conv"
         )
-    return BNParams(bn.running_mean, bn.running_var, float(bn.eps), bn.weight, bn.bias)
+    var = bn.running_var
+    # sqrt(var + eps) of a non-positive number is NaN or 0: eval-mode BN itself is broken there.
+    if not var.is_meta and bool((var.detach() + float(bn.eps) <= 0).any()):
+        raise NotEquivalent(f"{type(bn).__name__} has running_var + eps <= 0 in "
+                            f"{int((var.detach() + float(bn.eps) <= 0).sum())} channel(s): its eval-mode output is "
+                            "not finite, so there is nothing to fold", hint="check the checkpoint's BatchNorm statistics")
+    return BNParams(bn.running_mean, var, float(bn.eps), bn.weight, bn.bias)
 
 
 def from_module(layer: nn.Module, dtype: torch.dtype | None = None) -> Kernel:

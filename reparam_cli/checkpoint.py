@@ -295,7 +295,8 @@ def _names(keys, limit: int = 5) -> str:
 
 
 def fit_problems(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
-    """Why `state_dict` does not fit `model`: missing keys, unexpected keys, shape mismatches ([] if it fits)."""
+    """Why `state_dict` does not fit `model`: missing keys, unexpected keys, shape mismatches, integer
+    tensors for float ones or the reverse ([] if it fits)."""
     expected = model.state_dict(keep_vars=True)
     missing = set(expected) - set(state_dict)
     unexpected = set(state_dict) - set(expected)
@@ -306,6 +307,14 @@ def fit_problems(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str
         for k in sorted(set(expected) & set(state_dict))
         if tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
+    # A float parameter cannot take integer or boolean values (BN's integer counter may differ in width).
+    wrong_kind = [
+        f"{k} (checkpoint {str(state_dict[k].dtype).removeprefix('torch.')}, model "
+        f"{str(expected[k].dtype).removeprefix('torch.')})"
+        for k in sorted(set(expected) & set(state_dict))
+        if expected[k].is_floating_point() != state_dict[k].is_floating_point()
+        or expected[k].is_complex() != state_dict[k].is_complex()
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_names(missing)}")
@@ -313,6 +322,8 @@ def fit_problems(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str
         problems.append(f"unexpected keys: {_names(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatch: {_names(mismatched, 3)}")
+    if wrong_kind:
+        problems.append(f"dtype mismatch: {_names(wrong_kind, 3)}")
     return problems
 
 

@@ -7,17 +7,51 @@ torch is imported only inside commands, so `reparam --help` answers at once.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import importlib
+
 import typer
+from typer.core import TyperGroup
 
 from ._version import __version__
 
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
+# click's exceptions, wherever this Typer takes click from (recent Typers vendor it as typer._click)
+_click = importlib.import_module(typer.BadParameter.__module__)
+
+
+class _ReparamGroup(TyperGroup):
+    """Typer's group, except that a usage error is one `error:` line on stderr and exit 2, not
+    click's usage block with a boxed panel (scripts and logs get one greppable line)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(_click, "NoArgsIsHelpError", ()) as exc:  # bare `reparam`: the help, as before
+            if exc.format_message().strip():  # rich help has printed itself already
+                typer.echo(exc.format_message())
+            sys.exit(EXIT_BAD_INPUT)
+        except _click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except _click.ClickException as exc:
+            typer.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except _click.Abort:
+            typer.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
 app = typer.Typer(
+    cls=_ReparamGroup,
     name="reparam",
     help="Convert training checkpoints of structurally re-parameterized networks (RepVGG, ACNet, DBB, "
          "RepMLP, MobileOne, ...) into their fused deploy form, verified on random inputs.",
@@ -25,8 +59,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
 SpecOpt = typer.Option(..., "--spec", "-s", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
                                                  "a Python file exposing build_model() (file.py\\[:function]), or "
@@ -43,6 +75,9 @@ ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e
 NoVerifyOpt = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended).")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
+TrustSpecOpt = typer.Option(False, "--trust-spec", help="Rebuild a deploy file from the spec stored in it even when "
+                            "that spec names code other than reparam's or timm's builders (a module:function or a "
+                            ".py file). Only for files you trust: it runs that code.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
                                            "instead of its training weights.")
 DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
@@ -105,17 +140,26 @@ CONVERT_ROWS = [
 
 def _guarded(action: Callable[[], Any], as_json: bool) -> Any:
     """Run `action`, mapping user errors to exit 2 with one line on stderr: never a traceback (unless
-    REPARAM_DEBUG is set). Every command goes through here."""
+    REPARAM_DEBUG is set). Every command goes through here.
+
+    Meanwhile stdout is stderr (a spec's prints never reach the JSON report or the deploy file),
+    and a spec or library calling sys.exit() is an error like any other, not a silent exit.
+    """
+    import contextlib
+
     from .errors import ReparamError
 
     try:
-        return action()
+        with contextlib.redirect_stdout(sys.stderr):
+            return action()
     except ReparamError as exc:
         _fail(str(exc), as_json)
     except KeyboardInterrupt:
         _fail("interrupted", as_json)
     except typer.Exit:
         raise
+    except SystemExit as exc:
+        _fail(f"code run for the spec called sys.exit({exc.code!r})", as_json)
     except Exception as exc:
         if os.environ.get("REPARAM_DEBUG"):
             raise
@@ -154,16 +198,29 @@ def _run(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: 
         report["tolerance"] = f"{report['rtol']:.3g} / {report['atol']:.3g}"
     if as_json:
         report.pop("tolerance", None)
-        typer.echo(json.dumps(report, default=str))
+        _echo_json(report)
     else:
         _summary(title, report, rows)
     raise typer.Exit(code)
 
 
+def _one_line(message: str) -> str:
+    """A message on one line (an exception's text may span several)."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _echo_json(report: Any) -> None:
+    """The one JSON object of --json on stdout: strict JSON (no NaN/Infinity tokens, see jsonio)."""
+    from .jsonio import dumps
+
+    typer.echo(dumps(report))
+
+
 def _fail(message: str, as_json: bool) -> None:
+    message = _one_line(message)
     typer.echo(f"error: {message}", err=True)
     if as_json:
-        typer.echo(json.dumps({"ok": False, "error": message}))
+        _echo_json({"ok": False, "error": message})
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -234,6 +291,7 @@ def convert(
     `-` reads the checkpoint from stdin, `-o -` writes the deploy file to stdout (after verification).
     """
     _refuse_json_on_stdout(output, as_json)
+    sink = sys.stdout.buffer  # the real stdout, for -o - (_guarded points sys.stdout at stderr)
 
     def action(progress):
         import contextlib
@@ -243,7 +301,7 @@ def convert(
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
         with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
             return convert_stdio(
-                checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
+                checkpoint, spec, output, stdout=sink, fmt=fmt, verify_output=not no_verify,
                 verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
                 trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
             )
@@ -296,7 +354,7 @@ def specs(
 
     rows = list_specs(params=params)
     if as_json:
-        typer.echo(json.dumps({"ok": True, "specs": rows}))
+        _echo_json({"ok": True, "specs": rows})
         return
     from rich.console import Console
     from rich.table import Table
@@ -374,7 +432,7 @@ def batch(
 
     report = _guarded(action, as_json)
     if as_json:
-        typer.echo(json.dumps(report, default=str))
+        _echo_json(report)
     else:
         reporter.summary(report)
     raise typer.Exit(EXIT_OK if report["ok"] else EXIT_MISMATCH)
@@ -420,6 +478,7 @@ def inspect(
     spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Model spec: also list the re-parameterizable "
                                        "blocks and the parameters before/after (nothing is computed or written)."),
     trust_pickle: bool = TrustOpt,
+    trust_spec: bool = TrustSpecOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Show what a checkpoint holds (format, dtypes, tensors, parameters) and, with --spec, what
@@ -430,13 +489,39 @@ def inspect(
         from .pipes import stdout_to_stderr
 
         with stdout_to_stderr():  # stdout is for --json: no stray prints from a Python spec
-            return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle)
+            return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle, trust_spec=trust_spec)
 
     report = _guarded(action, as_json)
     if as_json:
-        typer.echo(json.dumps(report, default=str))
+        _echo_json(report)
     else:
         _inspect_tables(report)
+
+
+def _hold_stdout() -> None:
+    """Keep the real stdout for reparam's own output only: sys.stdout writes to a private duplicate
+    of it, while file descriptor 1 becomes stderr, so whatever else writes there (C extensions,
+    subprocesses, a spec writing to fd 1) lands on stderr."""
+    import io
+
+    try:
+        sys.stdout.flush()
+        real = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError, AttributeError):
+        return
+    old = sys.stdout
+    sys.stdout = io.TextIOWrapper(open(real, "wb", buffering=1 << 16), encoding=old.encoding, errors=old.errors,
+                                  line_buffering=old.line_buffering)
+
+
+def _release_stdout() -> None:
+    """After the command: later writes (a spec's atexit handlers, interpreter shutdown) go to stderr."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    sys.stdout = sys.stderr
 
 
 def main() -> None:
@@ -444,11 +529,14 @@ def main() -> None:
     # Fusion allocates large float64 buffers; backing them with transparent huge pages cuts the
     # page-fault cost of each allocation 2-3x (read by torch's CPU allocator, so set before import).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    _hold_stdout()
     try:
         app()
     except BrokenPipeError:  # e.g. `reparam ... --json | head`
         sys.stderr.close()
         sys.exit(EXIT_BAD_INPUT)
+    finally:
+        _release_stdout()
 
 
 if __name__ == "__main__":

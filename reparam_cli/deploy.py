@@ -7,6 +7,7 @@ Writing lives in `export.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -31,13 +32,23 @@ def read_metadata(path: str | Path) -> dict[str, object]:
     return decode_metadata(raw)
 
 
-def stored_spec(meta: dict[str, object]):
-    """The ModelSpec a deploy file was converted with, from its decoded metadata (None if absent)."""
+def stored_spec(meta: dict[str, object], *, trust: bool = False):
+    """The ModelSpec a deploy file was converted with, from its decoded metadata (None if absent).
+
+    The stored spec is data: it is parsed, never imported, and returned only when rebuilding it
+    runs nothing but reparam's own or an integrated library's builders (`spec.SAFE_SPEC_KINDS`);
+    any other builder raises SpecError unless `trust` (--trust-spec) is set.
+    """
+    from .spec import ModelSpec, check_stored_spec
+
+    return None if meta.get("spec") is None else check_stored_spec(stored_spec_data(meta), trust)
+
+
+def stored_spec_data(meta: dict[str, object]):
+    """The stored ModelSpec, parsed but not checked: for its name and figures only, never to build."""
     from .spec import ModelSpec
 
-    stored = meta.get("spec")
-    if stored is None:
-        return None
+    stored = meta["spec"]
     return ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
 
 
@@ -54,12 +65,14 @@ def deploy_file_options(path: str | Path) -> dict:
     return conversion_options(isinstance(options, dict) and bool(options.get("linear_as_conv")))
 
 
-def load_deploy(path: str | Path, spec=None) -> nn.Module:
+def load_deploy(path: str | Path, spec=None, *, trust_spec: bool = False) -> nn.Module:
     """Rebuild a runnable deploy model from a reparam safetensors file.
 
     The spec stored in the file is used unless `spec` (a ModelSpec or a --spec reference) is given.
     A torch pickle holding a plain state dict of the fused model (a reference layout) needs `spec`
     (see `load_deploy_state_dict`).
+    A stored spec is rebuilt only when it names a built-in or timm builder with plain arguments;
+    one naming other code (a module:function, a .py file) raises SpecError unless `trust_spec`.
     The training model is built on the meta device and converted shape-only, then the file's
     tensors are assigned to the resulting skeleton.
     """
@@ -74,10 +87,10 @@ def load_deploy(path: str | Path, spec=None) -> nn.Module:
     if deploy_format_of(path) == "state_dict":
         return load_deploy_state_dict(path, spec)
     if spec is None:
-        spec = stored_spec(read_metadata(path))
+        spec = stored_spec(read_metadata(path), trust=trust_spec)
         if spec is None:
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
-    skeleton, _ = reparameterize(spec.build(device="meta"), **deploy_file_options(path))
+    skeleton, _ = reparameterize(spec.build(device="meta").eval(), **deploy_file_options(path))
     return load_into(skeleton, load_file(str(path)), what="deploy file").eval()
 
 
@@ -224,14 +237,45 @@ def load_exported(path: str | Path, fmt: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "pt2":
+            logged: list[str] = []
             try:
-                return ExportedProgramModule(torch.export.load(str(path)).module())
+                with _torch_logs_kept(logged):  # torch logs a whole traceback before raising
+                    return ExportedProgramModule(torch.export.load(str(path)).module())
             except Exception as exc:
-                raise CheckpointError(f"cannot read {path} as a torch.export (.pt2) file: {_first_line(exc)}") from None
+                detail = _last_logged_error(logged) or _first_line(exc)
+                raise CheckpointError(f"cannot read {path} as a torch.export (.pt2) file: {detail}") from None
         try:
             return torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:
             raise CheckpointError(f"cannot read {path} as a TorchScript file: {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _torch_logs_kept(into: list[str], name: str = "torch.export"):
+    """Collect what torch's `name` logger says meanwhile into `into` instead of printing it."""
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            into.append(record.getMessage() + ("\n" + self.formatException(record.exc_info) if record.exc_info else ""))
+
+        def formatException(self, exc_info) -> str:
+            return logging.Formatter().formatException(exc_info)
+
+    logger = logging.getLogger(name)
+    handlers, propagate = logger.handlers, logger.propagate  # torch attaches its own handlers here
+    logger.handlers, logger.propagate = [Keep()], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def _last_logged_error(logged: list[str]) -> str:
+    """The exception line that ends a logged traceback, first sentence only ('' if none)."""
+    lines = [line.strip() for text in logged for line in text.splitlines() if line.strip()]
+    last = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), "")
+    return last.split(". ")[0]
 
 
 def load_deployed_any(path: str | Path, spec=None) -> nn.Module:

@@ -31,6 +31,7 @@ class ConversionReport:
     """What `reparameterize` did: each converted block with its path, and counts per block type."""
 
     converted: list[ConvertedBlock] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the caller should know (e.g. training mode)
 
     @property
     def blocks(self) -> dict[str, int]:
@@ -67,6 +68,21 @@ def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:
     return deployed
 
 
+def _floating(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and not t.is_meta]
+
+
+def _check_finite(block: nn.Module, deployed: nn.Module, path: str, name: str) -> None:
+    """A fused block whose weights or biases are NaN/Inf while the block's own were finite computes
+    something else (typically a fused scale overflowing the checkpoint's dtype): an error, verified or not."""
+    if all(bool(torch.isfinite(t).all()) for t in _floating(deployed)):
+        return
+    if all(bool(torch.isfinite(t).all()) for t in _floating(block)):
+        raise NotEquivalent(f"block {path or '<root>'} ({name}): fusing a finite checkpoint gives non-finite "
+                            f"weights or biases (they overflow {_floating(deployed)[0].dtype})",
+                            hint="convert in a wider dtype (e.g. a float32 checkpoint, --dtype float32)")
+
+
 def _release(block: nn.Module) -> None:
     """Drop a converted training block's tensors so their memory is freed before the next block."""
     for m in block.modules():
@@ -93,6 +109,11 @@ def reparameterize(
     consume=True is the one exception to "the input is never modified": each training block's
     tensors are dropped as soon as it is fused, so peak memory stays near one copy of the weights.
     The training model is unusable afterwards (the pipeline uses this when it will not verify).
+
+    Fusion folds BatchNorm's running statistics, i.e. the model's eval-mode function. A model (or
+    any submodule) in training mode is converted all the same, but the deploy model is returned in
+    eval mode, a UserWarning says so and `report.notes` records it: a deploy model in training mode
+    would compute something else (dropout, the batch statistics of unfused BatchNorms).
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
@@ -105,10 +126,14 @@ def reparameterize(
         found = recipe_for(module)
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
-            return _fuse(found, module, path)
+            deployed = _fuse(found, module, path)
+            _check_finite(module, deployed, path, found.name)
+            return deployed
         if native and fuses_natively(module, is_root=not path):
             report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
-            return native_fuse(module, path)
+            deployed = native_fuse(module, path)
+            _check_finite(module, deployed, path, type(module).__name__)
+            return deployed
         return None
 
     def walk(module: nn.Module, path: str) -> nn.Module:
@@ -136,4 +161,12 @@ def reparameterize(
         if native and not report.converted and fuses_natively(model):
             report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
             deployed = native_fuse(model, "")
+            _check_finite(model, deployed, "", type(model).__name__)
+    if any(m.training for m in model.modules()):
+        import warnings
+
+        report.notes.append("the model was in training mode: converted its eval-mode function (BatchNorm running "
+                            "statistics); the deploy model is returned in eval mode")
+        warnings.warn(report.notes[-1], UserWarning, stacklevel=2)
+        deployed.eval()
     return deployed, report

@@ -49,13 +49,14 @@ def _safetensors_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = None, *, trust_pickle: bool = False,
-                       stdin=None, progress: Progress = _noop) -> dict:
+                       stdin=None, progress: Progress = _noop, trust_spec: bool = False) -> dict:
     """What a checkpoint holds (format told from its content, dtypes, tensor and parameter counts) and,
     with a spec, every re-parameterizable block (path, type, recipe family, parameters before/after).
 
     Nothing heavy is computed and nothing is written: safetensors are read from their header alone,
     the model is built on the `meta` device and converted shape-only. A reparam deploy file is
-    recognised by its metadata; its stored spec is used when no spec is given. `-` reads stdin.
+    recognised by its metadata; its stored spec is used when no spec is given, if it names a
+    built-in or timm builder (any other builder only with `trust_spec`). `-` reads stdin.
     """
     from .errors import CheckpointError
     from .deploy import stored_spec
@@ -65,7 +66,8 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
         with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:
             source = spool_stdin(Path(tmp), stdin)
             try:
-                report = inspect_checkpoint(source, spec, trust_pickle=trust_pickle, progress=progress)
+                report = inspect_checkpoint(source, spec, trust_pickle=trust_pickle, progress=progress,
+                                            trust_spec=trust_spec)
             except ReparamError as exc:
                 exc.message = exc.message.replace(str(source), "<stdin>")
                 raise
@@ -74,7 +76,11 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"not a file: {path}")
     with open(path, "rb") as f:
-        fmt = sniff_format(f.read(16))
+        head = f.read(16)
+    try:
+        fmt = sniff_format(head)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc.message}", exc.hint) from None
     progress("reading checkpoint")
     reparam_meta: dict[str, Any] = {}
     if fmt == "safetensors":
@@ -85,7 +91,7 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     deploy_file = is_deploy_metadata(reparam_meta)
     spec = _spec(spec) if spec is not None else None
     if spec is None and deploy_file:
-        spec = stored_spec(reparam_meta)
+        spec = stored_spec(reparam_meta, trust=trust_spec)
     ckpt = spec.checkpoint if spec is not None and not deploy_file else {}
     state = extract_state_dict(raw, ckpt.get("key"), ckpt.get("strip_prefix"), source=str(path))
     if spec is not None and not deploy_file and fmt == "torch":
@@ -115,9 +121,8 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     progress("building the model on the meta device")
     # Only shapes matter: meta tensors keep the fit check and the conversion free of real work.
     shapes = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
-    train = spec.build(device="meta")
+    train = spec.build(device="meta").eval()
     if deploy_file:
-        train.eval()
         deploy, conv = reparameterize(train)
         load_into(deploy, shapes, what="deploy file")
     else:

@@ -25,7 +25,7 @@ from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
 from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
-                     load_deployed_any, read_metadata, stored_spec)
+                     load_deployed_any, read_metadata, stored_spec_data)
 from .export import (DTYPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors, write_state_safetensors,
                      write_torchscript)
 from .spec import ModelSpec, load_spec
@@ -68,7 +68,10 @@ def _refuse_reparam_deploy_file(checkpoint: Path) -> None:
     except ReparamError:
         return  # read_raw reports unreadable files
     if is_deploy_metadata(meta):
-        name = stored_spec(meta).name
+        try:
+            name = stored_spec_data(meta).name  # its name only: nothing stored is built here
+        except ReparamError:
+            name = "unreadable"
         raise AlreadyDeployed(f"{checkpoint} is already a reparam deploy file (spec {name})",
                               hint="nothing to convert; check it against its training checkpoint with `reparam verify`")
 
@@ -93,7 +96,7 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
 
 def _refuse_deploy_form(raw, checkpoint: Path, spec: ModelSpec, ema: bool) -> None:
     """Raise AlreadyDeployed when the checkpoint's tensors fit the spec's deploy skeleton exactly."""
-    skeleton, conv = reparameterize(spec.build(device="meta"))
+    skeleton, conv = reparameterize(spec.build(device="meta").eval())
     if not conv.converted:
         return
     try:
@@ -291,7 +294,7 @@ def verify_checkpoint(
     # which blocks were converted is read off a shape-only conversion.
     report = None
     if fmt in ("safetensors", "state_dict"):
-        report = reparameterize(spec.build(device="meta"), **deploy_file_options(deployed))[1]
+        report = reparameterize(spec.build(device="meta").eval(), **deploy_file_options(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     out = {
@@ -364,7 +367,7 @@ def list_specs(params: bool = True) -> list[dict]:
             row.update(family=raw.get("family"), description=spec.description,
                        input_shape=list(spec.input_shape), builder=spec.builder)
             if params or not row["family"]:
-                model = spec.build(device="meta")
+                model = spec.build(device="meta").eval()
                 deploy, report = reparameterize(model)
                 if params:
                     row.update(params_before=count_parameters(model), params_after=count_parameters(deploy))

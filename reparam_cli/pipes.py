@@ -115,7 +115,7 @@ def convert_stdio(
                           hint="pass -o FILE, or -o - for stdout")
     if is_stdio(output):
         sink = stdout if stdout is not None else sys.stdout.buffer
-        if stdout is None and sys.stdout.isatty():
+        if getattr(sink, "isatty", lambda: False)():
             raise OutputError("refusing to write a binary file to the terminal",
                               hint="redirect stdout, e.g. `> model.safetensors`")
     with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:

@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +69,8 @@ class ModelSpec:
                     model = fn(**self.args)
         except TypeError as exc:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
+        except SystemExit as exc:  # the builder is user code: exiting is an error, not the end of reparam
+            raise SpecError(f"spec {self.name!r}: builder {self.builder} called sys.exit({exc.code!r})") from None
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -81,12 +84,21 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
+        """The spec stored in a deploy file (`to_json`), parsed as data: nothing is imported or run."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, TypeError) as exc:
             raise SpecError(f"the spec stored in the deploy file is not valid JSON: {exc}") from None
-        return cls(data["name"], data["builder"], data.get("args") or {}, tuple(data.get("input_shape") or DEFAULT_INPUT_SHAPE),
-                   data.get("checkpoint") or {}, data.get("description", ""), data.get("source", ""))
+        if not isinstance(data, dict) or not isinstance(data.get("builder"), str):
+            raise SpecError("the spec stored in the deploy file is not a mapping with a 'builder' string",
+                            hint="pass the spec explicitly with --spec")
+        args, checkpoint = data.get("args") or {}, data.get("checkpoint") or {}
+        if not isinstance(args, dict) or not isinstance(checkpoint, dict):
+            raise SpecError("the spec stored in the deploy file has malformed 'args' or 'checkpoint'",
+                            hint="pass the spec explicitly with --spec")
+        return cls(str(data.get("name") or "stored"), data["builder"], args,
+                   _shape(data.get("input_shape") or DEFAULT_INPUT_SHAPE, "stored in the deploy file"),
+                   checkpoint, str(data.get("description", "")), str(data.get("source", "")))
 
 
 def builtin_names() -> list[str]:
@@ -169,17 +181,41 @@ def _python_spec(path: Path, func: str) -> ModelSpec:
     )
 
 
+_IMPORTED: dict[Path, Any] = {}  # Python spec files by resolved path: each is imported once per process
+
+
 def _import_file(path: Path):
+    """Import a Python spec file (once per process). Its code is the user's: an exception or a
+    sys.exit() (argparse at import, for instance) becomes a one-line SpecError, and what it writes to
+    stderr meanwhile is held back and replayed only if the import succeeds."""
+    import contextlib
+    import io
+    import sys
+
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    name = f"reparam_user_spec_{abs(hash(str(path.resolve())))}"
+    key = path.resolve()
+    if key in _IMPORTED:
+        return _IMPORTED[key]
+    name = f"reparam_user_spec_{abs(hash(str(key)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    said = io.StringIO()
     try:
-        spec.loader.exec_module(module)
+        with contextlib.redirect_stderr(said):
+            spec.loader.exec_module(module)
+    except SystemExit as exc:
+        raise SpecError(f"importing {path} called sys.exit({exc.code!r})",
+                        hint="a spec must not exit or parse the command line at import") from None
     except Exception as exc:  # user code: report, do not crash
-        raise SpecError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+        raise SpecError(f"importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    sys.stderr.write(said.getvalue())
+    _IMPORTED[key] = module
     return module
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 TIMM_PREFIX = "timm:"
@@ -265,3 +301,53 @@ def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise SpecError(f"spec {spec_name!r}: {target} has no callable {attr}")
     return fn
+
+
+# --- Specs stored in deploy files are data ---------------------------------------------------------
+# A deploy file's metadata names the builder it was converted with. Rebuilding from it must not let
+# a crafted file run code, so without --trust-spec only these kinds are rebuilt: builders that reparam
+# (or a library it integrates) ships, which build networks and nothing else, called with plain JSON
+# arguments. Other ecosystems add one line each: kind name -> predicate on the builder string.
+_OWN_BUILDER = re.compile(r"reparam_cli\.(blocks|models)(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*")
+SAFE_SPEC_KINDS: dict[str, Callable[[str], bool]] = {
+    "built-in": lambda builder: _OWN_BUILDER.fullmatch(builder) is not None,
+    "timm": lambda builder: builder in TIMM_BUILDERS,
+}
+
+
+def safe_spec_kind(spec: ModelSpec) -> str | None:
+    """The SAFE_SPEC_KINDS entry a stored spec belongs to, or None when rebuilding it could run
+    arbitrary code (another module, a .py file, or arguments that are not plain JSON data)."""
+    kind = next((k for k, is_kind in SAFE_SPEC_KINDS.items() if is_kind(spec.builder)), None)
+    if kind is None or not all(isinstance(k, str) and _plain_data(v) for k, v in spec.args.items()):
+        return None
+    return kind
+
+
+def _plain_data(value: Any) -> bool:
+    """JSON scalars and (nested) lists of them; strings that look like a builder or a file are not data."""
+    if isinstance(value, list):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, str):
+        return ":" not in value and not value.endswith(".py") and "/" not in value
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def check_stored_spec(spec: ModelSpec, trust: bool = False) -> ModelSpec:
+    """`spec` (read from a deploy file's metadata) if it may be rebuilt; raises SpecError otherwise.
+
+    With `trust` (--trust-spec) any builder is accepted, like --trust-pickle for checkpoints. A
+    built-in builder must still resolve to code of reparam's own blocks/models packages.
+    """
+    if trust:
+        return spec
+    kind = safe_spec_kind(spec)
+    if kind == "built-in":  # defined in reparam's blocks/models, not merely imported there (e.g. torch.load)
+        module = getattr(spec.resolve_builder(), "__module__", None) or ""
+        kind = kind if module.startswith(("reparam_cli.blocks", "reparam_cli.models")) else None
+    if kind is None:
+        raise SpecError(f"the deploy file's stored spec names the builder {spec.builder!r} (or arguments) that "
+                        "reparam does not run from a file's metadata: a deploy file is data, not code",
+                        hint="pass the spec explicitly (--spec, or load_deploy(path, spec=...)), or --trust-spec "
+                             "(trust_spec=True) if you trust this file")
+    return spec

@@ -46,3 +46,27 @@ def run_cli(*args, stdin: bytes | None = None):
     from reparam_cli.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+
+
+# A tiny RepVGG (five RepVGGBlocks, 32x32 inputs): converts in well under a second.
+TINY_REPVGG_YAML = """\
+name: tiny-repvgg
+builder: reparam_cli.blocks.repvgg:RepVGG
+args: {num_blocks: [1, 1, 1, 1], width_multiplier: [0.25, 0.25, 0.25, 0.25], num_classes: 10}
+input_shape: [1, 3, 32, 32]
+"""
+
+
+def restamp(src, dst, **spec_changes):
+    """A copy of safetensors deploy file `src` at `dst` (same tensors) whose stored spec has
+    `spec_changes` applied: how a crafted deploy file is made."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["reparam.spec"] = json.dumps({**json.loads(meta["reparam.spec"]), **spec_changes})
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst

@@ -23,9 +23,9 @@ What is exact for which activation:
   activation but the identity (ReLU, for instance, would drop the negative part of the residual).
   Instead pw1' passes +x and -x, and pw2' adds (act(x) - act(-x)) / c, which equals x exactly when
   act(x) - act(-x) = c * x for all x: ReLU (c = 1), LeakyReLU (1 + slope), GELU (erf and tanh
-  forms, since Phi(x) + Phi(-x) = 1), SiLU, Hardswish, Softplus (where act(0) = ln 2 != 0; exact up
-  to torch's linear cut-off above `threshold`, at most log1p(exp(-threshold)) / beta = 2e-9 at
-  the defaults) and Identity (c = 2). 2C extra channels. Every other activation (ReLU6, ELU, Mish,
+  forms, since Phi(x) + Phi(-x) = 1), SiLU, Hardswish, Softplus with `threshold=inf` (torch's
+  default finite threshold makes it linear above the cut-off, off by up to log1p(exp(-threshold)) /
+  beta, so it is refused) and Identity (c = 2). 2C extra channels. Every other activation (ReLU6, ELU, Mish,
   Sigmoid, Tanh, PReLU, ...) has no such exact form and the recipe refuses it (NotEquivalent).
 
 Key names follow the reference RepNeXt of the re-parameterization paradigms notes (`feature.dwconv{i}`,
@@ -35,6 +35,8 @@ Key names follow the reference RepNeXt of the re-parameterization paradigms note
 """
 
 from __future__ import annotations
+
+import math
 
 from typing import Sequence
 
@@ -64,7 +66,9 @@ def odd_part_slope(act: nn.Module) -> float | None:
     if type(act) is nn.LeakyReLU:
         return 1.0 + act.negative_slope if act.negative_slope != -1.0 else None
     if type(act) is nn.Softplus:
-        return 1.0  # (1/b) log(1 + e^{bx}) - (1/b) log(1 + e^{-bx}) = x (see the module docstring)
+        # (1/b) log(1 + e^{bx}) - (1/b) log(1 + e^{-bx}) = x, but torch's Softplus turns linear above a
+        # finite `threshold`, which breaks the identity there: exact only with threshold = inf.
+        return 1.0 if math.isinf(act.threshold) else None
     if type(act) is nn.Identity:
         return 2.0
     return None
@@ -185,7 +189,7 @@ def fuse_repnext(block: RepNeXtBlock) -> nn.Module:
             raise NotEquivalent(
                 f"a plain residual cannot pass through {type(act).__name__} exactly: act(x) - act(-x) is not "
                 "a constant times x",
-                hint="exact for ReLU, LeakyReLU, GELU, SiLU, Hardswish, Softplus, Identity; or train with "
+                hint="exact for ReLU, LeakyReLU, GELU, SiLU, Hardswish, Softplus(threshold=inf), Identity; or train with "
                      "shortcut='act'",
             )
     dtype = block.pwconv1.weight.dtype
