@@ -65,7 +65,7 @@ def test_without_spec(files):
 def test_with_spec_lists_blocks_and_parameters(files, monkeypatch):
     spec = load_spec(str(files["spec"]))
     model = spec.build()
-    deploy, conv = reparameterize(model)
+    deploy, conv = reparameterize(model.eval())
     # Nothing heavy: every recipe runs on the meta device.
     devices = []
     original = engine._fuse

@@ -200,7 +200,7 @@ def test_mobilenetv3_refconv_specs_have_the_scripts_keys(mode, params_after, ref
             assert state[prefix + k].shape == t.shape, prefix + k
     assert {"features.1.conv.0.weight", "features.1.conv.8.running_var", "classifier.1.weight"} <= state.keys()
     assert any(k.endswith("conv.5.fc.2.weight") for k in state)
-    deploy, report = reparameterize(net)
+    deploy, report = reparameterize(net.eval())
     # MobileNetV3-Large 5.4M / -Small 2.9M parameters (Howard et al.): the deploy form is the plain network.
     assert report.blocks == {"RefConv": refconvs} and count_parameters(deploy) == params_after
     assert "features.0.0.weight" in deploy.state_dict() and not any("convmap" in k for k in deploy.state_dict())
@@ -274,7 +274,7 @@ def test_repnext_m_deploy_params_match_the_paper():
     for name, (dims, depth) in VARIANTS.items():
         net = load_spec(f"repnext-{name}").build(device="meta")
         assert net.stem.stem[0].conv.out_channels * 2 == dims[0] and len(net.stages[2].blocks) == depth[2]
-        deploy, report = reparameterize(net)
+        deploy, report = reparameterize(net.eval())
         assert round(count_parameters(deploy) / 1e6, 1) == paper[name], name
         assert report.blocks["RepDWConvS"] == report.blocks["RepDWConvM"] == sum(depth) + len(depth) - 1
 
@@ -293,7 +293,7 @@ def test_repnext_m0_reference_keys_and_end_to_end(tmp_path):
                 "stages.3.downsample.channel_mixer.0.norm.bias", "head.head.norm.running_var", "head.head_dist.linear.weight"):
         assert key in keys, key
     assert "stages.1.downsample.token_mixer.conv_s.conv_3_w.bias" not in keys  # no bias on stride-2 1xk / kx1
-    fused = set(reparameterize(net)[0].state_dict())
+    fused = set(reparameterize(net.eval())[0].state_dict())
     for key in ("stem.stem.0.weight", "stem.stem.0.bias", "stages.0.blocks.0.token_mixer.conv_s.weight",
                 "stages.1.downsample.token_mixer.conv_m.bias", "stages.0.blocks.0.token_mixer.conv_l.0.weight",
                 "stages.0.blocks.0.channel_mixer.0.bias", "head.weight", "head.bias"):
