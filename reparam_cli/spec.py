@@ -20,7 +20,9 @@ shape and optional checkpoint options:
     input_shape: [1, 3, 224, 224]
     checkpoint: {key: state_dict, strip_prefix: module.}
 
-A Python spec may also define `INPUT_SHAPE` and `CHECKPOINT` (a dict like the YAML key).
+A Python spec may also define `INPUT_SHAPE`, `CHECKPOINT` (a dict like the YAML key) and
+`make_inputs(shape, generator, dtype)`, the verification input hook (YAML: `inputs: module:function`):
+it returns a tensor, a tuple of positional arguments, or `(args, kwargs)` (see `reparam_cli.verify`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from .errors import SpecError
 
 SPECS_DIR = Path(os.environ.get("REPARAM_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
-_KNOWN_KEYS = {"name", "description", "builder", "args", "input_shape", "checkpoint", "family", "deploy_params"}
+_KNOWN_KEYS = {"name", "description", "builder", "args", "input_shape", "checkpoint", "family", "deploy_params",
+               "inputs"}
 
 
 @dataclass
@@ -51,9 +54,16 @@ class ModelSpec:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str = ""  # where it came from: built-in name, file path
+    # Verification input hook, 'module:function' or '/path/spec.py:function' (empty: one N(0,1) tensor
+    # of input_shape); called as make_inputs(shape, generator, dtype), see reparam_cli.verify.
+    inputs: str = ""
 
     def resolve_builder(self) -> Callable[..., Any]:
         return _resolve_callable(self.builder, self.name)
+
+    def input_hook(self) -> Callable[..., Any] | None:
+        """The callable building verification inputs, or None for the default (one tensor of input_shape)."""
+        return _resolve_callable(self.inputs, self.name) if self.inputs else None
 
     def build(self, device: str | None = None):
         """Build the training-form model (on `device`; 'meta' skips allocation and initialisation)."""
@@ -72,12 +82,32 @@ class ModelSpec:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
         return model
 
+    def build_meta(self):
+        """Build the training model on `meta` (shapes only), with its non-persistent buffers real.
+
+        Non-persistent buffers (timm's attention index tables, rotary tables) are computed in
+        `__init__` and never stored in a checkpoint, so on `meta` they would stay without data and
+        a model rebuilt from a file would compute garbage. Only when the model has such buffers is
+        it built a second time on the CPU, and those buffers (nothing else) are taken from there.
+        """
+        model = self.build(device="meta")
+        empty = [(path, name) for path, m in model.named_modules() for name in m._non_persistent_buffers_set
+                 if m._buffers.get(name) is not None and m._buffers[name].is_meta]
+        if empty:
+            real = self.build(device="cpu")
+            for path, name in empty:
+                model.get_submodule(path)._buffers[name] = real.get_submodule(path)._buffers[name]
+        return model
+
     def to_json(self) -> str:
         """The spec as JSON, stored in deploy files so the deploy model can be rebuilt from them."""
-        return json.dumps({
+        data = {
             "name": self.name, "description": self.description, "builder": self.builder, "args": self.args,
             "input_shape": list(self.input_shape), "checkpoint": self.checkpoint, "source": self.source,
-        }, sort_keys=True)
+        }
+        if self.inputs:  # only when set: specs without a hook store the same JSON as before
+            data["inputs"] = self.inputs
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
@@ -86,7 +116,8 @@ class ModelSpec:
         except json.JSONDecodeError as exc:
             raise SpecError(f"the spec stored in the deploy file is not valid JSON: {exc}") from None
         return cls(data["name"], data["builder"], data.get("args") or {}, tuple(data.get("input_shape") or DEFAULT_INPUT_SHAPE),
-                   data.get("checkpoint") or {}, data.get("description", ""), data.get("source", ""))
+                   data.get("checkpoint") or {}, data.get("description", ""), data.get("source", ""),
+                   str(data.get("inputs") or ""))
 
 
 def builtin_names() -> list[str]:
@@ -138,6 +169,7 @@ def _yaml_spec(path: Path, source: str) -> ModelSpec:
         name=str(data.get("name") or path.stem), builder=str(data["builder"]), args=args,
         input_shape=_shape(data.get("input_shape", DEFAULT_INPUT_SHAPE), path),
         checkpoint=dict(data.get("checkpoint") or {}), description=str(data.get("description", "")), source=source,
+        inputs=str(data.get("inputs") or ""),
     )
 
 
@@ -166,6 +198,7 @@ def _python_spec(path: Path, func: str) -> ModelSpec:
         name=path.stem, builder=ref, args={}, input_shape=_shape(shape, path),
         checkpoint=dict(getattr(module, "CHECKPOINT", {}) or {}),
         description=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else "", source=ref,
+        inputs=f"{path.resolve()}:make_inputs" if callable(getattr(module, "make_inputs", None)) else "",
     )
 
 
