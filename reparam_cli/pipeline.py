@@ -27,8 +27,8 @@ from .errors import OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
 from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
                      load_deployed_any, read_metadata, stored_spec)
-from .export import (DTYPES, DYNAMIC_SHAPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors, write_state_safetensors,
-                     write_torchscript)
+from .export import (DTYPES, DYNAMIC_SHAPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors,
+                     write_state_safetensors, write_torchscript)
 from .spec import ModelSpec, load_spec
 from .verify import (LOW_PRECISION, PassFailed, VerifyResult, compare_models, make_call, model_dtype,
                      overflow_message, verify)
@@ -295,6 +295,8 @@ def convert_checkpoint(
         raise VerificationFailed(f"the deploy model does not match the training model{why}; nothing was written",
                                  report)
 
+    # The training model is not needed again: its blocks' tensors go before the file is loaded back.
+    del train
     progress(f"writing {fmt}")
     metadata = {"version": __version__, "spec": spec.to_json(), "source": checkpoint.name,
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
