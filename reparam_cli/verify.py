@@ -442,8 +442,9 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def _overflow_hooks(model: nn.Module, dtype: torch.dtype, found: list[str]) -> list:
-    """Forward hooks recording (in `found`) the first module whose output exceeds `dtype`'s range."""
+def _overflow_hooks(model: nn.Module, dtype: torch.dtype, found: list[str], blocks: Sequence[str] = ()) -> list:
+    """Forward hooks recording (in `found`) the first module whose output exceeds `dtype`'s range,
+    named by the converted block it lies in (`block stage3.11 (stage3.11.conv, max |activation| ...)`)."""
     limit = torch.finfo(dtype).max
 
     def hook(_m, _args, out, path):
@@ -453,7 +454,10 @@ def _overflow_hooks(model: nn.Module, dtype: torch.dtype, found: list[str]) -> l
             if leaf.is_floating_point() and leaf.numel():
                 peak = leaf.detach().abs().max().item()
                 if peak > limit:
-                    found.append(f"{path or '<root>'} (max |activation| {peak:.3g} > {limit:.3g})")
+                    block = max((b for b in blocks if path == b or path.startswith(f"{b}.")), key=len, default=None)
+                    where = f"{path or '<root>'}, " if path != block else ""
+                    figure = f"{where}max |activation| {peak:.3g} > {limit:.3g}"
+                    found.append(f"block {block} ({figure})" if block is not None else f"{path or '<root>'} ({figure})")
                     return
 
     return [m.register_forward_hook(lambda m_, a, o, p=name: hook(m_, a, o, p)) for name, m in model.named_modules()]
@@ -546,7 +550,7 @@ def verify(
                 # FLOPs are read off the first sample's passes (hooks, no extra forward).
                 count_train, count_deploy = FlopCounter(), FlopCounter()
                 countable = i == 0 and not isinstance(deploy_model, torch.jit.ScriptModule)
-                watch = _overflow_hooks(deploy_model, low, overflow) if i == 0 and low and upcast_deploy else []
+                watch = _overflow_hooks(deploy_model, low, overflow, [p for p, _ in blocks]) if i == 0 and low and upcast_deploy else []
                 try:
                     with _stage("the deploy model's pass", snapshot), \
                             count_deploy.attach(deploy_model) if countable else contextlib.nullcontext():
