@@ -88,7 +88,9 @@ def _summary(title: str, report: dict, rows: list[tuple[str, str]]) -> None:
             table.add_row(label, _fmt(report[key]))
     worst = report.get("worst_block")
     if worst:
-        table.add_row("worst block", f"{worst['path']} ({worst['type']}): {worst['max_rel_err']:.3g}")
+        err = worst["max_rel_err"]  # None when NaN/Inf (strict JSON): say which
+        shown = f"{err:.3g}" if err is not None else report.get("nonfinite_values", {}).get("worst_block.max_rel_err", "-")
+        table.add_row("worst block", f"{worst['path']} ({worst['type']}): {shown}")
     if report.get("failed_blocks"):
         table.add_row("failed blocks", ", ".join(report["failed_blocks"][:5]))
     _stderr().print(table)
