@@ -112,7 +112,7 @@ _SHAPE_WORDS = re.compile(
 def is_shape_error(exc: BaseException) -> bool:
     """Does an exception raised by a model's forward point at its input's shape? (A dtype or device
     mismatch, a missing attribute or a NaN check is not something --input-shape can fix.)"""
-    if isinstance(exc, (IndexError,)):
+    if isinstance(exc, IndexError):
         return True
     if not isinstance(exc, (RuntimeError, ValueError, AssertionError)):
         return False

@@ -15,7 +15,7 @@ from torch import nn
 from reparam_cli.blocks.repvgg import RepVGGBlock
 from reparam_cli.engine import reparameterize
 from reparam_cli.errors import ReparamError, VerificationFailed
-from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, verify_checkpoint
+from reparam_cli.pipeline import convert_checkpoint
 from reparam_cli.spec import ModelSpec, load_spec
 from reparam_cli.verify import AttributeSnapshot, unit_roundoff, verify
 
