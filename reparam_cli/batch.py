@@ -160,6 +160,7 @@ class ConvertOptions:
     verify_options: Any = None  # pipeline.VerifyOptions
     overwrite: bool = False
     trust_pickle: bool = False
+    dynamic_shapes: str = "auto"  # pt2/ONNX dynamic dims (export.DYNAMIC_SHAPES)
 
 
 @dataclass
@@ -202,7 +203,8 @@ def convert_one(task: Task, options: ConvertOptions) -> Entry:
         output.parent.mkdir(parents=True, exist_ok=True)
         report = convert_checkpoint(task.input, options.spec, output, fmt=options.fmt,
                                     verify_output=options.verify_output, verify_options=options.verify_options,
-                                    overwrite=options.overwrite or task.resume, trust_pickle=options.trust_pickle)
+                                    overwrite=options.overwrite or task.resume, trust_pickle=options.trust_pickle,
+                                    dynamic_shapes=options.dynamic_shapes)
         entry["max_rel_err"] = report.get("max_rel_err")
         # The input may have been rewritten while we read it (a training job still saving): the hash
         # the deploy file records must be the one in the manifest, or resume would trust a stale file.

@@ -85,6 +85,9 @@ DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model
 FormatOpt = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors, torchscript, pt2 "
                          "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
 
+DynamicShapesOpt = typer.Option("auto", "--dynamic-shapes", help="Dynamic input dims of pt2 and ONNX files: auto "
+                                "(batch and height/width where the model allows, else batch, else static), batch, "
+                                "or none (static); the report lists them (export_dynamic_dims).")
 LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Linear layers into equivalent pointwise "
                                                                "(1x1) conv modules (paradigm 9).")
 
@@ -120,7 +123,9 @@ def _summary(title: str, report: dict, rows: list[tuple[str, str]]) -> None:
             table.add_row(label, _fmt(report[key]))
     worst = report.get("worst_block")
     if worst:
-        table.add_row("worst block", f"{worst['path']} ({worst['type']}): {worst['max_rel_err']:.3g}")
+        err = worst["max_rel_err"]  # None when NaN/Inf (strict JSON): say which
+        shown = f"{err:.3g}" if err is not None else report.get("nonfinite_values", {}).get("worst_block.max_rel_err", "-")
+        table.add_row("worst block", f"{worst['path']} ({worst['type']}): {shown}")
     if report.get("failed_blocks"):
         table.add_row("failed blocks", ", ".join(report["failed_blocks"][:5]))
     _stderr().print(table)
@@ -134,6 +139,8 @@ CONVERT_ROWS = [
     ("training-model rel err (float floor)", "train_rel_err"), ("tolerance rtol/atol", "tolerance"),
     ("checkpoint dtype", "checkpoint_dtype"), ("native blocks", "native_blocks"),
     ("exported file checked in", "export_runtime"), ("exported vs deploy rel err", "export_max_rel_err"),
+    ("dynamic dims", "export_dynamic_dims"), ("computed in", "compute_dtype"),
+    ("fused weights' rounding (rel)", "weight_rounding_rel_err"), ("non-finite", "nonfinite"),
     ("notes", "notes"),
 ]
 
@@ -285,6 +292,7 @@ def convert(
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
     linear_as_conv: bool = LinearAsConvOpt,
+    dynamic_shapes: str = DynamicShapesOpt,
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
@@ -304,6 +312,7 @@ def convert(
                 checkpoint, spec, output, stdout=sink, fmt=fmt, verify_output=not no_verify,
                 verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
                 trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
+                dynamic_shapes=dynamic_shapes,
             )
 
     _run(action, as_json, "convert", CONVERT_ROWS)
@@ -403,6 +412,7 @@ def batch(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     trust_pickle: bool = TrustOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with every manifest line) on stdout."),
+    dynamic_shapes: str = DynamicShapesOpt,
 ) -> None:
     """Convert every checkpoint in a folder (in parallel, resumable, shardable), keeping going past
     failures. Exit 0 when all were converted or skipped, 1 when any failed."""
@@ -418,7 +428,8 @@ def batch(
         with stdout_to_stderr():  # a Python spec may print on import: stdout is for --json
             spec_ = load_spec(spec)
         options = ConvertOptions(spec_, fmt, not no_verify,
-                                 _verify_options(samples, seed, rtol, atol, input_shape), overwrite, trust_pickle)
+                                 _verify_options(samples, seed, rtol, atol, input_shape), overwrite, trust_pickle,
+                                 dynamic_shapes=dynamic_shapes)
         shard_ = Shard.parse(shard)
         reporter = None if as_json else Reporter(console)
         try:

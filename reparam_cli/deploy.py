@@ -39,7 +39,7 @@ def stored_spec(meta: dict[str, object], *, trust: bool = False):
     runs nothing but reparam's own or an integrated library's builders (`spec.SAFE_SPEC_KINDS`);
     any other builder raises SpecError unless `trust` (--trust-spec) is set.
     """
-    from .spec import ModelSpec, check_stored_spec
+    from .spec import check_stored_spec
 
     return None if meta.get("spec") is None else check_stored_spec(stored_spec_data(meta), trust)
 
@@ -74,7 +74,8 @@ def load_deploy(path: str | Path, spec=None, *, trust_spec: bool = False) -> nn.
     A stored spec is rebuilt only when it names a built-in or timm builder with plain arguments;
     one naming other code (a module:function, a .py file) raises SpecError unless `trust_spec`.
     The training model is built on the meta device and converted shape-only, then the file's
-    tensors are assigned to the resulting skeleton.
+    tensors are assigned to the resulting skeleton. Non-persistent buffers, which the file does
+    not hold, are computed as the model's constructor computes them (`ModelSpec.build_meta`).
     """
     from safetensors.torch import load_file
 
@@ -90,7 +91,7 @@ def load_deploy(path: str | Path, spec=None, *, trust_spec: bool = False) -> nn.
         spec = stored_spec(read_metadata(path), trust=trust_spec)
         if spec is None:
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
-    skeleton, _ = reparameterize(spec.build(device="meta").eval(), **deploy_file_options(path))
+    skeleton, _ = reparameterize(spec.build_meta().eval(), **deploy_file_options(path))
     return load_into(skeleton, load_file(str(path)), what="deploy file").eval()
 
 
@@ -114,16 +115,18 @@ class OnnxModule(nn.Module):
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise CheckpointError(f"cannot load {path} with onnxruntime: {_first_line(exc)}") from None
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
         onnx_type = self.session.get_inputs()[0].type
         dtype = {"tensor(float16)": torch.float16, "tensor(double)": torch.float64,
                  "tensor(bfloat16)": torch.bfloat16}.get(onnx_type, torch.float32)
         self.register_buffer("dtype_marker", torch.zeros(0, dtype=dtype), persistent=False)
         self.num_parameters = _onnx_weight_count(path)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.detach().to(self.dtype_marker.dtype).cpu().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+    def forward(self, *xs: Tensor) -> Tensor:
+        """The first output for positional tensor inputs (fed to the file's inputs in order)."""
+        feed = {name: (x.detach().to(self.dtype_marker.dtype) if x.is_floating_point() else x).cpu().contiguous().numpy()
+                for name, x in zip(self.input_names, xs)}
+        return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 def _onnx_weight_count(path: str | Path) -> int:
@@ -157,8 +160,8 @@ class ExportedProgramModule(nn.Module):
     def train(self, mode: bool = True) -> "ExportedProgramModule":
         return self
 
-    def forward(self, x: Tensor):
-        return self.program(x)
+    def forward(self, *args: Tensor):
+        return self.program(*args)
 
 
 def deploy_format_of(path: str | Path) -> str:
@@ -195,7 +198,7 @@ def deploy_skeleton(spec) -> nn.Module:
     """The spec's deploy model on the meta device (shapes only): reparameterize(spec.build('meta'))."""
     from .engine import reparameterize
 
-    return reparameterize(spec.build(device="meta").eval())[0]
+    return reparameterize(spec.build_meta().eval())[0]
 
 
 def load_deploy_state_dict(path: str | Path, spec) -> nn.Module:
@@ -290,29 +293,33 @@ def load_deployed_any(path: str | Path, spec=None) -> nn.Module:
     return load_exported(path, fmt)
 
 
-def compare_exported(path: str | Path, fmt: str, deploy: nn.Module, x: Tensor,
+def compare_exported(path: str | Path, fmt: str, deploy: nn.Module, x: Tensor | tuple,
                      rtol: float, atol: float) -> dict[str, object]:
-    """Run an exported file with its own runtime on `x` and compare with the deploy module's output.
+    """Run an exported file with its own runtime on `x` (a tensor or a tuple of arguments, in the
+    file's dtype) and compare its first output with the deploy module's.
 
-    Returns {"runtime", "max_abs_err", "max_rel_err", "ok"}: ok when max |exported - deploy| <=
-    atol + rtol * max |deploy|.
+    Returns {"runtime", "max_abs_err", "max_rel_err", "ok"} (errors NaN and not ok when either output
+    holds NaN/Inf; "nonfinite" then says where): ok when max |exported - deploy| <= atol + rtol * max|deploy|.
+    The deploy module runs as verification runs it (float32 for float16/bfloat16 weights).
     """
-    from .verify import _first_tensor
+    from .verify import _first_tensor, compare_outputs, run_model
 
-    if fmt == "onnx" and x.dtype == torch.bfloat16:
+    args = x if isinstance(x, tuple) else (x,)
+    if fmt == "onnx" and any(a.dtype == torch.bfloat16 for a in args):
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so the ONNX file cannot be verified",
                           hint="use --dtype float16 or float32, or --no-verify")
     exported = load_exported(path, fmt)
     with torch.no_grad():
-        expected = _first_tensor(deploy.eval()(x)).detach().to(torch.float64)
+        expected = _first_tensor(run_model(deploy, (args, {}), "the deploy model"))
         try:
-            got = _first_tensor(exported(x)).detach().to(torch.float64)
+            got = _first_tensor(exported(*args))
         except Exception as exc:
             raise OutputError(f"the exported {fmt} file fails to run in {RUNTIME[fmt]}: {_first_line(exc)}") from None
     if got.shape != expected.shape:
         raise OutputError(f"the exported {fmt} file gives output shape {tuple(got.shape)}, "
                           f"the deploy model {tuple(expected.shape)}")
-    abs_err = (got - expected).abs().max().item() if got.numel() else 0.0
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    return {"runtime": RUNTIME[fmt], "max_abs_err": abs_err, "max_rel_err": abs_err / scale if scale > 0 else abs_err,
-            "ok": abs_err <= atol + rtol * scale}
+    c = compare_outputs(got, expected, rtol, atol, f"exported {fmt} file")
+    figures = {"runtime": RUNTIME[fmt], "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err, "ok": c.ok}
+    if c.nonfinite:
+        figures["nonfinite"] = c.nonfinite
+    return figures

@@ -2,8 +2,8 @@
 
 Formats: `safetensors` (state dict + reparam metadata; rebuilt with the spec), `torchscript`
 (traced, runs without reparam), `pt2` (`torch.export`, loadable with `torch.export.load`) and
-`onnx` (exported with torch's dynamo exporter, run with onnxruntime). TorchScript, pt2 and ONNX
-files get a dynamic batch dimension where the model allows it.
+`onnx` (exported with torch's dynamo exporter, run with onnxruntime). pt2 and ONNX files get a
+dynamic batch and dynamic height/width where the model allows it (`dynamic`: auto, batch, none).
 
 Every writer goes through `atomic_output`: the file is written to a temporary name beside the
 target and renamed into place only when complete, so a crash or a failed verification never
@@ -134,8 +134,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def write_torchscript(path: str | Path, model: nn.Module, example: Tensor, check: Check | None = None) -> None:
-    """Trace the deploy model on `example` and save a self-contained TorchScript file."""
+def _as_args(example: Tensor | tuple) -> tuple:
+    """An example input (one tensor, or a tuple of positional arguments) as a tuple of arguments."""
+    return example if isinstance(example, tuple) else (example,)
+
+
+def write_torchscript(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None) -> None:
+    """Trace the deploy model on `example` (a tensor or a tuple of arguments) and save a
+    self-contained TorchScript file."""
     model = model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript deprecation notices
@@ -154,30 +160,93 @@ def _batched(example: Tensor) -> Tensor:
     return example if example.shape[0] > 1 else example.expand(2, *example.shape[1:]).contiguous()
 
 
-def _export_program(model: nn.Module, example: Tensor):
-    """torch.export the model with a dynamic batch dimension, or a static one if the model needs it."""
-    batched = _batched(example)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    try:
-        return torch.export.export(model, (batched,), dynamic_shapes=({0: batch},)), batched, True
-    except Exception:  # e.g. a reshape with a hard-coded batch size: fall back to the example's shape
-        pass
-    try:
-        return torch.export.export(model, (example,)), example, False
-    except Exception as exc:
-        raise OutputError(f"torch.export failed: {_first_line(exc)}") from None
+# --dynamic-shapes: `auto` tries a dynamic batch and dynamic spatial dims (H, W), then the batch
+# alone, then static shapes; `batch` starts at the batch alone; `none` exports static shapes.
+DYNAMIC_SHAPES = ("auto", "batch", "none")
+_SPATIAL_NAMES = {3: ("length",), 4: ("height", "width"), 5: ("depth", "height", "width")}
 
 
-def write_pt2(path: str | Path, model: nn.Module, example: Tensor, check: Check | None = None) -> None:
-    """Export the deploy model with torch.export and save it (load with `torch.export.load(path).module()`)."""
+def dim_names(ndim: int) -> dict[int, str]:
+    """Names of an input's dims that may be dynamic: {0: 'batch', 2: 'height', 3: 'width'} for NCHW."""
+    spatial = _SPATIAL_NAMES.get(ndim, tuple(f"dim{d}" for d in range(2, ndim)))
+    return {0: "batch", **{2 + i: name for i, name in enumerate(spatial)}}
+
+
+def _shape_attempts(x: Tensor, dynamic: str) -> list[dict | None]:
+    """The dynamic_shapes to try for one input, most dynamic first (None: static)."""
+    if dynamic not in DYNAMIC_SHAPES:
+        raise OutputError(f"unknown --dynamic-shapes {dynamic!r}", hint=f"choose one of {', '.join(DYNAMIC_SHAPES)}")
+    batch = {0: torch.export.Dim("batch", min=1, max=65536)} if x.dim() >= 1 else {}
+    # Spatial dims get Dim.AUTO: torch.export keeps them symbolic where the model allows, and the
+    # probe below tells whether guards (a flatten into a fixed Linear, ...) still pin them.
+    spatial = {d: torch.export.Dim.AUTO for d in range(2, x.dim())}
+    attempts: list[dict | None] = []
+    if dynamic == "auto" and batch and spatial:
+        attempts.append({**batch, **spatial})
+    if dynamic in ("auto", "batch") and batch:
+        attempts.append(batch)
+    return attempts + [None]
+
+
+def _symbolic_dims(program, x: Tensor) -> list[int]:
+    """The dims of the program's (single) user input that stayed symbolic."""
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    shape = node.meta["val"].shape
+    return [d for d in range(x.dim()) if not isinstance(shape[d], int)]
+
+
+def _runs_at_other_sizes(program, x: Tensor, dims: list[int]) -> bool:
+    """Does the exported program run at a batch of 1 and 32 more pixels along each dynamic spatial dim?
+    (32 keeps the divisibility strided networks need.)"""
+    probe = list(x.shape)
+    for d in dims:
+        probe[d] = 1 if d == 0 else probe[d] + 32
+    try:
+        program.module()(torch.randn(*probe, dtype=x.dtype))
+        return True
+    except Exception:
+        return False
+
+
+def _export_program(model: nn.Module, example: Tensor | tuple, dynamic: str = "auto"):
+    """torch.export the model: (program, example arguments used, names of the dynamic dims).
+
+    With one tensor input, the dims `dynamic` asks for are made dynamic where the model allows it
+    (each candidate is exported, then run at other sizes; the first that works is kept), falling
+    back to static shapes. Several inputs are exported with static shapes."""
+    args = _as_args(example)
+    single = len(args) == 1 and isinstance(args[0], Tensor) and args[0].dim() >= 1
+    attempts = _shape_attempts(args[0], dynamic) if single else [None]
+    error: BaseException | None = None
+    for shapes in attempts:
+        x_args = (_batched(args[0]),) if shapes else args
+        try:
+            program = torch.export.export(model, x_args, dynamic_shapes=(shapes,) if shapes else None)
+        except Exception as exc:  # e.g. a reshape with a hard-coded batch size: try fewer dynamic dims
+            error = exc
+            continue
+        dims = _symbolic_dims(program, x_args[0]) if shapes else []
+        if dims and not _runs_at_other_sizes(program, x_args[0], dims):
+            continue
+        names = dim_names(x_args[0].dim()) if dims else {}
+        return program, x_args, [names[d] for d in dims if d in names]
+    raise OutputError(f"torch.export failed: {_first_line(error)}") from None
+
+
+def write_pt2(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,
+              dynamic: str = "auto") -> list[str]:
+    """Export the deploy model with torch.export and save it (load with `torch.export.load(path).module()`).
+    Returns the names of the input dims that are dynamic (e.g. ['batch', 'height', 'width'])."""
     model = model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program, _, _ = _export_program(model, example)
+        program, _, dims = _export_program(model, example, dynamic)
         with atomic_output(path) as tmp:
             torch.export.save(program, str(tmp))
             if check is not None:
                 check(tmp)
+    return dims
 
 
 def _require_onnx() -> None:
@@ -189,20 +258,27 @@ def _require_onnx() -> None:
                           hint="pip install 'reparam-cli[onnx]'") from None
 
 
-def write_onnx(path: str | Path, model: nn.Module, example: Tensor, check: Check | None = None) -> None:
-    """Export the deploy model to a single self-contained ONNX file (input `input`, output `output`)."""
+def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,
+               dynamic: str = "auto") -> list[str]:
+    """Export the deploy model to a single self-contained ONNX file (input `input`, or `input0`,
+    `input1`, ... for several; output `output`). The model is exported with torch.export first (the
+    dynamic dims as for pt2), and that program converted; returns the names of the dynamic dims."""
     _require_onnx()
     model = model.eval()
-    batched = _batched(example)
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    args = _as_args(example)
+    names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
     with warnings.catch_warnings(), torch.no_grad(), atomic_output(path) as tmp:
         warnings.simplefilter("ignore")
-        for shapes, x in ((({0: batch},), batched), (None, example)):  # dynamic batch, else static
+        try:
+            program, x_args, dims = _export_program(model, example, dynamic)
+            sources = [(program, x_args, dims), (model, args, [])]
+        except OutputError:
+            sources = [(model, args, [])]
+        for source, x_args, dims in sources:  # the program, else the module with static shapes
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # keep stdout clean for --json
-                    torch.onnx.export(model, (x,), str(tmp), dynamo=True, external_data=False,
-                                      input_names=["input"], output_names=["output"], dynamic_shapes=shapes,
-                                      verbose=False)
+                    torch.onnx.export(source, x_args, str(tmp), dynamo=True, external_data=False,
+                                      input_names=names, output_names=["output"], verbose=False)
                 break
             except Exception as exc:
                 error = exc
@@ -210,3 +286,4 @@ def write_onnx(path: str | Path, model: nn.Module, example: Tensor, check: Check
             raise OutputError(f"ONNX export failed: {_first_line(error)}") from None
         if check is not None:
             check(tmp)
+    return dims

@@ -10,6 +10,7 @@ Pipes (`-` for stdin/stdout) live in pipes.py, `reparam inspect` in inspection.p
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,11 @@ from .errors import OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
 from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
                      load_deployed_any, read_metadata, stored_spec_data)
-from .export import (DTYPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors, write_state_safetensors,
-                     write_torchscript)
+from .export import (DTYPES, DYNAMIC_SHAPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors,
+                     write_state_safetensors, write_torchscript)
 from .spec import ModelSpec, load_spec
-from .verify import VerifyResult, model_dtype, verify
+from .verify import (LOW_PRECISION, PassFailed, VerifyResult, compare_models, make_call, model_dtype,
+                     overflow_message, verify)
 
 Progress = Callable[[str], None]
 
@@ -87,7 +89,7 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
     _refuse_reparam_deploy_file(checkpoint)
     raw = read_raw(checkpoint, trust_pickle)
     key, strip = spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix")
-    model = spec.build(device="meta")
+    model = spec.build_meta()
     ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
     if fit_problems(model, ckpt.state):
         _refuse_deploy_form(raw, checkpoint, spec, ema)
@@ -132,32 +134,87 @@ def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
         raise OutputError(f"output {output} is a directory")
 
 
+def finite_figures(report: dict) -> dict:
+    """Replace every NaN/Inf float in `report` (nested dicts included) by None, in place, and name
+    them in `nonfinite_values` ({"max_abs_err": "NaN", "worst_block.max_rel_err": "NaN", ...}), so
+    the report is strict JSON and says why a figure is missing (`nonfinite` says where NaN/Inf
+    appeared). Returns the report."""
+    found: dict[str, str] = dict(report.get("nonfinite_values") or {})
+
+    def walk(d: dict, prefix: str) -> None:
+        for key, value in d.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                found[prefix + key] = "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
+                d[key] = None
+            elif isinstance(value, dict) and key != "nonfinite_values":
+                walk(value, f"{prefix}{key}.")
+
+    walk(report, "")
+    if found:
+        report["nonfinite_values"] = found
+        report.setdefault("nonfinite", "non-finite figures: " + ", ".join(sorted(found)))
+    return report
+
+
 def _verification_dict(result: VerifyResult | None) -> dict:
     if result is None:
         return {"verified": False}
     worst = result.worst_block()
-    return {
+    figures = {
         "verified": True, "ok": result.ok, "max_abs_err": result.max_abs_err, "max_rel_err": result.max_rel_err,
         "cosine": result.cosine, "train_rel_err": result.train_rel_err, "rtol": result.rtol, "atol": result.atol,
         "samples": result.samples, "input_shape": result.input_shape, "seed": result.seed,
-        "worst_output": result.worst_output,
+        "worst_output": result.worst_output, "compute_dtype": result.compute_dtype,
         "worst_block": None if worst is None else {"path": worst.path, "type": worst.block_type,
                                                    "max_rel_err": worst.max_rel_err},
         "failed_blocks": [b.path for b in result.blocks if not b.ok],
     }
+    if result.nonfinite:
+        figures["nonfinite"] = result.nonfinite
+    if result.weight_rounding_rel_err is not None:
+        figures["weight_rounding_rel_err"] = result.weight_rounding_rel_err
+    if result.overflow:
+        figures["overflow"] = result.overflow
+    return finite_figures(figures)
+
+
+def _shape(spec: ModelSpec, opts: VerifyOptions) -> tuple[int, ...]:
+    return tuple(opts.input_shape or spec.input_shape)
+
+
+def _pass_error(exc: PassFailed, shape: tuple[int, ...]) -> ReparamError:
+    """A model that raised during verification, as one line: an input-shape problem of the training
+    model asks for --input-shape; anything else names the pass that failed and its error."""
+    if exc.shape_error and exc.stage.startswith("the training model's float64"):
+        return ReparamError(f"the training model cannot run on verification input {shape}: {exc.detail}",
+                            hint="pass --input-shape N,C,H,W that the model accepts")
+    if exc.stage.startswith("the training model"):
+        hint = "the model fails for a reason other than the input's shape; run it on such an input to see why"
+    elif "input hook" in exc.stage:
+        hint = "fix the spec's inputs hook"
+    else:
+        hint = "the training model runs but the fused one fails: please report this with the spec"
+    return ReparamError(f"{exc.stage} failed on verification input {shape}: {exc.detail}", hint=hint)
 
 
 def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: ConversionReport | None,
                 opts: VerifyOptions) -> VerifyResult:
     blocks = [(b.path, b.block_type) for b in report.converted] if report else []
-    shape = tuple(opts.input_shape or spec.input_shape)
+    shape = _shape(spec, opts)
     try:
-        return verify(train, deploy, shape, blocks=blocks, samples=opts.samples,
-                      seed=opts.seed, rtol=opts.rtol, atol=opts.atol)
-    except RuntimeError as exc:  # almost always an input the model cannot take
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ReparamError(f"the training model cannot run on verification input {shape}: {detail}",
-                           hint="pass --input-shape N,C,H,W that the model accepts") from None
+        return verify(train, deploy, shape, blocks=blocks, samples=opts.samples, seed=opts.seed,
+                      rtol=opts.rtol, atol=opts.atol, make_inputs=spec.input_hook())
+    except PassFailed as exc:
+        raise _pass_error(exc, shape) from exc.exc
+
+
+def _low_precision_notes(result: VerifyResult | None, train: nn.Module, deploy: nn.Module) -> list[str]:
+    """The sentence for a float16/bfloat16 model whose activations overflow on N(0,1) inputs."""
+    if result is None:
+        return []
+    low = next((d for d in (model_dtype(deploy), model_dtype(train)) if d in LOW_PRECISION), None)
+    message = overflow_message(result, low) if low is not None else None
+    return [message] if message else []
 
 
 def convert_checkpoint(
@@ -174,19 +231,24 @@ def convert_checkpoint(
     linear_as_conv: bool = False,
     dtype: str | None = None,
     ema: bool = False,
+    dynamic_shapes: str = "auto",
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
     when the fused model does not match, ReparamError on bad input.
 
     Blocks are fused in float64 and the deploy model is written in the checkpoint's dtype, or in
     `dtype` ('float32', 'float16', 'bfloat16'). `ema` picks a checkpoint's EMA weights. TorchScript,
-    pt2 and ONNX outputs are loaded back with their runtime and compared with the deploy model
-    before they are renamed into place (figures `export_*` in the report). `linear_as_conv` also
+    pt2 and ONNX outputs are loaded back with their runtime (safetensors with `load_deploy`) and
+    compared with the deploy model before they are renamed into place (figures `export_*` in the
+    report). `dynamic_shapes` (auto, batch, none): which dims of pt2/ONNX files may vary
+    (`export_dynamic_dims` in the report). `linear_as_conv` also
     turns nn.Linear layers into equivalent pointwise convs (recorded in the deploy file's metadata,
     so `load_deploy` rebuilds the same skeleton).
     """
     if fmt not in FORMATS:
         raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
+    if dynamic_shapes not in DYNAMIC_SHAPES:
+        raise ReparamError(f"unknown --dynamic-shapes {dynamic_shapes!r}", hint=f"choose one of {', '.join(DYNAMIC_SHAPES)}")
     out_dtype = output_dtype(dtype)
     checkpoint = Path(checkpoint)
     spec = _spec(spec)
@@ -227,11 +289,17 @@ def convert_checkpoint(
         "flops_after": result.flops_deploy if result else None,
         **_verification_dict(result),
     }
-    if ckpt.notes:
-        report["notes"] = list(ckpt.notes)
+    notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
+    if notes:
+        report["notes"] = notes
+    finite_figures(report)
     if result is not None and not result.ok:
-        raise VerificationFailed("the deploy model does not match the training model; nothing was written", report)
+        why = f" ({result.nonfinite})" if result.nonfinite else ""
+        raise VerificationFailed(f"the deploy model does not match the training model{why}; nothing was written",
+                                 report)
 
+    # The training model is not needed again: its blocks' tensors go before the file is loaded back.
+    del train
     progress(f"writing {fmt}")
     metadata = {"version": __version__, "spec": spec.to_json(), "source": checkpoint.name,
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
@@ -239,8 +307,8 @@ def convert_checkpoint(
         metadata["source_sha256"] = source_sha256.result()
     if linear_as_conv:
         metadata["options"] = conversion_options(linear_as_conv)
-    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata)
-    return report
+    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=dynamic_shapes)
+    return finite_figures(report)
 
 
 def _native_blocks(conv_report: ConversionReport) -> list[str]:
@@ -249,27 +317,61 @@ def _native_blocks(conv_report: ConversionReport) -> list[str]:
 
 
 def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
-                 result: VerifyResult | None, report: dict, metadata: dict) -> None:
-    """Write `deploy` in `fmt` atomically. When verification ran, an exported file (TorchScript, pt2,
-    ONNX) is first loaded back with its runtime and compared with the deploy model on the verification
-    input: its figures go into `report`, and a mismatch raises VerificationFailed with nothing written."""
-    if fmt == "safetensors":
-        write_safetensors(output, deploy, metadata)
-        return
+                 result: VerifyResult | None, report: dict, metadata: dict, dynamic_shapes: str = "auto") -> None:
+    """Write `deploy` in `fmt` atomically. When verification ran, the written file is first loaded back
+    the way a user loads it (`load_deploy` for safetensors, its runtime for TorchScript, pt2 and ONNX)
+    and compared with the deploy model on the verification input: its figures go into `report`
+    (`export_*`), and a mismatch raises VerificationFailed with nothing written."""
     dtype = model_dtype(deploy)
-    shape = tuple(opts.input_shape or spec.input_shape)
-    example = torch.randn(*shape, generator=torch.Generator().manual_seed(opts.seed), dtype=torch.float64).to(dtype)
+    try:
+        call64 = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+    except PassFailed as exc:
+        raise _pass_error(exc, _shape(spec, opts)) from exc.exc
 
-    def check(tmp: Path) -> None:
-        figures = compare_exported(tmp, fmt, deploy, example, result.rtol, result.atol)
+    def failed(figures: dict, where: str) -> None:
         report.update({f"export_{k}": v for k, v in figures.items()})
+        finite_figures(report)
         if not figures["ok"]:
             report["ok"] = False
-            raise VerificationFailed(f"the {fmt} file does not match the deploy model in {figures['runtime']}; "
-                                     "nothing was written", report)
+            overflow = _low_precision_notes(result, deploy, deploy)
+            where += f" ({overflow[0]})" if overflow and fmt != "safetensors" else ""
+            raise VerificationFailed(f"the {fmt} file does not match the deploy model {where}; nothing was written",
+                                     report)
 
-    writer = {"torchscript": write_torchscript, "pt2": write_pt2, "onnx": write_onnx}[fmt]
-    writer(output, deploy, example, check=check if result is not None else None)
+    if fmt == "safetensors":
+        def check_safetensors(tmp: Path) -> None:
+            from .deploy import load_deploy
+
+            loaded = load_deploy(tmp, spec)
+            try:
+                c = compare_models(loaded, deploy, call64, result.rtol, result.atol, "the deploy file loaded back")
+            except PassFailed as exc:
+                raise _pass_error(exc, _shape(spec, opts)) from exc.exc
+            figures = {"runtime": "load_deploy", "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
+                       "ok": c.ok}
+            if c.nonfinite:
+                figures["nonfinite"] = c.nonfinite
+            failed(figures, "when loaded back with load_deploy")
+
+        write_safetensors(output, deploy, metadata, check=check_safetensors if result is not None else None)
+        return
+    from .verify import cast_floating
+
+    args, kwargs = cast_floating(call64, dtype)
+    if kwargs:
+        raise OutputError(f"the spec's input hook passes keyword arguments, which a {fmt} file cannot take",
+                          hint="write safetensors, or make the hook return positional arguments")
+    example = args[0] if len(args) == 1 else tuple(args)
+
+    def check(tmp: Path) -> None:
+        failed(compare_exported(tmp, fmt, deploy, example, result.rtol, result.atol), "in its runtime")
+
+    checker = check if result is not None else None
+    if fmt == "torchscript":
+        write_torchscript(output, deploy, example, check=checker)
+        return
+    writer = {"pt2": write_pt2, "onnx": write_onnx}[fmt]
+    report["export_dynamic_dims"] = writer(output, deploy, example, check=checker, dynamic=dynamic_shapes)
 
 
 def verify_checkpoint(
@@ -297,6 +399,7 @@ def verify_checkpoint(
         report = reparameterize(spec.build(device="meta").eval(), **deploy_file_options(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
+    notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
     out = {
         "ok": result.ok, "input": str(checkpoint), "output": str(deployed), "spec": spec.name, "format": fmt,
         "dtype": str(model_dtype(deploy)).removeprefix("torch."),
@@ -306,9 +409,9 @@ def verify_checkpoint(
         "params_after": getattr(deploy, "num_parameters", None) or count_parameters(deploy),
         **_verification_dict(result),
     }
-    if ckpt.notes:
-        out["notes"] = list(ckpt.notes)
-    return out
+    if notes:
+        out["notes"] = notes
+    return finite_figures(out)
 
 
 def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:

@@ -20,7 +20,9 @@ shape and optional checkpoint options:
     input_shape: [1, 3, 224, 224]
     checkpoint: {key: state_dict, strip_prefix: module.}
 
-A Python spec may also define `INPUT_SHAPE` and `CHECKPOINT` (a dict like the YAML key).
+A Python spec may also define `INPUT_SHAPE`, `CHECKPOINT` (a dict like the YAML key) and
+`make_inputs(shape, generator, dtype)`, the verification input hook (YAML: `inputs: module:function`):
+it returns a tensor, a tuple of positional arguments, or `(args, kwargs)` (see `reparam_cli.verify`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +40,8 @@ from .errors import SpecError
 
 SPECS_DIR = Path(os.environ.get("REPARAM_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
-_KNOWN_KEYS = {"name", "description", "builder", "args", "input_shape", "checkpoint", "family", "deploy_params"}
+_KNOWN_KEYS = {"name", "description", "builder", "args", "input_shape", "checkpoint", "family", "deploy_params",
+               "inputs"}
 
 
 @dataclass
@@ -52,9 +55,16 @@ class ModelSpec:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str = ""  # where it came from: built-in name, file path
+    # Verification input hook, 'module:function' or '/path/spec.py:function' (empty: one N(0,1) tensor
+    # of input_shape); called as make_inputs(shape, generator, dtype), see reparam_cli.verify.
+    inputs: str = ""
 
     def resolve_builder(self) -> Callable[..., Any]:
         return _resolve_callable(self.builder, self.name)
+
+    def input_hook(self) -> Callable[..., Any] | None:
+        """The callable building verification inputs, or None for the default (one tensor of input_shape)."""
+        return _resolve_callable(self.inputs, self.name) if self.inputs else None
 
     def build(self, device: str | None = None):
         """Build the training-form model (on `device`; 'meta' skips allocation and initialisation)."""
@@ -75,12 +85,32 @@ class ModelSpec:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
         return model
 
+    def build_meta(self):
+        """Build the training model on `meta` (shapes only), with its non-persistent buffers real.
+
+        Non-persistent buffers (timm's attention index tables, rotary tables) are computed in
+        `__init__` and never stored in a checkpoint, so on `meta` they would stay without data and
+        a model rebuilt from a file would compute garbage. Only when the model has such buffers is
+        it built a second time on the CPU, and those buffers (nothing else) are taken from there.
+        """
+        model = self.build(device="meta")
+        empty = [(path, name) for path, m in model.named_modules() for name in m._non_persistent_buffers_set
+                 if m._buffers.get(name) is not None and m._buffers[name].is_meta]
+        if empty:
+            real = self.build(device="cpu")
+            for path, name in empty:
+                model.get_submodule(path)._buffers[name] = real.get_submodule(path)._buffers[name]
+        return model
+
     def to_json(self) -> str:
         """The spec as JSON, stored in deploy files so the deploy model can be rebuilt from them."""
-        return json.dumps({
+        data = {
             "name": self.name, "description": self.description, "builder": self.builder, "args": self.args,
             "input_shape": list(self.input_shape), "checkpoint": self.checkpoint, "source": self.source,
-        }, sort_keys=True)
+        }
+        if self.inputs:  # only when set: specs without a hook store the same JSON as before
+            data["inputs"] = self.inputs
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
@@ -98,7 +128,8 @@ class ModelSpec:
                             hint="pass the spec explicitly with --spec")
         return cls(str(data.get("name") or "stored"), data["builder"], args,
                    _shape(data.get("input_shape") or DEFAULT_INPUT_SHAPE, "stored in the deploy file"),
-                   checkpoint, str(data.get("description", "")), str(data.get("source", "")))
+                   checkpoint, str(data.get("description", "")), str(data.get("source", "")),
+                   str(data.get("inputs") or ""))
 
 
 def builtin_names() -> list[str]:
@@ -150,6 +181,7 @@ def _yaml_spec(path: Path, source: str) -> ModelSpec:
         name=str(data.get("name") or path.stem), builder=str(data["builder"]), args=args,
         input_shape=_shape(data.get("input_shape", DEFAULT_INPUT_SHAPE), path),
         checkpoint=dict(data.get("checkpoint") or {}), description=str(data.get("description", "")), source=source,
+        inputs=str(data.get("inputs") or ""),
     )
 
 
@@ -178,6 +210,7 @@ def _python_spec(path: Path, func: str) -> ModelSpec:
         name=path.stem, builder=ref, args={}, input_shape=_shape(shape, path),
         checkpoint=dict(getattr(module, "CHECKPOINT", {}) or {}),
         description=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else "", source=ref,
+        inputs=f"{path.resolve()}:make_inputs" if callable(getattr(module, "make_inputs", None)) else "",
     )
 
 
@@ -350,4 +383,5 @@ def check_stored_spec(spec: ModelSpec, trust: bool = False) -> ModelSpec:
                         "reparam does not run from a file's metadata: a deploy file is data, not code",
                         hint="pass the spec explicitly (--spec, or load_deploy(path, spec=...)), or --trust-spec "
                              "(trust_spec=True) if you trust this file")
-    return spec
+    # A stored verification-input hook names code too; rebuilding never needs it.
+    return replace(spec, inputs="") if spec.inputs else spec

@@ -9,14 +9,32 @@ the module). Reported, each against that reference:
 * per converted block, the deploy block's relative error on the very input its training block
   saw, so a failing model points at the block that broke.
 
-It passes when max_abs_err <= atol + rtol * max|ref| end to end and for every block.
+It passes when max_abs_err <= atol + rtol * max|ref| end to end and for every block, and no
+output holds NaN or Inf (a non-finite value anywhere fails verification and is named).
+
+Inputs: one N(0,1) tensor of `input_shape`, or whatever a spec's input hook builds
+(`make_inputs(shape, generator, dtype)` returning a tensor, a tuple of positional arguments, or
+`(args, kwargs)`), built once in float64 per sample; floating tensors are cast for each pass.
+
+Every pass starts from the models as they were found: modules' plain attributes (caches a
+module builds on its first call, such as timm LeViT's attention-bias cache or a detection head's
+anchors) are snapshot before and restored after each pass, so no float64 tensor leaks from the
+reference pass into the others, and the deploy model is left as it was given.
+
+Low precision (float16 / bfloat16 weights): the models run in float32 on their exact
+low-precision weights (CPU half kernels and float16's range on N(0,1) inputs do not decide the
+verdict); the fused weights' own rounding is reported (`weight_rounding_rel_err`), and a module
+whose activations would overflow the low-precision range is named (`overflow`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +49,11 @@ DEFAULT_TOLERANCES = {
     torch.float16: (2e-2, 1e-3),
     torch.bfloat16: (8e-2, 1e-2),
 }
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# (args, kwargs) of one forward call.
+Call = tuple[tuple, dict]
+InputHook = Callable[[Sequence[int], torch.Generator, torch.dtype], Any]
 
 
 @dataclass
@@ -57,12 +80,46 @@ class VerifyResult:
     flops_train: int | None = None  # conv/linear FLOPs of one forward pass on input_shape
     flops_deploy: int | None = None
     worst_output: str = "output"  # the output leaf (path in a tuple/list/dict output) with the largest rel error
+    compute_dtype: str = "float32"  # what the deploy model was run in (float32 for float16/bfloat16 weights)
+    nonfinite: str | None = None  # where NaN/Inf appeared (verification then fails), e.g. "NaN in the deploy model's output"
+    weight_rounding_rel_err: float | None = None  # low precision: fused weights vs their float64 values, max over tensors
+    overflow: str | None = None  # low precision: the first module whose activations exceed the dtype's range
 
     def worst_block(self) -> BlockError | None:
-        return max(self.blocks, key=lambda b: b.max_rel_err, default=None)
+        return max(self.blocks, key=lambda b: _key(b.max_rel_err), default=None)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class PassFailed(Exception):
+    """A model raised during one of verification's forward passes; `stage` says which, `shape_error`
+    whether the message points at the input's shape (the user can fix that with another shape)."""
+
+    def __init__(self, stage: str, exc: BaseException):
+        text = str(exc).strip()
+        self.detail = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+        super().__init__(f"{stage}: {self.detail}")
+        self.stage, self.exc = stage, exc
+        self.shape_error = is_shape_error(exc)
+
+
+_SHAPE_WORDS = re.compile(
+    r"shape|size|dimension|channels|mat1 and mat2|must match|height|width|out of (range|bounds)|\b\dD\b|"
+    r"kernel|padding|stride|too small|divisible", re.IGNORECASE)
+
+
+def is_shape_error(exc: BaseException) -> bool:
+    """Does an exception raised by a model's forward point at its input's shape? (A dtype or device
+    mismatch, a missing attribute or a NaN check is not something --input-shape can fix.)"""
+    if isinstance(exc, IndexError):
+        return True
+    if not isinstance(exc, (RuntimeError, ValueError, AssertionError)):
+        return False
+    text = str(exc)
+    if re.search(r"scalar type|dtype|device|should be the same", text, re.IGNORECASE):
+        return False
+    return bool(_SHAPE_WORDS.search(text))
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -73,17 +130,79 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype verification runs a model of `dtype` in: float32 for float16/bfloat16 weights."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
 def tolerances(dtype: torch.dtype, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
     d_rtol, d_atol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
     return (d_rtol if rtol is None else rtol), (d_atol if atol is None else atol)
 
 
-def _float64_state(model: nn.Module) -> dict[str, Tensor]:
+def _state_in(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The model's parameters and buffers with floating ones cast to `dtype` (exact for upcasts)."""
     return {
-        name: t.to(torch.float64) if t.is_floating_point() else t
+        name: t.to(dtype) if t.is_floating_point() else t
         for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     }
 
+
+def _float64_state(model: nn.Module) -> dict[str, Tensor]:
+    return _state_in(model, torch.float64)
+
+
+def _is_module_of_tensors(model: nn.Module) -> bool:
+    """Can verification run this model on upcast copies of its tensors? (Not a TorchScript module
+    nor a loaded runtime file such as ONNX or pt2: those run as they are.)"""
+    from .deploy import ExportedProgramModule, OnnxModule
+
+    return not isinstance(model, (torch.jit.ScriptModule, OnnxModule, ExportedProgramModule))
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+def as_call(value) -> Call:
+    """An input hook's value as (args, kwargs): a tensor -> one argument; a dict -> one argument (a
+    model taking a dict); a pair (tuple/list, dict) -> (args, kwargs); any other tuple/list -> args."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (tuple, list)) and isinstance(value[1], dict):
+        return tuple(value[0]), dict(value[1])
+    if isinstance(value, (tuple, list)):
+        return tuple(value), {}
+    return (value,), {}
+
+
+def default_inputs(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """One N(0,1) tensor of `shape` (what verification feeds a model whose spec has no input hook)."""
+    return torch.randn(*shape, generator=generator, dtype=dtype)
+
+
+def make_call(make_inputs: InputHook | None, shape: Sequence[int], generator: torch.Generator) -> Call:
+    """One sample of verification inputs, built in float64, as (args, kwargs)."""
+    hook = make_inputs or default_inputs
+    try:
+        value = hook(tuple(shape), generator, torch.float64)
+    except Exception as exc:
+        raise PassFailed("the spec's input hook", exc) from exc
+    args, kwargs = as_call(value)
+    if not tensor_leaves((args, kwargs)):
+        raise PassFailed("the spec's input hook", TypeError(f"it returned {type(value).__name__} holding no tensor"))
+    return args, kwargs
+
+
+def cast_floating(obj, dtype: torch.dtype):
+    """A copy of a nested structure with every floating tensor cast to `dtype` (others kept)."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        items = [cast_floating(o, dtype) for o in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, dict):
+        return {k: cast_floating(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+# --- outputs ------------------------------------------------------------------------------------
 
 def tensor_leaves(out, path: str = "output") -> list[tuple[str, Tensor]]:
     """Every tensor in a model's output, with its path in the structure (`output`, `output[0]`,
@@ -113,26 +232,70 @@ def _leaves(out, what: str) -> list[tuple[str, Tensor]]:
     return leaves
 
 
-def _compare(out, ref, rtol: float, atol: float, what: str) -> tuple[float, float, float, bool, str]:
-    """(max abs err, max rel err, min cosine, ok, worst leaf path) of `out` against `ref`, leaf by leaf.
+def _key(value: float) -> float:
+    """Sort key that ranks NaN above everything (a NaN error is the worst error)."""
+    return math.inf if math.isnan(value) else value
+
+
+def _worse(a: float, b: float) -> float:
+    """The larger of two errors, NaN-aware (max() would drop a NaN)."""
+    return a if _key(a) >= _key(b) else b
+
+
+def _nonfinite_kind(t: Tensor) -> str | None:
+    """'NaN', 'Inf' or None for a tensor's non-finite values."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    return "NaN" if bool(torch.isnan(t).any()) else "Inf"
+
+
+@dataclass
+class Comparison:
+    """One output compared with its reference, leaf by leaf (errors NaN when a leaf is non-finite)."""
+
+    max_abs_err: float
+    max_rel_err: float
+    cosine: float
+    ok: bool
+    worst_path: str
+    nonfinite: str | None = None
+
+
+def compare_outputs(out, ref, rtol: float, atol: float, what: str) -> Comparison:
+    """`out` against `ref`, leaf by leaf.
 
     Each leaf's relative error is scaled by that leaf's own magnitude, and each leaf must be within
-    atol + rtol * max|leaf| (a small box-coordinate tensor is not hidden by large class scores)."""
+    atol + rtol * max|leaf| (a small box-coordinate tensor is not hidden by large class scores).
+    A NaN or Inf in either leaf makes the errors NaN and the comparison fail; `nonfinite` says where."""
     outs, refs = _leaves(out, what), _leaves(ref, "reference")
     if [p for p, _ in outs] != [p for p, _ in refs]:
         raise ValueError(f"the {what} output's structure {[p for p, _ in outs]} differs from the training "
                          f"model's {[p for p, _ in refs]}")
     worst_abs = worst_rel = 0.0
-    worst_cos, ok, worst_path = 1.0, True, refs[0][0]
+    worst_cos, ok, worst_path, nonfinite = 1.0, True, refs[0][0], None
     for (path, o), (_, r) in zip(outs, refs):
         if o.shape != r.shape:
             raise ValueError(f"{what} {path} has shape {tuple(o.shape)}, the training model's {tuple(r.shape)}")
-        abs_err, rel_err, cos = _errors(o, r)
-        ok &= _within(abs_err, r, rtol, atol)
-        if rel_err > worst_rel or (rel_err == worst_rel and abs_err > worst_abs):
+        bad = [(kind, who) for kind, who in ((_nonfinite_kind(r), "the reference"), (_nonfinite_kind(o), f"the {what}"))
+               if kind]
+        if bad:
+            nonfinite = nonfinite or "; ".join(f"{kind} in {who}'s {path}" for kind, who in bad)
+            abs_err = rel_err = cos = math.nan
+            ok = False
+        else:
+            abs_err, rel_err, cos = _errors(o, r)
+            ok &= _within(abs_err, r, rtol, atol)
+        if _key(rel_err) > _key(worst_rel) or (_key(rel_err) == _key(worst_rel) and _key(abs_err) > _key(worst_abs)):
             worst_path = path
-        worst_abs, worst_rel, worst_cos = max(worst_abs, abs_err), max(worst_rel, rel_err), min(worst_cos, cos)
-    return worst_abs, worst_rel, worst_cos, ok, worst_path
+        worst_abs, worst_rel = _worse(abs_err, worst_abs), _worse(rel_err, worst_rel)
+        worst_cos = cos if math.isnan(cos) or math.isnan(worst_cos) else min(worst_cos, cos)
+    return Comparison(worst_abs, worst_rel, worst_cos, bool(ok), worst_path, nonfinite)
+
+
+def _compare(out, ref, rtol: float, atol: float, what: str) -> tuple[float, float, float, bool, str]:
+    """(max abs err, max rel err, min cosine, ok, worst leaf path): `compare_outputs` as a tuple."""
+    c = compare_outputs(out, ref, rtol, atol, what)
+    return c.max_abs_err, c.max_rel_err, c.cosine, c.ok, c.worst_path
 
 
 def _clone_leaves(out):
@@ -161,6 +324,160 @@ def _within(abs_err: float, ref: Tensor, rtol: float, atol: float) -> bool:
     return abs_err <= atol + rtol * ref.detach().abs().max().item()
 
 
+# --- leaving models as they were found --------------------------------------------------------------
+
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def _contents(value):
+    """A shallow copy of a container attribute's contents (to restore in place), else None."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, set):
+        return set(value)
+    return None
+
+
+def _put_back(obj, contents) -> None:
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(contents)
+    elif isinstance(obj, list):
+        obj[:] = contents
+    else:
+        obj.clear()
+        obj.update(contents)
+
+
+class AttributeSnapshot:
+    """The plain attributes of every module of some models (everything in a module's `__dict__`
+    but its parameter, buffer and child tables), to put back after a forward pass.
+
+    Caches a module fills on its first call (timm LeViT / EfficientViT-M / TinyViT attention-bias
+    caches, a detection head's anchors and strides, any `self.x = ...` in forward) are dropped again,
+    containers (dicts, lists, sets) are restored in place. Costs one shallow dict copy per module:
+    no tensor is copied, so verification memory does not grow with the model."""
+
+    def __init__(self, *models: nn.Module):
+        self.saved: list[tuple[nn.Module, dict[str, tuple[Any, Any]]]] = []
+        seen: set[int] = set()
+        for model in models:
+            if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+                continue
+            for m in model.modules():
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    self.saved.append((m, {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_TABLES}))
+
+    def restore(self) -> None:
+        for m, attrs in self.saved:
+            d = vars(m)
+            for k in [k for k in d if k not in attrs and k not in _MODULE_TABLES]:
+                del d[k]
+            for k, (value, contents) in attrs.items():
+                d[k] = value
+                if contents is not None:
+                    _put_back(value, contents)
+
+
+@contextlib.contextmanager
+def _stage(name: str, snapshot: AttributeSnapshot):
+    """One forward pass: its failure is a PassFailed naming it; afterwards the models are as found."""
+    try:
+        yield
+    except PassFailed:
+        raise
+    except Exception as exc:
+        raise PassFailed(name, exc) from exc
+    finally:
+        snapshot.restore()
+
+
+def _call(model: nn.Module, state: dict[str, Tensor] | None, call: Call):
+    args, kwargs = call
+    if state is None:
+        return model(*args, **kwargs)
+    return functional_call(model, state, args, kwargs)
+
+
+def _substate(state: dict[str, Tensor] | None, path: str) -> dict[str, Tensor] | None:
+    if state is None:
+        return None
+    prefix = f"{path}." if path else ""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# --- low precision ----------------------------------------------------------------------------------
+
+def weight_rounding_error(train_model: nn.Module, deploy_model: nn.Module, blocks: Sequence[tuple[str, str]]) -> float | None:
+    """Max over converted blocks and tensors of |deploy tensor - its float64 fusion| / max|float64 fusion|.
+
+    Each training block is copied, upcast to float64 and fused again (one block at a time, so memory
+    stays bounded): this is the rounding the deploy dtype alone adds to the fused weights (at most
+    the dtype's unit roundoff, 2^-11 for float16, 2^-8 for bfloat16). None when no block compares."""
+    from .engine import reparameterize
+
+    worst: float | None = None
+    for path, _ in blocks:
+        try:
+            exact = reparameterize(copy.deepcopy(train_model.get_submodule(path)).to(torch.float64))[0].state_dict()
+            stored = deploy_model.get_submodule(path).state_dict()
+        except Exception:  # figures only: a block that cannot be refused here is skipped
+            continue
+        if exact.keys() != stored.keys():
+            continue
+        for name, t64 in exact.items():
+            if not t64.is_floating_point() or not t64.numel():
+                continue
+            scale = t64.abs().max().item()
+            err = (stored[name].to(torch.float64) - t64).abs().max().item()
+            worst = _worse(err / scale if scale > 0 else err, worst or 0.0)
+    return worst
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the distance from 1 to the next float of `dtype` (float16: 2^-11, bfloat16: 2^-8)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def _overflow_hooks(model: nn.Module, dtype: torch.dtype, found: list[str], blocks: Sequence[str] = ()) -> list:
+    """Forward hooks recording (in `found`) the first module whose output exceeds `dtype`'s range,
+    named by the converted block it lies in (`block stage3.11 (stage3.11.conv, max |activation| ...)`)."""
+    limit = torch.finfo(dtype).max
+
+    def hook(_m, _args, out, path):
+        if found:
+            return
+        for _, leaf in tensor_leaves(out):
+            if leaf.is_floating_point() and leaf.numel():
+                peak = leaf.detach().abs().max().item()
+                if peak > limit:
+                    block = max((b for b in blocks if path == b or path.startswith(f"{b}.")), key=len, default=None)
+                    where = f"{path or '<root>'}, " if path != block else ""
+                    figure = f"{where}max |activation| {peak:.3g} > {limit:.3g}"
+                    found.append(f"block {block} ({figure})" if block is not None else f"{path or '<root>'} ({figure})")
+                    return
+
+    return [m.register_forward_hook(lambda m_, a, o, p=name: hook(m_, a, o, p)) for name, m in model.named_modules()]
+
+
+def overflow_message(result: VerifyResult, dtype: torch.dtype) -> str | None:
+    """The sentence a report gives when a low-precision deploy model's activations overflow."""
+    if result.overflow is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    weights = ""
+    if result.weight_rounding_rel_err is not None:
+        exact = result.weight_rounding_rel_err <= unit_roundoff(dtype) * 1.01
+        weights = ("; the fused weights are exact to " + name + " rounding" if exact else
+                   f"; the fused weights' rounding error is {result.weight_rounding_rel_err:.3g}")
+    return f"{name} activations overflow at {result.overflow} on N(0,1) inputs{weights}"
+
+
+# --- verification -----------------------------------------------------------------------------------
+
 def verify(
     train_model: nn.Module,
     deploy_model: nn.Module,
@@ -171,22 +488,36 @@ def verify(
     seed: int = 0,
     rtol: float | None = None,
     atol: float | None = None,
+    make_inputs: InputHook | None = None,
 ) -> VerifyResult:
     """Compare deploy_model to train_model (both in eval mode) on `samples` random batches of `input_shape`.
 
     Outputs may be tensors or tuples, lists and dicts of them (nested too): every tensor leaf is
     compared, each within atol + rtol * its own magnitude; `worst_output` names the worst leaf.
+    `make_inputs(shape, generator, dtype)` builds each sample's inputs (default: one N(0,1) tensor
+    of `input_shape`); see the module doc.
 
     `blocks` lists (path, block type) of converted blocks; each must exist at the same path in both
     models (a TorchScript deploy model gets end-to-end figures only: pass no blocks).
+
+    Raises PassFailed when a model raises in one of the passes (which one is named).
     """
     dtype, deploy_dtype = model_dtype(train_model), model_dtype(deploy_model)
     # The coarser of the two dtypes sets the default tolerances.
     coarse = max((dtype, deploy_dtype), key=lambda d: tolerances(d)[0])
     rtol, atol = tolerances(coarse, rtol, atol)
+    # Low-precision models run in float32 on upcast copies of their exact tensors.
+    train_run = compute_dtype(dtype)
+    train_state = _state_in(train_model, train_run) if train_run != dtype else None
+    upcast_deploy = _is_module_of_tensors(deploy_model) and compute_dtype(deploy_dtype) != deploy_dtype
+    deploy_run = compute_dtype(deploy_dtype) if upcast_deploy else deploy_dtype
+    deploy_state = _state_in(deploy_model, deploy_run) if upcast_deploy else None
+    low = deploy_dtype if deploy_dtype in LOW_PRECISION else (dtype if dtype in LOW_PRECISION else None)
+
     was_training = train_model.training
     train_model.eval()
     deploy_model.eval()
+    snapshot = AttributeSnapshot(train_model, deploy_model)
     state64 = _float64_state(train_model)
     gen = torch.Generator().manual_seed(seed)
     worst_abs = worst_rel = 0.0
@@ -196,51 +527,88 @@ def verify(
     block_errors: dict[str, BlockError] = {}
     flops: tuple[int | None, int | None] = (None, None)
     worst_output = "output"
+    nonfinite: str | None = None
+    overflow: list[str] = []
     try:
         with torch.no_grad():
             for i in range(samples):
-                x64 = torch.randn(*input_shape, generator=gen, dtype=torch.float64)
-                captured: dict[str, tuple[Tensor, Tensor]] = {}
+                call64 = make_call(make_inputs, input_shape, gen)
+                captured: dict[str, tuple[Call, Any]] = {}
                 hooks = []
                 if i == 0:  # per-block figures from the first sample keep memory bounded
                     for path, _ in blocks:
-                        def hook(_m, args, out, path=path):
+                        def hook(_m, args, kwargs, out, path=path):
                             # Copies: later in-place ops (timm's `x += shortcut`) would change them.
-                            captured[path] = (args[0].clone(), _clone_leaves(out))
-                        hooks.append(train_model.get_submodule(path).register_forward_hook(hook))
+                            captured[path] = ((_clone_leaves(args), _clone_leaves(kwargs)), _clone_leaves(out))
+                        hooks.append(train_model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
                 try:
-                    ref = functional_call(train_model, state64, (x64,))
+                    with _stage("the training model's float64 reference pass", snapshot):
+                        ref = functional_call(train_model, state64, *call64)
                 finally:
                     for h in hooks:
                         h.remove()
-                x = x64.to(dtype)
                 # FLOPs are read off the first sample's passes (hooks, no extra forward).
                 count_train, count_deploy = FlopCounter(), FlopCounter()
                 countable = i == 0 and not isinstance(deploy_model, torch.jit.ScriptModule)
-                with count_deploy.attach(deploy_model) if countable else contextlib.nullcontext():
-                    out = deploy_model(x64.to(deploy_dtype))
-                with count_train.attach(train_model) if countable else contextlib.nullcontext():
-                    own = train_model(x)
+                watch = _overflow_hooks(deploy_model, low, overflow, [p for p, _ in blocks]) if i == 0 and low and upcast_deploy else []
+                try:
+                    with _stage("the deploy model's pass", snapshot), \
+                            count_deploy.attach(deploy_model) if countable else contextlib.nullcontext():
+                        out = _call(deploy_model, deploy_state, cast_floating(call64, deploy_run))
+                finally:
+                    for h in watch:
+                        h.remove()
+                with _stage(f"the training model's {str(train_run).removeprefix('torch.')} pass", snapshot), \
+                        count_train.attach(train_model) if countable else contextlib.nullcontext():
+                    own = _call(train_model, train_state, cast_floating(call64, train_run))
                 if countable:
                     flops = (count_train.total, count_deploy.total)
-                abs_err, rel_err, cos, out_ok, out_path = _compare(out, ref, rtol, atol, "deploy model")
-                train_rel = max(train_rel, _compare(own, ref, rtol, atol, "training model")[1])
-                ok &= out_ok
-                if rel_err >= worst_rel:
-                    worst_output = out_path
-                worst_abs, worst_rel, worst_cos = max(worst_abs, abs_err), max(worst_rel, rel_err), min(worst_cos, cos)
+                c = compare_outputs(out, ref, rtol, atol, "deploy model")
+                own_rel = compare_outputs(own, ref, rtol, atol, "training model")
+                train_rel = _worse(own_rel.max_rel_err, train_rel)
+                nonfinite = nonfinite or c.nonfinite or own_rel.nonfinite
+                ok &= c.ok
+                if _key(c.max_rel_err) >= _key(worst_rel):
+                    worst_output = c.worst_path
+                worst_abs, worst_rel = _worse(c.max_abs_err, worst_abs), _worse(c.max_rel_err, worst_rel)
+                worst_cos = c.cosine if math.isnan(c.cosine) or math.isnan(worst_cos) else min(worst_cos, c.cosine)
                 for path, block_type in blocks:
                     if path not in captured:
                         continue
-                    inp, block_ref = captured[path]
-                    block_out = deploy_model.get_submodule(path)(inp.to(deploy_dtype))
-                    _, b_rel, _, b_ok, _ = _compare(block_out, block_ref, rtol, atol, f"deploy block {path}")
-                    ok &= b_ok
-                    block_errors[path] = BlockError(path, block_type, b_rel, b_ok)
+                    block_call, block_ref = captured[path]
+                    with _stage(f"deploy block {path}", snapshot):
+                        block_out = _call(deploy_model.get_submodule(path), _substate(deploy_state, path),
+                                          cast_floating(block_call, deploy_run))
+                    bc = compare_outputs(block_out, block_ref, rtol, atol, f"deploy block {path}")
+                    ok &= bc.ok
+                    nonfinite = nonfinite or bc.nonfinite
+                    block_errors[path] = BlockError(path, block_type, bc.max_rel_err, bc.ok)
     finally:
+        snapshot.restore()
         train_model.train(was_training)
+    rounding = weight_rounding_error(train_model, deploy_model, blocks) if low and upcast_deploy else None
     return VerifyResult(
-        ok=bool(ok), max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos, train_rel_err=train_rel,
-        rtol=rtol, atol=atol, samples=samples, input_shape=list(input_shape), seed=seed,
+        ok=bool(ok) and nonfinite is None, max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos,
+        train_rel_err=train_rel, rtol=rtol, atol=atol, samples=samples, input_shape=list(input_shape), seed=seed,
         blocks=list(block_errors.values()), flops_train=flops[0], flops_deploy=flops[1], worst_output=worst_output,
+        compute_dtype=str(deploy_run).removeprefix("torch."), nonfinite=nonfinite,
+        weight_rounding_rel_err=rounding, overflow=overflow[0] if overflow else None,
     )
+
+
+def run_model(model: nn.Module, call: Call, what: str):
+    """One forward pass of `model` on `call` = (args, kwargs), as verification runs it: low-precision
+    weights upcast to float32 (floating inputs cast to the dtype it runs in), the model left as found.
+    Raises PassFailed naming `what`."""
+    dtype = model_dtype(model)
+    run = compute_dtype(dtype) if _is_module_of_tensors(model) else dtype
+    state = _state_in(model, run) if run != dtype else None
+    with torch.no_grad(), _stage(what, AttributeSnapshot(model)):
+        return _call(model, state, cast_floating(call, run))
+
+
+def compare_models(model: nn.Module, reference: nn.Module, call: Call, rtol: float, atol: float,
+                   what: str) -> Comparison:
+    """`model` against `reference` on one input (both run by `run_model`), leaf by leaf."""
+    expected = run_model(reference, call, "the verified deploy model")
+    return compare_outputs(run_model(model, call, what), expected, rtol, atol, what)
