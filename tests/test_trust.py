@@ -66,6 +66,16 @@ def test_stored_spec_naming_code_runs_nothing(crafted, kind):
     assert not marker.exists()
 
 
+def test_a_stored_verification_input_hook_is_never_run(crafted):
+    """The spec's `inputs` hook names code: a stored one is dropped when the file is rebuilt."""
+    path = restamp(crafted["good"], crafted["folder"] / "hook.deploy.safetensors",
+                   inputs=f"{crafted['folder'] / 'evil.py'}:build_model")
+    model = load_deploy(path)
+    assert model(torch.randn(1, 3, 32, 32)).shape[0] == 1
+    assert run_cli("inspect", path, "--json").exit_code == 0
+    assert not crafted["marker"].exists()
+
+
 def test_explicit_spec_or_trust_spec_rebuilds(crafted):
     x = torch.randn(1, 3, 32, 32)
     want = load_deploy(crafted["good"])(x)  # the built-in builder is rebuilt from the file alone
