@@ -96,7 +96,10 @@ def reparameterize(
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
+    from . import ecosystems
     from .native import FAMILY as NATIVE, fuses_natively, native_fuse
+
+    ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
     report = ConversionReport()
 
@@ -136,4 +139,6 @@ def reparameterize(
         if native and not report.converted and fuses_natively(model):
             report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
             deployed = native_fuse(model, "")
+        # Model-level steps of a library's own fuse beyond its blocks (ultralytics' Detect.fuse()).
+        deployed = ecosystems.finish(model, deployed, report)
     return deployed, report

@@ -5,6 +5,10 @@ A spec reference (`--spec`) is one of:
 * a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`),
 * a path to a YAML file,
 * a Python file `spec.py` exposing `build_model()`, or `spec.py:function`,
+* `ultralytics:<yaml>` (e.g. `ultralytics:yolov8n.yaml?nc=3`) and other library prefixes: the
+  library's own file in `reparam_cli/ecosystems/` builds the spec,
+* `checkpoint`: the checkpoint holds the whole model (a pickled nn.Module, e.g. an ultralytics
+  `.pt`), which is used as it is; needs `--trust-pickle` (see `pipeline.read_training_model`),
 * `timm:<model_name>`, optionally with keyword arguments for `timm.create_model` as a query:
   `timm:repvgg_a0?num_classes=10&in_chans=1` (values parsed as YAML scalars or lists). The model
   is built with `pretrained=False`: weights come from the checkpoint, nothing is downloaded.
@@ -21,6 +25,11 @@ shape and optional checkpoint options:
     checkpoint: {key: state_dict, strip_prefix: module.}
 
 A Python spec may also define `INPUT_SHAPE` and `CHECKPOINT` (a dict like the YAML key).
+
+Models are built on the `meta` device where possible (no memory, no random initialisation); a
+builder whose construction runs real computation (ultralytics probes its strides with a forward
+pass and `.item()`) fails there, and is then built on the CPU, with a note "built on cpu: <reason>"
+in `ModelSpec.notes` that the reports carry.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ class ModelSpec:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str = ""  # where it came from: built-in name, file path
+    notes: list[str] = field(default_factory=list, compare=False)  # what building it took (not stored)
 
     def resolve_builder(self) -> Callable[..., Any]:
         return _resolve_callable(self.builder, self.name)
@@ -59,13 +69,27 @@ class ModelSpec:
         """Build the training-form model (on `device`; 'meta' skips allocation and initialisation)."""
         import torch
 
+        if self.builder == CHECKPOINT_BUILDER:
+            raise SpecError("spec 'checkpoint' has no builder: the model comes from the checkpoint file itself",
+                            hint="pass the spec the model was built from (e.g. load_deploy(path, spec=...))")
         fn = self.resolve_builder()
         try:
             if device is None:
                 model = fn(**self.args)
             else:
-                with torch.device(device):
+                try:
+                    with torch.device(device):
+                        model = fn(**self.args)
+                except (SpecError, TypeError):
+                    raise
+                except Exception as exc:  # construction computes (e.g. `.item()`), which meta cannot
+                    if torch.device(device).type != "meta":
+                        raise
                     model = fn(**self.args)
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    note = f"built on cpu: building on the meta device failed ({reason})"
+                    if note not in self.notes:
+                        self.notes.append(note)
         except TypeError as exc:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
         if not isinstance(model, torch.nn.Module):
@@ -100,6 +124,13 @@ def load_spec(ref: str) -> ModelSpec:
         raise SpecError("no spec given", hint="pass --spec NAME, a YAML file or a Python file")
     if ref.startswith(TIMM_PREFIX):
         return timm_spec(ref)
+    if ref == CHECKPOINT_SPEC:
+        return checkpoint_spec()
+    from .ecosystems import spec_for
+
+    found = spec_for(ref)
+    if found is not None:
+        return found
     py_path, _, func = ref.partition(".py:")
     if ref.endswith(".py") or func:
         return _python_spec(Path(f"{py_path}.py" if func else ref), func or "build_model")
@@ -214,16 +245,13 @@ def timm_create_model(model_name: str, **kwargs: Any):
     return timm.create_model(model_name, pretrained=False, **kwargs)
 
 
-def timm_spec(ref: str) -> ModelSpec:
-    """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
+def parse_query(query: str, ref: str) -> dict[str, Any]:
+    """`key=value&key=value` (the part of a spec reference after `?`) -> keyword arguments, values
+    parsed as YAML scalars or lists (`nc=3` -> 3, `depths=[1,2]` -> [1, 2])."""
     from urllib.parse import parse_qsl
 
     import yaml
 
-    body = ref[len(TIMM_PREFIX):]
-    model_name, _, query = body.partition("?")
-    if not model_name:
-        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
     args: dict[str, Any] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -234,6 +262,16 @@ def timm_spec(ref: str) -> ModelSpec:
             args[key] = yaml.safe_load(value) if value else None
         except yaml.YAMLError:
             args[key] = value
+    return args
+
+
+def timm_spec(ref: str) -> ModelSpec:
+    """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
+    body = ref[len(TIMM_PREFIX):]
+    model_name, _, query = body.partition("?")
+    if not model_name:
+        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
+    args = parse_query(query, ref)
     timm = _import_timm()
     if not timm.is_model(model_name):
         timm_create_model(model_name)  # raises with suggestions
@@ -245,6 +283,20 @@ def timm_spec(ref: str) -> ModelSpec:
         shape = (shape[0], in_chans, *shape[2:])
     return ModelSpec(name=ref, builder=TIMM_BUILDERS[0], args={"model_name": model_name, **args},
                      input_shape=_shape(shape, ref), description=f"timm model {model_name}", source=ref)
+
+
+CHECKPOINT_SPEC = "checkpoint"
+CHECKPOINT_BUILDER = "<the checkpoint's own pickled model>"
+
+
+def checkpoint_spec() -> ModelSpec:
+    """`--spec checkpoint`: the model is the nn.Module pickled in the checkpoint (needs --trust-pickle)."""
+    return ModelSpec(name=CHECKPOINT_SPEC, builder=CHECKPOINT_BUILDER, description="the model pickled in the checkpoint",
+                     source=CHECKPOINT_SPEC)
+
+
+def is_checkpoint_spec(spec: ModelSpec) -> bool:
+    return spec.builder == CHECKPOINT_BUILDER
 
 
 def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:

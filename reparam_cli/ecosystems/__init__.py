@@ -1,0 +1,78 @@
+"""Library conventions: one file per library whose models reparam converts (ultralytics, ...).
+
+Each file holds everything specific to its library: recipes for the library's own block types,
+a spec prefix (`ultralytics:yolov8n.yaml`), model-level steps the library's own fuse does beyond
+its blocks, and how to rebuild a whole model pickled in a checkpoint. The rest of reparam stays
+generic and reaches these files only through the functions below:
+
+* `activate()`: imports (and so registers the recipes of) the file of every library that is
+  already imported. A model of a library cannot exist before its library is imported, and
+  importing a library reparam does not need would slow every command down;
+* `spec_for(ref)`: the ModelSpec of a `<prefix>:...` reference, or None;
+* `finish(model, deployed, report)`: the library's model-level steps on the deploy model (e.g. dropping
+  the detection branch ultralytics' `fuse()` drops), never touching `model`;
+* `rebuild_spec(module)`: for a whole module read from a checkpoint (`--spec checkpoint`), a
+  spec that rebuilds it from the library's code, or None.
+
+A library file may define any of `SPEC_PREFIX` + `spec(ref)`, `finish(model, deployed)` and
+`rebuild_spec(module)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+from torch import nn
+
+# library package name -> reparam's file of its conventions
+ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics"}
+
+
+def _active() -> list[ModuleType]:
+    return [importlib.import_module(ours) for package, ours in ECOSYSTEMS.items() if package in sys.modules]
+
+
+def activate() -> None:
+    """Register the recipes of every library already imported (see the module doc)."""
+    _active()
+
+
+def spec_for(ref: str):
+    """The ModelSpec for a library spec reference such as `ultralytics:yolov8n.yaml?nc=3`, or None."""
+    for ours in ECOSYSTEMS.values():
+        prefix = ours.rsplit(".", 1)[1] + ":"
+        if ref.startswith(prefix):
+            return importlib.import_module(ours).spec(ref)
+    return None
+
+
+def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:
+    """Apply each active library's model-level deploy steps to `deployed` (`model` is not modified).
+
+    Converted blocks that such a step removed (the unused branch of a detection head) leave the
+    engine's `report`: they are not part of the deploy model, so there is nothing to verify."""
+    for eco in _active():
+        step = getattr(eco, "finish", None)
+        if step is not None:
+            deployed = step(model, deployed)
+            report.converted = [b for b in report.converted if _exists(deployed, b.path)]
+    return deployed
+
+
+def _exists(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def rebuild_spec(module: nn.Module):
+    """A spec that rebuilds `module` (a whole model read from a checkpoint) from its library, or None."""
+    for eco in _active():
+        found = getattr(eco, "rebuild_spec", lambda m: None)(module)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,286 @@
+"""ultralytics (YOLOv3-v12, YOLO11, YOLO26, RT-DETR): its blocks, its model specs, its checkpoints.
+
+What ultralytics' own `BaseModel.fuse()` does, and what reparam does instead (the same deploy
+model, its arithmetic from `algebra` in float64, every block verified):
+
+    ultralytics fuse()                               reparam
+    Conv / DWConv: fold bn into conv, forward_fuse   recipe: fuse_bn(conv, bn), the same forward swap
+    Conv2: fuse_convs() (1x1 into the 3x3), then     recipe: fuse_bn(add(conv, cv2), bn)
+      as Conv
+    ConvTranspose: fold bn, forward_fuse             recipe: fuse_bn on the transposed weight
+    RepConv (RepC3, RepNCSPELAN4's RepConvN, ...):   recipe: add(conv_bn(3x3), conv_bn(1x1),
+      fuse_convs(), forward_fuse                       bn_as_conv(identity)), forward_fuse
+    RepVGGDW (YOLOv10): fuse(), forward_fuse         recipe: add(conv_bn(7x7), conv_bn(3x3)), forward_fuse
+    Detect.fuse(): drop the unused one-to-many       `finish`: the head's own fuse() on the deploy copy
+      branch of end-to-end heads (YOLOv10, YOLO26)
+    (RT-DETR's decoder input_proj conv+BN kept)      `finish`: folded too (fuse_bn)
+
+Deploy blocks keep ultralytics' module types, attribute names and state-dict keys
+(`model.0.conv.weight`, `model.0.conv.bias`), with `forward` swapped for `forward_fuse` as
+ultralytics does, so a reparam deploy model is what `model.fuse()` gives.
+
+Specs: `ultralytics:yolov8n.yaml?nc=3` builds `DetectionModel('yolov8n.yaml', nc=3)` (the model
+class from the YAML's task; RT-DETR YAMLs build an `RTDETRDetectionModel`); in a YAML spec,
+`builder: reparam_cli.ecosystems.ultralytics:build_model` with `args: {cfg: yolov8n.yaml, nc: 3}`.
+Models are built with ultralytics' logging quieted, and in export mode: the detection head returns
+its decoded predictions alone (B, 4 + nc, anchors), as ultralytics' own exporters set it, since
+the raw training-branch outputs that eval mode returns beside them are what fusing end-to-end heads
+removes. Construction probes the strides with a real forward pass (`.item()`), which the meta
+device cannot run: these models are built on the CPU (a note says so).
+
+Checkpoints: ultralytics saves whole pickled models (float16) under `model` / `ema`, beside
+`train_args` and more; reading them needs `--trust-pickle`. `--spec checkpoint` then converts the
+pickled model itself, in float32 as ultralytics loads it, and `rebuild_spec` stores the model's own
+YAML configuration in the deploy file, so `load_deploy` rebuilds it without the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics.nn.modules import Conv, Conv2, ConvTranspose, Detect, RepConv, RepVGGDW, RTDETRDecoder
+
+from .. import algebra as A
+from ..blocks.common import conv_bn_kernel, conv_bn_lazy
+from ..errors import NotEquivalent, SpecError
+from ..recipes import recipe
+
+FAMILY = "ultralytics"
+SPEC_PREFIX = "ultralytics:"
+BUILDER = "reparam_cli.ecosystems.ultralytics:build_model"
+DEFAULT_IMGSZ = 640  # ultralytics' default image size: the verification input is 1x3x640x640
+
+
+# --------------------------------------------------------------------------- deploy blocks
+
+def _fused_form(block: nn.Module, drop: tuple[str, ...], **children: nn.Module) -> nn.Module:
+    """A copy of `block` without the children (or attributes) in `drop`, with `children` set, and
+    `forward` swapped for `forward_fuse` as ultralytics' fuse() does. `block` is not modified."""
+    new = copy.copy(block)
+    new.__dict__ = dict(block.__dict__)
+    new._modules, new._parameters, new._buffers = dict(block._modules), dict(block._parameters), dict(block._buffers)
+    for name in drop:
+        for store in (new._modules, new.__dict__):
+            store.pop(name, None)
+    new._modules.update(children)
+    new.forward = new.forward_fuse
+    return new
+
+
+def _needs_bn(block: nn.Module, path_hint: str) -> None:
+    if getattr(block, "bn", None) is None:
+        raise NotEquivalent(f"this ultralytics {type(block).__name__} has no BatchNorm: it is already fused",
+                            hint=f"convert the training checkpoint, not a fused model ({path_hint})")
+
+
+def _check_forward(block: nn.Module, base: type) -> None:
+    """A subclass that changes forward is not what the recipe for `base` computes."""
+    if type(block).forward is not base.forward or type(block).forward_fuse is not base.forward_fuse:
+        raise NotEquivalent(f"{type(block).__name__} overrides {base.__name__}.forward, which the "
+                            f"{base.__name__} recipe does not know")
+
+
+@recipe(Conv, family=FAMILY)
+def fuse_conv(block: Conv) -> nn.Module:
+    """Conv / DWConv: act(bn(conv(x))) -> act(conv'(x)) with conv' = fuse_bn(conv, bn) (P1)."""
+    _check_forward(block, Conv)
+    _needs_bn(block, "Conv")
+    conv = A.to_module(conv_bn_kernel(block), dtype=block.conv.weight.dtype)
+    return _fused_form(block, ("bn",), conv=conv)
+
+
+@recipe(Conv2, family=FAMILY)
+def fuse_conv2(block: Conv2) -> nn.Module:
+    """Conv2: act(bn(conv(x) + cv2(x))) -> act(conv'(x)), conv' = fuse_bn(add(conv, cv2 centred), bn)."""
+    _check_forward(block, Conv2)
+    _needs_bn(block, "Conv2")
+    summed = A.add(A.from_module(block.conv, torch.float64), A.from_module(block.cv2, torch.float64))
+    conv = A.to_module(A.fuse_bn(summed, block.bn), dtype=block.conv.weight.dtype)
+    return _fused_form(block, ("bn", "cv2"), conv=conv)
+
+
+@recipe(ConvTranspose, family=FAMILY)
+def fuse_conv_transpose(block: ConvTranspose) -> nn.Module:
+    """ConvTranspose: act(bn(deconv(x))) -> act(deconv'(x)). A transposed conv's weight is
+    (in, out, kh, kw): BN scales its output channels, dim 1, so P1 runs on the weight transposed."""
+    _check_forward(block, ConvTranspose)
+    deconv = block.conv_transpose
+    if not isinstance(block.bn, nn.modules.batchnorm._BatchNorm):  # built with bn=False: nothing to fold
+        return _fused_form(block, ("bn",))
+    if deconv.groups != 1:
+        raise NotEquivalent("a grouped ConvTranspose with BatchNorm is not supported")
+    as_conv = A.Kernel(deconv.weight.transpose(0, 1), deconv.bias).to(torch.float64)
+    fused = A.fuse_bn(as_conv, block.bn)
+    new = nn.ConvTranspose2d(deconv.in_channels, deconv.out_channels, deconv.kernel_size, deconv.stride,
+                             deconv.padding, deconv.output_padding, deconv.groups, True, deconv.dilation,
+                             device="meta")
+    dtype, device = deconv.weight.dtype, deconv.weight.device
+    new.weight = nn.Parameter(fused.weight.transpose(0, 1).to(device=device, dtype=dtype))
+    new.bias = nn.Parameter(fused.bias.to(device=device, dtype=dtype))
+    return _fused_form(block, ("bn",), conv_transpose=new)
+
+
+@recipe(RepConv, family=FAMILY)
+def fuse_repconv(block: RepConv) -> nn.Module:
+    """RepConv: act(conv_bn(3x3) + conv_bn(1x1) + bn(x)) -> act(conv(x)), as its fuse_convs()."""
+    if type(block).forward is not RepConv.forward:
+        raise NotEquivalent(f"{type(block).__name__} overrides RepConv.forward, which the RepConv recipe does not know")
+    if getattr(block, "conv1", None) is None:
+        raise NotEquivalent("this ultralytics RepConv is already fused", hint="convert the training checkpoint")
+    branches = [conv_bn_lazy(block.conv1), conv_bn_lazy(block.conv2)]
+    if block.bn is not None:
+        branches.append(A.bn_as_conv(block.bn, dtype=torch.float64))
+    dtype = block.conv1.conv.weight.dtype
+    conv = A.to_module(A.add(*branches, dtype=dtype), dtype=dtype)
+    return _fused_form(block, ("conv1", "conv2", "bn", "id_tensor"), conv=conv)
+
+
+@recipe(RepVGGDW, family=FAMILY)
+def fuse_repvggdw(block: RepVGGDW) -> nn.Module:
+    """RepVGGDW (YOLOv10): act(conv_bn(7x7 dw) + conv_bn(3x3 dw)) -> act(conv(x)), as its fuse()."""
+    if type(block).forward is not RepVGGDW.forward:
+        raise NotEquivalent(f"{type(block).__name__} overrides RepVGGDW.forward, which the recipe does not know")
+    if getattr(block, "conv1", None) is None:
+        raise NotEquivalent("this ultralytics RepVGGDW is already fused", hint="convert the training checkpoint")
+    dtype = block.conv.conv.weight.dtype
+    fused = A.add(conv_bn_lazy(block.conv), conv_bn_lazy(block.conv1), dtype=dtype)
+    return _fused_form(block, ("conv1",), conv=A.to_module(fused, dtype=dtype))
+
+
+# --------------------------------------------------------------------------- model-level steps
+
+def _fold_sequential_conv_bn(seq: nn.Sequential) -> nn.Sequential:
+    """Sequential(Conv2d, BatchNorm2d) -> Sequential(Conv2d with bias): key `<seq>.0` stays."""
+    conv = A.to_module(A.fuse_bn(A.from_module(seq[0], torch.float64), seq[1]), dtype=seq[0].weight.dtype)
+    return nn.Sequential(conv)
+
+
+def finish(model: nn.Module, deployed: nn.Module) -> nn.Module:
+    """What ultralytics' fuse() does beyond its blocks, on the deploy model (never on `model`):
+    each detection head's own `fuse()` (end-to-end heads drop their unused one-to-many branch),
+    and RT-DETR's decoder input projections (conv + BN in an nn.Sequential) folded (P1)."""
+    originals = {id(m) for m in model.modules()}
+    for m in deployed.modules():
+        if id(m) in originals:  # shared with the training model (nothing converted inside): leave it
+            continue
+        if isinstance(m, Detect):
+            m.fuse()
+        elif isinstance(m, RTDETRDecoder):
+            m.input_proj = nn.ModuleList(
+                _fold_sequential_conv_bn(p) if len(p) == 2 and isinstance(p[1], nn.BatchNorm2d) else p
+                for p in m.input_proj)
+    return deployed
+
+
+# --------------------------------------------------------------------------- specs
+
+@contextlib.contextmanager
+def _quiet():
+    """ultralytics logs model summaries and overrides to stdout (reparam's stdout is for --json)."""
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _model_class(cfg: dict):
+    from ultralytics.nn import tasks
+
+    head = str(cfg.get("head", [[None, None, ""]])[-1][-2])
+    if head == "RTDETRDecoder":
+        return tasks.RTDETRDetectionModel
+    task = tasks.guess_model_task(cfg)
+    classes = {"detect": "DetectionModel", "segment": "SegmentationModel", "classify": "ClassificationModel",
+               "pose": "PoseModel", "obb": "OBBModel"}
+    if task not in classes:
+        raise SpecError(f"ultralytics task {task!r} is not supported", hint=f"supported: {', '.join(classes)}")
+    return getattr(tasks, classes[task])
+
+
+def _anchors_follow_dtype(head: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: recompute a head's cached anchors when the input dtype changes. Heads cache
+    anchors per input shape only, so after verification's float64 reference pass the float32 pass
+    would reuse float64 anchors (RT-DETR's decoder then fails: "mat1 and mat2 must have the same dtype")."""
+    anchors = getattr(head, "anchors", None)
+    if isinstance(anchors, torch.Tensor) and anchors.numel() and anchors.dtype != args[0][0].dtype:
+        head.shape, head.shapes = None, []  # Detect's and RTDETRDecoder's cache keys
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Heads in ultralytics' export mode, returning their decoded predictions alone (see the module
+    doc), with anchors that follow the input dtype. Returns `model`, changed in place."""
+    for m in model.modules():
+        if isinstance(m, (Detect, RTDETRDecoder)):
+            m.export = True
+            if _anchors_follow_dtype not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_anchors_follow_dtype)
+    return model
+
+
+def build_model(cfg: str | dict, nc: int | None = None, ch: int = 3, verbose: bool = False) -> nn.Module:
+    """An ultralytics model from its YAML (a bundled name such as `yolov8n.yaml`, a path, or the
+    configuration dict a model carries as `model.yaml`), in export mode. Nothing is downloaded."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    with _quiet():
+        try:
+            config = copy.deepcopy(cfg) if isinstance(cfg, dict) else yaml_model_load(cfg)
+        except (FileNotFoundError, OSError) as exc:
+            raise SpecError(f"ultralytics has no model configuration {cfg!r}: {exc}",
+                            hint="name a bundled YAML such as yolov8n.yaml, or a path to one") from None
+        return prepare(_model_class(config)(config, ch=ch, nc=nc, verbose=verbose))
+
+
+def spec(ref: str):
+    """`ultralytics:<yaml>[?nc=3&ch=1]` -> a ModelSpec building that model (verification input 640x640)."""
+    from ..spec import ModelSpec, parse_query
+
+    body = ref[len(SPEC_PREFIX):]
+    cfg, _, query = body.partition("?")
+    if not cfg:
+        raise SpecError(f"spec {ref!r} names no ultralytics model", hint="e.g. ultralytics:yolov8n.yaml?nc=3")
+    args: dict[str, Any] = {"cfg": cfg, **parse_query(query, ref)}
+    unknown = set(args) - {"cfg", "nc", "ch"}
+    if unknown:
+        raise SpecError(f"spec {ref!r}: unknown arguments {', '.join(sorted(unknown))}", hint="known: nc, ch")
+    ch = args.get("ch", 3)
+    return ModelSpec(name=ref, builder=BUILDER, args=args, input_shape=(1, int(ch), DEFAULT_IMGSZ, DEFAULT_IMGSZ),
+                     description=f"ultralytics model {cfg}", source=ref)
+
+
+def rebuild_spec(module: nn.Module):
+    """For an ultralytics model read whole from a checkpoint: a spec rebuilding it from the YAML
+    configuration it carries (`model.yaml`); the model is put in export mode like built ones."""
+    from ultralytics.nn.tasks import BaseModel
+
+    from ..spec import ModelSpec
+
+    config = getattr(module, "yaml", None)
+    if not isinstance(module, BaseModel) or not isinstance(config, dict):
+        return None
+    prepare(module)
+    ch = int(config.get("channels", 3))
+    name = str(config.get("yaml_file", "model"))
+    return ModelSpec(name=f"{SPEC_PREFIX}{name}", builder=BUILDER, args={"cfg": _plain(config), "ch": ch},
+                     input_shape=(1, ch, DEFAULT_IMGSZ, DEFAULT_IMGSZ),
+                     description=f"ultralytics model {name} (configuration from the checkpoint)",
+                     source="checkpoint")
+
+
+def _plain(value: Any) -> Any:
+    """The configuration as JSON-safe data (YAML gives tuples or numpy scalars at times)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return value.item() if hasattr(value, "item") else str(value)
