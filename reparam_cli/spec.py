@@ -29,7 +29,8 @@ A Python spec may also define `INPUT_SHAPE` and `CHECKPOINT` (a dict like the YA
 Models are built on the `meta` device where possible (no memory, no random initialisation); a
 builder whose construction runs real computation (ultralytics probes its strides with a forward
 pass and `.item()`) fails there, and is then built on the CPU, with a note "built on cpu: <reason>"
-in `ModelSpec.notes` that the reports carry.
+in `ModelSpec.notes` that the reports carry. A builder that knows it cannot build on meta says so
+with an attribute `not_on_meta = "<reason>"`, and is built on the CPU without trying.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ class ModelSpec:
                             hint="pass the spec the model was built from (e.g. load_deploy(path, spec=...))")
         fn = self.resolve_builder()
         try:
-            if device is None:
+            on_meta = device is not None and torch.device(device).type == "meta"
+            # A builder may say up front why it cannot build on meta (trying first costs time).
+            known = getattr(fn, "not_on_meta", None) if on_meta else None
+            if device is None or known:
                 model = fn(**self.args)
             else:
                 try:
@@ -83,13 +87,13 @@ class ModelSpec:
                 except (SpecError, TypeError):
                     raise
                 except Exception as exc:  # construction computes (e.g. `.item()`), which meta cannot
-                    if torch.device(device).type != "meta":
+                    if not on_meta:
                         raise
                     model = fn(**self.args)
-                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    note = f"built on cpu: building on the meta device failed ({reason})"
-                    if note not in self.notes:
-                        self.notes.append(note)
+                    known = "building on the meta device failed: " + \
+                        (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if known and f"built on cpu: {known}" not in self.notes:
+                self.notes.append(f"built on cpu: {known}")
         except TypeError as exc:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
         if not isinstance(model, torch.nn.Module):

@@ -11,11 +11,11 @@ generic and reaches these files only through the functions below:
 * `spec_for(ref)`: the ModelSpec of a `<prefix>:...` reference, or None;
 * `finish(model, deployed, report)`: the library's model-level steps on the deploy model (e.g. dropping
   the detection branch ultralytics' `fuse()` drops), never touching `model`;
-* `rebuild_spec(module)`: for a whole module read from a checkpoint (`--spec checkpoint`), a
-  spec that rebuilds it from the library's code, or None.
+* `adopt(module)`: a whole model read from a checkpoint (`--spec checkpoint`) prepared as its
+  library loads it, with a spec that rebuilds it from the library's code.
 
 A library file may define any of `SPEC_PREFIX` + `spec(ref)`, `finish(model, deployed)` and
-`rebuild_spec(module)`.
+`adopt(module)`.
 """
 
 from __future__ import annotations
@@ -69,10 +69,12 @@ def _exists(model: nn.Module, path: str) -> bool:
     return True
 
 
-def rebuild_spec(module: nn.Module):
-    """A spec that rebuilds `module` (a whole model read from a checkpoint) from its library, or None."""
+def adopt(module: nn.Module) -> tuple[nn.Module, object, list[str]]:
+    """A whole model read from a checkpoint (`--spec checkpoint`), as its library would load it:
+    (the model, a ModelSpec that rebuilds it or None, notes). The first active library whose
+    `adopt` recognises the model decides; an unknown model is returned as it is."""
     for eco in _active():
-        found = getattr(eco, "rebuild_spec", lambda m: None)(module)
+        found = getattr(eco, "adopt", lambda m: None)(module)
         if found is not None:
             return found
-    return None
+    return module, None, []

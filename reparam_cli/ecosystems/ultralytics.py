@@ -30,7 +30,7 @@ device cannot run: these models are built on the CPU (a note says so).
 
 Checkpoints: ultralytics saves whole pickled models (float16) under `model` / `ema`, beside
 `train_args` and more; reading them needs `--trust-pickle`. `--spec checkpoint` then converts the
-pickled model itself, in float32 as ultralytics loads it, and `rebuild_spec` stores the model's own
+pickled model itself, in float32 as ultralytics loads it, and `adopt` stores the model's own
 YAML configuration in the deploy file, so `load_deploy` rebuilds it without the checkpoint.
 """
 
@@ -239,6 +239,9 @@ def build_model(cfg: str | dict, nc: int | None = None, ch: int = 3, verbose: bo
         return prepare(_model_class(config)(config, ch=ch, nc=nc, verbose=verbose))
 
 
+build_model.not_on_meta = "ultralytics models probe their strides with a forward pass (`.item()`) when built"
+
+
 def spec(ref: str):
     """`ultralytics:<yaml>[?nc=3&ch=1]` -> a ModelSpec building that model (verification input 640x640)."""
     from ..spec import ModelSpec, parse_query
@@ -256,9 +259,11 @@ def spec(ref: str):
                      description=f"ultralytics model {cfg}", source=ref)
 
 
-def rebuild_spec(module: nn.Module):
-    """For an ultralytics model read whole from a checkpoint: a spec rebuilding it from the YAML
-    configuration it carries (`model.yaml`); the model is put in export mode like built ones."""
+def adopt(module: nn.Module):
+    """An ultralytics model read whole from a checkpoint, as ultralytics loads it: in float32
+    (checkpoints store float16) and, like built models, in export mode. Returns (model, a spec
+    rebuilding it from the YAML configuration it carries as `model.yaml`, notes), or None for a
+    model that is not ultralytics'."""
     from ultralytics.nn.tasks import BaseModel
 
     from ..spec import ModelSpec
@@ -266,13 +271,18 @@ def rebuild_spec(module: nn.Module):
     config = getattr(module, "yaml", None)
     if not isinstance(module, BaseModel) or not isinstance(config, dict):
         return None
-    prepare(module)
+    notes = []
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    if dtype != torch.float32:
+        module = module.float()
+        notes.append(f"the ultralytics model is stored in {str(dtype).removeprefix('torch.')}: converted in float32, "
+                     "as ultralytics loads it (--dtype float16 writes a float16 deploy file)")
     ch = int(config.get("channels", 3))
     name = str(config.get("yaml_file", "model"))
-    return ModelSpec(name=f"{SPEC_PREFIX}{name}", builder=BUILDER, args={"cfg": _plain(config), "ch": ch},
-                     input_shape=(1, ch, DEFAULT_IMGSZ, DEFAULT_IMGSZ),
-                     description=f"ultralytics model {name} (configuration from the checkpoint)",
-                     source="checkpoint")
+    rebuild = ModelSpec(name=f"{SPEC_PREFIX}{name}", builder=BUILDER, args={"cfg": _plain(config), "ch": ch},
+                        input_shape=(1, ch, DEFAULT_IMGSZ, DEFAULT_IMGSZ),
+                        description=f"ultralytics model {name} (configuration from the checkpoint)", source="checkpoint")
+    return prepare(module), rebuild, notes
 
 
 def _plain(value: Any) -> Any:
