@@ -214,6 +214,9 @@ def test_input_model_untouched_and_forward_swapped():
     # fuse() drops the branch the head does not use; the training head keeps both
     assert (head.cv2 is None) != (head.one2one_cv2 is None)
     assert head_before.cv2 is not None and head_before.one2one_cv2 is not None
+    model.end2end = True  # NMS-free inference: the one-to-one branch is the one kept
+    head = reparameterize(model)[0].model[-1]
+    assert head.cv2 is None and head.one2one_cv2 is not None
 
 
 @pytest.mark.parametrize("make", [
