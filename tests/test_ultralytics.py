@@ -247,3 +247,12 @@ def test_block_recipes_match_ultralytics(make):
         _outputs_close(deploy(x), ref, rtol=1e-6)
         _outputs_close(theirs(x), ref, rtol=1e-5)
     assert "bn" in block._modules or isinstance(block, RepConv)  # the training block is untouched
+
+
+def test_already_fused_model_is_refused(tmp_path):
+    """A model ultralytics already fused (no BatchNorm left) is not a training checkpoint: one line."""
+    pt = tmp_path / "fused.pt"
+    torch.save({"model": _build("yolov8n.yaml").fuse(verbose=False).half(), "ema": None}, pt)
+    result = run_cli("convert", pt, "--spec", "checkpoint", "--trust-pickle", "--input-shape", SHAPE)
+    assert result.exit_code == 2 and "already fused" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -72,24 +72,21 @@ def _fused_form(block: nn.Module, drop: tuple[str, ...], **children: nn.Module) 
     return new
 
 
-def _needs_bn(block: nn.Module, path_hint: str) -> None:
-    if getattr(block, "bn", None) is None:
-        raise NotEquivalent(f"this ultralytics {type(block).__name__} has no BatchNorm: it is already fused",
-                            hint=f"convert the training checkpoint, not a fused model ({path_hint})")
-
-
-def _check_forward(block: nn.Module, base: type) -> None:
-    """A subclass that changes forward is not what the recipe for `base` computes."""
+def _check_training_form(block: nn.Module, base: type, branch: str) -> None:
+    """Refuse what the recipe for `base` does not compute: a subclass that overrides its forward,
+    or a block already fused by ultralytics (its training-only `branch` child is gone)."""
+    name = type(block).__name__
     if type(block).forward is not base.forward or type(block).forward_fuse is not base.forward_fuse:
-        raise NotEquivalent(f"{type(block).__name__} overrides {base.__name__}.forward, which the "
-                            f"{base.__name__} recipe does not know")
+        raise NotEquivalent(f"{name} overrides {base.__name__}.forward, which the {base.__name__} recipe does not know")
+    if getattr(block, branch, None) is None:
+        raise NotEquivalent(f"this ultralytics {name} has no {branch}: it is already fused",
+                            hint="convert the training checkpoint, not a fused model")
 
 
 @recipe(Conv, family=FAMILY)
 def fuse_conv(block: Conv) -> nn.Module:
     """Conv / DWConv: act(bn(conv(x))) -> act(conv'(x)) with conv' = fuse_bn(conv, bn) (P1)."""
-    _check_forward(block, Conv)
-    _needs_bn(block, "Conv")
+    _check_training_form(block, Conv, "bn")
     conv = A.to_module(conv_bn_kernel(block), dtype=block.conv.weight.dtype)
     return _fused_form(block, ("bn",), conv=conv)
 
@@ -97,8 +94,7 @@ def fuse_conv(block: Conv) -> nn.Module:
 @recipe(Conv2, family=FAMILY)
 def fuse_conv2(block: Conv2) -> nn.Module:
     """Conv2: act(bn(conv(x) + cv2(x))) -> act(conv'(x)), conv' = fuse_bn(add(conv, cv2 centred), bn)."""
-    _check_forward(block, Conv2)
-    _needs_bn(block, "Conv2")
+    _check_training_form(block, Conv2, "bn")
     summed = A.add(A.from_module(block.conv, torch.float64), A.from_module(block.cv2, torch.float64))
     conv = A.to_module(A.fuse_bn(summed, block.bn), dtype=block.conv.weight.dtype)
     return _fused_form(block, ("bn", "cv2"), conv=conv)
@@ -108,7 +104,7 @@ def fuse_conv2(block: Conv2) -> nn.Module:
 def fuse_conv_transpose(block: ConvTranspose) -> nn.Module:
     """ConvTranspose: act(bn(deconv(x))) -> act(deconv'(x)). A transposed conv's weight is
     (in, out, kh, kw): BN scales its output channels, dim 1, so P1 runs on the weight transposed."""
-    _check_forward(block, ConvTranspose)
+    _check_training_form(block, ConvTranspose, "bn")
     deconv = block.conv_transpose
     if not isinstance(block.bn, nn.modules.batchnorm._BatchNorm):  # built with bn=False: nothing to fold
         return _fused_form(block, ("bn",))
@@ -128,10 +124,7 @@ def fuse_conv_transpose(block: ConvTranspose) -> nn.Module:
 @recipe(RepConv, family=FAMILY)
 def fuse_repconv(block: RepConv) -> nn.Module:
     """RepConv: act(conv_bn(3x3) + conv_bn(1x1) + bn(x)) -> act(conv(x)), as its fuse_convs()."""
-    if type(block).forward is not RepConv.forward:
-        raise NotEquivalent(f"{type(block).__name__} overrides RepConv.forward, which the RepConv recipe does not know")
-    if getattr(block, "conv1", None) is None:
-        raise NotEquivalent("this ultralytics RepConv is already fused", hint="convert the training checkpoint")
+    _check_training_form(block, RepConv, "conv1")
     branches = [conv_bn_lazy(block.conv1), conv_bn_lazy(block.conv2)]
     if block.bn is not None:
         branches.append(A.bn_as_conv(block.bn, dtype=torch.float64))
@@ -143,10 +136,7 @@ def fuse_repconv(block: RepConv) -> nn.Module:
 @recipe(RepVGGDW, family=FAMILY)
 def fuse_repvggdw(block: RepVGGDW) -> nn.Module:
     """RepVGGDW (YOLOv10): act(conv_bn(7x7 dw) + conv_bn(3x3 dw)) -> act(conv(x)), as its fuse()."""
-    if type(block).forward is not RepVGGDW.forward:
-        raise NotEquivalent(f"{type(block).__name__} overrides RepVGGDW.forward, which the recipe does not know")
-    if getattr(block, "conv1", None) is None:
-        raise NotEquivalent("this ultralytics RepVGGDW is already fused", hint="convert the training checkpoint")
+    _check_training_form(block, RepVGGDW, "conv1")
     dtype = block.conv.conv.weight.dtype
     fused = A.add(conv_bn_lazy(block.conv), conv_bn_lazy(block.conv1), dtype=dtype)
     return _fused_form(block, ("conv1",), conv=A.to_module(fused, dtype=dtype))
