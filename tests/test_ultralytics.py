@@ -256,3 +256,23 @@ def test_already_fused_model_is_refused(tmp_path):
     result = run_cli("convert", pt, "--spec", "checkpoint", "--trust-pickle", "--input-shape", SHAPE)
     assert result.exit_code == 2 and "already fused" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_torchvision_layers_download_nothing(monkeypatch, tmp_path):
+    """yolo11-cls-resnet18.yaml wraps a torchvision ResNet whose weights default to a download:
+    reparam builds it with weights=None (they come from the checkpoint)."""
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"tried to download {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights either
+    model = load_spec("ultralytics:yolo11n-cls-resnet18.yaml?nc=5").build()
+    assert model.yaml["backbone"][0][3][2] is None
+
+
+def test_stored_builder_is_known_data():
+    from reparam_cli import ecosystems
+    from reparam_cli.ecosystems import ultralytics as eco
+
+    assert ecosystems.library_of_builder(eco.BUILDER) == "ultralytics"
+    assert ecosystems.library_of_builder("os:system") is None

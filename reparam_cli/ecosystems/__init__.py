@@ -28,6 +28,15 @@ from torch import nn
 
 # library package name -> reparam's file of its conventions
 ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics"}
+# library -> the builder its specs store in deploy files. It builds from data alone (a YAML
+# configuration of the library's own modules, no user code), so a stored spec naming it may be
+# rebuilt like a built-in one.
+STORED_BUILDERS = {"ultralytics": "reparam_cli.ecosystems.ultralytics:build_model"}
+
+
+def library_of_builder(builder: str) -> str | None:
+    """The library whose data-only builder `builder` is (see STORED_BUILDERS), or None."""
+    return next((lib for lib, known in STORED_BUILDERS.items() if known == builder), None)
 
 
 def _active() -> list[ModuleType]:

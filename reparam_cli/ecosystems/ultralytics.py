@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ from ..recipes import recipe
 
 FAMILY = "ultralytics"
 SPEC_PREFIX = "ultralytics:"
-BUILDER = "reparam_cli.ecosystems.ultralytics:build_model"
+BUILDER = f"{__name__}:build_model"  # as in ecosystems.STORED_BUILDERS
 DEFAULT_IMGSZ = 640  # ultralytics' default image size: the verification input is 1x3x640x640
 
 
@@ -226,7 +227,18 @@ def build_model(cfg: str | dict, nc: int | None = None, ch: int = 3, verbose: bo
         except (FileNotFoundError, OSError) as exc:
             raise SpecError(f"ultralytics has no model configuration {cfg!r}: {exc}",
                             hint="name a bundled YAML such as yolov8n.yaml, or a path to one") from None
+        _no_downloads(config)
         return prepare(_model_class(config)(config, ch=ch, nc=nc, verbose=verbose))
+
+
+def _no_downloads(config: dict) -> None:
+    """A `TorchVision` layer (yolo11-cls-resnet18.yaml) downloads torchvision weights by default:
+    build it with weights=None, as the weights come from the checkpoint."""
+    for layer in list(config.get("backbone") or []) + list(config.get("head") or []):
+        if len(layer) > 3 and layer[2] == "TorchVision":
+            args = list(layer[3]) + [None] * max(0, 3 - len(layer[3]))
+            args[2] = None  # (c2, model, weights, unwrap, truncate, split) as written in the YAML
+            layer[3] = args
 
 
 build_model.not_on_meta = "ultralytics models probe their strides with a forward pass (`.item()`) when built"
@@ -268,8 +280,9 @@ def adopt(module: nn.Module):
         notes.append(f"the ultralytics model is stored in {str(dtype).removeprefix('torch.')}: converted in float32, "
                      "as ultralytics loads it (--dtype float16 writes a float16 deploy file)")
     ch = int(config.get("channels", 3))
-    name = str(config.get("yaml_file", "model"))
-    rebuild = ModelSpec(name=f"{SPEC_PREFIX}{name}", builder=BUILDER, args={"cfg": _plain(config), "ch": ch},
+    name = Path(str(config.get("yaml_file", "model.yaml"))).name  # where the YAML was is not needed
+    stored = {**_plain(config), "yaml_file": name}
+    rebuild = ModelSpec(name=f"{SPEC_PREFIX}{name}", builder=BUILDER, args={"cfg": stored, "ch": ch},
                         input_shape=(1, ch, DEFAULT_IMGSZ, DEFAULT_IMGSZ),
                         description=f"ultralytics model {name} (configuration from the checkpoint)", source="checkpoint")
     return prepare(module), rebuild, notes
