@@ -344,19 +344,18 @@ def find_module(obj: Any, ema: bool = False, source: str = "checkpoint") -> tupl
     while isinstance(obj, Mapping):
         regular = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))]
         emas = [k for k in EMA_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))]
-        if ema and not emas and not regular:
+        if not regular and not emas:
             break
-        chosen = (emas if ema or not regular else regular)[:1]
-        if not chosen:
-            break
+        if ema and not emas:
+            raise CheckpointError(f"{source} holds no EMA model (no {', '.join(EMA_KEYS)} entry)",
+                                  hint="drop --ema to use its weights")
         if regular and emas and not ema:
             notes.append(f"using the training weights ({regular[0]!r}); the checkpoint also holds EMA weights "
                          f"({emas[0]!r}): pass --ema to use those")
-        elif ema and not emas:
-            raise CheckpointError(f"{source} holds no EMA model (no {', '.join(EMA_KEYS)} entry)",
-                                  hint="drop --ema to use its weights")
-        taken.append(chosen[0])
-        obj = obj[chosen[0]]
+        chosen = emas[0] if ema or not regular else regular[0]
+        ema = False  # inside the chosen entry, unwrap plainly
+        taken.append(chosen)
+        obj = obj[chosen]
     if not isinstance(obj, nn.Module):
         found = ", ".join(sorted(str(k) for k in obj)[:8]) if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(f"{source} holds no pickled model (found: {found}), so it cannot serve as its own spec",

@@ -276,3 +276,20 @@ def test_stored_builder_is_known_data():
 
     assert ecosystems.library_of_builder(eco.BUILDER) == "ultralytics"
     assert ecosystems.library_of_builder("os:system") is None
+
+
+def test_find_module_follows_ultralytics_layouts():
+    """best.pt keeps the model under `model` (`ema` None); last.pt, mid-training, under `ema`
+    (`model` None); --ema asks for the EMA copy, which best.pt no longer has."""
+    from reparam_cli.checkpoint import find_module
+    from reparam_cli.errors import CheckpointError
+
+    net = nn.Conv2d(1, 1, 1)
+    assert find_module({"model": net, "ema": None, "train_args": {}})[:2] == (net, ["model"])
+    assert find_module({"model": None, "ema": net, "updates": 3})[:2] == (net, ["ema"])
+    both = find_module({"model": net, "ema": nn.Conv2d(1, 1, 1)})
+    assert both[:2] == (net, ["model"]) and "--ema" in both[2][0]
+    with pytest.raises(CheckpointError, match="holds no EMA model"):
+        find_module({"model": net, "ema": None}, ema=True)
+    with pytest.raises(CheckpointError, match="holds no pickled model"):
+        find_module({"model": net.state_dict()})
