@@ -293,3 +293,18 @@ def test_find_module_follows_ultralytics_layouts():
         find_module({"model": net, "ema": None}, ema=True)
     with pytest.raises(CheckpointError, match="holds no pickled model"):
         find_module({"model": net.state_dict()})
+
+
+def test_no_verify_conversion_keeps_deploy_weights(tmp_path):
+    """Without verification the engine frees each training block once fused: the deploy blocks must
+    own their tensors (a PReLU activation, a ConvTranspose without BN) and still compute the same."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(Conv(3, 4, 3, act=nn.PReLU(4)), ConvTranspose(4, 4, bn=False)).eval()
+    with torch.no_grad():
+        randomize_batchnorm(holder, torch.Generator().manual_seed(0))
+        holder[0].act.weight.uniform_(0.1, 0.5)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ref = holder(x)
+        deploy, _ = reparameterize(holder, consume=True)
+        _outputs_close(deploy(x), ref)

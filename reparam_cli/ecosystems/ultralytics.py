@@ -64,10 +64,12 @@ def _fused_form(block: nn.Module, drop: tuple[str, ...], **children: nn.Module) 
     `forward` swapped for `forward_fuse` as ultralytics' fuse() does. `block` is not modified."""
     new = copy.copy(block)
     new.__dict__ = dict(block.__dict__)
-    new._modules, new._parameters, new._buffers = dict(block._modules), dict(block._parameters), dict(block._buffers)
+    # Kept children (the activation) are copied: `reparameterize(consume=True)` frees the training
+    # block's tensors once it is fused, and an activation may have some (PReLU).
+    new._modules = {k: copy.deepcopy(m) for k, m in block._modules.items() if k not in drop and k not in children}
+    new._parameters, new._buffers = dict(block._parameters), dict(block._buffers)
     for name in drop:
-        for store in (new._modules, new.__dict__):
-            store.pop(name, None)
+        new.__dict__.pop(name, None)
     new._modules.update(children)
     new.forward = new.forward_fuse
     return new
@@ -108,7 +110,7 @@ def fuse_conv_transpose(block: ConvTranspose) -> nn.Module:
     _check_training_form(block, ConvTranspose, "bn")
     deconv = block.conv_transpose
     if not isinstance(block.bn, nn.modules.batchnorm._BatchNorm):  # built with bn=False: nothing to fold
-        return _fused_form(block, ("bn",))
+        return _fused_form(block, ("bn",), conv_transpose=copy.deepcopy(deconv))
     if deconv.groups != 1:
         raise NotEquivalent("a grouped ConvTranspose with BatchNorm is not supported")
     as_conv = A.Kernel(deconv.weight.transpose(0, 1), deconv.bias).to(torch.float64)
