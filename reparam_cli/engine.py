@@ -67,9 +67,13 @@ def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:
     return deployed
 
 
-def _release(block: nn.Module) -> None:
-    """Drop a converted training block's tensors so their memory is freed before the next block."""
+def _release(block: nn.Module, deployed: nn.Module) -> None:
+    """Drop a converted training block's tensors so their memory is freed before the next block,
+    except those of submodules its deploy form keeps (RepVGG's SE module, an activation)."""
+    kept = {id(m) for m in deployed.modules()}
     for m in block.modules():
+        if id(m) in kept:
+            continue
         for store in (m._parameters, m._buffers):
             for name in store:
                 store[name] = None
@@ -118,7 +122,7 @@ def reparameterize(
         deployed = convert_block(module, path)
         if deployed is not None:
             if consume:
-                _release(module)
+                _release(module, deployed)
             return deployed
         if linear_as_conv and type(module) is nn.Linear:
             from .blocks.linear_conv import linear_to_pointwise
