@@ -71,8 +71,9 @@ class ModelSpec:
         import torch
 
         if self.builder == CHECKPOINT_BUILDER:
-            raise SpecError("spec 'checkpoint' has no builder: the model comes from the checkpoint file itself",
-                            hint="pass the spec the model was built from (e.g. load_deploy(path, spec=...))")
+            raise SpecError("spec 'checkpoint' builds nothing: it means the model pickled in a checkpoint, which "
+                            "`convert` and `verify` read with --trust-pickle",
+                            hint="here, pass the spec of the model's architecture (--spec, or spec=... in Python)")
         fn = self.resolve_builder()
         try:
             on_meta = device is not None and torch.device(device).type == "meta"

@@ -8,14 +8,15 @@ generic and reaches these files only through the functions below:
 * `activate()`: imports (and so registers the recipes of) the file of every library that is
   already imported. A model of a library cannot exist before its library is imported, and
   importing a library reparam does not need would slow every command down;
-* `spec_for(ref)`: the ModelSpec of a `<prefix>:...` reference, or None;
+* `spec_for(ref)`: the ModelSpec of a `<library>:...` reference (the prefix is the file's name,
+  so a reference is recognised without importing the library), or None;
 * `finish(model, deployed, report)`: the library's model-level steps on the deploy model (e.g. dropping
   the detection branch ultralytics' `fuse()` drops), never touching `model`;
 * `adopt(module)`: a whole model read from a checkpoint (`--spec checkpoint`) prepared as its
   library loads it, with a spec that rebuilds it from the library's code.
 
-A library file may define any of `SPEC_PREFIX` + `spec(ref)`, `finish(model, deployed)` and
-`adopt(module)`.
+A library file may define any of `spec(ref)`, `finish(model, deployed)` and `adopt(module)`;
+importing it registers its recipes (`@recipe(BlockType, family=...)`), so it may import its library.
 """
 
 from __future__ import annotations
