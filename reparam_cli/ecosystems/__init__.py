@@ -27,6 +27,8 @@ from types import ModuleType
 
 from torch import nn
 
+from ..errors import SpecError
+
 # library package name -> reparam's file of its conventions
 ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics"}
 # library -> the builder its specs store in deploy files. It builds from data alone (a YAML
@@ -51,10 +53,15 @@ def activate() -> None:
 
 def spec_for(ref: str):
     """The ModelSpec for a library spec reference such as `ultralytics:yolov8n.yaml?nc=3`, or None."""
-    for ours in ECOSYSTEMS.values():
+    for package, ours in ECOSYSTEMS.items():
         prefix = ours.rsplit(".", 1)[1] + ":"
         if ref.startswith(prefix):
-            return importlib.import_module(ours).spec(ref)
+            try:
+                eco = importlib.import_module(ours)
+            except ImportError as exc:
+                raise SpecError(f"spec {ref!r} needs the {package} package, which cannot be imported ({exc})",
+                                hint=f"pip install 'reparam-cli[{package}]'") from None
+            return eco.spec(ref)
     return None
 
 
