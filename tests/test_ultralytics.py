@@ -312,11 +312,11 @@ def test_no_verify_conversion_keeps_deploy_weights(tmp_path):
 
 def test_ultralytics_spec_without_the_package(monkeypatch):
     """Without ultralytics installed, an `ultralytics:` spec is one clear error naming the extra."""
-    import sys
-
     from reparam_cli import ecosystems
 
-    monkeypatch.delitem(sys.modules, "reparam_cli.ecosystems.ultralytics", raising=False)
-    monkeypatch.setitem(sys.modules, "ultralytics", None)  # import ultralytics -> ImportError
+    def missing(name):
+        raise ModuleNotFoundError("No module named 'ultralytics'")
+
+    monkeypatch.setattr(ecosystems, "import_module", missing)
     with pytest.raises(SpecError, match=r"needs the ultralytics package.*reparam-cli\[ultralytics\]"):
         ecosystems.spec_for("ultralytics:yolov8n.yaml")

@@ -21,7 +21,7 @@ importing it registers its recipes (`@recipe(BlockType, family=...)`), so it may
 
 from __future__ import annotations
 
-import importlib
+from importlib import import_module
 import sys
 from types import ModuleType
 
@@ -43,7 +43,7 @@ def library_of_builder(builder: str) -> str | None:
 
 
 def _active() -> list[ModuleType]:
-    return [importlib.import_module(ours) for package, ours in ECOSYSTEMS.items() if package in sys.modules]
+    return [import_module(ours) for package, ours in ECOSYSTEMS.items() if package in sys.modules]
 
 
 def activate() -> None:
@@ -57,7 +57,7 @@ def spec_for(ref: str):
         prefix = ours.rsplit(".", 1)[1] + ":"
         if ref.startswith(prefix):
             try:
-                eco = importlib.import_module(ours)
+                eco = import_module(ours)
             except ImportError as exc:
                 raise SpecError(f"spec {ref!r} needs the {package} package, which cannot be imported ({exc})",
                                 hint=f"pip install 'reparam-cli[{package}]'") from None
