@@ -55,6 +55,7 @@ class Checkpoint:
     wrappers: list[str] = field(default_factory=list)
     prefix: str = ""
     notes: list[str] = field(default_factory=list)
+    rebuild_spec: Any = None  # --spec checkpoint: a ModelSpec that rebuilds the pickled model, if one is known
 
 
 def sha256_file(path: str | Path) -> str:
@@ -343,3 +344,31 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "c
             state[k] = torch.zeros((), dtype=torch.long)
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def find_module(obj: Any, ema: bool = False, source: str = "checkpoint") -> tuple[nn.Module, list[str], list[str]]:
+    """The whole model pickled in a checkpoint (`--spec checkpoint`): the object itself, or the
+    nn.Module under a wrapper key (`model`, `ema`, ...; ultralytics keeps `model` and `ema`, one of
+    them None). Returns (module, wrapper keys taken, notes); the EMA copy is taken with `ema`."""
+    taken: list[str] = []
+    notes: list[str] = []
+    while isinstance(obj, Mapping):
+        regular = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))]
+        emas = [k for k in EMA_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))]
+        if not regular and not emas:
+            break
+        if ema and not emas:
+            raise CheckpointError(f"{source} holds no EMA model (no {', '.join(EMA_KEYS)} entry)",
+                                  hint="drop --ema to use its weights")
+        if regular and emas and not ema:
+            notes.append(f"using the training weights ({regular[0]!r}); the checkpoint also holds EMA weights "
+                         f"({emas[0]!r}): pass --ema to use those")
+        chosen = emas[0] if ema or not regular else regular[0]
+        ema = False  # inside the chosen entry, unwrap plainly
+        taken.append(chosen)
+        obj = obj[chosen]
+    if not isinstance(obj, nn.Module):
+        found = ", ".join(sorted(str(k) for k in obj)[:8]) if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{source} holds no pickled model (found: {found}), so it cannot serve as its own spec",
+                              hint="pass --spec with the model's architecture")
+    return obj, taken, notes

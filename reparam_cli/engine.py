@@ -83,9 +83,13 @@ def _check_finite(block: nn.Module, deployed: nn.Module, path: str, name: str) -
                             hint="convert in a wider dtype (e.g. a float32 checkpoint, --dtype float32)")
 
 
-def _release(block: nn.Module) -> None:
-    """Drop a converted training block's tensors so their memory is freed before the next block."""
+def _release(block: nn.Module, deployed: nn.Module) -> None:
+    """Drop a converted training block's tensors so their memory is freed before the next block,
+    except those of submodules its deploy form keeps (RepVGG's SE module, an activation)."""
+    kept = {id(m) for m in deployed.modules()}
     for m in block.modules():
+        if id(m) in kept:
+            continue
         for store in (m._parameters, m._buffers):
             for name in store:
                 store[name] = None
@@ -117,7 +121,10 @@ def reparameterize(
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
+    from . import ecosystems
     from .native import FAMILY as NATIVE, fuses_natively, native_fuse
+
+    ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
     report = ConversionReport()
 
@@ -140,7 +147,7 @@ def reparameterize(
         deployed = convert_block(module, path)
         if deployed is not None:
             if consume:
-                _release(module)
+                _release(module, deployed)
             return deployed
         if linear_as_conv and type(module) is nn.Linear:
             from .blocks.linear_conv import linear_to_pointwise
@@ -162,6 +169,8 @@ def reparameterize(
             report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
             deployed = native_fuse(model, "")
             _check_finite(model, deployed, "", type(model).__name__)
+        # Model-level steps of a library's own fuse beyond its blocks (ultralytics' Detect.fuse()).
+        deployed = ecosystems.finish(model, deployed, report)
     if any(m.training for m in model.modules()):
         import warnings
 

@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, fit_problems, load_into, read_raw,
-                         sha256_file)
+from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, find_module, fit_problems, load_into,
+                         read_raw, sha256_file)
 from .engine import ConversionReport, count_parameters, reparameterize
-from .errors import OutputError, ReparamError, VerificationFailed
+from .errors import CheckpointError, OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
 from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
-                     load_deployed_any, read_metadata, stored_spec_data)
+                     load_deployed_any, read_metadata, stored_spec, stored_spec_data)
 from .export import (DTYPES, DYNAMIC_SHAPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors,
                      write_state_safetensors, write_torchscript)
-from .spec import ModelSpec, load_spec
+from .spec import ModelSpec, is_checkpoint_spec, load_spec
 from .verify import (LOW_PRECISION, PassFailed, VerifyResult, compare_models, make_call, model_dtype,
                      overflow_message, verify)
 
@@ -87,13 +87,37 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
     """
     checkpoint = Path(checkpoint)
     _refuse_reparam_deploy_file(checkpoint)
+    if is_checkpoint_spec(spec):
+        return _pickled_model(checkpoint, trust_pickle, ema)
     raw = read_raw(checkpoint, trust_pickle)
     key, strip = spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix")
     model = spec.build_meta()
     ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
+    ckpt.notes.extend(n for n in spec.notes if n not in ckpt.notes)  # e.g. "built on cpu: ..."
     if fit_problems(model, ckpt.state):
         _refuse_deploy_form(raw, checkpoint, spec, ema)
     return load_into(model, ckpt.state).eval(), ckpt
+
+
+def _pickled_model(checkpoint: Path, trust_pickle: bool, ema: bool) -> tuple[nn.Module, Checkpoint]:
+    """`--spec checkpoint`: the nn.Module pickled in the checkpoint is the training model. A library
+    that knows the model (see `ecosystems.adopt`) may prepare it and give a spec that rebuilds it."""
+    from . import ecosystems
+
+    if not trust_pickle:
+        raise CheckpointError(f"--spec checkpoint uses the model pickled in {checkpoint}, and unpickling a model "
+                              "runs code named in the file", hint="only if you trust its origin, pass --trust-pickle")
+    module, wrappers, notes = find_module(read_raw(checkpoint, True), ema, str(checkpoint))
+    module, rebuild, more = ecosystems.adopt(module)
+    notes += more
+    if rebuild is None:
+        notes.append("a rebuild of a safetensors output needs the model's code: load_deploy(path, spec=...) with "
+                     "its spec (TorchScript, pt2 and ONNX outputs are self-contained)")
+    else:
+        notes.append(f"the deploy file stores spec {rebuild.name} (the model's own configuration): "
+                     "load_deploy rebuilds it from the file alone")
+    state = module.state_dict()
+    return module.eval(), Checkpoint(state, model_dtype(module), wrappers, "", notes, rebuild)
 
 
 def _refuse_deploy_form(raw, checkpoint: Path, spec: ModelSpec, ema: bool) -> None:
@@ -262,6 +286,8 @@ def convert_checkpoint(
     hasher.shutdown(wait=False)
     progress("reading checkpoint")
     train, ckpt = read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)
+    named = spec.name
+    spec = ckpt.rebuild_spec or spec  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
     if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
                           "verified", hint="pass --dtype float16 or float32, or --no-verify")
@@ -280,7 +306,7 @@ def convert_checkpoint(
         result = _run_verify(train, deploy, spec, conv_report, opts)
     report = {
         "ok": result.ok if result else True,
-        "input": str(checkpoint), "output": str(output), "spec": spec.name, "format": fmt,
+        "input": str(checkpoint), "output": str(output), "spec": named, "format": fmt,
         "dtype": str(model_dtype(deploy)).removeprefix("torch."),
         "checkpoint_dtype": str(ckpt.dtype).removeprefix("torch."),
         "blocks": conv_report.blocks, "native_blocks": _native_blocks(conv_report),
@@ -390,13 +416,16 @@ def verify_checkpoint(
     progress("reading checkpoint")
     train, ckpt = read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)
     progress("reading deploy file")
-    deploy = load_deployed_any(deployed, spec)
+    if is_checkpoint_spec(spec):  # the deploy file's stored spec rebuilds it, or it is self-contained
+        spec = ckpt.rebuild_spec or spec
+    deploy = load_deployed_any(deployed, None if is_checkpoint_spec(spec) else spec)
     fmt = deploy_format_of(deployed)
     # Per-block figures where the deploy file keeps the block structure (safetensors, state dicts);
     # which blocks were converted is read off a shape-only conversion.
     report = None
-    if fmt in ("safetensors", "state_dict"):
-        report = reparameterize(spec.build(device="meta").eval(), **deploy_file_options(deployed))[1]
+    if fmt == "safetensors" or (fmt == "state_dict" and not is_checkpoint_spec(spec)):
+        skeleton_spec = stored_spec(read_metadata(deployed)) if is_checkpoint_spec(spec) else spec
+        report = reparameterize(skeleton_spec.build(device="meta").eval(), **deploy_file_options(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)

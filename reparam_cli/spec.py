@@ -5,6 +5,10 @@ A spec reference (`--spec`) is one of:
 * a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`),
 * a path to a YAML file,
 * a Python file `spec.py` exposing `build_model()`, or `spec.py:function`,
+* `ultralytics:<yaml>` (e.g. `ultralytics:yolov8n.yaml?nc=3`) and other library prefixes: the
+  library's own file in `reparam_cli/ecosystems/` builds the spec,
+* `checkpoint`: the checkpoint holds the whole model (a pickled nn.Module, e.g. an ultralytics
+  `.pt`), which is used as it is; needs `--trust-pickle` (see `pipeline.read_training_model`),
 * `timm:<model_name>`, optionally with keyword arguments for `timm.create_model` as a query:
   `timm:repvgg_a0?num_classes=10&in_chans=1` (values parsed as YAML scalars or lists). The model
   is built with `pretrained=False`: weights come from the checkpoint, nothing is downloaded.
@@ -23,6 +27,12 @@ shape and optional checkpoint options:
 A Python spec may also define `INPUT_SHAPE`, `CHECKPOINT` (a dict like the YAML key) and
 `make_inputs(shape, generator, dtype)`, the verification input hook (YAML: `inputs: module:function`):
 it returns a tensor, a tuple of positional arguments, or `(args, kwargs)` (see `reparam_cli.verify`).
+
+Models are built on the `meta` device where possible (no memory, no random initialisation); a
+builder whose construction runs real computation (ultralytics probes its strides with a forward
+pass and `.item()`) fails there, and is then built on the CPU, with a note "built on cpu: <reason>"
+in `ModelSpec.notes` that the reports carry. A builder that knows it cannot build on meta says so
+with an attribute `not_on_meta = "<reason>"`, and is built on the CPU without trying.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ class ModelSpec:
     # Verification input hook, 'module:function' or '/path/spec.py:function' (empty: one N(0,1) tensor
     # of input_shape); called as make_inputs(shape, generator, dtype), see reparam_cli.verify.
     inputs: str = ""
+    notes: list[str] = field(default_factory=list, compare=False)  # what building it took (not stored)
 
     def resolve_builder(self) -> Callable[..., Any]:
         return _resolve_callable(self.builder, self.name)
@@ -70,13 +81,31 @@ class ModelSpec:
         """Build the training-form model (on `device`; 'meta' skips allocation and initialisation)."""
         import torch
 
+        if self.builder == CHECKPOINT_BUILDER:
+            raise SpecError("spec 'checkpoint' builds nothing: it means the model pickled in a checkpoint, which "
+                            "`convert` and `verify` read with --trust-pickle",
+                            hint="here, pass the spec of the model's architecture (--spec, or spec=... in Python)")
         fn = self.resolve_builder()
         try:
-            if device is None:
+            on_meta = device is not None and torch.device(device).type == "meta"
+            # A builder may say up front why it cannot build on meta (trying first costs time).
+            known = getattr(fn, "not_on_meta", None) if on_meta else None
+            if device is None or known:
                 model = fn(**self.args)
             else:
-                with torch.device(device):
+                try:
+                    with torch.device(device):
+                        model = fn(**self.args)
+                except (SpecError, TypeError):
+                    raise
+                except Exception as exc:  # construction computes (e.g. `.item()`), which meta cannot
+                    if not on_meta:
+                        raise
                     model = fn(**self.args)
+                    known = "building on the meta device failed: " + \
+                        (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if known and f"built on cpu: {known}" not in self.notes:
+                self.notes.append(f"built on cpu: {known}")
         except TypeError as exc:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
         except SystemExit as exc:  # the builder is user code: exiting is an error, not the end of reparam
@@ -143,6 +172,13 @@ def load_spec(ref: str) -> ModelSpec:
         raise SpecError("no spec given", hint="pass --spec NAME, a YAML file or a Python file")
     if ref.startswith(TIMM_PREFIX):
         return timm_spec(ref)
+    if ref == CHECKPOINT_SPEC:
+        return checkpoint_spec()
+    from .ecosystems import spec_for
+
+    found = spec_for(ref)
+    if found is not None:
+        return found
     py_path, _, func = ref.partition(".py:")
     if ref.endswith(".py") or func:
         return _python_spec(Path(f"{py_path}.py" if func else ref), func or "build_model")
@@ -283,16 +319,13 @@ def timm_create_model(model_name: str, **kwargs: Any):
     return timm.create_model(model_name, pretrained=False, **kwargs)
 
 
-def timm_spec(ref: str) -> ModelSpec:
-    """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
+def parse_query(query: str, ref: str) -> dict[str, Any]:
+    """`key=value&key=value` (the part of a spec reference after `?`) -> keyword arguments, values
+    parsed as YAML scalars or lists (`nc=3` -> 3, `depths=[1,2]` -> [1, 2])."""
     from urllib.parse import parse_qsl
 
     import yaml
 
-    body = ref[len(TIMM_PREFIX):]
-    model_name, _, query = body.partition("?")
-    if not model_name:
-        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
     args: dict[str, Any] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -303,6 +336,16 @@ def timm_spec(ref: str) -> ModelSpec:
             args[key] = yaml.safe_load(value) if value else None
         except yaml.YAMLError:
             args[key] = value
+    return args
+
+
+def timm_spec(ref: str) -> ModelSpec:
+    """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
+    body = ref[len(TIMM_PREFIX):]
+    model_name, _, query = body.partition("?")
+    if not model_name:
+        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
+    args = parse_query(query, ref)
     timm = _import_timm()
     if not timm.is_model(model_name):
         timm_create_model(model_name)  # raises with suggestions
@@ -314,6 +357,20 @@ def timm_spec(ref: str) -> ModelSpec:
         shape = (shape[0], in_chans, *shape[2:])
     return ModelSpec(name=ref, builder=TIMM_BUILDERS[0], args={"model_name": model_name, **args},
                      input_shape=_shape(shape, ref), description=f"timm model {model_name}", source=ref)
+
+
+CHECKPOINT_SPEC = "checkpoint"
+CHECKPOINT_BUILDER = "<the checkpoint's own pickled model>"
+
+
+def checkpoint_spec() -> ModelSpec:
+    """`--spec checkpoint`: the model is the nn.Module pickled in the checkpoint (needs --trust-pickle)."""
+    return ModelSpec(name=CHECKPOINT_SPEC, builder=CHECKPOINT_BUILDER, description="the model pickled in the checkpoint",
+                     source=CHECKPOINT_SPEC)
+
+
+def is_checkpoint_spec(spec: ModelSpec) -> bool:
+    return spec.builder == CHECKPOINT_BUILDER
 
 
 def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:
@@ -345,7 +402,15 @@ _OWN_BUILDER = re.compile(r"reparam_cli\.(blocks|models)(\.[A-Za-z_]\w*)+:[A-Za-
 SAFE_SPEC_KINDS: dict[str, Callable[[str], bool]] = {
     "built-in": lambda builder: _OWN_BUILDER.fullmatch(builder) is not None,
     "timm": lambda builder: builder in TIMM_BUILDERS,
+    # ultralytics builds from its YAML configuration in its restricted mode (no eval, layers only).
+    "ultralytics": lambda builder: _library_of_builder(builder) == "ultralytics",
 }
+
+
+def _library_of_builder(builder: str) -> str | None:
+    from .ecosystems import library_of_builder
+
+    return library_of_builder(builder)
 
 
 def safe_spec_kind(spec: ModelSpec) -> str | None:
@@ -358,9 +423,12 @@ def safe_spec_kind(spec: ModelSpec) -> str | None:
 
 
 def _plain_data(value: Any) -> bool:
-    """JSON scalars and (nested) lists of them; strings that look like a builder or a file are not data."""
+    """JSON scalars and (nested) lists and string-keyed dicts of them; strings that look like a builder
+    or a file are not data."""
     if isinstance(value, list):
         return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
     if isinstance(value, str):
         return ":" not in value and not value.endswith(".py") and "/" not in value
     return value is None or isinstance(value, (bool, int, float))

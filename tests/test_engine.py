@@ -106,3 +106,20 @@ def test_flops_count_conv_like_blocks_and_verification_reports_them():
     assert count_flops(block, (1, 4, 8, 8)) == conv + convmap
     result = verify(block, deploy, (1, 4, 8, 8))
     assert (result.flops_train, result.flops_deploy) == (conv + convmap, conv)
+
+
+def test_consume_keeps_submodules_the_deploy_block_shares():
+    """consume=True frees each fused training block, but not a submodule its deploy form reuses
+    (RepVGG's SE module): the deploy model still computes the training model's function."""
+    import torch
+
+    from reparam_cli.blocks.repvgg import RepVGGBlock
+    from reparam_cli.engine import reparameterize
+
+    torch.manual_seed(0)
+    block = RepVGGBlock(32, 32, use_se=True).eval()
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        ref = block(x)
+        deploy, _ = reparameterize(block, consume=True)
+        assert torch.allclose(deploy(x), ref, rtol=1e-4, atol=1e-5)

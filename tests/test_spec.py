@@ -63,3 +63,28 @@ def test_parse_shape():
     assert parse_shape("1,3,64,64") == parse_shape("1x3x64x64") == (1, 3, 64, 64)
     with pytest.raises(SpecError):
         parse_shape("1,a")
+
+
+def test_meta_build_falls_back_to_cpu_with_a_note(tmp_path):
+    """A builder whose construction computes (`.item()`, as ultralytics' stride probing) cannot run
+    on meta: it is built on the CPU, the spec's notes say why, and a conversion reports the note."""
+    import torch
+
+    from reparam_cli.pipeline import convert_checkpoint
+
+    spec_file = tmp_path / "probing.py"
+    spec_file.write_text(
+        "import torch\nfrom reparam_cli.blocks.repvgg import RepVGGBlock\nINPUT_SHAPE = (1, 4, 8, 8)\n"
+        "def build_model():\n"
+        "    block = RepVGGBlock(4, 4)\n"
+        "    block.probed = block(torch.zeros(1, 4, 8, 8)).sum().item()  # real computation while building\n"
+        "    return block\n")
+    spec = load_spec(str(spec_file))
+    model = spec.build(device="meta")
+    assert next(model.parameters()).device.type == "cpu"
+    assert len(spec.notes) == 1 and spec.notes[0].startswith("built on cpu: building on the meta device failed: ")
+    assert "item()" in spec.notes[0]  # torch's own reason, e.g. "Tensor.item() cannot be called on meta tensors"
+    ckpt = tmp_path / "probing.pth"
+    torch.save(model.state_dict(), ckpt)
+    report = convert_checkpoint(ckpt, str(spec_file))
+    assert report["ok"] and report["notes"] == spec.notes

@@ -1,0 +1,97 @@
+"""Library conventions: one file per library whose models reparam converts (ultralytics, ...).
+
+Each file holds everything specific to its library: recipes for the library's own block types,
+a spec prefix (`ultralytics:yolov8n.yaml`), model-level steps the library's own fuse does beyond
+its blocks, and how to rebuild a whole model pickled in a checkpoint. The rest of reparam stays
+generic and reaches these files only through the functions below:
+
+* `activate()`: imports (and so registers the recipes of) the file of every library that is
+  already imported. A model of a library cannot exist before its library is imported, and
+  importing a library reparam does not need would slow every command down;
+* `spec_for(ref)`: the ModelSpec of a `<library>:...` reference (the prefix is the file's name,
+  so a reference is recognised without importing the library), or None;
+* `finish(model, deployed, report)`: the library's model-level steps on the deploy model (e.g. dropping
+  the detection branch ultralytics' `fuse()` drops), never touching `model`;
+* `adopt(module)`: a whole model read from a checkpoint (`--spec checkpoint`) prepared as its
+  library loads it, with a spec that rebuilds it from the library's code.
+
+A library file may define any of `spec(ref)`, `finish(model, deployed)` and `adopt(module)`;
+importing it registers its recipes (`@recipe(BlockType, family=...)`), so it may import its library.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+import sys
+from types import ModuleType
+
+from torch import nn
+
+from ..errors import SpecError
+
+# library package name -> reparam's file of its conventions
+ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics"}
+# library -> the builder its specs store in deploy files. It builds from data alone (a YAML
+# configuration of the library's own modules, no user code), so a stored spec naming it may be
+# rebuilt like a built-in one.
+STORED_BUILDERS = {"ultralytics": "reparam_cli.ecosystems.ultralytics:build_model"}
+
+
+def library_of_builder(builder: str) -> str | None:
+    """The library whose data-only builder `builder` is (see STORED_BUILDERS), or None."""
+    return next((lib for lib, known in STORED_BUILDERS.items() if known == builder), None)
+
+
+def _active() -> list[ModuleType]:
+    return [import_module(ours) for package, ours in ECOSYSTEMS.items() if package in sys.modules]
+
+
+def activate() -> None:
+    """Register the recipes of every library already imported (see the module doc)."""
+    _active()
+
+
+def spec_for(ref: str):
+    """The ModelSpec for a library spec reference such as `ultralytics:yolov8n.yaml?nc=3`, or None."""
+    for package, ours in ECOSYSTEMS.items():
+        prefix = ours.rsplit(".", 1)[1] + ":"
+        if ref.startswith(prefix):
+            try:
+                eco = import_module(ours)
+            except ImportError as exc:
+                raise SpecError(f"spec {ref!r} needs the {package} package, which cannot be imported ({exc})",
+                                hint=f"pip install 'reparam-cli[{package}]'") from None
+            return eco.spec(ref)
+    return None
+
+
+def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:
+    """Apply each active library's model-level deploy steps to `deployed` (`model` is not modified).
+
+    Converted blocks that such a step removed (the unused branch of a detection head) leave the
+    engine's `report`: they are not part of the deploy model, so there is nothing to verify."""
+    for eco in _active():
+        step = getattr(eco, "finish", None)
+        if step is not None:
+            deployed = step(model, deployed)
+            report.converted = [b for b in report.converted if _exists(deployed, b.path)]
+    return deployed
+
+
+def _exists(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def adopt(module: nn.Module) -> tuple[nn.Module, object, list[str]]:
+    """A whole model read from a checkpoint (`--spec checkpoint`), as its library would load it:
+    (the model, a ModelSpec that rebuilds it or None, notes). The first active library whose
+    `adopt` recognises the model decides; an unknown model is returned as it is."""
+    for eco in _active():
+        found = getattr(eco, "adopt", lambda m: None)(module)
+        if found is not None:
+            return found
+    return module, None, []
