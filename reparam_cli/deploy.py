@@ -41,9 +41,13 @@ def stored_spec(meta: dict[str, object]):
     return ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
 
 
-def conversion_options(linear_as_conv: bool = False) -> dict:
-    """Keyword options for `reparameterize` beyond the recipes, as stored in a deploy file when set."""
-    return {"linear_as_conv": True} if linear_as_conv else {}
+def conversion_options(linear_as_conv: bool = False, graph: bool = True) -> dict:
+    """Keyword options for `reparameterize` beyond the recipes, as stored in a deploy file when set
+    (only the ones that differ from the defaults, so older files read the same)."""
+    options: dict = {"linear_as_conv": True} if linear_as_conv else {}
+    if not graph:
+        options["graph"] = False
+    return options
 
 
 def deploy_file_options(path: str | Path) -> dict:
@@ -51,7 +55,9 @@ def deploy_file_options(path: str | Path) -> dict:
     if Path(path).suffix != ".safetensors":
         return {}
     options = read_metadata(path).get("options")
-    return conversion_options(isinstance(options, dict) and bool(options.get("linear_as_conv")))
+    if not isinstance(options, dict):
+        return {}
+    return conversion_options(bool(options.get("linear_as_conv")), options.get("graph", True) is not False)
 
 
 def load_deploy(path: str | Path, spec=None) -> nn.Module:

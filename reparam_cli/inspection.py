@@ -114,13 +114,18 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     train = spec.build(device="meta")
     if deploy_file:
         train.eval()
-        deploy, conv = reparameterize(train)
+        from .deploy import deploy_file_options
+
+        deploy, conv = reparameterize(train, **deploy_file_options(path))
         load_into(deploy, shapes, what="deploy file")
     else:
         train = load_into(train, shapes)
         deploy, conv = reparameterize(train)
+    from .pipeline import completeness_dict
+
     report.update({
         "spec": spec.name, "params_before": count_parameters(train), "params_after": count_parameters(deploy),
+        **completeness_dict(conv),
         "blocks": conv.blocks,
         "block_list": [
             {"path": b.path, "type": b.block_type, "family": b.family,
