@@ -212,6 +212,7 @@ class _Analysis:
         self.consts: dict[fx.Node, Any] = {}
         self.outputs: dict[fx.Node, None] = {}
         self.refusals: list[tuple[fx.Node, str]] = []
+        self.involved: dict[fx.Node, list[fx.Node]] = {}  # a refusal's node -> every node it concerns
         first = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         if shapes_only:
@@ -295,6 +296,7 @@ class _Analysis:
                 return False
             before = ", ".join(_branch_text(val.branches))
             self.refusals.append((node, f"{before} -> {op.desc}: {exc.message}"))
+            self.involved[node] = val.nodes + [node]
         self._materialize(src)
         try:
             self.vals[node] = self._compose(self._root(src), op, node)
@@ -359,6 +361,7 @@ class _Analysis:
         except NotEquivalent as exc:
             self.refusals.append((node, f"{how} of {', '.join(_branch_text(sum((v.branches for v in vals), [])))}: "
                                         f"{exc.message}"))
+            self.involved[node] = sum((v.nodes for v in vals), []) + [node]
             for s in srcs:
                 self._materialize(s)
             return False
@@ -557,10 +560,10 @@ class _Pass:
         # reports its regions at the nearest ancestor that has a single one.
         here = path if single or not path else verify_path
         plan = _Analysis(m, graph, shapes_only=True)
-        own = [v for v in plan.outputs if _worth(plan.vals[v]) and not self._owner(plan.vals[v])]
+        own = [v for v in plan.outputs if _worth(plan.vals[v]) and not _owner(plan.vals[v].nodes)]
         if not own:
-            for node, reason in plan.refusals:
-                if not _scope(node):
+            for node, reason in plan.refusals:  # those across this module's children (the rest: below)
+                if not _owner(plan.involved.get(node, [node])):
                     self._refuse(path, node, reason)
             self._descend(m, path, here)
             return m
@@ -571,16 +574,6 @@ class _Pass:
         leaves = self.opaque | {id(c) for name, c in m._modules.items() if c is not None and name not in entangled}
         graph = _trace(m, leaves)
         return self._rewrite(m, graph, _Analysis(m, graph), path, here)
-
-    def _owner(self, val: _Val) -> list[str]:
-        """The deepest module (as its path chain) whose forward contains every node of the region."""
-        scopes = [_scope(n) for n in val.nodes]
-        common: list[str] = []
-        for level in zip(*scopes):
-            if len(set(level)) != 1:
-                break
-            common.append(level[0])
-        return common
 
     def _descend(self, m: nn.Module, path: str, verify_path: str) -> None:
         for name, child in list(m._modules.items()):
@@ -644,6 +637,16 @@ class _Pass:
         while name in taken or name in calls:
             name, i = f"{base}_{i}", i + 1
         return name
+
+
+def _owner(nodes: list[fx.Node]) -> list[str]:
+    """The deepest module (as its path chain) whose forward contains every one of `nodes`."""
+    common: list[str] = []
+    for level in zip(*[_scope(n) for n in nodes]):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return common
 
 
 def _join(path: str, name: str) -> str:
