@@ -544,17 +544,30 @@ class _Pass:
         self.regions: list[FusedRegion] = []
         self.remaining: list[Remaining] = []
         self.untraceable: list[str] = []
+        self.failed: set[int] = set()   # modules that cannot be traced (opaque to their parents)
+        self.done: set[int] = set()     # modules already processed
 
     def process(self, m: nn.Module, path: str, verify_path: str) -> nn.Module:
-        if id(m) in self.opaque or _is_builtin_leaf(m):
+        if id(m) in self.opaque or id(m) in self.done or id(m) in self.failed or _is_builtin_leaf(m):
             return m
+        leaves = self.opaque
         try:
-            graph = _trace(m, self.opaque)
-        except Exception as exc:  # data-dependent control flow, unsupported Python: try the children
-            self.remaining.append(Remaining(path, "untraceable", _first_line(exc)))
-            self.untraceable.append(path)
+            graph = _trace(m, leaves)
+        except Exception as exc:  # data-dependent control flow, unsupported Python: the children first
             self._descend(m, path, verify_path)
-            return m
+            # If only some children are untraceable, the module's own code may still be: trace it
+            # with those children opaque, so regions around them are folded too.
+            failing = {id(c) for c in m._modules.values() if c is not None and id(c) in self.failed}
+            try:
+                if not failing:
+                    raise exc
+                leaves = self.opaque | failing
+                graph = _trace(m, leaves)
+            except Exception:
+                self.remaining.append(Remaining(path, "untraceable", _first_line(exc)))
+                self.untraceable.append(path)
+                self.failed.add(id(m))
+                return m
         single = sum(n.op == "placeholder" for n in graph.nodes) == 1
         # Verification runs a block on the one input it captured: a module with several inputs
         # reports its regions at the nearest ancestor that has a single one.
@@ -566,14 +579,17 @@ class _Pass:
                 if not _owner(plan.involved.get(node, [node])):
                     self._refuse(path, node, reason)
             self._descend(m, path, here)
+            self.done.add(id(m))
             return m
         entangled = {t for v in own for n in plan.vals[v].nodes if (t := _top(n)) is not None}
         for name, child in list(m._modules.items()):
             if child is not None and name not in entangled:
                 m._modules[name] = self.process(child, _join(path, name), here)
-        leaves = self.opaque | {id(c) for name, c in m._modules.items() if c is not None and name not in entangled}
+        leaves = leaves | {id(c) for name, c in m._modules.items() if c is not None and name not in entangled}
         graph = _trace(m, leaves)
-        return self._rewrite(m, graph, _Analysis(m, graph), path, here)
+        result = self._rewrite(m, graph, _Analysis(m, graph), path, here)
+        self.done.add(id(result))
+        return result
 
     def _descend(self, m: nn.Module, path: str, verify_path: str) -> None:
         for name, child in list(m._modules.items()):
