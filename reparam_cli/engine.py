@@ -177,7 +177,8 @@ def reparameterize(
             report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
             deployed = native_fuse(model, "")
             products.append(deployed)
+        bn_reasons: dict[str, str] = {}
         if graph:
-            deployed, report.regions, report.remaining = fuse_graph(deployed, products)
-        report.remaining += leftovers(deployed, products, report.remaining, graph=graph)
+            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products)
+        report.remaining += leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
     return deployed, report

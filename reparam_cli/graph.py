@@ -544,6 +544,7 @@ class _Pass:
         self.regions: list[FusedRegion] = []
         self.remaining: list[Remaining] = []
         self.untraceable: list[str] = []
+        self.bn_reasons: dict[str, str] = {}
         self.failed: set[int] = set()   # modules that cannot be traced (opaque to their parents)
         self.done: set[int] = set()     # modules already processed
 
@@ -618,14 +619,18 @@ class _Pass:
                 continue
             k: A.Kernel = val.lin  # type: ignore[assignment]
             before = ", ".join(_branch_text(val.branches))
-            if _cost(k) > val.cost * (1 + 1e-9):
-                self._refuse(path, v, f"{before} -> {_kernel_desc(k)}: the fused layer costs more multiply-adds "
-                                      "than the branches it replaces (FLOP rule)")
-                continue
             try:
+                if _cost(k) > val.cost * (1 + 1e-9):
+                    raise NotEquivalent(f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the "
+                                        "branches it replaces (FLOP rule)")
                 layer = A.to_module(k, dtype=val.dtype or torch.float32)
             except NotEquivalent as exc:
-                self._refuse(path, v, f"{before}: {exc.message}")
+                reason = f"{before} {exc.message}" if exc.message.startswith("->") else f"{before}: {exc.message}"
+                self._refuse(path, v, reason)
+                for n in val.nodes:  # the BatchNorms this region would have folded stay, for this reason
+                    if n.op == "call_module" and isinstance(m.get_submodule(str(n.target)),
+                                                            nn.modules.batchnorm._BatchNorm):
+                        self.bn_reasons[_join(path, str(n.target))] = reason
                 continue
             name = self._name(m, val, calls, fused)
             fused[name] = layer
@@ -698,13 +703,14 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
 
 
 def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = ()) -> tuple[nn.Module, list[FusedRegion],
-                                                                             list[Remaining]]:
+                                                                             list[Remaining], dict[str, str]]:
     """Fold every exactly-foldable linear region of `model` (see the module doc).
 
     `model` is modified (its children replaced): pass a copy (the engine passes its fresh deploy
     tree). `opaque` modules (recipe / native products) are never traced into or changed.
     Returns (model or the GraphModule replacing it, the fused regions, what was left: refusals
-    and untraceable modules; `leftovers` adds the BatchNorms and native methods still present).
+    and untraceable modules, {BatchNorm path: why its region was not folded}; `leftovers` adds
+    the BatchNorms and native methods still present).
     """
     work = _Pass({id(m) for m in opaque})
     was_training = model.training
@@ -713,11 +719,11 @@ def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = ()) -> tuple[nn.M
     with torch.no_grad():
         result = work.process(model, "", "")
     result.train(was_training)
-    return result, work.regions, work.remaining
+    return result, work.regions, work.remaining, work.bn_reasons
 
 
 def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Iterable[Remaining] = (),
-              graph: bool = True) -> list[Remaining]:
+              graph: bool = True, bn_reasons: dict[str, str] | None = None) -> list[Remaining]:
     """What a deploy model still has that a conversion could fold: BatchNorm layers (with the reason
     found in `remaining`, else why not) and modules with a native deploy method that was not called.
     Modules inside `opaque` products (already converted) are not looked into."""
@@ -727,6 +733,7 @@ def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Ite
     remaining = list(remaining)
     untraceable = [r.path for r in remaining if r.kind == "untraceable"]
     reasons = {r.path: r.reason for r in remaining if r.kind == "unfoldable"}
+    reasons.update(bn_reasons or {})
     found: list[Remaining] = []
 
     def walk(m: nn.Module, path: str) -> None:
