@@ -612,6 +612,7 @@ class _Pass:
                 calls[n.target] = calls.get(n.target, 0) + 1
         fused: dict[str, nn.Module] = {}
         absorbed: set[fx.Node] = set()
+        replaced: dict[fx.Node, fx.Node] = {}
         regions: list[FusedRegion] = []
         for v in plan.outputs:
             val = plan.vals[v]
@@ -635,13 +636,18 @@ class _Pass:
             name = self._name(m, val, calls, fused)
             fused[name] = layer
             with graph.inserting_before(v):
-                new = graph.call_module(name, (val.root,))
+                # The input may itself be a region output replaced above: read the fused one.
+                new = graph.call_module(name, (replaced.get(val.root, val.root),))
             v.replace_all_uses_with(new)
+            replaced[v] = new
             absorbed.update(val.nodes)
             regions.append(FusedRegion(verify_path, _join(path, name), before, _kernel_desc(k)))
         for node in reversed(list(graph.nodes)):  # drop the absorbed nodes (and weight transforms) nobody reads
             if not node.users and (node in absorbed or (node in plan.consts and node.op != "get_attr")):
                 graph.erase_node(node)
+        stale = [n for n in graph.nodes if n.op == "call_module" and n.target in fused and n not in replaced.values()]
+        if stale:  # a reused layer name still called by an unfused node would run the fused layer there
+            raise AssertionError(f"graph pass: {stale[0].target} is still called by {stale[0].name}")
         graph.lint()
         self.regions.extend(regions)
         return _graph_module(m, graph, fused)
