@@ -205,8 +205,10 @@ class _Analysis:
     (used to find where regions lie before the one analysis whose kernels are kept).
     """
 
-    def __init__(self, module: nn.Module, graph: fx.Graph, shapes_only: bool = False):
+    def __init__(self, module: nn.Module, graph: fx.Graph, shapes_only: bool = False,
+                 opaque: set[int] = frozenset()):
         self.module = module
+        self.opaque = opaque  # converted blocks: verified as they are, so never composed with
         self.graph = graph
         self.vals: dict[fx.Node, _Val] = {}
         self.consts: dict[fx.Node, Any] = {}
@@ -450,7 +452,7 @@ class _Analysis:
 
     def _module(self, node: fx.Node) -> bool:
         m = self.module.get_submodule(str(node.target))
-        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        if id(m) in self.opaque or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return False
         src = node.args[0]
         if isinstance(m, _IDENTITY_MODULES):
@@ -573,7 +575,7 @@ class _Pass:
         # Verification runs a block on the one input it captured: a module with several inputs
         # reports its regions at the nearest ancestor that has a single one.
         here = path if single or not path else verify_path
-        plan = _Analysis(m, graph, shapes_only=True)
+        plan = _Analysis(m, graph, shapes_only=True, opaque=self.opaque)
         own = [v for v in plan.outputs if _worth(plan.vals[v]) and not _owner(plan.vals[v].nodes)]
         if not own:
             for node, reason in plan.refusals:  # those across this module's children (the rest: below)
@@ -588,7 +590,7 @@ class _Pass:
                 m._modules[name] = self.process(child, _join(path, name), here)
         leaves = leaves | {id(c) for name, c in m._modules.items() if c is not None and name not in entangled}
         graph = _trace(m, leaves)
-        result = self._rewrite(m, graph, _Analysis(m, graph), path, here)
+        result = self._rewrite(m, graph, _Analysis(m, graph, opaque=self.opaque), path, here)
         self.done.add(id(result))
         return result
 
