@@ -9,6 +9,7 @@ meaning the input is cropped (ACNet's asymmetric branches do that).
 Paradigm numbers follow `shared/seeds/paradigms.md`:
 
     P1  fuse_bn          conv (or FC) followed by BatchNorm
+        scale_channels   conv (or FC) followed by a per-channel scale and shift (LayerScale, x * g + b)
     P2  add              parallel branches summed (P4: kernels of different sizes, centred)
     P3  concat           parallel branches concatenated along channels (concat_grouped: within groups)
     P5  sequential       1x1 -> kxk (P5a), kxk -> 1x1 (P5b), 1xk -> kx1 (P5c, axis-separable), with groups
@@ -350,6 +351,30 @@ def fuse_bn(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams, dtype: to
     b = k.bias_or_zeros().to(torch.float64) * scale + shift
     dtype = dtype or k.dtype
     return replace(k, weight=w.to(dtype), bias=b.to(dtype))
+
+
+def scale_channels(k: Kernel, scale: Tensor | float | None = None, shift: Tensor | float | None = None) -> Kernel:
+    """P1 without statistics: the layer followed by y = x * scale + shift per output channel.
+
+    scale, shift: a number or a tensor of `k.out_channels` values (any shape with that many
+    elements, e.g. (C,) or LayerScale's (C, 1, 1)); None means 1 and 0. The result keeps the
+    kernel's geometry and dtype: W' = W * scale (per output row), b' = b * scale + shift.
+    """
+    def per_channel(value: Tensor | float, what: str) -> Tensor:
+        t = torch.as_tensor(value, dtype=torch.float64, device=k.weight.device).reshape(-1)
+        if t.numel() == 1:
+            return t.expand(k.out_channels)
+        if t.numel() != k.out_channels:
+            raise NotEquivalent(f"a {what} of {t.numel()} values cannot follow a layer with {k.out_channels} outputs")
+        return t
+
+    s = per_channel(1.0 if scale is None else scale, "scale")
+    w = k.weight.to(torch.float64) * s.reshape(-1, *([1] * (k.weight.dim() - 1)))
+    b = k.bias_or_zeros().to(torch.float64) * s
+    if shift is not None:
+        b = b + per_channel(shift, "shift")
+    has_bias = k.bias is not None or shift is not None
+    return replace(k, weight=w.to(k.dtype), bias=b.to(k.dtype) if has_bias else None)
 
 
 class ScaledKernel(NamedTuple):

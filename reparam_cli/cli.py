@@ -90,6 +90,10 @@ DynamicShapesOpt = typer.Option("auto", "--dynamic-shapes", help="Dynamic input 
                                 "or none (static); the report lists them (export_dynamic_dims).")
 LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Linear layers into equivalent pointwise "
                                                                "(1x1) conv modules (paradigm 9).")
+NoGraphOpt = typer.Option(False, "--no-graph", help="Convert only blocks with a recipe or a native method; do not "
+                                                    "fold the other linear regions (conv+BN, branch sums, ...).")
+StrictOpt = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) when anything foldable is left: "
+                                                 "BatchNorms, untraceable modules, unfoldable regions.")
 
 
 def _stderr():
@@ -133,8 +137,8 @@ def _summary(title: str, report: dict, rows: list[tuple[str, str]]) -> None:
 
 CONVERT_ROWS = [
     ("input", "input"), ("output", "output"), ("spec", "spec"), ("format", "format"), ("dtype", "dtype"),
-    ("blocks", "blocks"), ("params before", "params_before"), ("params after", "params_after"),
-    ("FLOPs before", "flops_before"), ("FLOPs after", "flops_after"),
+    ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"),
+    ("params before", "params_before"), ("params after", "params_after"), ("FLOPs before", "flops_before"), ("FLOPs after", "flops_after"),
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("cosine", "cosine"),
     ("training-model rel err (float floor)", "train_rel_err"), ("tolerance rtol/atol", "tolerance"),
     ("checkpoint dtype", "checkpoint_dtype"), ("native blocks", "native_blocks"),
@@ -293,6 +297,8 @@ def convert(
     as_json: bool = JsonOpt,
     linear_as_conv: bool = LinearAsConvOpt,
     dynamic_shapes: str = DynamicShapesOpt,
+    no_graph: bool = NoGraphOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
@@ -313,6 +319,7 @@ def convert(
                 verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
                 trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
                 dynamic_shapes=dynamic_shapes,
+                graph=not no_graph, strict=strict,
             )
 
     _run(action, as_json, "convert", CONVERT_ROWS)
@@ -452,7 +459,8 @@ def batch(
 INSPECT_ROWS = [
     ("input", "input"), ("format", "format"), ("kind", "kind"), ("size (bytes)", "size_bytes"),
     ("tensors", "tensors"), ("dtypes", "dtypes"), ("parameters", "parameters"), ("spec", "spec"),
-    ("blocks", "blocks"), ("params before", "params_before"), ("params after", "params_after"),
+    ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"),
+    ("params before", "params_before"), ("params after", "params_after"),
 ]
 
 
@@ -481,6 +489,15 @@ def _inspect_tables(report: dict) -> None:
             blocks.add_row(b["path"] or "<root>", b["type"], b["family"], _fmt(b["params_before"]),
                            _fmt(b["params_after"]))
         console.print(blocks)
+    for title, key, columns in (("graph regions (folded)", "regions", ("path", "layer", "before", "after")),
+                                ("left after conversion", "remaining", ("path", "kind", "reason"))):
+        if report.get(key):
+            table = Table(title=title, title_justify="left")
+            for column in columns:
+                table.add_column(column, overflow="fold")
+            for row in report[key]:
+                table.add_row(*[str(row[c] or "<root>") for c in columns])
+            console.print(table)
 
 
 @app.command()

@@ -52,9 +52,12 @@ def stored_spec_data(meta: dict[str, object]):
     return ModelSpec.from_json(stored if isinstance(stored, str) else json.dumps(stored))
 
 
-def conversion_options(linear_as_conv: bool = False) -> dict:
-    """Keyword options for `reparameterize` beyond the recipes, as stored in a deploy file when set."""
-    return {"linear_as_conv": True} if linear_as_conv else {}
+def conversion_options(linear_as_conv: bool = False, graph: bool = True) -> dict:
+    """Keyword options for `reparameterize` beyond the recipes, as stored in every deploy file
+    (`linear_as_conv` only when set)."""
+    options: dict = {"linear_as_conv": True} if linear_as_conv else {}
+    options["graph"] = graph
+    return options
 
 
 def deploy_file_options(path: str | Path) -> dict:
@@ -62,7 +65,10 @@ def deploy_file_options(path: str | Path) -> dict:
     if Path(path).suffix != ".safetensors":
         return {}
     options = read_metadata(path).get("options")
-    return conversion_options(isinstance(options, dict) and bool(options.get("linear_as_conv")))
+    if not isinstance(options, dict):
+        options = {}
+    # Files written before the graph pass existed store no `graph` option: their skeleton has none.
+    return conversion_options(bool(options.get("linear_as_conv")), options.get("graph", False) is True)
 
 
 def load_deploy(path: str | Path, spec=None, *, trust_spec: bool = False) -> nn.Module:
@@ -194,11 +200,21 @@ def _is_torch_pickle(path: Path) -> bool:
         return False
 
 
-def deploy_skeleton(spec) -> nn.Module:
-    """The spec's deploy model on the meta device (shapes only): reparameterize(spec.build('meta'))."""
+def deploy_skeleton(spec, state: dict | None = None) -> nn.Module:
+    """The spec's deploy model on the meta device (shapes only): reparameterize(spec.build('meta')).
+
+    A plain state dict carries no record of how it was fused: with `state`, the skeleton with the
+    graph pass is used when the state fits it, else the one without (a reference implementation's
+    layout keeps the conv+BN pairs outside its re-parameterized blocks)."""
+    from .checkpoint import fit_problems
     from .engine import reparameterize
 
-    return reparameterize(spec.build_meta().eval())[0]
+    skeleton = reparameterize(spec.build_meta().eval())[0]
+    if state is not None and fit_problems(skeleton, state):
+        plain = reparameterize(spec.build_meta().eval(), graph=False)[0]
+        if not fit_problems(plain, state):
+            return plain
+    return skeleton
 
 
 def load_deploy_state_dict(path: str | Path, spec) -> nn.Module:
@@ -216,9 +232,9 @@ def load_deploy_state_dict(path: str | Path, spec) -> nn.Module:
     if spec is None:
         raise CheckpointError(f"{path} is a plain state dict without reparam metadata",
                               hint="pass --spec (spec=...) naming the architecture it was fused from")
-    skeleton = deploy_skeleton(spec)
-    expected = skeleton.state_dict().keys()
+    expected = deploy_skeleton(spec).state_dict().keys()
     state = extract_checkpoint(read_raw(path), expected=expected, source=str(path)).state
+    skeleton = deploy_skeleton(spec, state)
     if fit_problems(skeleton, state) and not fit_problems(spec.build(device="meta"), state):
         raise CheckpointError(f"{path} is a training checkpoint of {spec.name}, not a deploy file",
                               hint="convert it with `reparam convert`, or pass its deploy file")
@@ -229,7 +245,7 @@ def is_deploy_state(spec, state) -> bool:
     """Whether a state dict's keys and shapes fit the spec's deploy skeleton (and not its training model)."""
     from .checkpoint import fit_problems
 
-    return not fit_problems(deploy_skeleton(spec), state) and bool(fit_problems(spec.build(device="meta"), state))
+    return not fit_problems(deploy_skeleton(spec, state), state) and bool(fit_problems(spec.build(device="meta"), state))
 
 
 def load_exported(path: str | Path, fmt: str) -> nn.Module:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import NotEquivalent, ReparamError
+from .graph import FusedRegion, Remaining, fuse_graph, leftovers
 from .recipes import Recipe, recipe_for
 
 
@@ -28,10 +29,39 @@ class ConvertedBlock:
 
 @dataclass
 class ConversionReport:
-    """What `reparameterize` did: each converted block with its path, and counts per block type."""
+    """What `reparameterize` did: each converted block with its path, and counts per block type;
+    the linear regions the graph pass folded (`regions`) and what is left (`remaining`)."""
 
     converted: list[ConvertedBlock] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the caller should know (e.g. training mode)
+    regions: list[FusedRegion] = field(default_factory=list)
+    remaining: list[Remaining] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.remaining
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.converted or self.regions)
+
+    @property
+    def verify_blocks(self) -> list[tuple[str, str]]:
+        """(path, type) of every converted block and graph-fused module, each path once, for verification."""
+        seen: dict[str, str] = {b.path: b.block_type for b in self.converted}
+        for r in self.regions:
+            seen.setdefault(r.path, "graph")
+        return list(seen.items())
+
+    def summary(self) -> str:
+        """'complete', or 'N left: ...' naming what is left (kinds counted, the first few paths)."""
+        if not self.remaining:
+            return "complete"
+        kinds = Counter(r.kind for r in self.remaining)
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        first = "; ".join(f"{r.path or '<root>'} ({r.kind}): {r.reason}" for r in self.remaining[:3])
+        more = f"; ... {len(self.remaining) - 3} more" if len(self.remaining) > 3 else ""
+        return f"{len(self.remaining)} left ({counts}): {first}{more}"
 
     @property
     def blocks(self) -> dict[str, int]:
@@ -97,6 +127,7 @@ def _release(block: nn.Module, deployed: nn.Module) -> None:
 
 def reparameterize(
     model: nn.Module, *, native: bool = True, linear_as_conv: bool = False, consume: bool = False,
+    graph: bool = True,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
@@ -118,6 +149,11 @@ def reparameterize(
     any submodule) in training mode is converted all the same, but the deploy model is returned in
     eval mode, a UserWarning says so and `report.notes` records it: a deploy model in training mode
     would compute something else (dropout, the batch statistics of unfused BatchNorms).
+
+    graph (default): then fold every exactly-foldable linear region left between the converted
+    blocks (conv+BN, parallel branches, identities, ... of any network; `reparam_cli.graph`),
+    recorded in `report.regions`; converted blocks are never traced into. `report.remaining`
+    lists what is left either way (BatchNorms, untraceable modules, refusals, native methods).
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
@@ -127,20 +163,21 @@ def reparameterize(
     ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
     report = ConversionReport()
+    products: list[nn.Module] = []  # converted blocks: opaque to the graph pass
 
     def convert_block(module: nn.Module, path: str) -> nn.Module | None:
         """The deploy form of `module` by its recipe or its own method; None if it is no block."""
         found = recipe_for(module)
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
-            deployed = _fuse(found, module, path)
-            _check_finite(module, deployed, path, found.name)
-            return deployed
+            products.append(_fuse(found, module, path))
+            _check_finite(module, products[-1], path, found.name)
+            return products[-1]
         if native and fuses_natively(module, is_root=not path):
             report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
-            deployed = native_fuse(module, path)
-            _check_finite(module, deployed, path, type(module).__name__)
-            return deployed
+            products.append(native_fuse(module, path))
+            _check_finite(module, products[-1], path, type(module).__name__)
+            return products[-1]
         return None
 
     def walk(module: nn.Module, path: str) -> nn.Module:
@@ -153,7 +190,8 @@ def reparameterize(
             from .blocks.linear_conv import linear_to_pointwise
 
             report.converted.append(ConvertedBlock(path, "Linear", "linear-as-conv"))
-            return linear_to_pointwise(module)
+            products.append(linear_to_pointwise(module))
+            return products[-1]
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:
@@ -169,8 +207,13 @@ def reparameterize(
             report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
             deployed = native_fuse(model, "")
             _check_finite(model, deployed, "", type(model).__name__)
+            products.append(deployed)
         # Model-level steps of a library's own fuse beyond its blocks (ultralytics' Detect.fuse()).
         deployed = ecosystems.finish(model, deployed, report)
+        bn_reasons: dict[str, str] = {}
+        if graph:
+            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products)
+        report.remaining += leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
     if any(m.training for m in model.modules()):
         import warnings
 

@@ -38,3 +38,7 @@ class VerificationFailed(Exception):
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report or {}
+
+
+class Incomplete(VerificationFailed):
+    """--strict: the conversion left something foldable or unfused (exit code 1, nothing written)."""

@@ -123,13 +123,18 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     shapes = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
     train = spec.build(device="meta").eval()
     if deploy_file:
-        deploy, conv = reparameterize(train)
+        from .deploy import deploy_file_options
+
+        deploy, conv = reparameterize(train, **deploy_file_options(path))
         load_into(deploy, shapes, what="deploy file")
     else:
         train = load_into(train, shapes)
         deploy, conv = reparameterize(train)
+    from .pipeline import completeness_dict
+
     report.update({
         "spec": spec.name, "params_before": count_parameters(train), "params_after": count_parameters(deploy),
+        **completeness_dict(conv),
         "blocks": conv.blocks,
         "block_list": [
             {"path": b.path, "type": b.block_type, "family": b.family,

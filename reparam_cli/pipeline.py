@@ -23,7 +23,7 @@ from ._version import __version__
 from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, find_module, fit_problems, load_into,
                          read_raw, sha256_file)
 from .engine import ConversionReport, count_parameters, reparameterize
-from .errors import CheckpointError, OutputError, ReparamError, VerificationFailed
+from .errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
 from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
                      load_deployed_any, read_metadata, stored_spec, stored_spec_data)
@@ -123,7 +123,7 @@ def _pickled_model(checkpoint: Path, trust_pickle: bool, ema: bool) -> tuple[nn.
 def _refuse_deploy_form(raw, checkpoint: Path, spec: ModelSpec, ema: bool) -> None:
     """Raise AlreadyDeployed when the checkpoint's tensors fit the spec's deploy skeleton exactly."""
     skeleton, conv = reparameterize(spec.build(device="meta").eval())
-    if not conv.converted:
+    if not conv.changed:
         return
     try:
         deployed = extract_checkpoint(raw, spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix"), ema=ema,
@@ -223,7 +223,7 @@ def _pass_error(exc: PassFailed, shape: tuple[int, ...]) -> ReparamError:
 
 def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: ConversionReport | None,
                 opts: VerifyOptions) -> VerifyResult:
-    blocks = [(b.path, b.block_type) for b in report.converted] if report else []
+    blocks = report.verify_blocks if report else []
     shape = _shape(spec, opts)
     try:
         return verify(train, deploy, shape, blocks=blocks, samples=opts.samples, seed=opts.seed,
@@ -256,6 +256,8 @@ def convert_checkpoint(
     dtype: str | None = None,
     ema: bool = False,
     dynamic_shapes: str = "auto",
+    graph: bool = True,
+    strict: bool = False,
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
     when the fused model does not match, ReparamError on bad input.
@@ -268,6 +270,11 @@ def convert_checkpoint(
     (`export_dynamic_dims` in the report). `linear_as_conv` also
     turns nn.Linear layers into equivalent pointwise convs (recorded in the deploy file's metadata,
     so `load_deploy` rebuilds the same skeleton).
+
+    `graph` (default) also folds every linear region outside known blocks (`reparam_cli.graph`);
+    the report lists them (`regions`) and what is left (`remaining`, `completeness`). `strict`
+    makes anything left an error (Incomplete, exit 1, nothing written). A model in which nothing
+    was converted or folded raises ReparamError naming what was looked at and why nothing folded.
     """
     if fmt not in FORMATS:
         raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
@@ -294,12 +301,16 @@ def convert_checkpoint(
     params_before = count_parameters(train)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
-    deploy, conv_report = reparameterize(train, consume=not verify_output, **conversion_options(linear_as_conv))
+    options = conversion_options(linear_as_conv, graph)
+    deploy, conv_report = reparameterize(train, consume=not verify_output, **options)
     deploy.eval()
     if out_dtype is not None and out_dtype != ckpt.dtype:
         deploy = deploy.to(out_dtype)
-    if not conv_report.converted:
-        raise ReparamError(f"the model built from spec {spec.name!r} has no re-parameterizable blocks")
+    if not conv_report.changed:
+        looked = "no linear region the graph pass can fold" if graph else "the graph pass is off"
+        raise ReparamError(f"the model built from spec {spec.name!r} has nothing to convert: no block with a recipe "
+                           f"or a native method, and {looked} ({conv_report.summary()})",
+                           hint="see `reparam inspect --spec` for what is left" if graph else "drop --no-graph")
     result = None
     if verify_output:
         progress("verifying on random inputs")
@@ -310,6 +321,7 @@ def convert_checkpoint(
         "dtype": str(model_dtype(deploy)).removeprefix("torch."),
         "checkpoint_dtype": str(ckpt.dtype).removeprefix("torch."),
         "blocks": conv_report.blocks, "native_blocks": _native_blocks(conv_report),
+        **completeness_dict(conv_report),
         "params_before": params_before, "params_after": count_parameters(deploy),
         "flops_before": result.flops_train if result else None,
         "flops_after": result.flops_deploy if result else None,
@@ -323,6 +335,9 @@ def convert_checkpoint(
         why = f" ({result.nonfinite})" if result.nonfinite else ""
         raise VerificationFailed(f"the deploy model does not match the training model{why}; nothing was written",
                                  report)
+    if strict and not conv_report.complete:
+        report["ok"] = False
+        raise Incomplete(f"--strict: {conv_report.summary()}; nothing was written", finite_figures(report))
 
     # The training model is not needed again: its blocks' tensors go before the file is loaded back.
     del train
@@ -331,10 +346,20 @@ def convert_checkpoint(
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()
-    if linear_as_conv:
-        metadata["options"] = conversion_options(linear_as_conv)
+    metadata["options"] = options
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=dynamic_shapes)
     return finite_figures(report)
+
+
+def completeness_dict(conv_report: ConversionReport) -> dict:
+    """The graph pass's part of a report: fused regions, what is left, and a one-line verdict."""
+    return {
+        "graph_regions": len(conv_report.regions),
+        "regions": [{"path": r.path, "layer": r.layer, "before": r.before, "after": r.after}
+                    for r in conv_report.regions],
+        "remaining": [{"path": r.path, "kind": r.kind, "reason": r.reason} for r in conv_report.remaining],
+        "completeness": conv_report.summary(),
+    }
 
 
 def _native_blocks(conv_report: ConversionReport) -> list[str]:

@@ -381,3 +381,22 @@ def test_scaled_kernel_is_only_accepted_by_add():
     lazy = A.fuse_bn_lazy(A.from_module(nn.Conv2d(2, 2, 3, padding=1)), rand_bn(2).float())
     with pytest.raises(AttributeError):
         A.sequential(lazy, lazy)  # not a Kernel: fails loudly instead of ignoring the scale
+
+
+@given(st.data(), st.sampled_from([0, 2]), st.booleans(), st.booleans())
+def test_scale_channels_equals_scale_and_shift_after_the_layer(data, ndim, bias, shift):
+    ks = (3,) * ndim
+    k = rand_kernel(data.draw, 4, 6, ks, 2 if ndim else 1, (1,) * ndim, (1,) * ndim, (1,) * ndim, bias=bias)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    scale = torch.randn(4, generator=g, dtype=torch.float64).reshape(4, *([1] * ndim))
+    offset = torch.randn(4, generator=g, dtype=torch.float64).reshape(4, *([1] * ndim)) if shift else None
+    x = torch.randn(2, 6, *([5] * ndim), generator=g, dtype=torch.float64)
+    ref = A.apply(k, x) * scale + (0 if offset is None else offset)
+    assert close(A.apply(A.scale_channels(k, scale, offset), x), ref)
+    assert close(A.apply(A.scale_channels(k, 0.5), x), A.apply(k, x) * 0.5)
+
+
+def test_scale_channels_refuses_a_scale_of_the_wrong_length():
+    k = A.Kernel(torch.randn(4, 3, 1, 1, dtype=torch.float64))
+    with pytest.raises(NotEquivalent, match="3 values"):
+        A.scale_channels(k, torch.ones(3))

@@ -159,7 +159,9 @@ def test_repmlpnet_deploy_file_loads_strictly_into_the_reference_deploy_model(tm
     ckpt = tmp_path / "train.pth"
     init_checkpoint(str(spec), ckpt, seed=5)
     out = tmp_path / "deploy.safetensors"
-    assert convert_checkpoint(ckpt, str(spec), out)["ok"]
+    # --no-graph: the recipes' deploy form is the reference's; the graph pass would also fold the
+    # conv+BN pairs the reference deploy model keeps.
+    assert convert_checkpoint(ckpt, str(spec), out, graph=False)["ok"]
     deploy = load_deploy(out)
 
     from safetensors.torch import load_file
@@ -200,9 +202,11 @@ def test_mobilenetv3_refconv_specs_have_the_scripts_keys(mode, params_after, ref
             assert state[prefix + k].shape == t.shape, prefix + k
     assert {"features.1.conv.0.weight", "features.1.conv.8.running_var", "classifier.1.weight"} <= state.keys()
     assert any(k.endswith("conv.5.fc.2.weight") for k in state)
-    deploy, report = reparameterize(net.eval())
-    # MobileNetV3-Large 5.4M / -Small 2.9M parameters (Howard et al.): the deploy form is the plain network.
+    deploy, report = reparameterize(net.eval(), graph=False)
+    # MobileNetV3-Large 5.4M / -Small 2.9M parameters (Howard et al.): the recipes' deploy form is the
+    # plain network; the graph pass folds a little more (BatchNorms the plain network keeps).
     assert report.blocks == {"RefConv": refconvs} and count_parameters(deploy) == params_after
+    assert count_parameters(reparameterize(net.eval())[0]) < params_after
     assert "features.0.0.weight" in deploy.state_dict() and not any("convmap" in k for k in deploy.state_dict())
 
 
@@ -213,7 +217,7 @@ def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
     ckpt = tmp_path / "tsl.pth"
     init_checkpoint("mobilenetv3-refconv-s", ckpt, seed=4)
     report = convert_checkpoint(ckpt, "mobilenetv3-refconv-s", tmp_path / "tsl.deploy.safetensors")
-    assert report["ok"] and report["blocks"] == {"RefConv": 12} and report["params_after"] == 2_938_368
+    assert report["ok"] and report["blocks"] == {"RefConv": 12} and report["params_after"] < 2_938_368
     assert report["max_rel_err"] < 1e-5
 
 

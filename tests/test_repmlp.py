@@ -116,5 +116,7 @@ def test_repmlpnet_t224_spec_end_to_end(tmp_path):
     assert report["params_before"] / 1e6 == pytest.approx(38.3, abs=0.05)
     with torch.device("meta"):
         model = RepMLPNet()
-    assert report["params_after"] == _deploy_param_formula(model)
-    assert report["params_after"] == count_parameters(reparameterize(model)[0])
+    # The reference deploy model (recipes only) has the formula's count; the graph pass also folds
+    # the conv+BN pairs and BatchNorms outside the RepMLP blocks, which the reference keeps.
+    assert count_parameters(reparameterize(model, graph=False)[0]) == _deploy_param_formula(model)
+    assert report["params_after"] == count_parameters(reparameterize(model)[0]) < _deploy_param_formula(model)

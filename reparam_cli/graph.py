@@ -1,0 +1,781 @@
+"""Graph fusion: fold every exactly-foldable linear region of any network, and say what is left.
+
+The engine converts blocks it has a recipe or a native method for; this pass folds what remains.
+Each module subtree is traced with torch.fx (the engine's recipe and native products stay opaque
+leaves). In the traced graph every tensor is followed as a *linear function of a region input*
+(a `Kernel` from `algebra`, or a channel-agnostic map such as the identity whose channel count is
+not known yet). Linear operations compose that function with the paradigms of `algebra`:
+
+    conv / linear           P5 `sequential` (1x1 -> kxk, kxk -> 1x1; borders exact or refused)
+    BatchNorm               P1 `fuse_bn` (P8 `bn_as_conv` on a region input)
+    x * s + b (constants)   `scale_channels` (LayerScale, per-channel affine)
+    a + b, cat([a, b], 1)   P2/P4 `add`, P3 `concat` (both sides functions of the same input)
+    identity, dropout       P6a `identity`
+    avg-pool                P7 `avgpool`
+    F.conv2d(x, W(params))  a weight computed from parameters only (RefConv, weight norm) is
+                            evaluated once into a constant kernel
+
+A tensor becomes a region *output* (materialized) where a non-linear or unknown operation reads
+it, where it fans out to several consumers (never duplicated work), where the model returns it,
+or where the next linear operation cannot be composed exactly (then that refusal is reported).
+Each region output with something worth folding (a BatchNorm, or a conv with anything else)
+becomes one conv / linear module applied to the region input.
+
+Modules: a module is replaced by an `fx.GraphModule` (same path, same class name, surviving
+layers keep their names, e.g. `conv1` holds the fused conv and `bn1` is gone) only when a region
+needs its level; children that hold only their own regions are processed on their own first, so
+every region is reported, and verified, at the smallest module that contains it. A module that
+cannot be traced is recorded with the reason and its children are tried. Everything here is
+structural, so the pass gives the same module tree and state-dict keys on `meta` (shape-only
+skeletons rebuilt by `load_deploy`) and on real tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import algebra as A
+from .errors import NotEquivalent
+
+FAMILY = "graph"
+
+
+@dataclass
+class FusedRegion:
+    """One folded region: `path` is the module whose forward contains it (verified there),
+    `layer` the fused module's name inside it, `before`/`after` the operations."""
+
+    path: str
+    layer: str
+    before: str
+    after: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.path or '<root>'}: {self.before} -> {self.after}"
+
+
+@dataclass
+class Remaining:
+    """Something the conversion left in the deploy model: kind is 'batchnorm', 'untraceable',
+    'unfoldable' or 'native-method'."""
+
+    path: str
+    kind: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- linear values
+
+@dataclass(frozen=True)
+class _Lazy:
+    """A channel-agnostic linear map (identity, avg-pool, zero padding) whose channel count is not
+    known yet: make(channels, ndim) gives its Kernel. ndim is None when the rank is unknown too."""
+
+    make: Callable[[int, int], A.Kernel]
+    ndim: int | None = None
+    identity: bool = False
+
+
+@dataclass
+class _Val:
+    """A tensor as a linear function `lin` of the region input `root` (an fx Node)."""
+
+    root: fx.Node
+    lin: A.Kernel | _Lazy
+    branches: list[str]            # what each summed / concatenated branch did, for the report
+    nodes: list[fx.Node] = field(default_factory=list)   # absorbed operation nodes
+    cost: float = 0.0              # multiply-adds per input position of the absorbed operations
+    weighted: int = 0              # absorbed convs / linears
+    count: int = 0                 # absorbed operations that do something (not identity / dropout)
+    has_bn: bool = False
+    dtype: torch.dtype | None = None
+
+    @property
+    def trivial(self) -> bool:
+        return not self.nodes
+
+
+@dataclass
+class _Op:
+    """One linear operation: `fn` composes it after a Kernel; `alone` is its Kernel applied to the
+    identity (None: build it from the identity); `channels`/`ndim` what it tells about its input."""
+
+    desc: str
+    fn: Callable[[A.Kernel], A.Kernel]
+    channels: int | None = None
+    ndim: int | None = None
+    alone: Callable[[], A.Kernel] | None = None
+    numel: int = 0                 # weight elements (cost), 0 for free ops
+    weighted: bool = False
+    bn: bool = False
+    sequential: bool = False       # a P5 chain: checked against the FLOP rule
+    dtype: torch.dtype | None = None
+    lazy_ok: bool = True           # may stay lazy when the channel count is unknown
+
+
+def _kernel_desc(k: A.Kernel) -> str:
+    if k.ndim == 0:
+        text = "linear"
+    else:
+        text = "conv" + "x".join(str(s) for s in k.kernel_size)
+    if k.groups > 1:
+        text += f"/g{k.groups}"
+    if any(s != 1 for s in k.stride):
+        text += "/s" + "x".join(str(s) for s in k.stride) if len(set(k.stride)) > 1 else f"/s{k.stride[0]}"
+    return text
+
+
+def _cost(k: A.Kernel) -> float:
+    return k.weight.numel() / math.prod(k.stride or (1,))
+
+
+def _branch_text(branches: list[str]) -> list[str]:
+    return [{"": "identity", "bn": "bn(identity)"}.get(b, b) for b in branches]
+
+
+# --------------------------------------------------------------------------- tracing
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracing with extra opaque leaves (recipe / native products, processed children)."""
+
+    def __init__(self, opaque: set[int]):
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self.opaque or super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
+    """Trace `module`, leaving it as found: a forward that fills a cache or sets an attribute
+    (`self.cache[k] = ...`, `self.anchors = ...`) would otherwise keep proxies from the trace, in
+    containers the deploy model shares with the training model."""
+    from .verify import AttributeSnapshot
+
+    snapshot = AttributeSnapshot(module)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _Tracer(opaque).trace(module)
+    finally:
+        snapshot.restore()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _is_builtin_leaf(m: nn.Module) -> bool:
+    return fx.Tracer().is_leaf_module(m, "")
+
+
+def _scope(node: fx.Node) -> list[str]:
+    """The module paths (relative to the traced module) whose forward contains `node`."""
+    stack = [k.split("@")[0] for k in (node.meta.get("nn_module_stack") or {})]
+    if node.op == "call_module" and stack and stack[-1] == node.target:
+        stack = stack[:-1]
+    return stack
+
+
+def _top(node: fx.Node) -> str | None:
+    """The traced module's child that `node` belongs to (None: the module's own forward)."""
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target).split(".")[0]
+    scope = _scope(node)
+    return scope[0].split(".")[0] if scope else None
+
+
+# --------------------------------------------------------------------------- analysis
+
+_ADD = {operator.add, operator.iadd, torch.add}
+_MUL = {operator.mul, operator.imul, torch.mul}
+_CONV_FN = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_AVGPOOL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_BN_NDIM = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+class _Analysis:
+    """Follow every tensor of `graph` (traced from `module`) as a linear function of a region input.
+
+    Results: `vals` (node -> _Val), `outputs` (materialized nodes, in graph order) and `refusals`
+    ([(node, reason)]: linear operations that could not be composed exactly). With `shapes_only`
+    the kernels are composed on the meta device: the same regions and refusals, no arithmetic
+    (used to find where regions lie before the one analysis whose kernels are kept).
+    """
+
+    def __init__(self, module: nn.Module, graph: fx.Graph, shapes_only: bool = False,
+                 opaque: set[int] = frozenset()):
+        self.module = module
+        self.opaque = opaque  # converted blocks: verified as they are, so never composed with
+        self.graph = graph
+        self.vals: dict[fx.Node, _Val] = {}
+        self.consts: dict[fx.Node, Any] = {}
+        self.outputs: dict[fx.Node, None] = {}
+        self.refusals: list[tuple[fx.Node, str]] = []
+        self.involved: dict[fx.Node, list[fx.Node]] = {}  # a refusal's node -> every node it concerns
+        first = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        if shapes_only:
+            self.device = torch.device("meta")
+        for node in graph.nodes:
+            self._visit(node)
+
+    # ----- bookkeeping
+
+    def _root(self, node: fx.Node) -> _Val:
+        return _Val(node, _Lazy(self._identity, identity=True), [""])
+
+    def _t(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A tensor as the analysis computes with it: detached, float64, on its device."""
+        return None if t is None else t.detach().to(device=self.device, dtype=torch.float64)
+
+    def _k(self, k: A.Kernel) -> A.Kernel:
+        return replace(k, weight=self._t(k.weight), bias=self._t(k.bias))
+
+    def _identity(self, channels: int, ndim: int) -> A.Kernel:
+        return A.identity(channels, 1, groups=channels, ndim=ndim, dtype=torch.float64, device=self.device)
+
+    def _materialize(self, node: fx.Node) -> None:
+        if node in self.vals:
+            self.outputs[node] = None
+
+    def _operand(self, node: fx.Node) -> _Val | None:
+        """The value an operation composes with: a tensor read by several operations (or already a
+        region output) is a region input of its own, so no work is ever duplicated."""
+        if node not in self.vals:
+            return None
+        if node in self.outputs or len(node.users) > 1:
+            self._materialize(node)
+            return self._root(node)
+        return self.vals[node]
+
+    def _opaque(self, node: fx.Node) -> None:
+        for inp in node.all_input_nodes:
+            self._materialize(inp)
+        self.vals[node] = self._root(node)
+
+    def _visit(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            self.vals[node] = self._root(node)
+        elif node.op == "get_attr":
+            self.consts[node] = _fetch(self.module, str(node.target))
+        elif node.op == "output":
+            for inp in node.all_input_nodes:
+                self._materialize(inp)
+        elif not self._linear(node):
+            if node.all_input_nodes and all(i in self.consts for i in node.all_input_nodes):
+                try:  # a weight transform: depends on parameters only, so evaluate it once
+                    self.consts[node] = self._evaluate(node)
+                    return
+                except Exception:
+                    pass
+            self._opaque(node)
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.consts[n])
+        with torch.no_grad():
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return self.module.get_submodule(node.target)(*args, **kwargs)
+
+    # ----- composing
+
+    def _apply(self, node: fx.Node, src: fx.Node, op: _Op) -> bool:
+        """Compose `op` (reading `src`) into src's value; on refusal start a region at `src`."""
+        val = self._operand(src)
+        if val is None:
+            return False
+        try:
+            self.vals[node] = self._compose(val, op, node)
+            return True
+        except NotEquivalent as exc:
+            if val.trivial:
+                self.refusals.append((node, f"{op.desc}: {exc.message}"))
+                return False
+            before = ", ".join(_branch_text(val.branches))
+            self.refusals.append((node, f"{before} -> {op.desc}: {exc.message}"))
+            self.involved[node] = val.nodes + [node]
+        self._materialize(src)
+        try:
+            self.vals[node] = self._compose(self._root(src), op, node)
+            return True
+        except NotEquivalent:
+            return False
+
+    def _compose(self, val: _Val, op: _Op, node: fx.Node) -> _Val:
+        lin = val.lin
+        if isinstance(lin, _Lazy) and lin.identity and op.alone is not None:
+            new: A.Kernel | _Lazy = op.alone()
+        elif isinstance(lin, _Lazy):
+            ndim = op.ndim if lin.ndim is None else lin.ndim
+            if op.ndim is not None and lin.ndim is not None and op.ndim != lin.ndim:
+                raise NotEquivalent(f"a {op.ndim}-d operation on a {lin.ndim}-d tensor")
+            if op.channels is not None and ndim is not None:
+                new = op.fn(lin.make(op.channels, ndim))
+            elif op.lazy_ok:
+                prev = lin
+                new = _Lazy(lambda c, n: op.fn(prev.make(c, n)), ndim)
+            else:
+                raise NotEquivalent("the channel count or rank of its input is unknown")
+        else:
+            if op.ndim is not None and lin.ndim != op.ndim:
+                raise NotEquivalent(f"a {op.ndim}-d operation on a {lin.ndim}-d result")
+            new = op.fn(lin)
+        cost = val.cost + (op.numel / math.prod(new.stride or (1,)) if isinstance(new, A.Kernel) else op.numel)
+        if op.sequential and isinstance(new, A.Kernel) and val.weighted and _cost(new) > cost * (1 + 1e-9):
+            raise NotEquivalent(f"the fused {_kernel_desc(new)} costs more multiply-adds than the layers it replaces "
+                                "(FLOP rule)")
+        if not op.desc:
+            branch = val.branches
+        elif len(val.branches) == 1:
+            branch = [val.branches[0] + "+" + op.desc if val.branches[0] else op.desc]
+        else:
+            branch = ["(" + ", ".join(_branch_text(val.branches)) + ")+" + op.desc]
+        return _Val(val.root, new, branch, val.nodes + [node], cost, val.weighted + op.weighted,
+                    val.count + bool(op.desc), val.has_bn or op.bn, val.dtype or op.dtype)
+
+    def _merge(self, node: fx.Node, srcs: list[fx.Node], how: str) -> bool:
+        """a + b (how='add') or torch.cat(srcs, channels) (how='cat') of functions of one input."""
+        vals = [self._operand(s) for s in srcs]
+        if any(v is None for v in vals):
+            return False
+        roots = {v.root for v in vals}
+        if len(roots) > 1:
+            return False  # different inputs (a residual join of two regions): each side is its own region
+        kernels = [v.lin for v in vals if isinstance(v.lin, A.Kernel)]
+        if not kernels and all(v.trivial for v in vals):
+            return False  # x + x, cat([x, x]): nothing to fold
+        try:
+            if not kernels:
+                raise NotEquivalent("no branch tells the channel count")
+            ref = kernels[0]
+            ks = [v.lin if isinstance(v.lin, A.Kernel) else v.lin.make(ref.in_channels, ref.ndim) for v in vals]
+            if how == "add":
+                fused = A.add(*ks)
+            else:
+                if ref.ndim == 0:
+                    raise NotEquivalent("concatenating linear outputs is only exact along the last dim")
+                fused = A.concat(*ks)
+        except NotEquivalent as exc:
+            self.refusals.append((node, f"{how} of {', '.join(_branch_text(sum((v.branches for v in vals), [])))}: "
+                                        f"{exc.message}"))
+            self.involved[node] = sum((v.nodes for v in vals), []) + [node]
+            for s in srcs:
+                self._materialize(s)
+            return False
+        branches = sum((v.branches for v in vals), [])
+        if how == "cat":
+            branches = ["cat(" + ", ".join(_branch_text(branches)) + ")"]
+        self.vals[node] = _Val(vals[0].root, fused, branches, sum((v.nodes for v in vals), []) + [node],
+                               sum(v.cost for v in vals), sum(v.weighted for v in vals),
+                               sum(v.count for v in vals) + 1, any(v.has_bn for v in vals),
+                               next((v.dtype for v in vals if v.dtype), None))
+        return True
+
+    def _linear(self, node: fx.Node) -> bool:
+        """Compose `node` if it is a linear operation; False leaves it to the caller (opaque)."""
+        if node.op == "call_module":
+            return self._module(node)
+        args = list(node.args)
+        target = node.target
+        if node.op == "call_method":
+            if target in ("add", "add_", "mul", "mul_") and not node.kwargs:
+                if target.endswith("_") and not self._may_replace_in_place(args[0]):
+                    return False
+                return self._binary(node, args, "add" if target.startswith("add") else "mul")
+            return False
+        if node.op != "call_function":
+            return False
+        if target in _ADD and not node.kwargs and len(args) == 2:
+            if target is operator.iadd and not self._may_replace_in_place(args[0]):
+                return False
+            return self._binary(node, args, "add")
+        if target in _MUL and not node.kwargs and len(args) == 2:
+            if target is operator.imul and not self._may_replace_in_place(args[0]):
+                return False
+            return self._binary(node, args, "mul")
+        if target is torch.cat:
+            tensors = args[0] if args else node.kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            if dim != 1 or not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+                return False
+            return self._merge(node, list(tensors), "cat")
+        if target in _CONV_FN or target is F.linear:
+            return self._functional(node)
+        return False
+
+    def _may_replace_in_place(self, node: Any) -> bool:
+        """An in-place op may be fused only where nobody else sees the tensor it mutates."""
+        return isinstance(node, fx.Node) and node.op != "placeholder" and len(node.users) == 1
+
+    def _const(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.consts.get(arg)
+        return arg if isinstance(arg, (int, float)) and not isinstance(arg, bool) else None
+
+    def _binary(self, node: fx.Node, args: list, how: str) -> bool:
+        a, b = args
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in self.vals and b in self.vals:
+            return how == "add" and self._merge(node, [a, b], "add")
+        src, other = (a, b) if isinstance(a, fx.Node) and a in self.vals else (b, a)
+        if not isinstance(src, fx.Node) or src not in self.vals:
+            return False
+        value = self._const(other)
+        if value is None or (isinstance(value, torch.Tensor) and not value.is_floating_point()):
+            return False
+        op = self._affine_op(value, how)
+        return op is not None and self._apply(node, src, op)
+
+    def _affine_op(self, value: Any, how: str) -> _Op | None:
+        """x * value or x + value as a per-channel scale/shift; the value's shape says which dim is
+        the channel dim: (C,) is the last dim (a linear layer's output), (C, 1, ..., 1) dim 1."""
+        if isinstance(value, torch.Tensor):
+            shape = tuple(value.shape)
+            while len(shape) > 1 and shape[0] == 1:  # (1, C, 1, 1) broadcasts like (C, 1, 1)
+                shape = shape[1:]
+            if value.numel() == 1:
+                ndim, channels = None, None
+            elif len(shape) >= 1 and all(s == 1 for s in shape[1:]):
+                ndim, channels = len(shape) - 1, shape[0]
+            else:
+                return None
+            value = self._t(value)
+        else:
+            ndim, channels = None, None
+        if how == "mul":
+            return _Op("scale", lambda k: A.scale_channels(k, value), channels, ndim, numel=channels or 1)
+        return _Op("shift", lambda k: A.scale_channels(k, None, value), channels, ndim)
+
+    def _module(self, node: fx.Node) -> bool:
+        m = self.module.get_submodule(str(node.target))
+        if id(m) in self.opaque or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return False
+        src = node.args[0]
+        if isinstance(m, _IDENTITY_MODULES):
+            return self._apply(node, src, _Op("", lambda k: k))
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            try:
+                k = self._k(A.from_module(m))
+            except NotEquivalent as exc:
+                self.refusals.append((node, f"{type(m).__name__}: {exc.message}"))
+                return False
+            return self._apply(node, src, _Op(_kernel_desc(k), lambda prev: A.sequential(prev, k), k.in_channels,
+                                              k.ndim, alone=lambda: k, numel=k.weight.numel(), weighted=True,
+                                              sequential=True, dtype=m.weight.dtype))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.running_mean is None:
+                self.refusals.append((node, f"{type(m).__name__} without running statistics normalises by batch "
+                                            "statistics"))
+                return False
+            ndim = _BN_NDIM.get(type(m))
+            p = A.bn_params(m)
+            p = A.BNParams(self._t(p.mean), self._t(p.var), p.eps, self._t(p.weight), self._t(p.bias))
+            alone = None if ndim is None else (lambda: A.bn_as_conv(p, 1, ndim=ndim, dtype=torch.float64))
+            return self._apply(node, src, _Op("bn", lambda k: A.fuse_bn(k, p, dtype=torch.float64), m.num_features,
+                                              ndim, alone=alone, numel=m.num_features, bn=True,
+                                              dtype=m.running_mean.dtype, lazy_ok=False))
+        if type(m) in _AVGPOOL:
+            n = _AVGPOOL[type(m)]
+            spec = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ndim=n,
+                        count_include_pad=m.count_include_pad, ceil_mode=m.ceil_mode,
+                        divisor_override=getattr(m, "divisor_override", None))
+            ks = (m.kernel_size,) * n if isinstance(m.kernel_size, int) else tuple(m.kernel_size)
+            size = math.prod(ks)
+
+            def pool(prev: A.Kernel) -> A.Kernel:
+                return A.sequential(prev, A.avgpool(prev.out_channels, device=self.device, **spec))
+
+            return self._apply(node, src, _Op("avgpool" + "x".join(map(str, ks)), pool, None, n,
+                                              numel=size, sequential=True))
+        return False
+
+    def _functional(self, node: fx.Node) -> bool:
+        """F.conv2d / F.linear whose weight (and bias) depend on parameters only."""
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        bound = dict(zip(names, node.args))
+        bound.update(node.kwargs)
+        src, weight = bound.get("input"), self._const(bound.get("weight"))
+        bias = bound.get("bias")
+        bias = None if bias is None else self._const(bias)
+        if not isinstance(src, fx.Node) or not isinstance(weight, torch.Tensor):
+            return False
+        if bound.get("bias") is not None and not isinstance(bias, torch.Tensor):
+            return False
+        if node.target is F.linear:
+            k = A.Kernel(self._t(weight), self._t(bias))
+        else:
+            n = _CONV_FN[node.target]
+
+            def tup(v: Any, default: int) -> tuple[int, ...]:
+                v = default if v is None else v
+                return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+
+            padding = bound.get("padding", 0)
+            if isinstance(padding, str):
+                if padding != "valid":
+                    return False
+                padding = 0
+            k = A.Kernel(self._t(weight), self._t(bias), tup(bound.get("stride"), 1), tup(padding, 0), tup(bound.get("dilation"), 1),
+                         int(bound.get("groups") or 1))
+        return self._apply(node, src, _Op(_kernel_desc(k), lambda prev: A.sequential(prev, k), k.in_channels,
+                                          k.ndim, alone=lambda: k, numel=k.weight.numel(), weighted=True,
+                                          sequential=True, dtype=weight.dtype))
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _worth(val: _Val) -> bool:
+    """A region is folded when it removes a BatchNorm or merges a conv/linear with anything else."""
+    return isinstance(val.lin, A.Kernel) and not val.trivial and (val.has_bn or (val.weighted and val.count > 1))
+
+
+# --------------------------------------------------------------------------- the pass
+
+class _Pass:
+    def __init__(self, opaque: set[int]):
+        self.opaque = opaque
+        self.regions: list[FusedRegion] = []
+        self.remaining: list[Remaining] = []
+        self.untraceable: list[str] = []
+        self.bn_reasons: dict[str, str] = {}
+        self.failed: set[int] = set()   # modules that cannot be traced (opaque to their parents)
+        self.done: set[int] = set()     # modules already processed
+
+    def process(self, m: nn.Module, path: str, verify_path: str) -> nn.Module:
+        if id(m) in self.opaque or id(m) in self.done or id(m) in self.failed or _is_builtin_leaf(m):
+            return m
+        leaves = self.opaque
+        try:
+            graph = _trace(m, leaves)
+        except Exception as exc:  # data-dependent control flow, unsupported Python: the children first
+            self._descend(m, path, verify_path)
+            # If only some children are untraceable, the module's own code may still be: trace it
+            # with those children opaque, so regions around them are folded too.
+            failing = {id(c) for c in m._modules.values() if c is not None and id(c) in self.failed}
+            try:
+                if not failing:
+                    raise exc
+                leaves = self.opaque | failing
+                graph = _trace(m, leaves)
+            except Exception:
+                self.remaining.append(Remaining(path, "untraceable", _first_line(exc)))
+                self.untraceable.append(path)
+                self.failed.add(id(m))
+                return m
+        single = sum(n.op == "placeholder" for n in graph.nodes) == 1
+        # Verification runs a block on the one input it captured: a module with several inputs
+        # reports its regions at the nearest ancestor that has a single one.
+        here = path if single or not path else verify_path
+        plan = _Analysis(m, graph, shapes_only=True, opaque=self.opaque)
+        own = [v for v in plan.outputs if _worth(plan.vals[v]) and not _owner(plan.vals[v].nodes)]
+        if not own:
+            for node, reason in plan.refusals:  # those across this module's children (the rest: below)
+                if not _owner(plan.involved.get(node, [node])):
+                    self._refuse(path, node, reason)
+            self._descend(m, path, here)
+            self.done.add(id(m))
+            return m
+        entangled = {t for v in own for n in plan.vals[v].nodes if (t := _top(n)) is not None}
+        for name, child in list(m._modules.items()):
+            if child is not None and name not in entangled:
+                m._modules[name] = self.process(child, _join(path, name), here)
+        leaves = leaves | {id(c) for name, c in m._modules.items() if c is not None and name not in entangled}
+        graph = _trace(m, leaves)
+        result = self._rewrite(m, graph, _Analysis(m, graph, opaque=self.opaque), path, here)
+        self.done.add(id(result))
+        return result
+
+    def _descend(self, m: nn.Module, path: str, verify_path: str) -> None:
+        for name, child in list(m._modules.items()):
+            if child is not None:
+                m._modules[name] = self.process(child, _join(path, name), verify_path)
+
+    def _refuse(self, path: str, node: fx.Node, reason: str) -> None:
+        where = _join(path, ".".join(_scope(node)[-1:]) or "")
+        if node.op == "call_module":
+            where = _join(path, str(node.target))
+        self.remaining.append(Remaining(where, "unfoldable", reason))
+
+    def _rewrite(self, m: nn.Module, graph: fx.Graph, plan: _Analysis, path: str, verify_path: str) -> nn.Module:
+        for node, reason in plan.refusals:
+            self._refuse(path, node, reason)
+        calls = {}
+        for n in graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        fused: dict[str, nn.Module] = {}
+        absorbed: set[fx.Node] = set()
+        replaced: dict[fx.Node, fx.Node] = {}
+        regions: list[FusedRegion] = []
+        for v in plan.outputs:
+            val = plan.vals[v]
+            if not _worth(val):
+                continue
+            k: A.Kernel = val.lin  # type: ignore[assignment]
+            before = ", ".join(_branch_text(val.branches))
+            try:
+                if _cost(k) > val.cost * (1 + 1e-9):
+                    raise NotEquivalent(f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the "
+                                        "branches it replaces (FLOP rule)")
+                layer = A.to_module(k, dtype=val.dtype or torch.float32)
+            except NotEquivalent as exc:
+                reason = f"{before} {exc.message}" if exc.message.startswith("->") else f"{before}: {exc.message}"
+                self._refuse(path, v, reason)
+                for n in val.nodes:  # the BatchNorms this region would have folded stay, for this reason
+                    if n.op == "call_module" and isinstance(m.get_submodule(str(n.target)),
+                                                            nn.modules.batchnorm._BatchNorm):
+                        self.bn_reasons[_join(path, str(n.target))] = reason
+                continue
+            name = self._name(m, val, calls, fused)
+            fused[name] = layer
+            with graph.inserting_before(v):
+                # The input may itself be a region output replaced above: read the fused one.
+                new = graph.call_module(name, (replaced.get(val.root, val.root),))
+            v.replace_all_uses_with(new)
+            replaced[v] = new
+            absorbed.update(val.nodes)
+            regions.append(FusedRegion(verify_path, _join(path, name), before, _kernel_desc(k)))
+        for node in reversed(list(graph.nodes)):  # drop the absorbed nodes (and weight transforms) nobody reads
+            if not node.users and (node in absorbed or (node in plan.consts and node.op != "get_attr")):
+                graph.erase_node(node)
+        stale = [n for n in graph.nodes if n.op == "call_module" and n.target in fused and n not in replaced.values()]
+        if stale:  # a reused layer name still called by an unfused node would run the fused layer there
+            raise AssertionError(f"graph pass: {stale[0].target} is still called by {stale[0].name}")
+        graph.lint()
+        self.regions.extend(regions)
+        return _graph_module(m, graph, fused)
+
+    def _name(self, m: nn.Module, val: _Val, calls: dict, taken: dict) -> str:
+        """The fused layer keeps the name of the region's first conv / linear (else its BatchNorm)."""
+        mods = [n for n in val.nodes if n.op == "call_module"]
+        weighted = (nn.Linear, nn.modules.conv._ConvNd)
+        for n in sorted(mods, key=lambda n: not isinstance(m.get_submodule(str(n.target)), weighted)):
+            if calls.get(n.target) == 1 and n.target not in taken:
+                return str(n.target)
+        base = f"{val.nodes[-1].name}_fused"
+        name, i = base, 1
+        while name in taken or name in calls:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+
+def _owner(nodes: list[fx.Node]) -> list[str]:
+    """The deepest module (as its path chain) whose forward contains every one of `nodes`."""
+    common: list[str] = []
+    for level in zip(*[_scope(n) for n in nodes]):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return common
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else (path or name)
+
+
+def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) -> fx.GraphModule:
+    """A GraphModule running `graph`, named like `m`'s class, holding `m`'s layers and the fused ones
+    (state-dict keys are the layers' qualified names); `m`'s plain attributes are kept."""
+    root: dict[str, Any] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            if target in fused:
+                root[target] = fused[target]
+            else:
+                root[target] = _fetch(m, target)
+                if node.op == "get_attr" and isinstance(root[target], torch.Tensor) \
+                        and not isinstance(root[target], nn.Parameter):
+                    buffers[target] = root[target]
+    gm = fx.GraphModule(root, graph, class_name=type(m).__name__)
+    for target, tensor in buffers.items():  # fx stores plain tensors as attributes: keep them in the state dict
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        delattr(owner, name)
+        owner.register_buffer(name, tensor)
+    for key, value in vars(m).items():  # e.g. a detection model's `stride`, `names`
+        if not key.startswith("_") and key != "training" and not hasattr(gm, key):
+            setattr(gm, key, value)
+    gm.train(m.training)
+    return gm
+
+
+def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = ()) -> tuple[nn.Module, list[FusedRegion],
+                                                                             list[Remaining], dict[str, str]]:
+    """Fold every exactly-foldable linear region of `model` (see the module doc).
+
+    `model` is modified (its children replaced): pass a copy (the engine passes its fresh deploy
+    tree). `opaque` modules (recipe / native products) are never traced into or changed.
+    Returns (model or the GraphModule replacing it, the fused regions, what was left: refusals
+    and untraceable modules, {BatchNorm path: why its region was not folded}; `leftovers` adds
+    the BatchNorms and native methods still present).
+    """
+    work = _Pass({id(m) for m in opaque})
+    was_training = model.training
+    # Traced in eval mode, what a deploy model runs (and the same on a meta skeleton in any mode).
+    model.eval()
+    with torch.no_grad():
+        result = work.process(model, "", "")
+    result.train(was_training)
+    return result, work.regions, work.remaining, work.bn_reasons
+
+
+def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Iterable[Remaining] = (),
+              graph: bool = True, bn_reasons: dict[str, str] | None = None) -> list[Remaining]:
+    """What a deploy model still has that a conversion could fold: BatchNorm layers (with the reason
+    found in `remaining`, else why not) and modules with a native deploy method that was not called.
+    Modules inside `opaque` products (already converted) are not looked into."""
+    from .native import native_method
+
+    skip = {id(m) for m in opaque}
+    remaining = list(remaining)
+    untraceable = [r.path for r in remaining if r.kind == "untraceable"]
+    reasons = {r.path: r.reason for r in remaining if r.kind == "unfoldable"}
+    reasons.update(bn_reasons or {})
+    found: list[Remaining] = []
+
+    def walk(m: nn.Module, path: str) -> None:
+        if id(m) in skip:
+            return
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            found.append(Remaining(path, "batchnorm", _bn_reason(path, reasons, untraceable, graph)))
+            return
+        method = native_method(m)
+        if method is not None and path:
+            found.append(Remaining(path, "native-method", f"has its own {method}() that was not called"))
+        for name, child in m.named_children():
+            walk(child, _join(path, name))
+
+    walk(model, "")
+    return found
+
+
+def _bn_reason(path: str, reasons: dict[str, str], untraceable: list[str], graph: bool) -> str:
+    if not graph:
+        return "the graph pass is off (--no-graph)"
+    if path in reasons:
+        return reasons[path]
+    inside = [u for u in untraceable if not u or path.startswith(u + ".")]
+    if inside:
+        where = max(inside, key=len)
+        return f"inside {where or '<root>'}, which cannot be traced"
+    return "its input or output is not a linear region the pass can fold"
