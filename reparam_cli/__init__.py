@@ -16,7 +16,7 @@ _API = {
     "VerifyOptions": "pipeline", "load_training_model": "pipeline",
     "convert_stdio": "pipes", "inspect_checkpoint": "inspection", "run_batch": "batch",
     "reparameterize": "engine", "ConversionReport": "engine",
-    "verify": "verify", "VerifyResult": "verify",
+    "verify": "verification", "VerifyResult": "verification",
     "load_deploy": "deploy", "read_metadata": "deploy",
     "load_spec": "spec", "ModelSpec": "spec",
     "recipe": "recipes", "all_recipes": "recipes",

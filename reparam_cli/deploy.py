@@ -192,7 +192,7 @@ def compare_exported(path: str | Path, fmt: str, deploy: nn.Module, x: Tensor,
     Returns {"runtime", "max_abs_err", "max_rel_err", "ok"}: ok when max |exported - deploy| <=
     atol + rtol * max |deploy|.
     """
-    from .verify import _first_tensor
+    from .verification import _first_tensor
 
     if fmt == "onnx" and x.dtype == torch.bfloat16:
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so the ONNX file cannot be verified",

@@ -29,7 +29,7 @@ from .deploy import (compare_exported, conversion_options, deploy_file_options, 
 from .export import (DTYPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors, write_state_safetensors,
                      write_torchscript)
 from .spec import ModelSpec, load_spec
-from .verify import VerifyResult, model_dtype, verify
+from .verification import VerifyResult, model_dtype, verify
 
 Progress = Callable[[str], None]
 
