@@ -99,7 +99,7 @@ CONVERT_ROWS = [
     ("training-model rel err (float floor)", "train_rel_err"), ("tolerance rtol/atol", "tolerance"),
     ("checkpoint dtype", "checkpoint_dtype"), ("native blocks", "native_blocks"),
     ("exported file checked in", "export_runtime"), ("exported vs deploy rel err", "export_max_rel_err"),
-    ("notes", "notes"),
+    ("plot", "plot"), ("notes", "notes"),
 ]
 
 
@@ -167,6 +167,26 @@ def _fail(message: str, as_json: bool) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _precheck(as_json: bool, spec: Optional[str] = None, inputs: tuple = (), extras: tuple = ()) -> None:
+    """Torch-free checks before any work, so bad input is answered in a fraction of a second: the spec
+    reference (unknown names get suggestions), that each input exists, and each needed (extra, feature)."""
+
+    def check() -> None:
+        from .errors import CheckpointError
+        from .extras import require_extra
+        from .spec import check_spec_ref
+
+        if spec is not None:
+            check_spec_ref(spec)
+        for path in inputs:
+            if str(path) != "-" and not Path(path).exists():
+                raise CheckpointError(f"checkpoint not found: {path}")
+        for extra, feature in extras:
+            require_extra(extra, feature)
+
+    _guarded(check, as_json)
+
+
 def _verify_options(samples: int, seed: int, rtol, atol, input_shape):
     from .pipeline import VerifyOptions
     from .spec import parse_shape
@@ -199,6 +219,8 @@ def init(
 ) -> None:
     """Write a training-form checkpoint with random weights and randomized BatchNorm statistics."""
 
+    _precheck(as_json, spec)
+
     def action(progress):
         from .pipeline import init_checkpoint
 
@@ -228,27 +250,47 @@ def convert(
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
     linear_as_conv: bool = LinearAsConvOpt,
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the per-block errors against the tolerance "
+                                        "to this PNG, even when verification fails (needs the plot extra)."),
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
     `-` reads the checkpoint from stdin, `-o -` writes the deploy file to stdout (after verification).
     """
     _refuse_json_on_stdout(output, as_json)
+    if plot is not None and no_verify:
+        _fail("--plot draws the verification's figures: it cannot be combined with --no-verify", as_json)
+    _precheck(as_json, spec, (checkpoint,), ((("onnx", "--format onnx"),) if fmt == "onnx" else ())
+              + ((("plot", "--plot"),) if plot is not None else ()))
 
     def action(progress):
         import contextlib
 
+        from .errors import VerificationFailed
         from .pipes import convert_stdio, is_stdio, stdout_to_stderr
 
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
         with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
-            return convert_stdio(
-                checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
-                verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
-                trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
-            )
+            try:
+                report = convert_stdio(
+                    checkpoint, spec, output, fmt=fmt, verify_output=not no_verify,
+                    verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
+                    trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
+                )
+            except VerificationFailed as exc:
+                _write_plot(exc.report, plot)  # a failing block is what the plot is for
+                raise
+        _write_plot(report, plot)
+        return report
 
     _run(action, as_json, "convert", CONVERT_ROWS)
+
+
+def _write_plot(report: dict, plot: Optional[Path]) -> None:
+    if plot is not None:
+        from .plot import write_plot
+
+        report["plot"] = str(write_plot(report, plot))
 
 
 @app.command()
@@ -267,6 +309,8 @@ def verify(
     as_json: bool = JsonOpt,
 ) -> None:
     """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not)."""
+    _precheck(as_json, spec, (checkpoint, deployed),
+              (("onnx", "verifying an ONNX file"),) if deployed.suffix == ".onnx" else ())
 
     def action(progress):
         from .errors import VerificationFailed
@@ -348,6 +392,7 @@ def batch(
 ) -> None:
     """Convert every checkpoint in a folder (in parallel, resumable, shardable), keeping going past
     failures. Exit 0 when all were converted or skipped, 1 when any failed."""
+    _precheck(as_json, spec, (input_dir,), (("onnx", "--format onnx"),) if fmt == "onnx" else ())
     console = _stderr()
     reporter = None
 
@@ -424,6 +469,8 @@ def inspect(
 ) -> None:
     """Show what a checkpoint holds (format, dtypes, tensors, parameters) and, with --spec, what
     converting it would do. A reparam deploy file is recognised and its stored spec used."""
+
+    _precheck(as_json, spec, (checkpoint,))
 
     def action() -> dict:
         from .inspection import inspect_checkpoint

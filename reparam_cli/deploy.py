@@ -89,8 +89,10 @@ class OnnxModule(nn.Module):
         try:
             import onnxruntime as ort
         except ImportError:
+            from .extras import install_hint
+
             raise CheckpointError("reading ONNX files needs onnxruntime, which is not installed",
-                                  hint="pip install 'reparam-cli[onnx]'") from None
+                                  hint=install_hint("onnx")) from None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:

@@ -144,6 +144,12 @@ def _verification_dict(result: VerifyResult | None) -> dict:
     }
 
 
+def _block_errors(result: VerifyResult | None) -> list[dict]:
+    """Every verified block's figures, in model order (for --plot and --json)."""
+    return [{"path": b.path, "type": b.block_type, "max_rel_err": b.max_rel_err, "ok": b.ok}
+            for b in (result.blocks if result else [])]
+
+
 def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: ConversionReport | None,
                 opts: VerifyOptions) -> VerifyResult:
     blocks = [(b.path, b.block_type) for b in report.converted] if report else []
@@ -223,6 +229,7 @@ def convert_checkpoint(
         "flops_before": result.flops_train if result else None,
         "flops_after": result.flops_deploy if result else None,
         **_verification_dict(result),
+        "block_errors": _block_errors(result),
     }
     if ckpt.notes:
         report["notes"] = list(ckpt.notes)

@@ -2,7 +2,8 @@
 
 A spec reference (`--spec`) is one of:
 
-* a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`),
+* a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`), or a YAML file, optionally
+  with builder arguments as a query: `repvgg-a0?num_classes=10`,
 * a path to a YAML file,
 * a Python file `spec.py` exposing `build_model()`, or `spec.py:function`,
 * `timm:<model_name>`, optionally with keyword arguments for `timm.create_model` as a query:
@@ -103,19 +104,89 @@ def load_spec(ref: str) -> ModelSpec:
     py_path, _, func = ref.partition(".py:")
     if ref.endswith(".py") or func:
         return _python_spec(Path(f"{py_path}.py" if func else ref), func or "build_model")
-    path = Path(ref)
+    base, _, query = ref.partition("?")
+    args = _query_args(query, ref)
+    path = Path(base)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise SpecError(f"spec file not found: {ref}")
-        return _yaml_spec(path, source=str(path.resolve()))
-    builtin = SPECS_DIR / f"{ref}.yaml"
-    if builtin.is_file():
-        return _yaml_spec(builtin, source=ref)
-    close = [n for n in builtin_names() if ref.lower() in n or n in ref.lower()][:5]
-    raise SpecError(
-        f"unknown spec {ref!r}",
-        hint=f"did you mean {', '.join(close)}?" if close else "run `reparam specs` to list the built-in specs",
-    )
+            raise SpecError(f"spec file not found: {base}")
+        spec = _yaml_spec(path, source=str(path.resolve()))
+    else:
+        check_spec_ref(ref)  # unknown names: suggestions
+        spec = _yaml_spec(SPECS_DIR / f"{base}.yaml", source=base)
+    if args:  # `repvgg-a0?num_classes=10`: override the builder's keyword arguments
+        spec.args = {**spec.args, **args}
+        spec.name, spec.source = f"{spec.name}?{query}", f"{spec.source}?{query}"
+    return spec
+
+
+def _query_args(query: str, ref: str) -> dict[str, Any]:
+    """'num_classes=10&in_chans=1' -> {'num_classes': 10, 'in_chans': 1} (values parsed as YAML)."""
+    from urllib.parse import parse_qsl
+
+    import yaml
+
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise SpecError(f"spec {ref!r}: arguments must look like ?key=value&key=value") from None
+    args: dict[str, Any] = {}
+    for key, value in pairs:
+        try:
+            args[key] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            args[key] = value
+    return args
+
+
+# Spec references other than built-in names that need no file: load_spec (or an ecosystem) resolves them.
+_NAMED_REFS = {"checkpoint"}
+
+
+def check_spec_ref(ref: str) -> None:
+    """Torch-free check of a `--spec` reference, done before any work: a spec file that does not exist,
+    an unknown built-in name (with the closest names, and `timm:<name>` when it looks like a timm
+    model) or a timm spec without timm raise SpecError. References it cannot judge pass."""
+    base = ref.partition("?")[0]
+    if ref.startswith(TIMM_PREFIX):
+        from .extras import missing_modules
+
+        if missing_modules("timm"):
+            _import_timm()  # raises with the install hint
+        return
+    py_path, _, func = ref.partition(".py:")
+    if ref.endswith(".py") or func:
+        path = Path(f"{py_path}.py" if func else ref)
+        if not path.is_file():
+            raise SpecError(f"spec file not found: {path}")
+        return
+    if Path(base).suffix in (".yaml", ".yml"):
+        if not Path(base).is_file():
+            raise SpecError(f"spec file not found: {base}")
+        return
+    if ":" in base or base in _NAMED_REFS or (SPECS_DIR / f"{base}.yaml").is_file():
+        return  # an ecosystem prefix (resolved by load_spec) or a built-in
+    raise SpecError(f"unknown spec {base!r}", hint=suggest_spec_names(base))
+
+
+def suggest_spec_names(name: str) -> str:
+    """What to try instead of an unknown spec name: the closest built-in names, and `timm:<name>`
+    when the name is spelled like a timm model (lower case words joined by underscores)."""
+    import difflib
+    import re
+
+    names = builtin_names()
+    key = name.lower().replace("_", "-")
+    close = [n for n in names if n == key]  # repvgg_a0 -> repvgg-a0 alone
+    if not close:
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+        close += [n for n in names if (key in n or n in key) and n not in close]
+    options = [f"--spec {n}" for n in close[:3]]
+    if re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9.]+)+", name):
+        options.append(f"--spec timm:{name}")
+    if options:
+        return f"did you mean {', '.join(options)}? `reparam specs` lists the built-in specs"
+    return "run `reparam specs` to list the built-in specs, or pass a YAML or Python spec file"
 
 
 def _yaml_spec(path: Path, source: str) -> ModelSpec:
@@ -193,8 +264,10 @@ def _import_timm():
     try:
         import timm
     except ImportError as exc:
+        from .extras import install_hint
+
         raise SpecError(f"timm specs need the timm package, which cannot be imported ({exc})",
-                        hint="pip install 'reparam-cli[timm]'") from None
+                        hint=install_hint("timm")) from None
     return timm
 
 
@@ -216,24 +289,11 @@ def timm_create_model(model_name: str, **kwargs: Any):
 
 def timm_spec(ref: str) -> ModelSpec:
     """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
-    from urllib.parse import parse_qsl
-
-    import yaml
-
     body = ref[len(TIMM_PREFIX):]
     model_name, _, query = body.partition("?")
     if not model_name:
         raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
-    args: dict[str, Any] = {}
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError:
-        raise SpecError(f"spec {ref!r}: arguments must look like ?key=value&key=value") from None
-    for key, value in pairs:
-        try:
-            args[key] = yaml.safe_load(value) if value else None
-        except yaml.YAMLError:
-            args[key] = value
+    args = _query_args(query, ref)
     timm = _import_timm()
     if not timm.is_model(model_name):
         timm_create_model(model_name)  # raises with suggestions
