@@ -92,8 +92,10 @@ def sniff_deploy_format(path: Path) -> str | None:
     return None
 
 
-def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
-    """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files."""
+def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False) -> Any:
+    """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files.
+
+    `mmap` maps a torch zip file's tensors instead of reading them (for shape-only work like inspect)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -114,9 +116,9 @@ def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
                               hint="convert the training checkpoint, or check this file with `reparam verify`")
     try:
         if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         message = str(exc)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
