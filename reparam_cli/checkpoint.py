@@ -26,7 +26,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -318,15 +318,17 @@ def fit_problems(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str
     return problems
 
 
-def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint") -> nn.Module:
+def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint",
+              hint: Callable[[], str | None] | None = None) -> nn.Module:
     """Load `state_dict` into `model` strictly, assigning the tensors (the model may live on `meta`).
 
-    Missing keys, unexpected keys and shape mismatches raise a CheckpointError naming them.
+    Missing keys, unexpected keys and shape mismatches raise a CheckpointError naming them, with
+    `hint()` (say, which --spec would fit) or else a question about the spec as its hint.
     """
     problems = fit_problems(model, state_dict)
     if problems:
         raise CheckpointError(f"the {what} does not fit the model: " + "; ".join(problems),
-                              hint="is this the right --spec for it?")
+                              hint=(hint and hint()) or "is this the right --spec for it?")
     expected = model.state_dict(keep_vars=True)
     state = dict(state_dict)
     for k in expected:

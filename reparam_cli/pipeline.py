@@ -28,7 +28,7 @@ from .deploy import (compare_exported, conversion_options, deploy_file_options, 
                      load_deployed_any, read_metadata, stored_spec)
 from .export import (DTYPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors, write_state_safetensors,
                      write_torchscript)
-from .spec import ModelSpec, load_spec
+from .spec import ModelSpec, layout_hint, load_spec
 from .verification import VerifyResult, model_dtype, verify
 
 Progress = Callable[[str], None]
@@ -88,7 +88,7 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
     ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
     if fit_problems(model, ckpt.state):
         _refuse_deploy_form(raw, checkpoint, spec, ema)
-    return load_into(model, ckpt.state).eval(), ckpt
+    return load_into(model, ckpt.state, hint=lambda: layout_hint(ckpt.state, model, spec)).eval(), ckpt
 
 
 def _refuse_deploy_form(raw, checkpoint: Path, spec: ModelSpec, ema: bool) -> None:

@@ -325,3 +325,86 @@ def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise SpecError(f"spec {spec_name!r}: {target} has no callable {attr}")
     return fn
+
+
+# --------------------------------------------------------------------------- key layouts
+
+_ULTRALYTICS_KEY = r"model\.\d+\."
+_TIMM_KEYS = ("stem.conv_kxk", "head.fc.", "stages.0.0.conv_kxk")  # timm's byobnet (RepVGG, MobileOne)
+_REFERENCE_FAMILIES = {"rbr_dense": "repvgg", "rbr_conv": "mobileone", "square_conv": "resnet18-acb",
+                       "dbb_origin": "dbb"}
+
+
+def layout_hint(state: dict[str, Any], model: Any, spec: ModelSpec) -> str | None:
+    """When a checkpoint's keys do not fit `model` (built from `spec`), what would fit, if it can be told
+    from the key names and shapes: an ultralytics or timm layout (-> that --spec), the papers'
+    reference layout (-> the built-in spec that fits), or the same model with another number of
+    classes (-> `?num_classes=N`). None when nothing better than "check the --spec" can be said."""
+    import re
+
+    keys = list(state)
+    if not keys:
+        return None
+    if sum(bool(re.match(_ULTRALYTICS_KEY, k)) for k in keys) > len(keys) / 2:
+        return ("its keys (model.N.*) look like an ultralytics model: use --spec ultralytics:<model>.yaml "
+                "(e.g. ultralytics:yolov8n.yaml), or --trust-pickle --spec checkpoint for a best.pt")
+    shapes = {k: tuple(getattr(t, "shape", ())) for k, t in state.items()}
+    classes = _num_classes_hint(shapes, model, spec)
+    if classes:
+        return classes
+    if any(k.startswith(_TIMM_KEYS) for k in keys) and not spec.name.startswith(TIMM_PREFIX):
+        name = spec.name.partition("?")[0].replace("-", "_") if spec.source.partition("?")[0] in builtin_names() \
+            else "<model_name>"
+        return f"its keys (stem.conv_kxk, stages.N, head.fc) look like a timm model: use --spec timm:{name}"
+    for marker, family in _REFERENCE_FAMILIES.items():
+        if any(f".{marker}." in f".{k}" for k in keys):
+            fits = _fitting_builtins(shapes, family)
+            if fits:
+                return f"its keys fit the built-in spec: use --spec {fits}"
+            return (f"its keys ({marker}) look like the {family} reference code: pick the built-in {family} spec "
+                    "of its size (`reparam specs` lists them)")
+    return None
+
+
+def _classifier_change(shapes: dict[str, tuple], expected: dict[str, tuple]) -> int | None:
+    """The checkpoint's number of classes when it differs from the model's only in the last layer's outputs."""
+    if set(shapes) - set(expected) or {k for k in set(expected) - set(shapes) if not k.endswith("num_batches_tracked")}:
+        return None
+    differ = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    last = [k for k in expected if k.endswith((".weight", ".bias"))][-2:]
+    if not differ or not set(differ) <= set(last) or any(not shapes[k] for k in differ):
+        return None
+    counts = {shapes[k][0] for k in differ}
+    return counts.pop() if len(counts) == 1 and all(shapes[k][1:] == expected[k][1:] for k in differ) else None
+
+
+def _num_classes_hint(shapes: dict[str, tuple], model: Any, spec: ModelSpec) -> str | None:
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    n = _classifier_change(shapes, expected)
+    if n is None:
+        return None
+    if spec.builder.endswith(".py:" + spec.builder.rpartition(":")[2]) and spec.source == spec.builder:
+        return f"its classifier has {n} outputs: build the model in your spec with {n} classes"
+    ref = spec.source if spec.source.partition("?")[0] in builtin_names() or spec.source.startswith(TIMM_PREFIX) \
+        else spec.source or spec.name
+    sep = "&" if "?" in ref else "?"
+    return f"its classifier has {n} outputs: use --spec '{ref}{sep}num_classes={n}'"
+
+
+def _fitting_builtins(shapes: dict[str, tuple], family: str) -> str | None:
+    """The built-in spec of `family` whose training model the keys fit (with ?num_classes=N if needed)."""
+    for name in builtin_names():
+        if not name.startswith(family) and family not in name:
+            continue
+        try:
+            model = load_spec(name).build(device="meta")
+        except Exception:  # a broken builder is not the user's problem here
+            continue
+        expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+        missing = {k for k in set(expected) - set(shapes) if not k.endswith("num_batches_tracked")}
+        if not missing and set(shapes) <= set(expected) and all(shapes[k] == expected[k] for k in shapes):
+            return name
+        n = _classifier_change(shapes, expected)
+        if n is not None:
+            return f"'{name}?num_classes={n}'"
+    return None
