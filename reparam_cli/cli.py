@@ -23,31 +23,32 @@ app = typer.Typer(
          "RepMLP, MobileOne, ...) into their fused deploy form, verified on random inputs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: wraps at the terminal width, no truncation, no <type> column
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
-SpecOpt = typer.Option(..., "--spec", "-s", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
-                                                 "a Python file exposing build_model() (file.py\\[:function]), or "
-                                                 "timm:MODEL\\[?arg=value&...] (needs the timm extra).")
+SpecOpt = typer.Option(..., "--spec", "-s", metavar="SPEC", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
+                                                 "a Python file exposing build_model() (file.py[:function]), or "
+                                                 "timm:MODEL[?arg=value&...] (needs the timm extra).")
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout instead of a table on stderr.")
-RtolOpt = typer.Option(None, "--rtol", help="Relative tolerance, scaled by the output's magnitude "
-                                            "\\[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
-AtolOpt = typer.Option(None, "--atol", help="Absolute tolerance added to rtol * max|output| \\[default: 1e-6 for float32].",
+RtolOpt = typer.Option(None, "--rtol", metavar="X", help="Relative tolerance, scaled by the output's magnitude "
+                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
+AtolOpt = typer.Option(None, "--atol", metavar="X", help="Absolute tolerance added to rtol * max|output| [default: 1e-6 for float32].",
                        min=0.0)
-SeedOpt = typer.Option(0, "--seed", help="Seed of the random verification inputs.")
-SamplesOpt = typer.Option(1, "--samples", help="Number of random batches to verify on.", min=1)
-ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e.g. 2,3,64,64 "
-                                                    "\\[default: the spec's input_shape].")
+SeedOpt = typer.Option(0, "--seed", metavar="N", help="Seed of the random verification inputs.")
+SamplesOpt = typer.Option(1, "--samples", metavar="N", help="Number of random batches to verify on.", min=1)
+ShapeOpt = typer.Option(None, "--input-shape", metavar="N,C,H,W", help="Verification input shape, e.g. 2,3,64,64 "
+                                                    "[default: the spec's input_shape].")
 NoVerifyOpt = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended).")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
                                            "instead of its training weights.")
-DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
-                                              "\\[default: the checkpoint's]. Fusion always runs in float64.")
-FormatOpt = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors, torchscript, pt2 "
+DtypeOpt = typer.Option(None, "--dtype", metavar="DTYPE", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
+                                              "[default: the checkpoint's]. Fusion always runs in float64.")
+FormatOpt = typer.Option("safetensors", "--format", "-f", metavar="FORMAT", help="Output format: safetensors, torchscript, pt2 "
                          "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
 
 LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Linear layers into equivalent pointwise "
@@ -209,15 +210,25 @@ def _root(
     """Convert, verify and inspect re-parameterizable network checkpoints."""
 
 
-@app.command()
+@app.command(short_help="Write a random training checkpoint of a spec, to try things on.")
 def init(
-    spec: str = typer.Argument(..., help="Model spec: built-in name, YAML file or Python file."),
-    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.pth or .safetensors)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random weights and BatchNorm statistics."),
+    spec: str = typer.Argument(..., metavar="SPEC", help="Model spec: built-in name, YAML file or Python file."),
+    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Checkpoint to write (.pth or "
+                                ".safetensors)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for the random weights and BatchNorm statistics."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Write a training-form checkpoint with random weights and randomized BatchNorm statistics."""
+    """Write a training-form checkpoint with random weights and randomized BatchNorm statistics.
+
+    The checkpoint goes to -o; a summary goes to stderr (--json: one JSON object on stdout).
+
+    Examples:
+
+    
+      reparam init repvgg-a0 -o a0.pth
+      reparam init my_spec.yaml -o random.safetensors --seed 1
+    """
 
     _precheck(as_json, spec)
 
@@ -230,12 +241,12 @@ def init(
     _run(action, as_json, "init", [("output", "output"), ("spec", "spec"), ("params", "params"), ("seed", "seed")])
 
 
-@app.command()
+@app.command(short_help="Fuse, verify and write the deploy model of a checkpoint.")
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors), "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors), "
                                                 "or - for stdin."),
     spec: str = SpecOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write, or - for stdout \\[default: "
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Deploy file to write, or - for stdout [default: "
                                           "<input stem>.deploy.safetensors (.pt, .pt2, .onnx) beside the input]."),
     fmt: str = FormatOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -250,12 +261,23 @@ def convert(
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
     linear_as_conv: bool = LinearAsConvOpt,
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the per-block errors against the tolerance "
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also draw the per-block errors against the tolerance "
                                         "to this PNG, even when verification fails (needs the plot extra)."),
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
-    `-` reads the checkpoint from stdin, `-o -` writes the deploy file to stdout (after verification).
+    The deploy file goes to -o (default: beside the input), or to stdout with -o -; `-` reads the
+    checkpoint from stdin. A summary table goes to stderr (--json: one JSON object on stdout).
+    Exit 1 when verification fails (nothing is written), 2 on bad input.
+
+    Examples:
+
+    
+      reparam convert a0.pth --spec repvgg-a0
+      reparam convert a0.pth --spec repvgg-a0 -f onnx -o a0.onnx
+      reparam convert best.pth --spec 'repvgg-a0?num_classes=10'
+      reparam convert a0.pth --spec repvgg-a0 --input-shape 1,3,64,64
+      reparam convert last.pth.tar --spec timm:mobileone_s0 --ema --plot err.png
     """
     _refuse_json_on_stdout(output, as_json)
     if plot is not None and no_verify:
@@ -293,10 +315,10 @@ def _write_plot(report: dict, plot: Optional[Path]) -> None:
         report["plot"] = str(write_plot(report, plot))
 
 
-@app.command()
+@app.command(short_help="Check a deploy file against its training checkpoint (exit 1 if not equal).")
 def verify(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint."),
-    deployed: Path = typer.Argument(..., help="Deploy file: safetensors written by reparam, TorchScript (.pt), "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint."),
+    deployed: Path = typer.Argument(..., metavar="DEPLOYED", help="Deploy file: safetensors written by reparam, TorchScript (.pt), "
                                               "torch.export (.pt2) or ONNX (.onnx)."),
     spec: str = SpecOpt,
     rtol: Optional[float] = RtolOpt,
@@ -308,7 +330,16 @@ def verify(
     ema: bool = EmaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not)."""
+    """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not).
+
+    The figures go to stderr as a table (--json: one JSON object on stdout); nothing is written.
+
+    Examples:
+
+    
+      reparam verify a0.pth a0.deploy.safetensors --spec repvgg-a0
+      reparam verify a0.pth a0.onnx --spec repvgg-a0 --json
+    """
     _precheck(as_json, spec, (checkpoint, deployed),
               (("onnx", "verifying an ONNX file"),) if deployed.suffix == ".onnx" else ())
 
@@ -326,15 +357,21 @@ def verify(
     _run(action, as_json, "verify", CONVERT_ROWS)
 
 
-@app.command()
+@app.command(short_help="List the built-in model specs (on stdout).")
 def specs(
     as_json: bool = JsonOpt,
     params: bool = typer.Option(True, "--params/--no-params", help="Count parameters before and after conversion "
-                                                                   "(shape-only builds on the meta device; fast)."),
+                                                                   "(models built on the meta device, without data: fast)."),
 ) -> None:
     """List the built-in model specs: name, family, description and parameters before -> after conversion.
 
     The listing is this command's product, so the table goes to stdout (like --json).
+
+    Examples:
+
+    
+      reparam specs
+      reparam specs --json --no-params
     """
     from .pipeline import list_specs
 
@@ -363,23 +400,24 @@ def _refuse_json_on_stdout(output: Optional[Path], as_json: bool) -> None:
         _fail("--json cannot be combined with -o - (stdout carries the deploy file)", as_json=False)
 
 
-@app.command()
+@app.command(short_help="Convert every checkpoint in a folder (parallel, resumable, shardable).")
 def batch(
-    input_dir: Path = typer.Argument(..., help="Folder of training checkpoints."),
+    input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", help="Folder of training checkpoints."),
     spec: str = SpecOpt,
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for the deploy files (the input "
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", metavar="DIR", help="Folder for the deploy files (the input "
                                     "layout is mirrored) and manifest.jsonl; created if missing."),
-    pattern: Optional[list[str]] = typer.Option(None, "--pattern", "-p", help="File-name glob to convert, repeatable "
+    pattern: Optional[list[str]] = typer.Option(None, "--pattern", "-p", metavar="GLOB", help="File-name glob to convert, repeatable "
                                                 "(a glob with / matches the relative path); "
                                                 "default: *.pth *.pt *.ckpt *.safetensors *.bin."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also convert checkpoints in subfolders."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=0, help="Conversions in parallel (processes); 0: one per core."),
-    fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=0, metavar="N", help="Conversions in parallel (processes); 0: one per core."),
+    fmt: str = typer.Option("safetensors", "--format", "-f", metavar="FORMAT", help="Output format: safetensors, "
+                            "torchscript, pt2 (torch.export) or onnx (needs the onnx extra)."),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs the manifest records as converted from the same "
                                 "bytes (sha256) whose output is unchanged; reconvert the rest, replacing stale outputs."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="Convert only shard K of N (K from 0), e.g. "
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N", help="Convert only shard K of N (K from 0), e.g. "
                                         "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; shards partition "
-                                        "the inputs and write manifest.shard-K-of-N.jsonl."),
+                                        "the inputs, and each writes its own manifest file."),
     no_verify: bool = NoVerifyOpt,
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
@@ -391,7 +429,17 @@ def batch(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with every manifest line) on stdout."),
 ) -> None:
     """Convert every checkpoint in a folder (in parallel, resumable, shardable), keeping going past
-    failures. Exit 0 when all were converted or skipped, 1 when any failed."""
+    failures. Exit 0 when all were converted or skipped, 1 when any failed.
+
+    Deploy files and manifest.jsonl go to -o DIR (the input layout mirrored); progress and one line
+    per file go to stderr (--json: one summary object on stdout).
+
+    Examples:
+
+    
+      reparam batch runs/ --spec repvgg-a0 -o deploy/ --recursive --jobs 4
+      reparam batch runs/ --spec repvgg-a0 -o deploy/ -r --resume --shard 0/8
+    """
     _precheck(as_json, spec, (input_dir,), (("onnx", "--format onnx"),) if fmt == "onnx" else ())
     console = _stderr()
     reporter = None
@@ -459,16 +507,26 @@ def _inspect_tables(report: dict) -> None:
         console.print(blocks)
 
 
-@app.command()
+@app.command(short_help="Show what a checkpoint holds and what converting it would do.")
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint or deploy file (torch or safetensors), or - for stdin."),
-    spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Model spec: also list the re-parameterizable "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint or deploy file (torch or safetensors), or - for stdin."),
+    spec: Optional[str] = typer.Option(None, "--spec", "-s", metavar="SPEC", help="Model spec: also list the re-parameterizable "
                                        "blocks and the parameters before/after (nothing is computed or written)."),
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Show what a checkpoint holds (format, dtypes, tensors, parameters) and, with --spec, what
-    converting it would do. A reparam deploy file is recognised and its stored spec used."""
+    converting it would do. A reparam deploy file is recognised and its stored spec used.
+
+    Shape-only: nothing is computed or written. The tables go to stderr (--json: one JSON object
+    on stdout).
+
+    Examples:
+
+    
+      reparam inspect a0.pth --spec repvgg-a0
+      reparam inspect a0.deploy.safetensors --json
+    """
 
     _precheck(as_json, spec, (checkpoint,))
 
