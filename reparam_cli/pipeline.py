@@ -144,6 +144,17 @@ def _verification_dict(result: VerifyResult | None) -> dict:
     }
 
 
+def save_deploy(path: str | Path, deploy: nn.Module, spec: ModelSpec | str, result: VerifyResult | None = None) -> Path:
+    """Write an in-memory deploy model (from `reparameterize`) as a reparam safetensors deploy file,
+    atomically, with the spec (so `load_deploy(path)` rebuilds it) and `result`'s figures (from
+    `verify`; None records it as not verified) in its metadata. Returns the path."""
+    spec = _spec(spec)
+    metadata = {"version": __version__, "spec": spec.to_json(), "source": "",
+                "dtype": str(model_dtype(deploy)).removeprefix("torch."), "verification": _verification_dict(result)}
+    write_safetensors(path, deploy, metadata)
+    return Path(path)
+
+
 def _block_errors(result: VerifyResult | None) -> list[dict]:
     """Every verified block's figures, in model order (for --plot and --json)."""
     return [{"path": b.path, "type": b.block_type, "max_rel_err": b.max_rel_err, "ok": b.ok}

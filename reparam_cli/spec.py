@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import SpecError
+from .errors import ReparamError, SpecError
 
 SPECS_DIR = Path(os.environ.get("REPARAM_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -65,10 +65,22 @@ class ModelSpec:
             if device is None:
                 model = fn(**self.args)
             else:
-                with torch.device(device):
+                try:
+                    with torch.device(device):
+                        model = fn(**self.args)
+                except Exception:
+                    if device != "meta":
+                        raise
+                    # A builder that needs real tensors (reads a file, calls .item(), ...) cannot run
+                    # on meta: build it normally, paying for a random initialisation the weights replace.
                     model = fn(**self.args)
         except TypeError as exc:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
+        except ReparamError:
+            raise
+        except Exception as exc:  # user code: one line, not a traceback
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise SpecError(f"spec {self.name!r}: builder {self.builder} failed: {type(exc).__name__}: {detail}") from None
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
         return model
