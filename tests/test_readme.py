@@ -82,3 +82,14 @@ def test_every_readme_code_block_runs(tmp_path):
             cmd = [sys.executable, "-c", block.body]
         result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{where} failed:\n{block.body}\n--- stderr:\n{result.stderr[-3000:]}"
+
+
+def test_readme_links_to_its_own_sections_resolve():
+    text = README.read_text()
+    # GitHub's anchors: lower case, punctuation dropped, spaces to hyphens.
+    anchors = {re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", h.strip().lower()))
+               for h in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```$", "", text, flags=re.M | re.S), re.M)}
+    links = set(re.findall(r"\]\(#([\w-]+)\)", text))
+    assert links and links <= anchors, links - anchors
+    for path in re.findall(r"!\[[^\]]*\]\(([^)#]+)\)", text):  # pictures
+        assert (ROOT / path).is_file(), path
