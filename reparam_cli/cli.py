@@ -168,12 +168,14 @@ def _fail(message: str, as_json: bool) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _precheck(as_json: bool, spec: Optional[str] = None, inputs: tuple = (), extras: tuple = ()) -> None:
+def _precheck(as_json: bool, spec: Optional[str] = None, inputs: tuple = (), extras: tuple = (),
+              folder: Optional[Path] = None) -> None:
     """Torch-free checks before any work, so bad input is answered in a fraction of a second: the spec
-    reference (unknown names get suggestions), that each input exists, and each needed (extra, feature)."""
+    reference (unknown names get suggestions), that each input file (or the input folder) exists, and
+    each needed (extra, feature)."""
 
     def check() -> None:
-        from .errors import CheckpointError
+        from .errors import CheckpointError, ReparamError
         from .extras import require_extra
         from .spec import check_spec_ref
 
@@ -182,6 +184,8 @@ def _precheck(as_json: bool, spec: Optional[str] = None, inputs: tuple = (), ext
         for path in inputs:
             if str(path) != "-" and not Path(path).exists():
                 raise CheckpointError(f"checkpoint not found: {path}")
+        if folder is not None and not folder.exists():
+            raise ReparamError(f"input folder not found: {folder}")
         for extra, feature in extras:
             require_extra(extra, feature)
 
@@ -440,7 +444,7 @@ def batch(
       reparam batch runs/ --spec repvgg-a0 -o deploy/ --recursive --jobs 4
       reparam batch runs/ --spec repvgg-a0 -o deploy/ -r --resume --shard 0/8
     """
-    _precheck(as_json, spec, (input_dir,), (("onnx", "--format onnx"),) if fmt == "onnx" else ())
+    _precheck(as_json, spec, extras=(("onnx", "--format onnx"),) if fmt == "onnx" else (), folder=input_dir)
     console = _stderr()
     reporter = None
 
