@@ -26,7 +26,14 @@ class MissingExtra(ReparamError):
 
 def missing_modules(extra: str) -> list[str]:
     """The modules of `extra` that cannot be imported (found without importing them)."""
-    return [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    return [m for m in EXTRAS[extra] if not _importable(m)]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install, or a module without a spec
+        return False
 
 
 def install_hint(extra: str) -> str:

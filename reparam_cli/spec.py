@@ -161,10 +161,9 @@ def check_spec_ref(ref: str) -> None:
     model) or a timm spec without timm raise SpecError. References it cannot judge pass."""
     base = ref.partition("?")[0]
     if ref.startswith(TIMM_PREFIX):
-        from .extras import missing_modules
+        from .extras import require_extra
 
-        if missing_modules("timm"):
-            _import_timm()  # raises with the install hint
+        require_extra("timm", f"spec {ref.partition('?')[0]!r}")
         return
     py_path, _, func = ref.partition(".py:")
     if ref.endswith(".py") or func:

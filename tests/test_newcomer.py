@@ -72,6 +72,13 @@ def test_missing_extra_is_reported_before_any_work(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a0.pth"]
 
 
+def test_missing_timm_is_reported_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(extras.EXTRAS, "timm", ("no_such_timm_for_reparam",))
+    result = run_cli("convert", tmp_path / "missing.pth", "--spec", "timm:repvgg_a0")
+    assert result.exit_code == 2
+    assert "spec 'timm:repvgg_a0' needs the timm extra (no_such_timm_for_reparam not installed)" in result.stderr
+
+
 def test_install_hints_name_commands_that_work():
     assert extras.install_hint("onnx").startswith("pip install onnx onnxruntime onnxscript")
     assert f"pip install -e '{ROOT}[timm]'" in extras.install_hint("timm")
