@@ -26,7 +26,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +93,10 @@ def sniff_deploy_format(path: Path) -> str | None:
     return None
 
 
-def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
-    """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files."""
+def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False) -> Any:
+    """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files.
+
+    `mmap` maps a torch zip file's tensors instead of reading them (for shape-only work like inspect)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -115,9 +117,9 @@ def read_raw(path: str | Path, trust_pickle: bool = False) -> Any:
                               hint="convert the training checkpoint, or check this file with `reparam verify`")
     try:
         if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         message = str(exc)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
@@ -328,15 +330,17 @@ def fit_problems(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str
     return problems
 
 
-def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint") -> nn.Module:
+def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "checkpoint",
+              hint: Callable[[], str | None] | None = None) -> nn.Module:
     """Load `state_dict` into `model` strictly, assigning the tensors (the model may live on `meta`).
 
-    Missing keys, unexpected keys and shape mismatches raise a CheckpointError naming them.
+    Missing keys, unexpected keys and shape mismatches raise a CheckpointError naming them, with
+    `hint()` (say, which --spec would fit) or else a question about the spec as its hint.
     """
     problems = fit_problems(model, state_dict)
     if problems:
         raise CheckpointError(f"the {what} does not fit the model: " + "; ".join(problems),
-                              hint="is this the right --spec for it?")
+                              hint=(hint and hint()) or "is this the right --spec for it?")
     expected = model.state_dict(keep_vars=True)
     state = dict(state_dict)
     for k in expected:

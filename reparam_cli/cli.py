@@ -57,21 +57,23 @@ app = typer.Typer(
          "RepMLP, MobileOne, ...) into their fused deploy form, verified on random inputs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: wraps at the terminal width, no truncation, no <type> column
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-SpecOpt = typer.Option(..., "--spec", "-s", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
-                                                 "a Python file exposing build_model() (file.py\\[:function]), or "
-                                                 "timm:MODEL\\[?arg=value&...] (needs the timm extra).")
+
+SpecOpt = typer.Option(..., "--spec", "-s", metavar="SPEC", help="Model spec: a built-in name (see `reparam specs`), a YAML file, "
+                                                 "a Python file exposing build_model() (file.py[:function]), or "
+                                                 "timm:MODEL[?arg=value&...] (needs the timm extra).")
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout instead of a table on stderr.")
-RtolOpt = typer.Option(None, "--rtol", help="Relative tolerance, scaled by the output's magnitude "
-                                            "\\[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
-AtolOpt = typer.Option(None, "--atol", help="Absolute tolerance added to rtol * max|output| \\[default: 1e-6 for float32].",
+RtolOpt = typer.Option(None, "--rtol", metavar="X", help="Relative tolerance, scaled by the output's magnitude "
+                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
+AtolOpt = typer.Option(None, "--atol", metavar="X", help="Absolute tolerance added to rtol * max|output| [default: 1e-6 for float32].",
                        min=0.0)
-SeedOpt = typer.Option(0, "--seed", help="Seed of the random verification inputs.")
-SamplesOpt = typer.Option(1, "--samples", help="Number of random batches to verify on.", min=1)
-ShapeOpt = typer.Option(None, "--input-shape", help="Verification input shape, e.g. 2,3,64,64 "
-                                                    "\\[default: the spec's input_shape].")
+SeedOpt = typer.Option(0, "--seed", metavar="N", help="Seed of the random verification inputs.")
+SamplesOpt = typer.Option(1, "--samples", metavar="N", help="Number of random batches to verify on.", min=1)
+ShapeOpt = typer.Option(None, "--input-shape", metavar="N,C,H,W", help="Verification input shape, e.g. 2,3,64,64 "
+                                                    "[default: the spec's input_shape].")
 NoVerifyOpt = typer.Option(False, "--no-verify", help="Skip the equivalence check (not recommended).")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Load torch checkpoints with full unpickling. Only for files "
                                                       "you trust: a pickle can run arbitrary code.")
@@ -80,9 +82,9 @@ TrustSpecOpt = typer.Option(False, "--trust-spec", help="Rebuild a deploy file f
                             ".py file). Only for files you trust: it runs that code.")
 EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (state_dict_ema / model_ema / ema) "
                                            "instead of its training weights.")
-DtypeOpt = typer.Option(None, "--dtype", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
-                                              "\\[default: the checkpoint's]. Fusion always runs in float64.")
-FormatOpt = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors, torchscript, pt2 "
+DtypeOpt = typer.Option(None, "--dtype", metavar="DTYPE", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
+                                              "[default: the checkpoint's]. Fusion always runs in float64.")
+FormatOpt = typer.Option("safetensors", "--format", "-f", metavar="FORMAT", help="Output format: safetensors, torchscript, pt2 "
                          "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
 
 DynamicShapesOpt = typer.Option("auto", "--dynamic-shapes", help="Dynamic input dims of pt2 and ONNX files: auto "
@@ -145,7 +147,7 @@ CONVERT_ROWS = [
     ("exported file checked in", "export_runtime"), ("exported vs deploy rel err", "export_max_rel_err"),
     ("dynamic dims", "export_dynamic_dims"), ("computed in", "compute_dtype"),
     ("fused weights' rounding (rel)", "weight_rounding_rel_err"), ("non-finite", "nonfinite"),
-    ("notes", "notes"),
+    ("plot", "plot"), ("notes", "notes"),
 ]
 
 
@@ -235,6 +237,30 @@ def _fail(message: str, as_json: bool) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _precheck(as_json: bool, spec: Optional[str] = None, inputs: tuple = (), extras: tuple = (),
+              folder: Optional[Path] = None) -> None:
+    """Torch-free checks before any work, so bad input is answered in a fraction of a second: the spec
+    reference (unknown names get suggestions), that each input file (or the input folder) exists, and
+    each needed (extra, feature)."""
+
+    def check() -> None:
+        from .errors import CheckpointError, ReparamError
+        from .extras import require_extra
+        from .spec import check_spec_ref
+
+        if spec is not None:
+            check_spec_ref(spec)
+        for path in inputs:
+            if str(path) != "-" and not Path(path).exists():
+                raise CheckpointError(f"checkpoint not found: {path}")
+        if folder is not None and not folder.exists():
+            raise ReparamError(f"input folder not found: {folder}")
+        for extra, feature in extras:
+            require_extra(extra, feature)
+
+    _guarded(check, as_json)
+
+
 def _verify_options(samples: int, seed: int, rtol, atol, input_shape):
     from .pipeline import VerifyOptions
     from .spec import parse_shape
@@ -257,15 +283,27 @@ def _root(
     """Convert, verify and inspect re-parameterizable network checkpoints."""
 
 
-@app.command()
+@app.command(short_help="Write a random training checkpoint of a spec, to try things on.")
 def init(
-    spec: str = typer.Argument(..., help="Model spec: built-in name, YAML file or Python file."),
-    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint to write (.pth or .safetensors)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random weights and BatchNorm statistics."),
+    spec: str = typer.Argument(..., metavar="SPEC", help="Model spec: built-in name, YAML file or Python file."),
+    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Checkpoint to write (.pth or "
+                                ".safetensors)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for the random weights and BatchNorm statistics."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Write a training-form checkpoint with random weights and randomized BatchNorm statistics."""
+    """Write a training-form checkpoint with random weights and randomized BatchNorm statistics.
+
+    The checkpoint goes to -o; a summary goes to stderr (--json: one JSON object on stdout).
+
+    Examples:
+
+    
+      reparam init repvgg-a0 -o a0.pth
+      reparam init my_spec.yaml -o random.safetensors --seed 1
+    """
+
+    _precheck(as_json, spec)
 
     def action(progress):
         from .pipeline import init_checkpoint
@@ -276,12 +314,12 @@ def init(
     _run(action, as_json, "init", [("output", "output"), ("spec", "spec"), ("params", "params"), ("seed", "seed")])
 
 
-@app.command()
+@app.command(short_help="Fuse, verify and write the deploy model of a checkpoint.")
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors), "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors), "
                                                 "or - for stdin."),
     spec: str = SpecOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Deploy file to write, or - for stdout \\[default: "
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Deploy file to write, or - for stdout [default: "
                                           "<input stem>.deploy.safetensors (.pt, .pt2, .onnx) beside the input]."),
     fmt: str = FormatOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -299,36 +337,66 @@ def convert(
     dynamic_shapes: str = DynamicShapesOpt,
     no_graph: bool = NoGraphOpt,
     strict: bool = StrictOpt,
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also draw the per-block errors against the tolerance "
+                                        "to this PNG, even when verification fails (needs the plot extra)."),
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
-    `-` reads the checkpoint from stdin, `-o -` writes the deploy file to stdout (after verification).
+    The deploy file goes to -o (default: beside the input), or to stdout with -o -; `-` reads the
+    checkpoint from stdin. A summary table goes to stderr (--json: one JSON object on stdout).
+    Exit 1 when verification fails (nothing is written), 2 on bad input.
+
+    Examples:
+
+    
+      reparam convert a0.pth --spec repvgg-a0
+      reparam convert a0.pth --spec repvgg-a0 -f onnx -o a0.onnx
+      reparam convert best.pth --spec 'repvgg-a0?num_classes=10'
+      reparam convert a0.pth --spec repvgg-a0 --input-shape 1,3,64,64
+      reparam convert last.pth.tar --spec timm:mobileone_s0 --ema --plot err.png
     """
     _refuse_json_on_stdout(output, as_json)
     sink = sys.stdout.buffer  # the real stdout, for -o - (_guarded points sys.stdout at stderr)
+    if plot is not None and no_verify:
+        _fail("--plot draws the verification's figures: it cannot be combined with --no-verify", as_json)
+    _precheck(as_json, spec, (checkpoint,), ((("onnx", "--format onnx"),) if fmt == "onnx" else ())
+              + ((("plot", "--plot"),) if plot is not None else ()))
 
     def action(progress):
         import contextlib
 
+        from .errors import VerificationFailed
         from .pipes import convert_stdio, is_stdio, stdout_to_stderr
 
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
         with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
-            return convert_stdio(
-                checkpoint, spec, output, stdout=sink, fmt=fmt, verify_output=not no_verify,
-                verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
-                trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
-                dynamic_shapes=dynamic_shapes,
-                graph=not no_graph, strict=strict,
-            )
+            try:
+                report = convert_stdio(
+                    checkpoint, spec, output, stdout=sink, fmt=fmt, verify_output=not no_verify,
+                    verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
+                    trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
+                    dynamic_shapes=dynamic_shapes, graph=not no_graph, strict=strict,
+                )
+            except VerificationFailed as exc:
+                _write_plot(exc.report, plot)  # a failing block is what the plot is for
+                raise
+        _write_plot(report, plot)
+        return report
 
     _run(action, as_json, "convert", CONVERT_ROWS)
 
 
-@app.command()
+def _write_plot(report: dict, plot: Optional[Path]) -> None:
+    if plot is not None:
+        from .plot import write_plot
+
+        report["plot"] = str(write_plot(report, plot))
+
+
+@app.command(short_help="Check a deploy file against its training checkpoint (exit 1 if not equal).")
 def verify(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint."),
-    deployed: Path = typer.Argument(..., help="Deploy file: safetensors written by reparam, TorchScript (.pt), "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint."),
+    deployed: Path = typer.Argument(..., metavar="DEPLOYED", help="Deploy file: safetensors written by reparam, TorchScript (.pt), "
                                               "torch.export (.pt2) or ONNX (.onnx)."),
     spec: str = SpecOpt,
     rtol: Optional[float] = RtolOpt,
@@ -340,7 +408,18 @@ def verify(
     ema: bool = EmaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not)."""
+    """Check that a deploy file computes the same function as a training checkpoint (exit 1 if not).
+
+    The figures go to stderr as a table (--json: one JSON object on stdout); nothing is written.
+
+    Examples:
+
+    
+      reparam verify a0.pth a0.deploy.safetensors --spec repvgg-a0
+      reparam verify a0.pth a0.onnx --spec repvgg-a0 --json
+    """
+    _precheck(as_json, spec, (checkpoint, deployed),
+              (("onnx", "verifying an ONNX file"),) if deployed.suffix == ".onnx" else ())
 
     def action(progress):
         from .errors import VerificationFailed
@@ -356,15 +435,21 @@ def verify(
     _run(action, as_json, "verify", CONVERT_ROWS)
 
 
-@app.command()
+@app.command(short_help="List the built-in model specs (on stdout).")
 def specs(
     as_json: bool = JsonOpt,
     params: bool = typer.Option(True, "--params/--no-params", help="Count parameters before and after conversion "
-                                                                   "(shape-only builds on the meta device; fast)."),
+                                                                   "(models built on the meta device, without data: fast)."),
 ) -> None:
     """List the built-in model specs: name, family, description and parameters before -> after conversion.
 
     The listing is this command's product, so the table goes to stdout (like --json).
+
+    Examples:
+
+    
+      reparam specs
+      reparam specs --json --no-params
     """
     from .pipeline import list_specs
 
@@ -393,23 +478,24 @@ def _refuse_json_on_stdout(output: Optional[Path], as_json: bool) -> None:
         _fail("--json cannot be combined with -o - (stdout carries the deploy file)", as_json=False)
 
 
-@app.command()
+@app.command(short_help="Convert every checkpoint in a folder (parallel, resumable, shardable).")
 def batch(
-    input_dir: Path = typer.Argument(..., help="Folder of training checkpoints."),
+    input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", help="Folder of training checkpoints."),
     spec: str = SpecOpt,
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for the deploy files (the input "
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", metavar="DIR", help="Folder for the deploy files (the input "
                                     "layout is mirrored) and manifest.jsonl; created if missing."),
-    pattern: Optional[list[str]] = typer.Option(None, "--pattern", "-p", help="File-name glob to convert, repeatable "
+    pattern: Optional[list[str]] = typer.Option(None, "--pattern", "-p", metavar="GLOB", help="File-name glob to convert, repeatable "
                                                 "(a glob with / matches the relative path); "
                                                 "default: *.pth *.pt *.ckpt *.safetensors *.bin."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also convert checkpoints in subfolders."),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=0, help="Conversions in parallel (processes); 0: one per core."),
-    fmt: str = typer.Option("safetensors", "--format", "-f", help="Output format: safetensors or torchscript."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=0, metavar="N", help="Conversions in parallel (processes); 0: one per core."),
+    fmt: str = typer.Option("safetensors", "--format", "-f", metavar="FORMAT", help="Output format: safetensors, "
+                            "torchscript, pt2 (torch.export) or onnx (needs the onnx extra)."),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs the manifest records as converted from the same "
                                 "bytes (sha256) whose output is unchanged; reconvert the rest, replacing stale outputs."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="Convert only shard K of N (K from 0), e.g. "
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N", help="Convert only shard K of N (K from 0), e.g. "
                                         "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; shards partition "
-                                        "the inputs and write manifest.shard-K-of-N.jsonl."),
+                                        "the inputs, and each writes its own manifest file."),
     no_verify: bool = NoVerifyOpt,
     rtol: Optional[float] = RtolOpt,
     atol: Optional[float] = AtolOpt,
@@ -422,7 +508,18 @@ def batch(
     dynamic_shapes: str = DynamicShapesOpt,
 ) -> None:
     """Convert every checkpoint in a folder (in parallel, resumable, shardable), keeping going past
-    failures. Exit 0 when all were converted or skipped, 1 when any failed."""
+    failures. Exit 0 when all were converted or skipped, 1 when any failed.
+
+    Deploy files and manifest.jsonl go to -o DIR (the input layout mirrored); progress and one line
+    per file go to stderr (--json: one summary object on stdout).
+
+    Examples:
+
+    
+      reparam batch runs/ --spec repvgg-a0 -o deploy/ --recursive --jobs 4
+      reparam batch runs/ --spec repvgg-a0 -o deploy/ -r --resume --shard 0/8
+    """
+    _precheck(as_json, spec, extras=(("onnx", "--format onnx"),) if fmt == "onnx" else (), folder=input_dir)
     console = _stderr()
     reporter = None
 
@@ -500,17 +597,29 @@ def _inspect_tables(report: dict) -> None:
             console.print(table)
 
 
-@app.command()
+@app.command(short_help="Show what a checkpoint holds and what converting it would do.")
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint or deploy file (torch or safetensors), or - for stdin."),
-    spec: Optional[str] = typer.Option(None, "--spec", "-s", help="Model spec: also list the re-parameterizable "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint or deploy file (torch or safetensors), or - for stdin."),
+    spec: Optional[str] = typer.Option(None, "--spec", "-s", metavar="SPEC", help="Model spec: also list the re-parameterizable "
                                        "blocks and the parameters before/after (nothing is computed or written)."),
     trust_pickle: bool = TrustOpt,
     trust_spec: bool = TrustSpecOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Show what a checkpoint holds (format, dtypes, tensors, parameters) and, with --spec, what
-    converting it would do. A reparam deploy file is recognised and its stored spec used."""
+    converting it would do. A reparam deploy file is recognised and its stored spec used.
+
+    Shape-only: nothing is computed or written. The tables go to stderr (--json: one JSON object
+    on stdout).
+
+    Examples:
+
+    
+      reparam inspect a0.pth --spec repvgg-a0
+      reparam inspect a0.deploy.safetensors --json
+    """
+
+    _precheck(as_json, spec, (checkpoint,))
 
     def action() -> dict:
         from .inspection import inspect_checkpoint

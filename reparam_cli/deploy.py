@@ -113,8 +113,10 @@ class OnnxModule(nn.Module):
         try:
             import onnxruntime as ort
         except ImportError:
+            from .extras import install_hint
+
             raise CheckpointError("reading ONNX files needs onnxruntime, which is not installed",
-                                  hint="pip install 'reparam-cli[onnx]'") from None
+                                  hint=install_hint("onnx")) from None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
@@ -318,7 +320,7 @@ def compare_exported(path: str | Path, fmt: str, deploy: nn.Module, x: Tensor | 
     holds NaN/Inf; "nonfinite" then says where): ok when max |exported - deploy| <= atol + rtol * max|deploy|.
     The deploy module runs as verification runs it (float32 for float16/bfloat16 weights).
     """
-    from .verify import _first_tensor, compare_outputs, run_model
+    from .verification import _first_tensor, compare_outputs, run_model
 
     args = x if isinstance(x, tuple) else (x,)
     if fmt == "onnx" and any(a.dtype == torch.bfloat16 for a in args):

@@ -254,8 +254,10 @@ def _require_onnx() -> None:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
+        from .extras import install_hint
+
         raise OutputError(f"ONNX export needs the onnx extra ({exc.name} is not installed)",
-                          hint="pip install 'reparam-cli[onnx]'") from None
+                          hint=install_hint("onnx")) from None
 
 
 def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,

@@ -159,7 +159,7 @@ def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
     """Trace `module`, leaving it as found: a forward that fills a cache or sets an attribute
     (`self.cache[k] = ...`, `self.anchors = ...`) would otherwise keep proxies from the trace, in
     containers the deploy model shares with the training model."""
-    from .verify import AttributeSnapshot
+    from .verification import AttributeSnapshot
 
     snapshot = AttributeSnapshot(module)
     try:

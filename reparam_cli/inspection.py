@@ -6,10 +6,13 @@ device and converted shape-only, so inspecting even a big model is instant and w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import tempfile
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -46,6 +49,44 @@ def _safetensors_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"cannot read {path} as safetensors: bad header ({type(exc).__name__})") from None
     return tensors, metadata
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's zip format (mmap works for it; legacy pickles must be read)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+@contextlib.contextmanager
+def _shape_only_torch() -> Iterator[None]:
+    """Let elementwise ops on `meta` tensors run without importing torch._dynamo (1.5-2.5 s).
+
+    torch implements them in Python (torch._refs), each wrapped in `torch._disable_dynamo`, whose
+    first call imports torch._dynamo only to mark the function as not-to-be-traced. Nothing is traced
+    here, so while shape-only conversion runs a stand-in module answers `disable(fn) -> fn`; on the
+    way out the stand-in and the marks it left are removed, so a later real import works as usual.
+    """
+    marked: list[Any] = []
+
+    def disable(fn, recursive=True, wrapping=True):
+        marked.append(fn)
+        return fn
+
+    dynamo = types.ModuleType("torch._dynamo")
+    dynamo.disable = disable
+    stand_ins = {m.__name__: m for m in (dynamo,) if m.__name__ not in sys.modules}
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+        if vars(torch).get("_dynamo") is dynamo:  # (getattr would import the real one)
+            delattr(torch, "_dynamo")
+        for fn in marked:
+            with contextlib.suppress(AttributeError):
+                del fn.__dynamo_disable
 
 
 def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = None, *, trust_pickle: bool = False,
@@ -87,7 +128,7 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
         raw, header_meta = _safetensors_header(path)
         reparam_meta = decode_metadata(header_meta)
     else:
-        raw = read_raw(path, trust_pickle)
+        raw = read_raw(path, trust_pickle, mmap=_is_zip(path))  # only shapes are needed: map, do not read
     deploy_file = is_deploy_metadata(reparam_meta)
     spec = _spec(spec) if spec is not None else None
     if spec is None and deploy_file:
@@ -122,14 +163,15 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     # Only shapes matter: meta tensors keep the fit check and the conversion free of real work.
     shapes = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
     train = spec.build(device="meta").eval()
-    if deploy_file:
-        from .deploy import deploy_file_options
+    with _shape_only_torch():
+        if deploy_file:
+            from .deploy import deploy_file_options
 
-        deploy, conv = reparameterize(train, **deploy_file_options(path))
-        load_into(deploy, shapes, what="deploy file")
-    else:
-        train = load_into(train, shapes)
-        deploy, conv = reparameterize(train)
+            deploy, conv = reparameterize(train, **deploy_file_options(path))
+            load_into(deploy, shapes, what="deploy file")
+        else:
+            train = load_into(train, shapes)
+            deploy, conv = reparameterize(train)
     from .pipeline import completeness_dict
 
     report.update({

@@ -29,8 +29,8 @@ from .deploy import (compare_exported, conversion_options, deploy_file_options, 
                      load_deployed_any, read_metadata, stored_spec, stored_spec_data)
 from .export import (DTYPES, DYNAMIC_SHAPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors,
                      write_state_safetensors, write_torchscript)
-from .spec import ModelSpec, is_checkpoint_spec, load_spec
-from .verify import (LOW_PRECISION, PassFailed, VerifyResult, compare_models, make_call, model_dtype,
+from .spec import ModelSpec, is_checkpoint_spec, layout_hint, load_spec
+from .verification import (LOW_PRECISION, PassFailed, VerifyResult, compare_models, make_call, model_dtype,
                      overflow_message, verify)
 
 Progress = Callable[[str], None]
@@ -96,7 +96,7 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
     ckpt.notes.extend(n for n in spec.notes if n not in ckpt.notes)  # e.g. "built on cpu: ..."
     if fit_problems(model, ckpt.state):
         _refuse_deploy_form(raw, checkpoint, spec, ema)
-    return load_into(model, ckpt.state).eval(), ckpt
+    return load_into(model, ckpt.state, hint=lambda: layout_hint(ckpt.state, model, spec)).eval(), ckpt
 
 
 def _pickled_model(checkpoint: Path, trust_pickle: bool, ema: bool) -> tuple[nn.Module, Checkpoint]:
@@ -165,12 +165,12 @@ def finite_figures(report: dict) -> dict:
     appeared). Returns the report."""
     found: dict[str, str] = dict(report.get("nonfinite_values") or {})
 
-    def walk(d: dict, prefix: str) -> None:
-        for key, value in d.items():
+    def walk(d: dict | list, prefix: str) -> None:
+        for key, value in (d.items() if isinstance(d, dict) else enumerate(d)):
             if isinstance(value, float) and not math.isfinite(value):
-                found[prefix + key] = "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
+                found[f"{prefix}{key}"] = "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
                 d[key] = None
-            elif isinstance(value, dict) and key != "nonfinite_values":
+            elif isinstance(value, (dict, list)) and key != "nonfinite_values":
                 walk(value, f"{prefix}{key}.")
 
     walk(report, "")
@@ -219,6 +219,23 @@ def _pass_error(exc: PassFailed, shape: tuple[int, ...]) -> ReparamError:
     else:
         hint = "the training model runs but the fused one fails: please report this with the spec"
     return ReparamError(f"{exc.stage} failed on verification input {shape}: {exc.detail}", hint=hint)
+
+
+def save_deploy(path: str | Path, deploy: nn.Module, spec: ModelSpec | str, result: VerifyResult | None = None) -> Path:
+    """Write an in-memory deploy model (from `reparameterize`) as a reparam safetensors deploy file,
+    atomically, with the spec (so `load_deploy(path)` rebuilds it) and `result`'s figures (from
+    `verify`; None records it as not verified) in its metadata. Returns the path."""
+    spec = _spec(spec)
+    metadata = {"version": __version__, "spec": spec.to_json(), "source": "",
+                "dtype": str(model_dtype(deploy)).removeprefix("torch."), "verification": _verification_dict(result)}
+    write_safetensors(path, deploy, metadata)
+    return Path(path)
+
+
+def _block_errors(result: VerifyResult | None) -> list[dict]:
+    """Every verified block's figures, in model order (for --plot and --json)."""
+    return [{"path": b.path, "type": b.block_type, "max_rel_err": b.max_rel_err, "ok": b.ok}
+            for b in (result.blocks if result else [])]
 
 
 def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: ConversionReport | None,
@@ -326,6 +343,7 @@ def convert_checkpoint(
         "flops_before": result.flops_train if result else None,
         "flops_after": result.flops_deploy if result else None,
         **_verification_dict(result),
+        "block_errors": _block_errors(result),
     }
     notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
     if notes:
@@ -406,7 +424,7 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
 
         write_safetensors(output, deploy, metadata, check=check_safetensors if result is not None else None)
         return
-    from .verify import cast_floating
+    from .verification import cast_floating
 
     args, kwargs = cast_floating(call64, dtype)
     if kwargs:

@@ -2,7 +2,8 @@
 
 A spec reference (`--spec`) is one of:
 
-* a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`),
+* a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`), or a YAML file, optionally
+  with builder arguments as a query: `repvgg-a0?num_classes=10`,
 * a path to a YAML file,
 * a Python file `spec.py` exposing `build_model()`, or `spec.py:function`,
 * `ultralytics:<yaml>` (e.g. `ultralytics:yolov8n.yaml?nc=3`) and other library prefixes: the
@@ -26,7 +27,7 @@ shape and optional checkpoint options:
 
 A Python spec may also define `INPUT_SHAPE`, `CHECKPOINT` (a dict like the YAML key) and
 `make_inputs(shape, generator, dtype)`, the verification input hook (YAML: `inputs: module:function`):
-it returns a tensor, a tuple of positional arguments, or `(args, kwargs)` (see `reparam_cli.verify`).
+it returns a tensor, a tuple of positional arguments, or `(args, kwargs)` (see `reparam_cli.verification`).
 
 Models are built on the `meta` device where possible (no memory, no random initialisation); a
 builder whose construction runs real computation (ultralytics probes its strides with a forward
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import SpecError
+from .errors import ReparamError, SpecError
 
 SPECS_DIR = Path(os.environ.get("REPARAM_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -66,7 +67,7 @@ class ModelSpec:
     description: str = ""
     source: str = ""  # where it came from: built-in name, file path
     # Verification input hook, 'module:function' or '/path/spec.py:function' (empty: one N(0,1) tensor
-    # of input_shape); called as make_inputs(shape, generator, dtype), see reparam_cli.verify.
+    # of input_shape); called as make_inputs(shape, generator, dtype), see reparam_cli.verification.
     inputs: str = ""
     notes: list[str] = field(default_factory=list, compare=False)  # what building it took (not stored)
 
@@ -110,6 +111,11 @@ class ModelSpec:
             raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
         except SystemExit as exc:  # the builder is user code: exiting is an error, not the end of reparam
             raise SpecError(f"spec {self.name!r}: builder {self.builder} called sys.exit({exc.code!r})") from None
+        except ReparamError:
+            raise
+        except Exception as exc:  # user code: one line, not a traceback
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            raise SpecError(f"spec {self.name!r}: builder {self.builder} failed: {type(exc).__name__}: {detail}") from None
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -182,19 +188,76 @@ def load_spec(ref: str) -> ModelSpec:
     py_path, _, func = ref.partition(".py:")
     if ref.endswith(".py") or func:
         return _python_spec(Path(f"{py_path}.py" if func else ref), func or "build_model")
-    path = Path(ref)
+    base, _, query = ref.partition("?")
+    args = parse_query(query, ref)
+    path = Path(base)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise SpecError(f"spec file not found: {ref}")
-        return _yaml_spec(path, source=str(path.resolve()))
-    builtin = SPECS_DIR / f"{ref}.yaml"
-    if builtin.is_file():
-        return _yaml_spec(builtin, source=ref)
-    close = [n for n in builtin_names() if ref.lower() in n or n in ref.lower()][:5]
-    raise SpecError(
-        f"unknown spec {ref!r}",
-        hint=f"did you mean {', '.join(close)}?" if close else "run `reparam specs` to list the built-in specs",
-    )
+            raise SpecError(f"spec file not found: {base}")
+        spec = _yaml_spec(path, source=str(path.resolve()))
+    else:
+        check_spec_ref(ref)  # unknown names: suggestions
+        spec = _yaml_spec(SPECS_DIR / f"{base}.yaml", source=base)
+    if args:  # `repvgg-a0?num_classes=10`: override the builder's keyword arguments
+        spec.args = {**spec.args, **args}
+        spec.name, spec.source = f"{spec.name}?{query}", f"{spec.source}?{query}"
+    return spec
+
+
+# Spec references other than built-in names that need no file: load_spec (or an ecosystem) resolves them.
+_NAMED_REFS = {"checkpoint"}
+
+
+def check_spec_ref(ref: str) -> None:
+    """Torch-free check of a `--spec` reference, done before any work: a spec file that does not exist,
+    an unknown built-in name (with the closest names, and `timm:<name>` when it looks like a timm
+    model) or a timm spec without timm raise SpecError. References it cannot judge pass."""
+    base = ref.partition("?")[0]
+    if ref.startswith(TIMM_PREFIX):
+        from .extras import require_extra
+
+        require_extra("timm", f"spec {ref.partition('?')[0]!r}")
+        return
+    py_path, _, func = ref.partition(".py:")
+    if ref.endswith(".py") or func:
+        path = Path(f"{py_path}.py" if func else ref)
+        if not path.is_file():
+            raise SpecError(f"spec file not found: {path}")
+        return
+    prefix, colon, _ = base.partition(":")
+    if colon and prefix.isidentifier():  # a library's spec, `ultralytics:yolov8n.yaml`
+        from .extras import EXTRAS, require_extra
+
+        if prefix in EXTRAS:
+            require_extra(prefix, f"spec {base!r}")
+        return
+    if Path(base).suffix in (".yaml", ".yml"):
+        if not Path(base).is_file():
+            raise SpecError(f"spec file not found: {base}")
+        return
+    if ":" in base or base in _NAMED_REFS or (SPECS_DIR / f"{base}.yaml").is_file():
+        return  # an ecosystem prefix (resolved by load_spec) or a built-in
+    raise SpecError(f"unknown spec {base!r}", hint=suggest_spec_names(base))
+
+
+def suggest_spec_names(name: str) -> str:
+    """What to try instead of an unknown spec name: the closest built-in names, and `timm:<name>`
+    when the name is spelled like a timm model (lower case words joined by underscores)."""
+    import difflib
+    import re
+
+    names = builtin_names()
+    key = name.lower().replace("_", "-")
+    close = [n for n in names if n == key]  # repvgg_a0 -> repvgg-a0 alone
+    if not close:
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+        close += [n for n in names if (key in n or n in key) and n not in close]
+    options = [f"--spec {n}" for n in close[:3]]
+    if re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9.]+)+", name):
+        options.append(f"--spec timm:{name}")
+    if options:
+        return f"did you mean {', '.join(options)}? `reparam specs` lists the built-in specs"
+    return "run `reparam specs` to list the built-in specs, or pass a YAML or Python spec file"
 
 
 def _yaml_spec(path: Path, source: str) -> ModelSpec:
@@ -298,8 +361,10 @@ def _import_timm():
     try:
         import timm
     except ImportError as exc:
+        from .extras import install_hint
+
         raise SpecError(f"timm specs need the timm package, which cannot be imported ({exc})",
-                        hint="pip install 'reparam-cli[timm]'") from None
+                        hint=install_hint("timm")) from None
     return timm
 
 
@@ -453,3 +518,86 @@ def check_stored_spec(spec: ModelSpec, trust: bool = False) -> ModelSpec:
                              "(trust_spec=True) if you trust this file")
     # A stored verification-input hook names code too; rebuilding never needs it.
     return replace(spec, inputs="") if spec.inputs else spec
+
+
+# --------------------------------------------------------------------------- key layouts
+
+_ULTRALYTICS_KEY = r"model\.\d+\."
+_TIMM_KEYS = ("stem.conv_kxk", "head.fc.", "stages.0.0.conv_kxk")  # timm's byobnet (RepVGG, MobileOne)
+_REFERENCE_FAMILIES = {"rbr_dense": "repvgg", "rbr_conv": "mobileone", "square_conv": "resnet18-acb",
+                       "dbb_origin": "dbb"}
+
+
+def layout_hint(state: dict[str, Any], model: Any, spec: ModelSpec) -> str | None:
+    """When a checkpoint's keys do not fit `model` (built from `spec`), what would fit, if it can be told
+    from the key names and shapes: an ultralytics or timm layout (-> that --spec), the papers'
+    reference layout (-> the built-in spec that fits), or the same model with another number of
+    classes (-> `?num_classes=N`). None when nothing better than "check the --spec" can be said."""
+    import re
+
+    keys = list(state)
+    if not keys:
+        return None
+    if sum(bool(re.match(_ULTRALYTICS_KEY, k)) for k in keys) > len(keys) / 2:
+        return ("its keys (model.N.*) look like an ultralytics model: use --spec ultralytics:<model>.yaml "
+                "(e.g. ultralytics:yolov8n.yaml), or --trust-pickle --spec checkpoint for a best.pt")
+    shapes = {k: tuple(getattr(t, "shape", ())) for k, t in state.items()}
+    classes = _num_classes_hint(shapes, model, spec)
+    if classes:
+        return classes
+    if any(k.startswith(_TIMM_KEYS) for k in keys) and not spec.name.startswith(TIMM_PREFIX):
+        name = spec.name.partition("?")[0].replace("-", "_") if spec.source.partition("?")[0] in builtin_names() \
+            else "<model_name>"
+        return f"its keys (stem.conv_kxk, stages.N, head.fc) look like a timm model: use --spec timm:{name}"
+    for marker, family in _REFERENCE_FAMILIES.items():
+        if any(f".{marker}." in f".{k}" for k in keys):
+            fits = _fitting_builtins(shapes, family)
+            if fits:
+                return f"its keys fit the built-in spec: use --spec {fits}"
+            return (f"its keys ({marker}) look like the {family} reference code: pick the built-in {family} spec "
+                    "of its size (`reparam specs` lists them)")
+    return None
+
+
+def _classifier_change(shapes: dict[str, tuple], expected: dict[str, tuple]) -> int | None:
+    """The checkpoint's number of classes when it differs from the model's only in the last layer's outputs."""
+    if set(shapes) - set(expected) or {k for k in set(expected) - set(shapes) if not k.endswith("num_batches_tracked")}:
+        return None
+    differ = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    last = [k for k in expected if k.endswith((".weight", ".bias"))][-2:]
+    if not differ or not set(differ) <= set(last) or any(not shapes[k] for k in differ):
+        return None
+    counts = {shapes[k][0] for k in differ}
+    return counts.pop() if len(counts) == 1 and all(shapes[k][1:] == expected[k][1:] for k in differ) else None
+
+
+def _num_classes_hint(shapes: dict[str, tuple], model: Any, spec: ModelSpec) -> str | None:
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    n = _classifier_change(shapes, expected)
+    if n is None:
+        return None
+    if spec.builder.endswith(".py:" + spec.builder.rpartition(":")[2]) and spec.source == spec.builder:
+        return f"its classifier has {n} outputs: build the model in your spec with {n} classes"
+    ref = spec.source if spec.source.partition("?")[0] in builtin_names() or spec.source.startswith(TIMM_PREFIX) \
+        else spec.source or spec.name
+    sep = "&" if "?" in ref else "?"
+    return f"its classifier has {n} outputs: use --spec '{ref}{sep}num_classes={n}'"
+
+
+def _fitting_builtins(shapes: dict[str, tuple], family: str) -> str | None:
+    """The built-in spec of `family` whose training model the keys fit (with ?num_classes=N if needed)."""
+    for name in builtin_names():
+        if not name.startswith(family) and family not in name:
+            continue
+        try:
+            model = load_spec(name).build(device="meta")
+        except Exception:  # a broken builder is not the user's problem here
+            continue
+        expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+        missing = {k for k in set(expected) - set(shapes) if not k.endswith("num_batches_tracked")}
+        if not missing and set(shapes) <= set(expected) and all(shapes[k] == expected[k] for k in shapes):
+            return name
+        n = _classifier_change(shapes, expected)
+        if n is not None:
+            return f"'{name}?num_classes={n}'"
+    return None

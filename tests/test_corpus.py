@@ -155,7 +155,7 @@ CLI_CASES = [
     ("convert-rtol-negative", "convert {in}/t.pth -s {in}/tiny.yaml --rtol -1", 2, "--rtol"),
     ("convert-unknown-option", "convert {in}/t.pth -s {in}/tiny.yaml --frobnicate", 2, "--frobnicate"),
     ("convert-no-spec", "convert {in}/t.pth", 2, "--spec"),
-    ("convert-no-args", "convert", 2, "checkpoint"),
+    ("convert-no-args", "convert", 2, "CHECKPOINT"),
     ("convert-output-exists", "convert {in}/t.pth -s {in}/tiny.yaml -o {in}/exists.safetensors", 2,
      "already exists"),
     ("convert-output-is-dir", "convert {in}/t.pth -s {in}/tiny.yaml -o {in}/empty_dir --overwrite", 2,

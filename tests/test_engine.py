@@ -94,7 +94,7 @@ def test_flops_count_conv_like_blocks_and_verification_reports_them():
     """Hook-based counts: a RefConv convolves with a computed kernel and still counts as a conv."""
     from reparam_cli.blocks.refconv import RefConv
     from reparam_cli.stats import count_flops
-    from reparam_cli.verify import verify
+    from reparam_cli.verification import verify
 
     block = RefConv(4, 4, 3, groups=4).eval()
     deploy, _ = reparameterize(block)

@@ -12,7 +12,7 @@ from reparam_cli.blocks.repvgg import RepVGGBlock
 from reparam_cli.engine import reparameterize
 from reparam_cli.errors import ReparamError
 from reparam_cli.native import native_method
-from reparam_cli.verify import verify
+from reparam_cli.verification import verify
 
 from .helpers import randomized
 

@@ -17,7 +17,7 @@ from reparam_cli.engine import reparameterize
 from reparam_cli.errors import ReparamError, VerificationFailed
 from reparam_cli.pipeline import convert_checkpoint
 from reparam_cli.spec import ModelSpec, load_spec
-from reparam_cli.verify import AttributeSnapshot, unit_roundoff, verify
+from reparam_cli.verification import AttributeSnapshot, unit_roundoff, verify
 
 from .helpers import randomized, run_cli
 

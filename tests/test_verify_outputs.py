@@ -7,7 +7,7 @@ from torch import nn
 
 from reparam_cli.blocks.repvgg import RepVGGBlock
 from reparam_cli.engine import reparameterize
-from reparam_cli.verify import tensor_leaves, verify
+from reparam_cli.verification import tensor_leaves, verify
 
 from .helpers import randomized
 

@@ -59,8 +59,10 @@ def spec_for(ref: str):
             try:
                 eco = import_module(ours)
             except ImportError as exc:
+                from ..extras import install_hint
+
                 raise SpecError(f"spec {ref!r} needs the {package} package, which cannot be imported ({exc})",
-                                hint=f"pip install 'reparam-cli[{package}]'") from None
+                                hint=install_hint(package)) from None
             return eco.spec(ref)
     return None
 
