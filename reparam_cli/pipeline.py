@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, fit_problems, load_into, read_raw,
-                         sha256_file)
+from .checkpoint import (AlreadyDeployed, Checkpoint, check_checkpoint_file, extract_checkpoint, fit_problems,
+                         load_into, read_raw, sha256_file)
 from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
@@ -121,12 +121,11 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
 
 
 def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
+    from .safeio import check_output_target
+
     if output.resolve() == checkpoint.resolve():
         raise OutputError(f"refusing to write the output over its input {checkpoint}", hint="pass another -o")
-    if output.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists", hint="pass --overwrite to replace it")
-    if output.is_dir():
-        raise OutputError(f"output {output} is a directory")
+    check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
 
 
 def _verification_dict(result: VerifyResult | None) -> dict:
@@ -191,7 +190,9 @@ def convert_checkpoint(
     _check_output(checkpoint, output, overwrite)
     opts = verify_options or VerifyOptions()
 
-    # The input's checksum (for the metadata) is computed on the other core while we fuse.
+    # The input's checksum (for the metadata) is computed on the other core while we fuse, once its
+    # first bytes show a checkpoint (a hash must not run away on /dev/zero or a huge sparse file).
+    check_checkpoint_file(checkpoint)
     hasher = ThreadPoolExecutor(max_workers=1)
     source_sha256 = hasher.submit(sha256_file, checkpoint) if fmt == "safetensors" else None
     hasher.shutdown(wait=False)
@@ -236,7 +237,7 @@ def convert_checkpoint(
         metadata["source_sha256"] = source_sha256.result()
     if linear_as_conv:
         metadata["options"] = conversion_options(linear_as_conv)
-    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata)
+    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, overwrite=overwrite)
     return report
 
 
@@ -246,12 +247,12 @@ def _native_blocks(conv_report: ConversionReport) -> list[str]:
 
 
 def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
-                 result: VerifyResult | None, report: dict, metadata: dict) -> None:
+                 result: VerifyResult | None, report: dict, metadata: dict, overwrite: bool = False) -> None:
     """Write `deploy` in `fmt` atomically. When verification ran, an exported file (TorchScript, pt2,
     ONNX) is first loaded back with its runtime and compared with the deploy model on the verification
     input: its figures go into `report`, and a mismatch raises VerificationFailed with nothing written."""
     if fmt == "safetensors":
-        write_safetensors(output, deploy, metadata)
+        write_safetensors(output, deploy, metadata, overwrite=overwrite)
         return
     dtype = model_dtype(deploy)
     shape = tuple(opts.input_shape or spec.input_shape)
@@ -266,7 +267,7 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                                      "nothing was written", report)
 
     writer = {"torchscript": write_torchscript, "pt2": write_pt2, "onnx": write_onnx}[fmt]
-    writer(output, deploy, example, check=check if result is not None else None)
+    writer(output, deploy, example, check=check if result is not None else None, overwrite=overwrite)
 
 
 def verify_checkpoint(
@@ -326,20 +327,21 @@ def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0,
     """Write a training checkpoint with random weights and randomized BatchNorm statistics."""
     spec = _spec(spec)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists", hint="pass --overwrite to replace it")
+    from .safeio import check_output_target
+
+    check_output_target(output, overwrite)
     torch.manual_seed(seed)
     model = spec.build()
     with torch.no_grad():
         randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if output.suffix == ".safetensors":
-        write_state_safetensors(output, state)
+        write_state_safetensors(output, state, overwrite=overwrite)
     else:
-        from .export import atomic_output
+        from .safeio import atomic_output, guarded_writer
 
-        with atomic_output(output) as tmp:
-            torch.save(state, tmp)
+        with atomic_output(output, overwrite) as tmp, guarded_writer(tmp) as f:
+            torch.save(state, f)
     return {"ok": True, "output": str(output), "spec": spec.name, "params": count_parameters(model),
             "tensors": len(state), "seed": seed}
 
