@@ -7,6 +7,7 @@ torch is imported only inside commands, so `reparam --help` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from ._version import __version__
+from .signals import Interrupted, interrupts_as_exceptions
 
 app = typer.Typer(
     name="reparam",
@@ -112,8 +114,8 @@ def _guarded(action: Callable[[], Any], as_json: bool) -> Any:
         return action()
     except ReparamError as exc:
         _fail(str(exc), as_json)
-    except KeyboardInterrupt:
-        _fail("interrupted", as_json)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        _interrupted(exc, as_json)
     except typer.Exit:
         raise
     except Exception as exc:
@@ -158,6 +160,18 @@ def _run(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: 
     else:
         _summary(title, report, rows)
     raise typer.Exit(code)
+
+
+def _interrupted(exc: BaseException, as_json: bool = False) -> None:
+    """A signal stopped the command (cleanup has run): one line, exit 128 + the signal (130 for Ctrl-C)."""
+    import signal
+
+    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    message = f"interrupted by {signal.Signals(signum).name} (no partial output is left behind)"
+    typer.echo(f"error: {message}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "error": message}))
+    raise typer.Exit(128 + signum)
 
 
 def _fail(message: str, as_json: bool) -> None:
@@ -445,10 +459,17 @@ def main() -> None:
     # page-fault cost of each allocation 2-3x (read by torch's CPU allocator, so set before import).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
-        app()
+        # SIGTERM (job schedulers) and SIGHUP (a closed terminal) stop a command as Ctrl-C does:
+        # temporaries removed, exit 128 + signal with one line (see signals.py).
+        with interrupts_as_exceptions():
+            app()
     except BrokenPipeError:  # e.g. `reparam ... --json | head`
         sys.stderr.close()
         sys.exit(EXIT_BAD_INPUT)
+    except Interrupted as exc:  # a signal outside a command's guard (while starting up)
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":
