@@ -7,7 +7,6 @@ device and converted shape-only, so inspecting even a big model is instant and w
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from .checkpoint import extract_state_dict, load_into, read_raw
 from .engine import count_parameters, reparameterize
 from .errors import ReparamError
-from .pipes import is_stdio, sniff_format, spool_stdin
+from .pipes import is_stdio, sniff_format, spooled_stdin
 from .pipeline import Progress, _noop, _spec
 from .spec import ModelSpec
 
@@ -62,8 +61,7 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     from .metadata import decode_metadata, is_deploy_metadata
 
     if is_stdio(checkpoint):
-        with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:
-            source = spool_stdin(Path(tmp), stdin)
+        with spooled_stdin(stdin) as source:  # unnamed: nothing left in $TMPDIR, even after SIGKILL
             try:
                 report = inspect_checkpoint(source, spec, trust_pickle=trust_pickle, progress=progress)
             except ReparamError as exc:

@@ -61,7 +61,10 @@ def load_training_model(checkpoint: str | Path, spec: ModelSpec, trust_pickle: b
 
 def _refuse_reparam_deploy_file(checkpoint: Path) -> None:
     """A safetensors file carrying reparam's deploy metadata is a deploy file, not a training checkpoint."""
-    if checkpoint.suffix != ".safetensors" or not checkpoint.is_file():
+    from .checkpoint import _looks_like_safetensors
+
+    # By content, not only by suffix: a checkpoint piped to stdin is read as /proc/self/fd/N.
+    if not checkpoint.is_file() or not (checkpoint.suffix == ".safetensors" or _looks_like_safetensors(checkpoint)):
         return
     try:
         meta = read_metadata(checkpoint)
@@ -170,6 +173,7 @@ def convert_checkpoint(
     linear_as_conv: bool = False,
     dtype: str | None = None,
     ema: bool = False,
+    source_name: str | None = None,
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
     when the fused model does not match, ReparamError on bad input.
@@ -231,7 +235,7 @@ def convert_checkpoint(
         raise VerificationFailed("the deploy model does not match the training model; nothing was written", report)
 
     progress(f"writing {fmt}")
-    metadata = {"version": __version__, "spec": spec.to_json(), "source": checkpoint.name,
+    metadata = {"version": __version__, "spec": spec.to_json(), "source": source_name or checkpoint.name,
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()

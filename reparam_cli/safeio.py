@@ -43,6 +43,7 @@ _RENAME_NOREPLACE = 1
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
 _TEMP = re.compile(r"^\..*\.reparam-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp")
 _LIVE: set[Path] = set()  # named temporaries this process is writing (removed by signal handlers)
+_HELD: dict[Path, "HeldOutput"] = {}  # outputs kept unnamed and open for streaming (stdout)
 
 
 def _libc():
@@ -202,8 +203,59 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
+def _sync(fd: int | None, tmp: Path) -> None:
+    """Flush the finished file to the disk before it gets its name: a power cut then leaves either
+    no output or a whole one, never a named empty file."""
+    if fd is not None:
+        os.fsync(fd)
+        return
+    sync_fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(sync_fd)
+    finally:
+        os.close(sync_fd)
+
+
+class HeldOutput:
+    """An output that never gets a name (for `-o -`): `atomic_output(held.path)` writes it as usual
+    (unnamed, in $TMPDIR) but instead of publishing it keeps it open here; `copy_to` then streams it,
+    and `close` (or the end of the process, even by SIGKILL) frees it."""
+
+    def __init__(self, suffix: str = ""):
+        import tempfile
+
+        self.path = Path(tempfile.gettempdir()) / f".reparam-held-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+        self.fd: int | None = None
+        _HELD[self.path] = self
+
+    def copy_to(self, stream: BinaryIO) -> None:
+        if self.fd is None:
+            raise OutputError("no output was written")
+        offset = 0
+        while chunk := os.pread(self.fd, 1 << 20, offset):
+            stream.write(chunk)
+            offset += len(chunk)
+        stream.flush()
+
+    def close(self) -> None:
+        _HELD.pop(self.path, None)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "HeldOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _publish(fd: int | None, tmp: Path, path: Path, overwrite: bool) -> None:
-    """Give the finished file (unnamed `fd`, or named `tmp`) the name `path`."""
+    """Give the finished file (unnamed `fd`, or named `tmp`) the name `path` (or hold it, see HeldOutput)."""
+    held = _HELD.get(path)
+    if held is not None:
+        held.fd = os.dup(fd) if fd is not None else os.open(tmp, os.O_RDONLY)
+        return
     if fd is None:
         if overwrite:
             os.replace(tmp, path)
@@ -253,6 +305,7 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         except OSError as exc:
             raise write_error(exc, path) from None
         try:
+            _sync(fd, tmp)
             _publish(fd, tmp, path, overwrite)
         except FileExistsError:
             raise OutputError(f"output {path} already exists (it appeared while this run was writing)",
