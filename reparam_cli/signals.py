@@ -6,12 +6,14 @@ temporaries removed, the batch manifest closed) and the CLI exits with 128 + the
 (130, 143, 129) and one line on stderr. `Interrupted` derives from BaseException, like
 KeyboardInterrupt: `except Exception` does not swallow it. Further signals are ignored while the
 process cleans up, so a second Ctrl-C cannot cut the cleanup short (SIGKILL still can; outputs are
-written so that even it leaves nothing behind, see `safeio.py`).
+written so that even it leaves nothing behind, see `safeio.py`); should the exception be swallowed
+somewhere, a timer ends the process after CLEANUP_SECONDS with the same exit code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -38,10 +40,27 @@ class Interrupted(BaseException):
         return f"interrupted by {self.name}"
 
 
+CLEANUP_SECONDS = 10.0  # how long the cleanup may take before the process is ended anyway
+
+
 def _raise(signum: int, frame) -> None:
     for sig in HANDLED:  # no second interruption in the middle of the cleanup
         signal.signal(sig, signal.SIG_IGN)
+    # The exception may land where it is swallowed (a __del__, a library's bare `except:`): then the
+    # process would go on with signals ignored. A timer ends it regardless once cleanup had its time.
+    timer = threading.Timer(CLEANUP_SECONDS, _force_exit, (signum,))
+    timer.daemon = True
+    timer.start()
     raise Interrupted(signum)
+
+
+def _force_exit(signum: int) -> None:
+    from .safeio import remove_live_temps
+
+    remove_live_temps()  # unnamed outputs need nothing: the kernel frees them with the process
+    with contextlib.suppress(Exception):
+        os.write(2, f"error: interrupted by {signal.Signals(signum).name}\n".encode())
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
