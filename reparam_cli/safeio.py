@@ -287,11 +287,11 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     check_output_target(path, overwrite)
-    clean_stale_temps(path.parent)
     fd = _open_unnamed(path.parent)
     if fd is not None:
         tmp = Path(f"/proc/self/fd/{fd}")
-    else:
+    else:  # only here can earlier runs have left named temporaries (a listing per output costs)
+        clean_stale_temps(path.parent)
         tmp = _temp_name(path.parent, path.name, path.suffix)
         _LIVE.add(tmp)
     try:

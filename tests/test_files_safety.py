@@ -116,7 +116,8 @@ def test_a_signal_while_writing_leaves_nothing(tiny, tmp_path, sig, hook, fmt):
 
 def test_sigkill_with_named_temporaries_is_cleaned_by_the_next_run(tiny, tmp_path):
     """Where O_TMPFILE is missing, a SIGKILLed write leaves a hidden temporary named after its owner
-    process; the next run writing to that folder removes it (the owner is gone)."""
+    process; the next run writing to that folder (which uses the same fallback there) removes it with
+    `clean_stale_temps`, since its owner is gone."""
     spec, ckpt = tiny
     out, tmp = tmp_path / "out", tmp_path / "tmp"
     out.mkdir(), tmp.mkdir()
