@@ -2,6 +2,7 @@
 
     python scripts/signal_torture.py --spec repvgg-b3 --runs 6            # SIGTERM and SIGKILL, alternating
     python scripts/signal_torture.py --spec repvgg-a0 --runs 4 --format pt2
+    python scripts/signal_torture.py --spec repvgg-b3 --runs 6 --window 0.85,1.0   # late: while writing
 
 Writes a random training checkpoint of the spec (or uses --checkpoint), times one whole conversion,
 then runs the conversion again and again with its own output folder and $TMPDIR, sends the signal
@@ -37,6 +38,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--format", default="safetensors")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--window", default="0.05,1.0",
+                        help="when to signal, as fractions of one conversion's time (e.g. 0.85,1.0: while writing)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -63,7 +66,7 @@ def main() -> int:
             proc = subprocess.Popen([*reparam, "convert", ckpt, "--spec", args.spec, "-f", args.format,
                                      "-o", out / "out"], env={**env, "TMPDIR": str(tmp)},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            at = rng.uniform(0.05, 1.0) * duration
+            at = rng.uniform(*map(float, args.window.split(","))) * duration
             time.sleep(at)
             proc.send_signal(sig)
             _, err = proc.communicate()
