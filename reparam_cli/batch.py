@@ -426,14 +426,14 @@ class Manifest:
     def close(self, entries: list[Entry] | None = None, earlier: dict[str, Entry] | None = None,
               planned: Iterable[str] = ()) -> None:
         """Write the manifest: this run's `entries`, plus for each `planned` input this run did not
-        finish its `earlier` line, and under `previous` of a failed entry its earlier usable line."""
+        finish its `earlier` line, and under `previous` of a failed entry its earlier usable line.
+        A run stopped before `start` leaves the manifest (and an earlier run's partial file) as it was."""
         try:
             if self.started:
                 self._write_final(entries or [], earlier or {}, planned)
-            else:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                os.replace(self.partial, self.path)
+            elif os.fstat(self._file.fileno()).st_size == 0:  # stopped before starting: touch nothing
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.partial)
         finally:
             self._file.close()
 

@@ -99,7 +99,8 @@ safeio._publish = _publish
 @pytest.mark.parametrize("sig, hook, fmt", [("SIGKILL", MID_WRITE, "safetensors"),
                                             ("SIGKILL", BEFORE_PUBLISH, "torchscript"),
                                             ("SIGTERM", MID_WRITE, "safetensors"),
-                                            ("SIGHUP", BEFORE_PUBLISH, "safetensors")])
+                                            ("SIGHUP", BEFORE_PUBLISH, "safetensors"),
+                                            ("SIGINT", BEFORE_PUBLISH, "safetensors")])
 def test_a_signal_while_writing_leaves_nothing(tiny, tmp_path, sig, hook, fmt):
     spec, ckpt = tiny
     out, tmp = tmp_path / "out", tmp_path / "tmp"
@@ -326,7 +327,7 @@ def test_kill_9_of_a_batch_stops_its_workers(tiny, tmp_path):
     assert json.loads(result.stdout)["converted"] + json.loads(result.stdout)["skipped"] == 4
 
 
-def test_manifest_junk_is_ignored_with_a_note_and_failed_runs_keep_records(tiny, tmp_path):
+def test_manifest_junk_is_ignored_with_a_note_and_failed_runs_keep_records(tiny, tmp_path, monkeypatch):
     spec, ckpt = tiny
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -337,6 +338,23 @@ def test_manifest_junk_is_ignored_with_a_note_and_failed_runs_keep_records(tiny,
     assert run_cli("batch", src, "--spec", spec, "-o", out, "--no-verify").exit_code == 1
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert all(e["status"] == "failed" and e["previous"]["status"] == "converted" for e in lines)
+    # A run stopped before it starts converting leaves the manifest alone.
+    import reparam_cli.batch as batch
+
+    real_plan, calls = batch.plan, []
+
+    def stop(*args, **kwargs):  # the second plan, made once the manifest is locked
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_plan(*args, **kwargs)
+
+    before = (out / "manifest.jsonl").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(batch, "plan", stop)
+        assert run_cli("batch", src, "--spec", spec, "-o", out, "--no-verify").exit_code == 130
+    assert len(calls) == 2
+    assert (out / "manifest.jsonl").read_bytes() == before and not (out / ".manifest.jsonl.partial").exists()
     with open(out / "manifest.jsonl", "ab") as f:  # junk: binary, wrong types, not an object
         f.write(b"\xff\xfe\x00garbage\n[1, 2]\n")
         f.write(json.dumps({"relpath": 5, "status": "converted", "input_sha256": 1, "output_sha256": []}).encode())
