@@ -73,7 +73,7 @@ def main() -> int:
             left = leftovers(out, tmp)
             ok = left == [] or (proc.returncode == 0 and left == ["out"])
             bad += not ok
-            last = err.decode().strip().splitlines()[-1:] if err else []
+            last = err.decode().strip().splitlines()[-1:] if err and proc.returncode else []
             print(f"run {i}: {sig.name} at {at:5.1f}s -> exit {proc.returncode:4d}  left: {left or 'nothing'}"
                   f"  {'ok' if ok else 'LEFTOVER'}  {last[0][:80] if last else ''}")
         return 1 if bad else 0
