@@ -151,23 +151,31 @@ def is_module_placeholder(obj: Any) -> bool:
     return _module_state(obj) is not None
 
 
-def module_state_dict(obj: Any, prefix: str = "") -> dict[str, Tensor]:
+def module_state_dict(obj: Any, prefix: str = "", _ancestors: frozenset[int] = frozenset()) -> dict[str, Tensor]:
     """The flat state dict of a pickled module read as placeholders: parameters and persistent
-    buffers of it and its submodules, keyed as `nn.Module.state_dict()` keys them."""
+    buffers of it and its submodules, keyed as `nn.Module.state_dict()` keys them. Entries that are
+    not what a module pickles (crafted files) are passed over, and so is a module inside itself."""
     state = _module_state(obj)
     if state is None:
         raise TypeError(f"{obj!r} is not a pickled nn.Module")
+    ancestors = _ancestors | {id(obj)}
+
+    def entries(key: str) -> list[tuple[str, Any]]:
+        value = state.get(key)
+        return [(k, v) for k, v in value.items() if isinstance(k, str)] if isinstance(value, Mapping) else []
+
     out: dict[str, Tensor] = {}
-    for name, value in (state.get("_parameters") or {}).items():
+    for name, value in entries("_parameters"):
         if isinstance(value, Tensor):
             out[prefix + name] = value.detach() if isinstance(value, torch.nn.Parameter) else value
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for name, value in (state.get("_buffers") or {}).items():
+    skip = state.get("_non_persistent_buffers_set")
+    skip = skip if isinstance(skip, (set, frozenset, list, tuple)) else ()
+    for name, value in entries("_buffers"):
         if isinstance(value, Tensor) and name not in skip:
             out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if is_module_placeholder(child):
-            out.update(module_state_dict(child, f"{prefix}{name}."))
+    for name, child in entries("_modules"):
+        if is_module_placeholder(child) and id(child) not in ancestors:
+            out.update(module_state_dict(child, f"{prefix}{name}.", ancestors))
         elif isinstance(child, torch.nn.Module):
             out.update({f"{prefix}{name}.{k}": v for k, v in child.state_dict().items()})
     return out
