@@ -38,12 +38,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--format", default="safetensors")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-verify", action="store_true", help="convert without verification (the write is "
+                        "then a larger share of the run)")
     parser.add_argument("--window", default="0.05,1.0",
                         help="when to signal, as fractions of one conversion's time (e.g. 0.85,1.0: while writing)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     reparam = [sys.executable, "-m", "reparam_cli"]
+    extra = ["--no-verify"] if args.no_verify else []
     with tempfile.TemporaryDirectory(prefix="torture-") as work:
         work = Path(work)
         ckpt = args.checkpoint
@@ -53,7 +56,7 @@ def main() -> int:
         start = time.perf_counter()
         full = work / "full"
         full.mkdir()
-        subprocess.run([*reparam, "convert", ckpt, "--spec", args.spec, "-f", args.format, "-o", full / "out"],
+        subprocess.run([*reparam, "convert", ckpt, "--spec", args.spec, "-f", args.format, "-o", full / "out", *extra],
                        env={**env, "TMPDIR": str(full)}, check=True, capture_output=True)
         duration = time.perf_counter() - start
         print(f"{args.spec}: one conversion ({args.format}) takes {duration:.1f}s here; "
@@ -64,7 +67,7 @@ def main() -> int:
             out, tmp = work / f"out{i}", work / f"tmp{i}"
             out.mkdir(), tmp.mkdir()
             proc = subprocess.Popen([*reparam, "convert", ckpt, "--spec", args.spec, "-f", args.format,
-                                     "-o", out / "out"], env={**env, "TMPDIR": str(tmp)},
+                                     "-o", out / "out", *extra], env={**env, "TMPDIR": str(tmp)},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             at = rng.uniform(*map(float, args.window.split(","))) * duration
             time.sleep(at)
