@@ -115,6 +115,20 @@ def test_a_signal_while_writing_leaves_nothing(tiny, tmp_path, sig, hook, fmt):
     assert listing(out, tmp) == []
 
 
+def test_pipes_leave_nothing_in_tmpdir_even_when_killed(tiny, tmp_path):
+    """`- -o -`: the stdin spool and the output before it is streamed have no name in $TMPDIR."""
+    spec, ckpt = tiny
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with open(ckpt, "rb") as stdin:
+        result = reparam("convert", "-", "--spec", spec, "-o", "-", "--no-verify", tmpdir=tmp, stdin=stdin,
+                         prelude=BEFORE_PUBLISH.replace("{sig}", "SIGKILL"))
+    assert result.returncode == -signal.SIGKILL and result.stdout == b"" and listing(tmp) == []
+    with open(ckpt, "rb") as stdin:
+        result = reparam("convert", "-", "--spec", spec, "-o", "-", "--no-verify", tmpdir=tmp, stdin=stdin)
+    assert result.returncode == 0 and result.stdout[8:9] == b"{" and listing(tmp) == []
+
+
 def test_sigkill_with_named_temporaries_is_cleaned_by_the_next_run(tiny, tmp_path):
     """Where O_TMPFILE is missing, a SIGKILLed write leaves a hidden temporary named after its owner
     process; the next run writing to that folder (which uses the same fallback there) removes it with
