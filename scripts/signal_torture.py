@@ -2,7 +2,7 @@
 
     python scripts/signal_torture.py --spec repvgg-b3 --runs 6            # SIGTERM and SIGKILL, alternating
     python scripts/signal_torture.py --spec repvgg-a0 --runs 4 --format pt2
-    python scripts/signal_torture.py --spec repvgg-b3 --runs 6 --window 0.85,1.0   # late: while writing
+    python scripts/signal_torture.py --spec repvgg-b3 --runs 6 --during-write       # while the file is written
 
 Writes a random training checkpoint of the spec (or uses --checkpoint), times one whole conversion,
 then runs the conversion again and again with its own output folder and $TMPDIR, sends the signal
@@ -31,6 +31,22 @@ def leftovers(*folders: Path) -> list[str]:
     return sorted(str(p.relative_to(f)) for f in folders for p in f.rglob("*") if "torchinductor_" not in str(p))
 
 
+def writing(pid: int, folder: Path) -> bool:
+    """Whether process `pid` holds an unnamed (O_TMPFILE) file in `folder`: it is writing the output."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{folder}/#") or target.startswith(f"{folder}/.out.reparam-"):
+            return True
+    return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default="repvgg-a0")
@@ -40,6 +56,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-verify", action="store_true", help="convert without verification (the write is "
                         "then a larger share of the run)")
+    parser.add_argument("--during-write", action="store_true", help="signal while the output is being written: "
+                        "as soon as the process holds an unnamed file in the output folder (plus 0-0.3s)")
     parser.add_argument("--window", default="0.05,1.0",
                         help="when to signal, as fractions of one conversion's time (e.g. 0.85,1.0: while writing)")
     args = parser.parse_args()
@@ -69,8 +87,15 @@ def main() -> int:
             proc = subprocess.Popen([*reparam, "convert", ckpt, "--spec", args.spec, "-f", args.format,
                                      "-o", out / "out", *extra], env={**env, "TMPDIR": str(tmp)},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            at = rng.uniform(*map(float, args.window.split(","))) * duration
-            time.sleep(at)
+            if args.during_write:
+                began = time.perf_counter()
+                while proc.poll() is None and not writing(proc.pid, out):
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0.0, 0.3))
+                at = time.perf_counter() - began
+            else:
+                at = rng.uniform(*map(float, args.window.split(","))) * duration
+                time.sleep(at)
             proc.send_signal(sig)
             _, err = proc.communicate()
             left = leftovers(out, tmp)
