@@ -192,6 +192,15 @@ def _is_wrapper(value: Any) -> bool:
     return isinstance(value, (Mapping, nn.Module)) or is_module_placeholder(value)
 
 
+_TRUST_HINT = "only if you trust its origin, pass --trust-pickle to unpickle it fully"
+
+
+def _is_placeholder(obj: Any) -> bool:
+    from .unpickle import Placeholder
+
+    return isinstance(obj, Placeholder)
+
+
 def _type_name(obj: Any) -> str:
     from .unpickle import Placeholder
 
@@ -337,9 +346,14 @@ def extract_checkpoint(obj: Any, key: str | None = None, strip_prefix: str | Non
     else:
         obj, wrappers = _unwrap(obj, ema, notes, source)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source} holds a {_type_name(obj)} object, not a state dict")
+        raise CheckpointError(f"{source} holds a {_type_name(obj)} object, not a state dict",
+                              hint=_TRUST_HINT if _is_placeholder(obj) else None)
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
+        foreign = [f"{k} ({_type_name(v)})" for k, v in obj.items() if _is_placeholder(v)]
+        if foreign:  # what holds the weights was not loaded: only full unpickling can read it
+            raise CheckpointError(f"{source} contains no tensors, only objects of classes that were not loaded "
+                                  f"(no code was run): {', '.join(foreign[:4])}", hint=_TRUST_HINT)
         raise CheckpointError(f"{source} contains no tensors")
     removed = ""
     if strip_prefix and any(k.startswith(strip_prefix) for k in tensors):

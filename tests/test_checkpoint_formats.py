@@ -228,6 +228,7 @@ def test_pickle_that_runs_code_never_runs_without_trust(tiny, tmp_path):
     torch.save(Payload(marker), tmp_path / "whole.pth")
     result = run("convert", tmp_path / "whole.pth", "--spec", spec_path, "-o", tmp_path / "w.safetensors")
     assert result.exit_code == 2 and "builtins.exec object, not a state dict" in result.stderr
+    assert "--trust-pickle" in result.stderr
     assert not marker.exists() and not (tmp_path / "w.safetensors").exists()
     # Only with the flag is it unpickled fully (and the code runs: that is what the flag means).
     result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o2.safetensors", "--trust-pickle")
