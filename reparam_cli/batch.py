@@ -7,13 +7,26 @@
   files (`*.deploy.*`, or safetensors carrying reparam's deploy metadata) are never inputs.
 * Outputs mirror the layout: INPUT_DIR/a/b/x.pth -> OUTPUT_DIR/a/b/x.deploy.safetensors. Two
   inputs in one folder with the same stem (x.pth, x.pt) keep their suffix instead (x.pth.deploy...).
+  The whole mapping is computed first and is injective, also when compared case-insensitively
+  (a folder copied to macOS or Windows stays correct): names that would still collide get a short
+  hash of their input path (x.pth.3f2a9c1d.deploy...). See `output_names`.
+* What cannot be an input is a manifest line, never a silent omission: with `--recursive`, an
+  unreadable subfolder or a symbolic link to a folder (not followed: no loops, no duplicates), and
+  any matching name that is a dangling link, a link loop or not a regular file.
 * Each conversion runs `pipeline.convert_checkpoint`, in this process for one job, else in a pool of
   spawned processes with torch.set_num_threads(cores // jobs) each. A failure is recorded and the
   batch goes on.
 * The manifest (`manifest.jsonl`, or `manifest.shard-K-of-N.jsonl` for a shard) has one JSON line
-  per input. Lines are appended to a hidden `.NAME.partial` as files finish (flushed, so a crash or
-  a kill loses nothing) and renamed into place at the end; an exclusive lock keeps two runs from
-  writing the same manifest. `--resume` reads every manifest in OUTPUT_DIR, partial ones included.
+  per input. A hidden `.NAME.partial` gets a `pending` line for every input before anything is
+  converted, so an output that appears before a kill is always recorded somewhere, then one line per
+  input as it finishes (flushed: a crash or a kill loses nothing). At the end the manifest is
+  written whole; inputs this run did not reach keep their earlier line, and a failed input keeps its
+  earlier usable line under `previous`, so a failed or interrupted plain run does not wipe what a
+  later `--resume` needs. An exclusive lock keeps two runs from writing the same manifest.
+  `--resume` reads every manifest in OUTPUT_DIR, partial ones included, and ignores lines it
+  cannot parse (with a note).
+* Workers die with the batch: each asks the kernel for SIGKILL when its parent dies
+  (PR_SET_PDEATHSIG), so `kill -9` of the batch stops every conversion at once.
 * Shard K/N takes the inputs whose relative path hashes (sha256) to K mod N: stable per file, so
   the N shards of a job array partition the folder exactly even if they list it at different times,
   and they write disjoint outputs and their own manifests.
@@ -22,6 +35,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
@@ -38,7 +52,7 @@ from .errors import OutputError, ReparamError, VerificationFailed
 
 DEFAULT_PATTERNS = ("*.pth", "*.pt", "*.ckpt", "*.safetensors", "*.bin")
 MANIFEST = "manifest.jsonl"
-CONVERTED, FAILED, SKIPPED = "converted", "failed", "skipped"
+CONVERTED, FAILED, SKIPPED, PENDING = "converted", "failed", "skipped", "pending"
 
 Entry = dict[str, Any]  # one manifest line
 
@@ -105,47 +119,118 @@ def _matches(relpath: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(relpath if "/" in p else name, p) for p in patterns)
 
 
+def _not_an_input(path: Path) -> str | None:
+    """Why a matching name cannot be converted (a dangling link, a link loop, not a regular file), or None."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "a dangling symbolic link" if os.path.islink(path) else "vanished while listing"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    return "not a regular file (a FIFO, device or socket)"
+
+
 def discover(input_dir: Path, patterns: Iterable[str] = DEFAULT_PATTERNS, recursive: bool = False,
-             exclude: Path | None = None) -> tuple[list[str], int]:
+             exclude: Path | None = None, problems: list[tuple[str, str, str]] | None = None) -> tuple[list[str], int]:
     """(sorted relative POSIX paths of the inputs, number of deploy outputs ignored).
 
     `exclude` is a folder never descended into (the output folder, when it lies inside the input).
+    `problems`, when given, receives (relpath, status, reason) for what cannot be an input: matching
+    names that are dangling links, link loops or not regular files (failed), and with `recursive`
+    unreadable subfolders (failed) and symbolic links to folders (skipped: not followed).
     """
     patterns = tuple(patterns)
     exclude = exclude.resolve() if exclude is not None else None
+    problems = problems if problems is not None else []
     found: list[str] = []
     ignored = 0
-    for folder, dirs, files in os.walk(input_dir):
+
+    def unreadable(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else input_dir
+        if where != input_dir:
+            problems.append((where.relative_to(input_dir).as_posix() + "/", FAILED,
+                             f"cannot read this folder: {exc.strerror}"))
+
+    for folder, dirs, files in os.walk(input_dir, onerror=unreadable):
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if recursive and not d.startswith(".")
-                         and (exclude is None or (here / d).resolve() != exclude))
+        kept = []
+        for d in sorted(dirs):
+            if not recursive or d.startswith(".") or (exclude is not None and (here / d).resolve() == exclude):
+                continue
+            if (here / d).is_symlink():  # os.walk does not follow them: say so instead of omitting them
+                problems.append(((here / d).relative_to(input_dir).as_posix() + "/", SKIPPED,
+                                 "a symbolic link to a folder: not followed"))
+                continue
+            kept.append(d)
+        dirs[:] = kept
         for name in sorted(files):
             rel = (here / name).relative_to(input_dir).as_posix()
-            if name.startswith(".") or not _matches(rel, patterns) or not (here / name).is_file():
+            if name.startswith(".") or not _matches(rel, patterns):
+                continue
+            reason = _not_an_input(here / name)
+            if reason is not None:
+                problems.append((rel, FAILED if "loop" in reason or "read" in reason else SKIPPED, reason))
                 continue
             if _is_deploy_output(here / name):
                 ignored += 1
                 continue
             found.append(rel)
+    problems.sort()
     return sorted(found), ignored
 
 
 def output_names(relpaths: list[str], fmt: str) -> dict[str, str]:
-    """Relative output path of each input: `stem.deploy<suffix>` in the mirrored folder, or
-    `name.deploy<suffix>` where two inputs of one folder share a stem (x.pth and x.pt)."""
+    """Relative output path of each input, injective even case-insensitively.
+
+    Each input gets the first of these that no other input's output (or output folder) shares,
+    compared case-folded: `stem.deploy<suffix>` in the mirrored folder, `name.deploy<suffix>`
+    (x.pth and x.pt), then `name.<hash>.deploy<suffix>` with 8 hex digits of the sha256 of the input's
+    relative path (X.pth and x.pth, or A/x.pth and a/x.pth). In a clash, the inputs on the earlier
+    kind of name move on. The result depends on the set of inputs only, not their order. Raises
+    BatchError if the mapping is still not injective (a sha256 prefix collision).
+    """
     from .export import SUFFIX
 
     suffix = SUFFIX[fmt]
-    stems: dict[tuple[str, str], int] = {}
-    for rel in relpaths:
+
+    def candidate(rel: str, level: int) -> str:
         p = Path(rel)
-        stems[(p.parent.as_posix(), p.stem)] = stems.get((p.parent.as_posix(), p.stem), 0) + 1
-    out = {}
-    for rel in relpaths:
-        p = Path(rel)
-        base = p.name if stems[(p.parent.as_posix(), p.stem)] > 1 else p.stem
-        out[rel] = (p.parent / f"{base}.deploy{suffix}").as_posix()
-    return out
+        base = p.stem if level == 0 else p.name
+        if level >= 2:
+            base += "." + hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return (p.parent / f"{base}.deploy{suffix}").as_posix()
+
+    rels = sorted(set(relpaths))
+    folders = {parent.as_posix().casefold() for rel in rels for parent in Path(rel).parents if parent != Path(".")}
+    level = {rel: 0 for rel in rels}
+    while True:  # each round raises a level, so this ends (at most 2 rounds per input)
+        owners: dict[str, list[str]] = {}
+        for rel in rels:
+            owners.setdefault(candidate(rel, level[rel]).casefold(), []).append(rel)
+        moved = False
+        for key, group in owners.items():
+            if len(group) == 1 and key not in folders:
+                continue
+            # Move the inputs at the lowest level of the clash: an input already on its full name
+            # keeps it when the other one can still move.
+            low = min(level[rel] for rel in group)
+            for rel in group:
+                if level[rel] == low and low < 2:
+                    level[rel] += 1
+                    moved = True
+        if not moved:
+            break
+    out = {rel: candidate(rel, level[rel]) for rel in rels}
+    keys = [name.casefold() for name in out.values()]
+    if len(set(keys)) != len(keys) or folders & set(keys):
+        raise BatchError("cannot give every input its own output name", hint="rename inputs that differ only in case")
+    return {rel: out[rel] for rel in relpaths}
 
 
 # --- one conversion (runs in a worker process) -----------------------------------------------------
@@ -170,6 +255,7 @@ class Task:
     output: str
     resume: bool = False
     previous: list[Entry] = field(default_factory=list)  # earlier manifest lines that may allow a skip
+    problem: tuple[str, str] | None = None  # (status, reason): not an input (a link loop, an unreadable folder)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -179,7 +265,7 @@ def _first_line(exc: BaseException) -> str:
 
 def convert_one(task: Task, options: ConvertOptions) -> Entry:
     """Convert (or skip) one input; never raises for a bad input: the manifest line says what happened."""
-    from .checkpoint import sha256_file
+    from .checkpoint import check_checkpoint_file, sha256_file
     from .deploy import read_metadata
     from .pipeline import convert_checkpoint
 
@@ -187,8 +273,13 @@ def convert_one(task: Task, options: ConvertOptions) -> Entry:
     entry: Entry = {"input": task.input, "output": task.output, "status": FAILED, "error": None,
                     "max_rel_err": None, "seconds": 0.0, "input_sha256": None, "output_sha256": None,
                     "relpath": task.relpath, "spec": options.spec.name, "format": options.fmt}
+    if task.problem is not None:
+        entry.update(status=task.problem[0], error=task.problem[1], output=None,
+                     finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return entry
     output = Path(task.output)
     try:
+        check_checkpoint_file(task.input)  # a FIFO or /dev/zero must not reach the hash
         entry["input_sha256"] = sha256_file(task.input)
         candidates = [e for e in task.previous if e.get("input_sha256") == entry["input_sha256"]]
         if task.resume and candidates and output.is_file():
@@ -219,6 +310,8 @@ def convert_one(task: Task, options: ConvertOptions) -> Entry:
         entry["error"] = f"verification failed: {exc}" + (f" (blocks: {', '.join(failed[:5])})" if failed else "")
     except ReparamError as exc:
         entry["error"] = str(exc)
+    except OSError as exc:
+        entry["error"] = f"cannot read {exc.filename or task.input}: {exc.strerror}"
     except Exception as exc:  # a bug or an odd file must not stop the batch
         entry["error"] = f"unexpected {_first_line(exc)}"
     finally:
@@ -235,28 +328,57 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker(threads: int) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), so a
+    `kill -9` of the batch stops its workers at once; exit now if the parent is already gone."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_terminated(signum, frame) -> None:
+    """SIGTERM from the batch stopping its workers: remove named temporaries, exit at once."""
+    from .safeio import remove_live_temps
+
+    remove_live_temps()
+    os._exit(128 + signum)
+
+
+def _init_worker(threads: int, parent: int | None = None) -> None:
+    if parent is not None:
+        die_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
     # stdout belongs to the parent's --json report: a print in a user's spec must not land there.
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    # Ctrl-C reaches the whole process group: the parent handles it (and stops the workers).
+    # Ctrl-C and a closed terminal reach the whole process group: the parent handles them (and
+    # stops the workers with SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_terminated)
 
 
 # --- the manifest ---------------------------------------------------------------------------------
 
 class Manifest:
-    """This run's manifest: lines appended (and flushed) to a hidden partial file as files finish,
-    renamed into place by `close()`. Holding an exclusive lock on the partial file keeps a second run
-    with the same manifest name (same folder, same shard) from interleaving with this one."""
+    """This run's manifest: a `pending` line per input, then lines appended (and flushed) to a hidden
+    partial file as files finish; `close()` writes the manifest whole. Holding an exclusive lock on the
+    partial file keeps a second run with the same manifest name (same folder, same shard) from
+    interleaving with this one."""
 
     def __init__(self, output_dir: Path, name: str):
         self.path = output_dir / name
         self.partial = output_dir / f".{name}.partial"
         self._file = self._open_locked()
+        self.started = False
 
     def _open_locked(self):
         for _ in range(5):
@@ -280,37 +402,116 @@ class Manifest:
             f.close()
         raise BatchError(f"cannot lock {self.partial}")
 
-    def start(self) -> None:
-        """Forget what an interrupted earlier run left in the partial file (read it first, if resuming)."""
+    def own_entries(self) -> dict[str, Entry]:
+        """The latest usable line per input in this manifest and its partial file (an earlier run's)."""
+        entries: dict[str, Entry] = {}
+        for path in (self.path, self.partial):
+            for e in _manifest_lines(path, []):
+                if _usable(e):
+                    entries[e["relpath"]] = e
+        return entries
+
+    def start(self, tasks: Iterable[Task] = ()) -> None:
+        """Forget what an interrupted earlier run left in the partial file (read it first, if resuming),
+        and record every input this run may write an output for."""
         self._file.seek(0)
         self._file.truncate()
+        for task in tasks:
+            if task.problem is None:
+                self.write({"relpath": task.relpath, "input": task.input, "output": task.output, "status": PENDING})
+        self.started = True
 
     def write(self, entry: Entry) -> None:
         self._file.write(json.dumps(entry, sort_keys=False) + "\n")
         self._file.flush()
 
-    def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        os.replace(self.partial, self.path)
-        self._file.close()
+    def close(self, entries: list[Entry] | None = None, earlier: dict[str, Entry] | None = None,
+              planned: Iterable[str] = ()) -> None:
+        """Write the manifest: this run's `entries`, plus for each `planned` input this run did not
+        finish its `earlier` line, and under `previous` of a failed entry its earlier usable line.
+        A run stopped before `start` leaves the manifest (and an earlier run's partial file) as it was."""
+        try:
+            if self.started:
+                self._write_final(entries or [], earlier or {}, planned)
+            elif os.fstat(self._file.fileno()).st_size == 0:  # stopped before starting: touch nothing
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.partial)
+        finally:
+            self._file.close()
+
+    def _write_final(self, entries: list[Entry], earlier: dict[str, Entry], planned: Iterable[str]) -> None:
+        from .safeio import atomic_output
+
+        done = {e["relpath"] for e in entries}
+        lines = []
+        for e in entries:
+            before = earlier.get(e["relpath"])
+            if e["status"] == FAILED and before is not None:
+                e = {**e, "previous": before.get("previous", before) if before["status"] == FAILED else before}
+            lines.append(e)
+        lines += [earlier[rel] for rel in planned if rel not in done and rel in earlier]
+        with atomic_output(self.path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for e in lines:
+                f.write(json.dumps(e, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.partial)
 
 
-def read_manifests(output_dir: Path) -> dict[str, list[Entry]]:
+def _usable(e: Any) -> bool:
+    """A manifest line that records an output --resume may keep (or holds one under `previous`)."""
+    if isinstance(e, dict) and isinstance(e.get("previous"), dict):
+        return _usable(e["previous"])
+    return (isinstance(e, dict) and e.get("status") in (CONVERTED, SKIPPED) and isinstance(e.get("relpath"), str)
+            and isinstance(e.get("input_sha256"), str) and isinstance(e.get("output_sha256"), str)
+            and (e.get("spec") is None or isinstance(e.get("spec"), str))
+            and (e.get("format") is None or isinstance(e.get("format"), str)))
+
+
+def _manifest_lines(path: Path, junk: list[str]) -> list[Any]:
+    """The parsed lines of one manifest file; a line that is not a JSON object is counted in `junk`."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    lines = []
+    for raw in data.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            e = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            junk.append(path.name)
+            continue
+        if not isinstance(e, dict):
+            junk.append(path.name)
+            continue
+        lines.append(e)
+    return lines
+
+
+def read_manifests(output_dir: Path, notes: list[str] | None = None) -> dict[str, list[Entry]]:
     """Every line of every manifest in `output_dir` (partial ones of interrupted runs included) that
-    records a usable output, by input relative path. Torn or foreign lines are ignored."""
+    records a usable output, by input relative path. Lines that are not JSON objects (a torn last
+    line, binary junk) are ignored, and so are lines with fields of the wrong type; `notes`, when
+    given, gets one sentence per file that had any."""
     entries: dict[str, list[Entry]] = {}
     files = sorted(output_dir.glob("manifest*.jsonl")) + sorted(output_dir.glob(".manifest*.jsonl.partial"))
     for path in files:
-        with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    e = json.loads(line)
-                except ValueError:
-                    continue  # the last line of a run still writing
-                if (isinstance(e, dict) and e.get("status") in (CONVERTED, SKIPPED) and e.get("relpath")
-                        and e.get("input_sha256") and e.get("output_sha256")):
-                    entries.setdefault(e["relpath"], []).append(e)
+        junk: list[str] = []
+        lines = _manifest_lines(path, junk)
+        wrong = 0
+        for e in lines:
+            if e.get("status") == PENDING:
+                continue
+            if not _usable(e):
+                wrong += e.get("status") in (CONVERTED, SKIPPED)  # claims an output but cannot be trusted
+                continue
+            e = e["previous"] if e.get("status") not in (CONVERTED, SKIPPED) else e
+            entries.setdefault(e["relpath"], []).append(e)
+        if (junk or wrong) and notes is not None:
+            notes.append(f"{path.name}: ignored {len(junk) + wrong} line(s) that are not valid manifest entries")
     return entries
 
 
@@ -337,8 +538,10 @@ def plan(input_dir: Path, output_dir: Path, options: ConvertOptions, patterns: I
         raise BatchError(f"--output-dir {output_dir} is a file, not a folder")
     patterns = tuple(patterns) or DEFAULT_PATTERNS
     inside = output_dir.resolve() != input_dir.resolve() and output_dir.resolve().is_relative_to(input_dir.resolve())
-    relpaths, ignored = discover(input_dir, patterns, recursive, exclude=output_dir if inside else None)
-    if not relpaths:
+    problems: list[tuple[str, str, str]] = []
+    relpaths, ignored = discover(input_dir, patterns, recursive, exclude=output_dir if inside else None,
+                                 problems=problems)
+    if not relpaths and not problems:
         raise BatchError(f"no checkpoints matching {' '.join(patterns)} in {input_dir}"
                          + ("" if recursive else " (top level only)"),
                          hint=None if recursive else "pass --recursive to search subfolders")
@@ -348,28 +551,16 @@ def plan(input_dir: Path, output_dir: Path, options: ConvertOptions, patterns: I
     tasks = [Task(rel, str(input_dir / rel), str(output_dir / names[rel]), resume,
                   [e for e in previous.get(rel, []) if same(e)])
              for rel in relpaths if shard.takes(rel)]
-    return BatchPlan(input_dir, output_dir, tasks, len(relpaths), ignored, shard)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A job scheduler stops jobs with SIGTERM: treat it like Ctrl-C so the manifest is closed."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    tasks += [Task(rel, str(input_dir / rel), "", problem=(status, reason))
+              for rel, status, reason in problems if shard.takes(rel)]
+    return BatchPlan(input_dir, output_dir, tasks, len(relpaths) + len(problems), ignored, shard)
 
 
 def _results(tasks: list[Task], options: ConvertOptions, jobs: int) -> Iterator[Entry]:
     """Manifest lines as conversions finish: in this process for one job, else in spawned workers."""
+    for task in [t for t in tasks if t.problem is not None]:  # nothing to convert: no worker needed
+        yield convert_one(task, options)
+    tasks = [t for t in tasks if t.problem is None]
     if jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield convert_one(task, options)
@@ -380,7 +571,7 @@ def _results(tasks: list[Task], options: ConvertOptions, jobs: int) -> Iterator[
 
     jobs = min(jobs, len(tasks))
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(max(1, cpu_count() // jobs),))
+                               initializer=_init_worker, initargs=(max(1, cpu_count() // jobs), os.getpid()))
     futures = {pool.submit(convert_one, task, options): task for task in tasks}
     try:
         for future in as_completed(futures):
@@ -408,9 +599,11 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
               on_start: Callable[[BatchPlan], None] = lambda plan: None,
               on_result: Callable[[Entry], None] = lambda entry: None) -> dict:
     """Convert a folder. Returns the summary (`ok` is False when any file failed); raises BatchError
-    when the batch cannot start, KeyboardInterrupt (after closing the manifest) when stopped."""
+    when the batch cannot start, Interrupted / KeyboardInterrupt (after closing the manifest) when
+    stopped by a signal."""
     from .export import FORMATS
     from .pipes import stdout_to_stderr
+    from .signals import interrupts_as_exceptions
 
     if options.fmt not in FORMATS:
         raise BatchError(f"unknown format {options.fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
@@ -418,31 +611,39 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
     plan(input_dir, output_dir, options, patterns, recursive, shard)  # usage errors before touching anything
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir, shard.manifest_name)
-    previous = read_manifests(output_dir) if resume else {}
-    manifest.start()
-    todo = plan(input_dir, output_dir, options, patterns, recursive, shard, resume, previous)
-    jobs = jobs if jobs > 0 else cpu_count()
+    notes: list[str] = []
     counts = {CONVERTED: 0, SKIPPED: 0, FAILED: 0}
     entries: list[Entry] = []
+    earlier: dict[str, Entry] = {}
+    todo = None
     start = time.perf_counter()
-    on_start(todo)
     try:
-        with _sigterm_as_interrupt(), stdout_to_stderr():  # stdout is kept for the --json report
-            for entry in _results(todo.tasks, options, jobs):
-                manifest.write(entry)
-                entries.append(entry)
-                counts[entry["status"]] += 1
-                on_result(entry)
+        with interrupts_as_exceptions():  # SIGTERM/SIGHUP like Ctrl-C: the manifest is closed
+            earlier = manifest.own_entries()
+            previous = read_manifests(output_dir, notes) if resume else {}
+            todo = plan(input_dir, output_dir, options, patterns, recursive, shard, resume, previous)
+            jobs = jobs if jobs > 0 else cpu_count()
+            manifest.start(todo.tasks)
+            on_start(todo)
+            with stdout_to_stderr():  # stdout is kept for the --json report
+                for entry in _results(todo.tasks, options, jobs):
+                    manifest.write(entry)
+                    entries.append(entry)
+                    counts[entry["status"]] += 1
+                    on_result(entry)
     finally:
-        manifest.close()
+        manifest.close(entries, earlier, [t.relpath for t in todo.tasks] if todo else ())
     entries.sort(key=lambda e: e["relpath"])
-    return {
+    report = {
         "ok": counts[FAILED] == 0, "input_dir": str(input_dir), "output_dir": str(output_dir),
         "manifest": str(manifest.path), "spec": options.spec.name, "format": options.fmt,
         "shard": f"{shard.index}/{shard.count}", "jobs": jobs, "found": todo.found, "inputs": len(todo.tasks),
         "ignored_deploy_files": todo.ignored, **counts, "seconds": round(time.perf_counter() - start, 3),
         "files": entries,
     }
+    if notes:
+        report["notes"] = notes
+    return report
 
 
 # --- terminal output (stderr) ---------------------------------------------------------------------
@@ -480,7 +681,7 @@ class Reporter:
             detail = f"{entry['seconds']:.1f}s" + (f", max rel err {err:.2g}" if isinstance(err, float) else "")
             line = f"[green]converted[/] {entry['relpath']} ({detail})"
         elif status == SKIPPED:
-            line = f"[dim]skipped[/]   {entry['relpath']} (unchanged)"
+            line = f"[dim]skipped[/]   {entry['relpath']} ({entry.get('error') or 'unchanged'})"
         else:
             line = f"[red]failed[/]    {entry['relpath']}: {entry['error']}"
         self.console.print(line, soft_wrap=True)  # one line per file, greppable in job logs
@@ -499,4 +700,6 @@ class Reporter:
                            f"in {report['seconds']:.1f}s; manifest: {report['manifest']}")
         if report["ignored_deploy_files"]:
             self.console.print(f"[dim]({report['ignored_deploy_files']} deploy file(s) in the input folder ignored)[/]")
+        for note in report.get("notes", []):
+            self.console.print(f"[dim]note: {note}[/]", soft_wrap=True)
 

@@ -1,9 +1,14 @@
 """Reading checkpoints into a flat state dict, safely, and loading them into a model.
 
 Formats: torch files (`.pth`, `.pt`, `.bin`, PyTorch Lightning `.ckpt`, any other name) and
-`.safetensors`. Torch pickles are always loaded with `weights_only=True`: a file that would need
-arbitrary code to unpickle is refused unless the caller explicitly trusts it (`--trust-pickle`).
-TorchScript, `torch.export` (.pt2) and ONNX files are recognised and refused as deploy files.
+`.safetensors`. Torch pickles are loaded with `weights_only=True`; where that refuses a global (a
+config object, optimizer state of custom classes, a whole pickled `nn.Module`), the file is read
+again with a restricted unpickler that turns every foreign object into an inert placeholder and
+runs no code (`unpickle.py`): the tensors are used, the placeholders are named in a note. Full
+unpickling (which can run arbitrary code) happens only when the caller trusts the file
+(`--trust-pickle`). TorchScript, `torch.export` (.pt2) and ONNX files are recognised and refused as
+deploy files. Only regular files are read: FIFOs, devices and huge sparse files are refused before
+anything reads them whole (`safeio.check_input_file`).
 
 Unwrapping (`extract_state_dict`):
 
@@ -32,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError
+from .safeio import check_input_file
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
@@ -72,6 +78,37 @@ def is_safetensors_head(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (1 << 30)
 
 
+def checkpoint_kind(head: bytes) -> str | None:
+    """'safetensors' or 'torch' from a file's first bytes (16 suffice), None for anything else.
+
+    safetensors: an 8-byte little-endian header length, then the JSON header ('{'). torch: a zip
+    archive ('PK\\x03\\x04', torch >= 1.6) or a legacy pickle (protocol 2-5: 0x80 and the protocol).
+    """
+    if is_safetensors_head(head):
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
+    return None
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """The quick checks before anything reads a checkpoint whole (hashing included): a regular,
+    non-sparse file (`safeio.check_input_file`) whose first bytes are those of a safetensors file or
+    a torch checkpoint. (.onnx files pass: `read_raw` says they are deploy files.)"""
+    path = Path(path)
+    check_input_file(path)
+    if path.suffix == ".onnx":
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    if checkpoint_kind(head) is None:
+        raise CheckpointError(f"cannot read {path}: " + ("the file is empty" if not head else
+                              "it is neither a safetensors file nor a torch checkpoint (by its first bytes)"))
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         return is_safetensors_head(f.read(9))
@@ -98,10 +135,7 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
 
     `mmap` maps a torch zip file's tensors instead of reading them (for shape-only work like inspect)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint is a directory, not a file: {path}")
+    check_input_file(path)
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -122,6 +156,13 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         message = str(exc)
+        if not trust_pickle and "Weights only load failed" in message:
+            from .unpickle import restricted_load
+
+            try:  # foreign classes: read again, turning them into inert placeholders
+                return restricted_load(path)
+            except Exception:
+                pass  # report what weights_only said
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
         if unsafe:
             raise CheckpointError(
@@ -141,11 +182,61 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
 
 
 def _as_mapping(obj: Any) -> Any:
-    return obj.state_dict() if isinstance(obj, nn.Module) else obj
+    from .unpickle import is_module_placeholder, module_state_dict
+
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    return module_state_dict(obj) if is_module_placeholder(obj) else obj
 
 
 def _is_wrapper(value: Any) -> bool:
-    return isinstance(value, (Mapping, nn.Module))
+    from .unpickle import is_module_placeholder
+
+    return isinstance(value, (Mapping, nn.Module)) or is_module_placeholder(value)
+
+
+_TRUST_HINT = "only if you trust its origin, pass --trust-pickle to unpickle it fully"
+
+
+def _is_placeholder(obj: Any) -> bool:
+    from .unpickle import Placeholder
+
+    return isinstance(obj, Placeholder)
+
+
+def _type_name(obj: Any) -> str:
+    from .unpickle import Placeholder
+
+    return obj.qualified_name() if isinstance(obj, Placeholder) else type(obj).__name__
+
+
+def _placeholder_notes(obj: Any, notes: list[str]) -> None:
+    """Name the objects of foreign classes that were read as inert placeholders (see unpickle.py)."""
+    from .unpickle import is_module_placeholder, placeholders
+
+    found = placeholders(obj)
+    modules = [(where, name) for where, name in found if is_module_placeholder(_at(obj, where))]
+    others = [(where, name) for where, name in found if (where, name) not in modules]
+    if modules:
+        notes.append("read the tensors of pickled module(s) without running their code: "
+                     + ", ".join(f"{where} ({name})" for where, name in modules[:4]))
+    if others:
+        more = f" and {len(others) - 6} more" if len(others) > 6 else ""
+        notes.append("skipped entries of classes not loaded (read as inert placeholders, no code run): "
+                     + ", ".join(f"{where} ({name})" for where, name in others[:6]) + more)
+
+
+def _at(obj: Any, where: str) -> Any:
+    """The entry at a location `placeholders` reported (dotted keys, [i] indices); None if not found."""
+    if where == "<root>":
+        return obj
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", where):
+        try:
+            obj = obj[int(part[1:-1])] if part.startswith("[") else (
+                obj[part] if part in obj else next(v for k, v in obj.items() if str(k) == part))
+        except (KeyError, IndexError, TypeError, StopIteration, ValueError):
+            return None
+    return obj
 
 
 def _unwrap(obj: Any, ema: bool, notes: list[str], source: str) -> tuple[Any, list[str]]:
@@ -247,19 +338,25 @@ def extract_checkpoint(obj: Any, key: str | None = None, strip_prefix: str | Non
     keys) guides the prefix removal.
     """
     notes: list[str] = []
+    _placeholder_notes(obj, notes)
     obj = _as_mapping(obj)
     wrappers: list[str] = []
     if key:
         if not isinstance(obj, Mapping) or key not in obj:
-            found = ", ".join(sorted(str(k) for k in obj)[:8]) if isinstance(obj, Mapping) else type(obj).__name__
+            found = ", ".join(sorted(str(k) for k in obj)[:8]) if isinstance(obj, Mapping) else _type_name(obj)
             raise CheckpointError(f"{source} has no {key!r} entry (found: {found})")
         obj, wrappers = _as_mapping(obj[key]), [key]
     else:
         obj, wrappers = _unwrap(obj, ema, notes, source)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{source} holds a {_type_name(obj)} object, not a state dict",
+                              hint=_TRUST_HINT if _is_placeholder(obj) else None)
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
+        foreign = [f"{k} ({_type_name(v)})" for k, v in obj.items() if _is_placeholder(v)]
+        if foreign:  # what holds the weights was not loaded: only full unpickling can read it
+            raise CheckpointError(f"{source} contains no tensors, only objects of classes that were not loaded "
+                                  f"(no code was run): {', '.join(foreign[:4])}", hint=_TRUST_HINT)
         raise CheckpointError(f"{source} contains no tensors")
     removed = ""
     if strip_prefix and any(k.startswith(strip_prefix) for k in tensors):

@@ -7,6 +7,7 @@ torch is imported only inside commands, so `reparam --help` answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from ._version import __version__
+from .signals import Interrupted, interrupts_as_exceptions
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 # click's exceptions, wherever this Typer takes click from (recent Typers vendor it as typer._click)
@@ -167,8 +169,8 @@ def _guarded(action: Callable[[], Any], as_json: bool) -> Any:
             return action()
     except ReparamError as exc:
         _fail(str(exc), as_json)
-    except KeyboardInterrupt:
-        _fail("interrupted", as_json)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        _interrupted(exc, as_json)
     except typer.Exit:
         raise
     except SystemExit as exc:
@@ -227,6 +229,18 @@ def _echo_json(report: Any) -> None:
     from .jsonio import dumps
 
     typer.echo(dumps(report))
+
+
+def _interrupted(exc: BaseException, as_json: bool = False) -> None:
+    """A signal stopped the command (cleanup has run): one line, exit 128 + the signal (130 for Ctrl-C)."""
+    import signal
+
+    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    message = f"interrupted by {signal.Signals(signum).name} (no partial output is left behind)"
+    typer.echo(f"error: {message}", err=True)
+    if as_json:
+        _echo_json({"ok": False, "error": message})
+    raise typer.Exit(128 + signum)
 
 
 def _fail(message: str, as_json: bool) -> None:
@@ -668,10 +682,17 @@ def main() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     _hold_stdout()
     try:
-        app()
+        # SIGTERM (job schedulers) and SIGHUP (a closed terminal) stop a command as Ctrl-C does:
+        # temporaries removed, exit 128 + signal with one line (see signals.py).
+        with interrupts_as_exceptions():
+            app()
     except BrokenPipeError:  # e.g. `reparam ... --json | head`
         sys.stderr.close()
         sys.exit(EXIT_BAD_INPUT)
+    except Interrupted as exc:  # a signal outside a command's guard (while starting up)
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
     finally:
         _release_stdout()
 

@@ -62,7 +62,7 @@ def conversion_options(linear_as_conv: bool = False, graph: bool = True) -> dict
 
 def deploy_file_options(path: str | Path) -> dict:
     """The conversion options a reparam safetensors deploy file was written with ({} if none)."""
-    if Path(path).suffix != ".safetensors":
+    if deploy_format_of(path) != "safetensors":
         return {}
     options = read_metadata(path).get("options")
     if not isinstance(options, dict):
@@ -175,10 +175,11 @@ class ExportedProgramModule(nn.Module):
 def deploy_format_of(path: str | Path) -> str:
     """The deploy format of a file, from its suffix and its contents: 'safetensors', 'onnx', 'pt2',
     'torchscript', or 'state_dict' (a plain torch.save pickle: a state dict in a reference layout)."""
-    from .checkpoint import sniff_deploy_format
+    from .checkpoint import _looks_like_safetensors, sniff_deploy_format
 
     path = Path(path)
-    if path.suffix == ".safetensors":
+    # By content too: a file being written is checked under a name without suffix (/proc/self/fd/N).
+    if path.suffix == ".safetensors" or (path.is_file() and _looks_like_safetensors(path)):
         return "safetensors"
     if path.suffix == ".onnx":
         return "onnx"

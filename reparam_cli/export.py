@@ -5,11 +5,14 @@ Formats: `safetensors` (state dict + reparam metadata; rebuilt with the spec), `
 `onnx` (exported with torch's dynamo exporter, run with onnxruntime). pt2 and ONNX files get a
 dynamic batch and dynamic height/width where the model allows it (`dynamic`: auto, batch, none).
 
-Every writer goes through `atomic_output`: the file is written to a temporary name beside the
-target and renamed into place only when complete, so a crash or a failed verification never
-leaves a half-written output. Writers take a `check` callback that runs on the finished
-temporary file before the rename (the pipeline loads the file back with its runtime there and
-compares it with the deploy model; raising aborts the write).
+Every writer goes through `atomic_output` (`safeio.py`): the file is written unnamed (O_TMPFILE,
+or a hidden temporary) beside the target and given its name only when complete, so a crash, a
+signal, SIGKILL or a failed verification never leaves a half-written output; without `overwrite`
+an existing output is never replaced, not even by a concurrent run. Writers take a `check` callback
+that runs on the finished temporary file before it is published (the pipeline loads the file back
+with its runtime there and compares it with the deploy model; raising aborts the write). torch's
+TorchScript and pt2 writers write through a `GuardedWriter`, so a full disk is one OutputError
+rather than a C++ abort.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
+import logging
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,33 +30,13 @@ from torch import Tensor, nn
 
 from .errors import OutputError
 from .metadata import META_PREFIX
+from .safeio import atomic_output, guarded_writer  # noqa: F401  (atomic_output: part of this module's API)
 
 FORMATS = ("safetensors", "torchscript", "pt2", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RUNTIME = {"torchscript": "torch.jit", "pt2": "torch.export", "onnx": "onnxruntime"}
 Check = Callable[[Path], None]
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it to `path`, on any error delete it."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise OutputError(f"output folder does not exist: {path.parent}")
-    # The temporary name keeps the suffix: torch.export.save insists on `.pt2`.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp_path, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
 
 
 def _contiguous_unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -112,17 +94,17 @@ def _serialize_safetensors(f, state: dict[str, Tensor], metadata: dict[str, str]
 
 
 def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, object],
-                      check: Check | None = None) -> None:
+                      check: Check | None = None, *, overwrite: bool = False) -> None:
     """Write the model's state dict and reparam's metadata (spec, version, checksums, figures)."""
-    write_state_safetensors(path, model.state_dict(), metadata, check)
+    write_state_safetensors(path, model.state_dict(), metadata, check, overwrite=overwrite)
 
 
 def write_state_safetensors(path: str | Path, state: dict[str, Tensor], metadata: dict[str, object] | None = None,
-                            check: Check | None = None) -> None:
+                            check: Check | None = None, *, overwrite: bool = False) -> None:
     """Write a state dict (and reparam metadata, if any) as safetensors, atomically and reproducibly."""
     state = _contiguous_unshared(state)
     meta = safetensors_bytes_metadata({"format": "pt", **(metadata or {})})
-    with atomic_output(path) as tmp:
+    with atomic_output(path, overwrite) as tmp:
         with open(tmp, "wb") as f:
             _serialize_safetensors(f, state, meta)
         if check is not None:
@@ -139,7 +121,8 @@ def _as_args(example: Tensor | tuple) -> tuple:
     return example if isinstance(example, tuple) else (example,)
 
 
-def write_torchscript(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None) -> None:
+def write_torchscript(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None, *,
+                      overwrite: bool = False) -> None:
     """Trace the deploy model on `example` (a tensor or a tuple of arguments) and save a
     self-contained TorchScript file."""
     model = model.eval()
@@ -149,8 +132,9 @@ def write_torchscript(path: str | Path, model: nn.Module, example: Tensor | tupl
             scripted = torch.jit.trace(model, example, check_trace=False)
         except Exception as exc:
             raise OutputError(f"TorchScript tracing failed: {_first_line(exc)}") from None
-        with atomic_output(path) as tmp:
-            torch.jit.save(scripted, str(tmp))
+        with atomic_output(path, overwrite) as tmp:
+            with guarded_writer(tmp) as f:
+                torch.jit.save(scripted, f)
             if check is not None:
                 check(tmp)
 
@@ -235,18 +219,31 @@ def _export_program(model: nn.Module, example: Tensor | tuple, dynamic: str = "a
 
 
 def write_pt2(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,
-              dynamic: str = "auto") -> list[str]:
+              dynamic: str = "auto", *, overwrite: bool = False) -> list[str]:
     """Export the deploy model with torch.export and save it (load with `torch.export.load(path).module()`).
     Returns the names of the input dims that are dynamic (e.g. ['batch', 'height', 'width'])."""
     model = model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program, _, dims = _export_program(model, example, dynamic)
-        with atomic_output(path) as tmp:
-            torch.export.save(program, str(tmp))
+        with atomic_output(path, overwrite) as tmp:
+            with guarded_writer(tmp) as f:
+                torch.export.save(program, f)
             if check is not None:
-                check(tmp)
+                with _quiet_pt2_logger():  # the temporary's name does not end in .pt2: torch logs a warning
+                    check(tmp)
     return dims
+
+
+@contextlib.contextmanager
+def _quiet_pt2_logger() -> Iterator[None]:
+    logger = logging.getLogger("torch.export.pt2_archive._package")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _require_onnx() -> None:
@@ -261,7 +258,7 @@ def _require_onnx() -> None:
 
 
 def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,
-               dynamic: str = "auto") -> list[str]:
+               dynamic: str = "auto", *, overwrite: bool = False) -> list[str]:
     """Export the deploy model to a single self-contained ONNX file (input `input`, or `input0`,
     `input1`, ... for several; output `output`). The model is exported with torch.export first (the
     dynamic dims as for pt2), and that program converted; returns the names of the dynamic dims."""
@@ -269,7 +266,7 @@ def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, chec
     model = model.eval()
     args = _as_args(example)
     names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
-    with warnings.catch_warnings(), torch.no_grad(), atomic_output(path) as tmp:
+    with warnings.catch_warnings(), torch.no_grad(), atomic_output(path, overwrite) as tmp:
         warnings.simplefilter("ignore")
         try:
             program, x_args, dims = _export_program(model, example, dynamic)

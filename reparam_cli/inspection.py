@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import tempfile
 import types
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +18,7 @@ import torch
 from .checkpoint import extract_state_dict, load_into, read_raw
 from .engine import count_parameters, reparameterize
 from .errors import ReparamError
-from .pipes import is_stdio, sniff_format, spool_stdin
+from .pipes import is_stdio, sniff_format, spooled_stdin
 from .pipeline import Progress, _noop, _spec
 from .spec import ModelSpec
 
@@ -104,8 +103,7 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     from .metadata import decode_metadata, is_deploy_metadata
 
     if is_stdio(checkpoint):
-        with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:
-            source = spool_stdin(Path(tmp), stdin)
+        with spooled_stdin(stdin) as source:  # unnamed: nothing left in $TMPDIR, even after SIGKILL
             try:
                 report = inspect_checkpoint(source, spec, trust_pickle=trust_pickle, progress=progress,
                                             trust_spec=trust_spec)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import (AlreadyDeployed, Checkpoint, extract_checkpoint, find_module, fit_problems, load_into,
-                         read_raw, sha256_file)
+from .checkpoint import (AlreadyDeployed, Checkpoint, check_checkpoint_file, extract_checkpoint, find_module,
+                         fit_problems, load_into, read_raw, sha256_file)
 from .engine import ConversionReport, count_parameters, reparameterize
 from .errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
 from .metadata import is_deploy_metadata
@@ -63,7 +63,10 @@ def load_training_model(checkpoint: str | Path, spec: ModelSpec, trust_pickle: b
 
 def _refuse_reparam_deploy_file(checkpoint: Path) -> None:
     """A safetensors file carrying reparam's deploy metadata is a deploy file, not a training checkpoint."""
-    if checkpoint.suffix != ".safetensors" or not checkpoint.is_file():
+    from .checkpoint import _looks_like_safetensors
+
+    # By content, not only by suffix: a checkpoint piped to stdin is read as /proc/self/fd/N.
+    if not checkpoint.is_file() or not (checkpoint.suffix == ".safetensors" or _looks_like_safetensors(checkpoint)):
         return
     try:
         meta = read_metadata(checkpoint)
@@ -150,12 +153,11 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
 
 
 def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
+    from .safeio import check_output_target
+
     if output.resolve() == checkpoint.resolve():
         raise OutputError(f"refusing to write the output over its input {checkpoint}", hint="pass another -o")
-    if output.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists", hint="pass --overwrite to replace it")
-    if output.is_dir():
-        raise OutputError(f"output {output} is a directory")
+    check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
 
 
 def finite_figures(report: dict) -> dict:
@@ -275,6 +277,7 @@ def convert_checkpoint(
     dynamic_shapes: str = "auto",
     graph: bool = True,
     strict: bool = False,
+    source_name: str | None = None,
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
     when the fused model does not match, ReparamError on bad input.
@@ -304,7 +307,9 @@ def convert_checkpoint(
     _check_output(checkpoint, output, overwrite)
     opts = verify_options or VerifyOptions()
 
-    # The input's checksum (for the metadata) is computed on the other core while we fuse.
+    # The input's checksum (for the metadata) is computed on the other core while we fuse, once its
+    # first bytes show a checkpoint (a hash must not run away on /dev/zero or a huge sparse file).
+    check_checkpoint_file(checkpoint)
     hasher = ThreadPoolExecutor(max_workers=1)
     source_sha256 = hasher.submit(sha256_file, checkpoint) if fmt == "safetensors" else None
     hasher.shutdown(wait=False)
@@ -360,12 +365,13 @@ def convert_checkpoint(
     # The training model is not needed again: its blocks' tensors go before the file is loaded back.
     del train
     progress(f"writing {fmt}")
-    metadata = {"version": __version__, "spec": spec.to_json(), "source": checkpoint.name,
+    metadata = {"version": __version__, "spec": spec.to_json(), "source": source_name or checkpoint.name,
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()
     metadata["options"] = options
-    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=dynamic_shapes)
+    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=dynamic_shapes,
+                 overwrite=overwrite)
     return finite_figures(report)
 
 
@@ -386,7 +392,8 @@ def _native_blocks(conv_report: ConversionReport) -> list[str]:
 
 
 def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
-                 result: VerifyResult | None, report: dict, metadata: dict, dynamic_shapes: str = "auto") -> None:
+                 result: VerifyResult | None, report: dict, metadata: dict, dynamic_shapes: str = "auto",
+                 overwrite: bool = False) -> None:
     """Write `deploy` in `fmt` atomically. When verification ran, the written file is first loaded back
     the way a user loads it (`load_deploy` for safetensors, its runtime for TorchScript, pt2 and ONNX)
     and compared with the deploy model on the verification input: its figures go into `report`
@@ -422,7 +429,8 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                 figures["nonfinite"] = c.nonfinite
             failed(figures, "when loaded back with load_deploy")
 
-        write_safetensors(output, deploy, metadata, check=check_safetensors if result is not None else None)
+        write_safetensors(output, deploy, metadata, check=check_safetensors if result is not None else None,
+                          overwrite=overwrite)
         return
     from .verification import cast_floating
 
@@ -437,10 +445,11 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
 
     checker = check if result is not None else None
     if fmt == "torchscript":
-        write_torchscript(output, deploy, example, check=checker)
+        write_torchscript(output, deploy, example, check=checker, overwrite=overwrite)
         return
     writer = {"pt2": write_pt2, "onnx": write_onnx}[fmt]
-    report["export_dynamic_dims"] = writer(output, deploy, example, check=checker, dynamic=dynamic_shapes)
+    report["export_dynamic_dims"] = writer(output, deploy, example, check=checker, dynamic=dynamic_shapes,
+                                           overwrite=overwrite)
 
 
 def verify_checkpoint(
@@ -504,20 +513,21 @@ def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0,
     """Write a training checkpoint with random weights and randomized BatchNorm statistics."""
     spec = _spec(spec)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists", hint="pass --overwrite to replace it")
+    from .safeio import check_output_target
+
+    check_output_target(output, overwrite)
     torch.manual_seed(seed)
     model = spec.build()
     with torch.no_grad():
         randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if output.suffix == ".safetensors":
-        write_state_safetensors(output, state)
+        write_state_safetensors(output, state, overwrite=overwrite)
     else:
-        from .export import atomic_output
+        from .safeio import atomic_output, guarded_writer
 
-        with atomic_output(output) as tmp:
-            torch.save(state, tmp)
+        with atomic_output(output, overwrite) as tmp, guarded_writer(tmp) as f:
+            torch.save(state, f)
     return {"ok": True, "output": str(output), "spec": spec.name, "params": count_parameters(model),
             "tensors": len(state), "seed": seed}
 

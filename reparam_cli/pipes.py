@@ -1,8 +1,10 @@
 """Pipes: `-` as the checkpoint (stdin) and as the output (stdout), for `reparam convert` and `inspect`.
 
-A piped checkpoint is spooled to a temporary file (its format told from its bytes); a stdout output
-is written to a temporary file first and copied out only once converted and verified. While
-converting, stdout is redirected to stderr so that no stray print corrupts the binary stream.
+A piped checkpoint is spooled to an unnamed temporary file (O_TMPFILE in $TMPDIR, read through
+/proc/self/fd/N; its format told from its bytes); a stdout output is written unnamed too and copied
+out only once converted and verified (`safeio.HeldOutput`). Neither ever has a name, so no signal,
+not even SIGKILL, leaves it behind. While converting, stdout is redirected to stderr so that no stray
+print corrupts the binary stream.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .checkpoint import is_safetensors_head
+from .checkpoint import checkpoint_kind
 from .errors import OutputError, ReparamError, VerificationFailed
 from .export import SUFFIX
 from .pipeline import convert_checkpoint
+from .safeio import HeldOutput
 from .spec import ModelSpec
 
 STDIO = "-"
@@ -30,26 +33,19 @@ def is_stdio(path: str | Path | None) -> bool:
 
 
 def sniff_format(head: bytes) -> str:
-    """'safetensors' or 'torch', from a file's first bytes (at least 9 of them for safetensors).
-
-    safetensors: an 8-byte little-endian header length, then the JSON header ('{'). torch: a zip
-    archive ('PK', torch >= 1.6) or a legacy pickle (protocol byte 0x80). Raises CheckpointError.
-    """
-    if is_safetensors_head(head):
-        return "safetensors"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"
+    """'safetensors' or 'torch', from a file's first bytes (16 of them; see `checkpoint.checkpoint_kind`).
+    Raises CheckpointError for anything else, so /dev/zero piped in stops at its first bytes."""
+    kind = checkpoint_kind(head)
+    if kind is not None:
+        return kind
     from .errors import CheckpointError
 
     raise CheckpointError("the input is neither a safetensors file nor a torch checkpoint"
                           if head else "the input is empty")
 
 
-def spool_stdin(folder: Path, stdin=None) -> Path:
-    """Copy a checkpoint piped to stdin into `folder` (streamed, not held in memory) and return its
-    path, named `stdin.safetensors` or `stdin.pth` after its content so the usual readers apply."""
-    import shutil
-
+def _stdin_head(stdin=None):
+    """(stream, its first 16 bytes, their format): refuses a terminal and what is not a checkpoint."""
     from .errors import CheckpointError
 
     stream = stdin if stdin is not None else sys.stdin.buffer
@@ -61,11 +57,40 @@ def spool_stdin(folder: Path, stdin=None) -> Path:
         if not more:
             break
         head += more
-    path = folder / f"stdin{'.safetensors' if sniff_format(head) == 'safetensors' else '.pth'}"
+    return stream, head, sniff_format(head)
+
+
+def spool_stdin(folder: Path, stdin=None) -> Path:
+    """Copy a checkpoint piped to stdin into `folder` (streamed, not held in memory) and return its
+    path, named `stdin.safetensors` or `stdin.pth` after its content so the usual readers apply."""
+    stream, head, kind = _stdin_head(stdin)
+    path = folder / f"stdin{'.safetensors' if kind == 'safetensors' else '.pth'}"
     with open(path, "wb") as f:
         f.write(head)
         shutil.copyfileobj(stream, f, 1 << 20)
     return path
+
+
+@contextlib.contextmanager
+def spooled_stdin(stdin=None) -> Iterator[Path]:
+    """The checkpoint piped to stdin as a readable path that has no name in any folder: an unnamed
+    temporary file (O_TMPFILE, or created and unlinked at once) read as /proc/self/fd/N. Where /proc
+    is missing, a temporary folder instead (removed at the end, or by the OS's tmp cleaning)."""
+    stream, head, _ = _stdin_head(stdin)
+    with tempfile.TemporaryFile(prefix="reparam-stdin-") as f:
+        path = Path(f"/proc/self/fd/{f.fileno()}")
+        if os.path.exists(path):
+            f.write(head)
+            shutil.copyfileobj(stream, f, 1 << 20)
+            f.flush()
+            yield path
+            return
+    with tempfile.TemporaryDirectory(prefix="reparam-stdin-") as tmp:
+        path = Path(tmp) / "stdin"
+        with open(path, "wb") as f:
+            f.write(head)
+            shutil.copyfileobj(stream, f, 1 << 20)
+        yield path
 
 
 @contextlib.contextmanager
@@ -118,14 +143,16 @@ def convert_stdio(
         if getattr(sink, "isatty", lambda: False)():
             raise OutputError("refusing to write a binary file to the terminal",
                               hint="redirect stdout, e.g. `> model.safetensors`")
-    with tempfile.TemporaryDirectory(prefix="reparam-") as tmp:
-        folder = Path(tmp)
-        source = spool_stdin(folder, stdin) if is_stdio(checkpoint) else Path(checkpoint)
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(spooled_stdin(stdin)) if is_stdio(checkpoint) else Path(checkpoint)
         fmt = options.get("fmt", "safetensors")
-        target = folder / f"stdout{SUFFIX.get(fmt, '.out')}" if is_stdio(output) else Path(output)
+        held = stack.enter_context(HeldOutput(SUFFIX.get(fmt, ".out"))) if is_stdio(output) else None
+        target = held.path if held is not None else Path(output)
         names = {str(source): "<stdin>"} if is_stdio(checkpoint) else {}
-        if is_stdio(output):
+        if held is not None:
             names[str(target)] = "<stdout>"
+        if is_stdio(checkpoint):
+            options.setdefault("source_name", "<stdin>")
         try:
             with stdout_to_stderr():
                 report = convert_checkpoint(source, spec, target, **options)
@@ -136,10 +163,8 @@ def convert_stdio(
             for tmp_name, shown in names.items():
                 exc.message = exc.message.replace(tmp_name, shown)
             raise
-        if is_stdio(output):
-            with open(target, "rb") as f:
-                shutil.copyfileobj(f, sink, 1 << 20)
-            sink.flush()
+        if held is not None:
+            held.copy_to(sink)
     report.update(_stdio_names(checkpoint, output))
     return report
 

@@ -208,37 +208,49 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
-def test_pickle_that_runs_code_is_refused_without_trust(tiny, tmp_path):
+def test_pickle_that_runs_code_never_runs_without_trust(tiny, tmp_path):
     spec_path, state, ref = tiny
     marker = tmp_path / "PWNED"
     ckpt = tmp_path / "evil.pth"
     torch.save({"state_dict": state, "extra": Payload(marker)}, ckpt)
     assert not marker.exists()
-    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o.safetensors")
-    assert result.exit_code == 2
-    assert "--trust-pickle" in result.stderr and "exec" in result.stderr
-    assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
+    # The tensors are read with the payload turned into an inert placeholder, named in a note.
+    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o.safetensors", "--json")
+    assert result.exit_code == 0, result.stderr
+    notes = " ".join(json.loads(result.stdout)["notes"])
+    assert "extra (builtins.exec)" in notes and "no code run" in notes
+    assert not marker.exists()
+    assert_matches(tmp_path / "o.safetensors", ref)
     # verify reads training checkpoints the same way.
     result = run("verify", ckpt, tmp_path / "o.safetensors", "--spec", spec_path)
-    assert result.exit_code == 2 and not marker.exists()
+    assert result.exit_code == 0 and not marker.exists()
+    # A payload that is the whole file is refused, still without running it.
+    torch.save(Payload(marker), tmp_path / "whole.pth")
+    result = run("convert", tmp_path / "whole.pth", "--spec", spec_path, "-o", tmp_path / "w.safetensors")
+    assert result.exit_code == 2 and "builtins.exec object, not a state dict" in result.stderr
+    assert "--trust-pickle" in result.stderr
+    assert not marker.exists() and not (tmp_path / "w.safetensors").exists()
     # Only with the flag is it unpickled fully (and the code runs: that is what the flag means).
-    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o.safetensors", "--trust-pickle")
+    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o2.safetensors", "--trust-pickle")
     assert result.exit_code == 0, result.stderr
     assert marker.exists()
-    assert_matches(tmp_path / "o.safetensors", ref)
+    assert_matches(tmp_path / "o2.safetensors", ref)
 
 
-def test_whole_pickled_model_needs_trust(tiny, tmp_path):
+def test_whole_pickled_model_reads_without_running_code(tiny, tmp_path):
     spec_path, state, ref = tiny
     model = load_spec(str(spec_path)).build()
     model.load_state_dict(state)
     ckpt = tmp_path / "full.pt"
     torch.save({"model": model, "ema": None}, ckpt)  # like YOLO checkpoints
-    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o.safetensors")
-    assert result.exit_code == 2 and "--trust-pickle" in result.stderr and "RepVGG" in result.stderr
-    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o.safetensors", "--trust-pickle")
+    # Without trust: the pickled module's tensors are walked out of inert placeholders.
+    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "o.safetensors", "--json")
     assert result.exit_code == 0, result.stderr
+    assert any("pickled module" in n and "RepVGG" in n for n in json.loads(result.stdout)["notes"])
     assert_matches(tmp_path / "o.safetensors", ref)
+    result = run("convert", ckpt, "--spec", spec_path, "-o", tmp_path / "t.safetensors", "--trust-pickle")
+    assert result.exit_code == 0, result.stderr
+    assert_matches(tmp_path / "t.safetensors", ref)
 
 
 def test_extract_errors_name_the_problem():

@@ -161,16 +161,26 @@ def test_torchscript_export_runs_without_reparam(tmp_path):
         _outputs_close(scripted(x), _ultralytics_fused(model)(x))
 
 
-def test_pickled_checkpoint_needs_trust_pickle(tmp_path):
+def test_pickled_checkpoint_needs_trust_pickle_only_as_its_own_spec(tmp_path):
+    """`--spec checkpoint` runs the pickled model's code: only with --trust-pickle. With the model's
+    spec, the restricted unpickler reads the pickled module's tensors without running any code."""
     model = _build("yolov8n.yaml")
     pt = tmp_path / "best.pt"
-    torch.save({"model": model.half(), "ema": None, "train_args": {}}, pt)
-    for spec in ("checkpoint", "ultralytics:yolov8n.yaml"):
-        result = run_cli("convert", pt, "--spec", spec, "-o", tmp_path / "out.safetensors")
-        assert result.exit_code == 2
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "--trust-pickle" in lines[0] and "Traceback" not in result.stderr
+    torch.save({"model": copy.deepcopy(model).half(), "ema": None, "train_args": {}}, pt)
+    result = run_cli("convert", pt, "--spec", "checkpoint", "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--trust-pickle" in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+    out = tmp_path / "v8.deploy.safetensors"
+    report = _convert(pt, "--spec", "ultralytics:yolov8n.yaml", "--dtype", "float32", "-o", out)
+    assert report["ok"] and report["verified"] and report["checkpoint_dtype"] == "float16"
+    deploy, theirs = load_deploy(out), _ultralytics_fused(model.half().float())
+    assert _batchnorms(deploy) == 0 and count_parameters(deploy) == count_parameters(theirs)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _outputs_close(deploy(x), theirs(x))
 
 
 def test_spec_references():
@@ -318,7 +328,7 @@ def test_ultralytics_spec_without_the_package(monkeypatch):
         raise ModuleNotFoundError("No module named 'ultralytics'")
 
     monkeypatch.setattr(ecosystems, "import_module", missing)
-    with pytest.raises(SpecError, match=r"needs the ultralytics package.*reparam-cli\[ultralytics\]"):
+    with pytest.raises(SpecError, match=r"needs the ultralytics package.*pip install ultralytics"):
         ecosystems.spec_for("ultralytics:yolov8n.yaml")
 
 
