@@ -75,6 +75,14 @@ def _release(block: nn.Module) -> None:
                 store[name] = None
 
 
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def reparameterize(
     model: nn.Module, *, native: bool = True, linear_as_conv: bool = False, consume: bool = False,
 ) -> tuple[nn.Module, ConversionReport]:
@@ -96,23 +104,36 @@ def reparameterize(
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
-    from .native import FAMILY as NATIVE, fuses_natively, native_fuse
+    from .native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 
     report = ConversionReport()
 
-    def convert_block(module: nn.Module, path: str) -> nn.Module | None:
-        """The deploy form of `module` by its recipe or its own method; None if it is no block."""
+    def convert_block(module: nn.Module, path: str, inside: str | None) -> nn.Module | None:
+        """The deploy form of `module` by its recipe or its own method; None if it is no block.
+
+        `inside` is the path of the natively converted block whose result is being searched again
+        (None outside one): there a method that changes nothing is no conversion, and a block the
+        parent's method created (no such path in the input model) is reported as part of the parent.
+        """
         found = recipe_for(module)
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
             return _fuse(found, module, path)
         if native and fuses_natively(module, is_root=not path):
-            report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
-            return native_fuse(module, path)
+            deployed = native_fuse(module, path)
+            if inside is not None and unchanged(module, deployed):
+                return None
+            if inside is None or _has_submodule(model, path):
+                report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
+            # Searched again, all the way down: children the block's own method left alone.
+            for name, child in deployed._modules.items():
+                if child is not None:
+                    deployed._modules[name] = walk(child, f"{path}.{name}" if path else name, path)
+            return deployed
         return None
 
-    def walk(module: nn.Module, path: str) -> nn.Module:
-        deployed = convert_block(module, path)
+    def walk(module: nn.Module, path: str, inside: str | None = None) -> nn.Module:
+        deployed = convert_block(module, path, inside)
         if deployed is not None:
             if consume:
                 _release(module)
@@ -125,7 +146,7 @@ def reparameterize(
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:
-                new._modules[name] = walk(child, f"{path}.{name}" if path else name)
+                new._modules[name] = walk(child, f"{path}.{name}" if path else name, inside)
         return new
 
     if not isinstance(model, nn.Module):
