@@ -31,6 +31,7 @@ class ConversionReport:
     """What `reparameterize` did: each converted block with its path, and counts per block type."""
 
     converted: list[ConvertedBlock] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def blocks(self) -> dict[str, int]:
@@ -120,7 +121,13 @@ def reparameterize(
             report.converted.append(ConvertedBlock(path, found.name, found.family))
             return _fuse(found, module, path)
         if native and fuses_natively(module, is_root=not path):
-            deployed = native_fuse(module, path)
+            try:
+                deployed = native_fuse(module, path)
+            except ReparamError as exc:
+                if inside is None:
+                    raise
+                report.notes.append(f"{exc.message}; kept as {inside}'s own method left it")
+                return None
             if inside is not None and unchanged(module, deployed):
                 return None
             if inside is None or _has_submodule(model, path):

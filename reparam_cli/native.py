@@ -29,9 +29,11 @@ Which modules get their method called (the engine decides, see `engine.reparamet
   finds nothing left to do (mmpretrain's `if self.deploy: return`) is left as it is.
 
 A class may define several of the methods: the first that gives a module (or None) is used. A
-method that returns anything else (mmpretrain's `RepVGGBlock.reparameterize()` returns the fused
-`(weight, bias)` tensors; its `switch_to_deploy()` is the one that swaps the branches) is
-skipped in favour of the next one.
+method that fails or returns anything else (mmpretrain's `RepVGGBlock.reparameterize()` returns
+the fused `(weight, bias)` tensors; its `switch_to_deploy()` is the one that swaps the branches)
+is skipped in favour of the next one; when none works, the first failure is reported. Inside a
+natively fused block's result, a child none of whose methods works (it was fused by its parent
+and its method cannot run twice) is kept as the parent left it, with a note in the report.
 
 The method runs on a deep copy of the block in eval mode, upcast to float64 (default dtype
 float64 while it runs, so modules it creates are float64 too); the result is cast back to the
@@ -123,15 +125,22 @@ def native_fuse(block: nn.Module, path: str = "") -> nn.Module:
     if not methods:
         raise ReparamError(f"block {path or '<root>'} ({type(block).__name__}) has no native deploy method")
     device, dtype = _device_and_dtype(block)
+    first_error = None
     for method in methods:
-        work, result = _call(block, method, device, dtype, path)
+        try:
+            work, result = _call(block, method, device, dtype, path)
+        except ReparamError as exc:  # the next method may be the one that works
+            first_error = first_error or exc
+            continue
         if result is None:
             result = work
         if isinstance(result, nn.Module):
             break
+        first_error = first_error or ReparamError(
+            f"block {path or '<root>'} ({type(block).__name__}): {method}() returned "
+            f"{type(result).__name__}, not a module")
     else:
-        raise ReparamError(f"block {path or '<root>'} ({type(block).__name__}): {method}() returned "
-                           f"{type(result).__name__}, not a module")
+        raise first_error
     if dtype is not None:
         result = result.to(dtype)
     result.train(block.training)

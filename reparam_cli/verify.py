@@ -135,15 +135,16 @@ def _compare(out, ref, rtol: float, atol: float, what: str) -> tuple[float, floa
     return worst_abs, worst_rel, worst_cos, ok, worst_path
 
 
-def _clone_leaves(out):
-    """A copy of an output structure's tensors (later in-place ops must not change what was captured)."""
+def _clone_leaves(out, dtype: torch.dtype | None = None):
+    """A copy of an output structure's tensors (later in-place ops must not change what was captured),
+    floating ones cast to `dtype` if given."""
     if isinstance(out, Tensor):
-        return out.clone()
+        return out.to(dtype) if dtype is not None and out.is_floating_point() else out.clone()
     if isinstance(out, (list, tuple)):
-        items = [_clone_leaves(o) for o in out]
+        items = [_clone_leaves(o, dtype) for o in out]
         return items if isinstance(out, list) else tuple(items)
     if isinstance(out, dict):
-        return {k: _clone_leaves(v) for k, v in out.items()}
+        return {k: _clone_leaves(v, dtype) for k, v in out.items()}
     return out
 
 
@@ -206,7 +207,7 @@ def verify(
                     for path, _ in blocks:
                         def hook(_m, args, out, path=path):
                             # Copies: later in-place ops (timm's `x += shortcut`) would change them.
-                            captured[path] = (args[0].clone(), _clone_leaves(out))
+                            captured[path] = (_clone_leaves(args[0]), _clone_leaves(out))
                         hooks.append(train_model.get_submodule(path).register_forward_hook(hook))
                 try:
                     ref = functional_call(train_model, state64, (x64,))
@@ -233,7 +234,7 @@ def verify(
                     if path not in captured:
                         continue
                     inp, block_ref = captured[path]
-                    block_out = deploy_model.get_submodule(path)(inp.to(deploy_dtype))
+                    block_out = deploy_model.get_submodule(path)(_clone_leaves(inp, deploy_dtype))
                     _, b_rel, _, b_ok, _ = _compare(block_out, block_ref, rtol, atol, f"deploy block {path}")
                     ok &= b_ok
                     block_errors[path] = BlockError(path, block_type, b_rel, b_ok)
