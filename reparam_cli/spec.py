@@ -5,10 +5,10 @@ A spec reference (`--spec`) is one of:
 * a built-in name, e.g. `repvgg-a0` (a YAML file in `model_specs/`),
 * a path to a YAML file,
 * a Python file `spec.py` exposing `build_model()`, or `spec.py:function`,
-* `timm:<model_name>`, optionally with keyword arguments for `timm.create_model` as a query:
-  `timm:repvgg_a0?num_classes=10&in_chans=1` (values parsed as YAML scalars or lists). The model
-  is built with `pretrained=False`: weights come from the checkpoint, nothing is downloaded.
-  In a YAML spec, `builder: timm:create_model` with `args: {model_name: repvgg_a0, ...}` does the same.
+* a library's model: `timm:<model_name>` or `mmpretrain:<model name or config.py>`, optionally
+  with keyword arguments as a query: `timm:repvgg_a0?num_classes=10&in_chans=1` (values parsed
+  as YAML scalars or lists). Built without pretrained weights: weights come from the checkpoint,
+  nothing is downloaded (details in `reparam_cli/ecosystems/`).
 
 A YAML spec names a builder (`module:callable`), its keyword arguments, the verification input
 shape and optional checkpoint options:
@@ -98,8 +98,9 @@ def load_spec(ref: str) -> ModelSpec:
     """Resolve a `--spec` reference (built-in name, YAML path, or Python file[:function])."""
     if not ref:
         raise SpecError("no spec given", hint="pass --spec NAME, a YAML file or a Python file")
-    if ref.startswith(TIMM_PREFIX):
-        return timm_spec(ref)
+    for prefix, resolver in ECOSYSTEM_SPECS.items():
+        if ref.startswith(prefix):
+            return _resolve_callable(resolver, ref)(ref)
     py_path, _, func = ref.partition(".py:")
     if ref.endswith(".py") or func:
         return _python_spec(Path(f"{py_path}.py" if func else ref), func or "build_model")
@@ -182,48 +183,23 @@ def _import_file(path: Path):
     return module
 
 
-TIMM_PREFIX = "timm:"
+# Library specs (`timm:<model>`, `mmpretrain:<model>`): prefix -> the module:function that
+# resolves such a reference into a ModelSpec. The library details live in reparam_cli/ecosystems/.
+ECOSYSTEM_SPECS = {
+    "timm:": "reparam_cli.ecosystems.timm:timm_spec",
+    "mmpretrain:": "reparam_cli.ecosystems.mmpretrain:mmpretrain_spec",
+}
+# Builder references kept for deploy files written before the timm code moved (not importable).
 TIMM_BUILDERS = ("timm:create_model", "timm.models:create_model")
-_TIMM_REFUSED = {"pretrained": "weights come from the checkpoint, nothing is downloaded",
-                 "checkpoint_path": "pass the checkpoint to reparam instead",
-                 "pretrained_cfg_overlay": "weights come from the checkpoint, nothing is downloaded"}
 
 
-def _import_timm():
-    try:
-        import timm
-    except ImportError as exc:
-        raise SpecError(f"timm specs need the timm package, which cannot be imported ({exc})",
-                        hint="pip install 'reparam-cli[timm]'") from None
-    return timm
-
-
-def timm_create_model(model_name: str, **kwargs: Any):
-    """`timm.create_model(model_name, pretrained=False, **kwargs)`, with errors a user can act on."""
-    timm = _import_timm()
-    for key, why in _TIMM_REFUSED.items():
-        if kwargs.get(key):
-            raise SpecError(f"timm spec {model_name!r}: {key} is not allowed ({why})")
-        kwargs.pop(key, None)
-    if not timm.is_model(model_name):
-        import difflib
-
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=4, cutoff=0.6)
-        raise SpecError(f"timm has no model {model_name!r}",
-                        hint=f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
-    return timm.create_model(model_name, pretrained=False, **kwargs)
-
-
-def timm_spec(ref: str) -> ModelSpec:
-    """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
+def parse_query(ref: str, body: str) -> tuple[str, dict[str, Any]]:
+    """'name?key=value&...' -> (name, {key: value}), values parsed as YAML scalars or lists."""
     from urllib.parse import parse_qsl
 
     import yaml
 
-    body = ref[len(TIMM_PREFIX):]
-    model_name, _, query = body.partition("?")
-    if not model_name:
-        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
+    name, _, query = body.partition("?")
     args: dict[str, Any] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -234,22 +210,14 @@ def timm_spec(ref: str) -> ModelSpec:
             args[key] = yaml.safe_load(value) if value else None
         except yaml.YAMLError:
             args[key] = value
-    timm = _import_timm()
-    if not timm.is_model(model_name):
-        timm_create_model(model_name)  # raises with suggestions
-    cfg = timm.get_pretrained_cfg(model_name)
-    size = getattr(cfg, "input_size", None) if cfg is not None else None
-    in_chans = args.get("in_chans")
-    shape = (1, *size) if size else DEFAULT_INPUT_SHAPE
-    if isinstance(in_chans, int):
-        shape = (shape[0], in_chans, *shape[2:])
-    return ModelSpec(name=ref, builder=TIMM_BUILDERS[0], args={"model_name": model_name, **args},
-                     input_shape=_shape(shape, ref), description=f"timm model {model_name}", source=ref)
+    return name, args
 
 
 def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:
     """'package.module:attr' or '/path/file.py:attr' -> the callable ('timm:create_model': never pretrained)."""
     if ref in TIMM_BUILDERS:
+        from .ecosystems.timm import timm_create_model
+
         return timm_create_model
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:

@@ -1,0 +1,1 @@
+"""Library conventions (timm, mmpretrain, ultralytics, ...): one small file per library."""
