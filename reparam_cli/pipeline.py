@@ -224,8 +224,8 @@ def convert_checkpoint(
         "flops_after": result.flops_deploy if result else None,
         **_verification_dict(result),
     }
-    if ckpt.notes:
-        report["notes"] = list(ckpt.notes)
+    if ckpt.notes or conv_report.notes:
+        report["notes"] = list(ckpt.notes) + list(conv_report.notes)
     if result is not None and not result.ok:
         raise VerificationFailed("the deploy model does not match the training model; nothing was written", report)
 

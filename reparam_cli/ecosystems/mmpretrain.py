@@ -3,7 +3,7 @@
 `mmpretrain:repvgg-a0_8xb32_in1k` builds the model with `mmpretrain.get_model(name,
 pretrained=False)` (nothing is downloaded); the name may also be the config file a training run
 dumped into its work dir (`mmpretrain:work_dirs/my_run/my_run.py`). Config overrides go in the
-query, dotted keys nested: `mmpretrain:repvgg-a0_8xb32_in1k?head.num_classes=10`. The
+query (dotted keys set into the config's `model`): `mmpretrain:repvgg-a0_8xb32_in1k?head.num_classes=10`. The
 verification input is the crop size of the config's test pipeline (224 unless it says otherwise).
 
 Checkpoints: mmengine's `save_checkpoint` (work_dirs/<run>/epoch_N.pth, best_*.pth) stores
@@ -24,6 +24,7 @@ RIFormer, LeViT), their blocks also define `reparameterize()` returning tensors,
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from typing import Any
@@ -55,16 +56,18 @@ def import_mmpretrain():
     return mmpretrain
 
 
-def _nested(args: dict[str, Any]) -> dict[str, Any]:
-    """{'head.num_classes': 10} -> {'head': {'num_classes': 10}} (mmengine config overrides)."""
-    out: dict[str, Any] = {}
-    for key, value in args.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+def _override(config, key: str, value: Any) -> None:
+    """Set `config.model.<key>` (dotted) to `value`, replacing what is there (a dict value replaces
+    a string, e.g. a custom `backbone.arch`, which mmengine's merge refuses)."""
+    from mmengine.config import ConfigDict
+
+    *parents, leaf = key.split(".")
+    node = config.model
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = ConfigDict()
+        node = node[p]
+    node[leaf] = ConfigDict(value) if isinstance(value, dict) else value
 
 
 def _config(model: str):
@@ -88,16 +91,19 @@ def _config(model: str):
 
 
 def build_model(model: str, **overrides: Any):
-    """`mmpretrain.get_model(model, pretrained=False, **overrides)`: the whole classifier
-    (data preprocessor, backbone, neck, head), its log lines sent to stderr."""
+    """`mmpretrain.get_model(model, pretrained=False)`: the whole classifier (data preprocessor,
+    backbone, neck, head), `overrides` set on its config's `model` first (dotted keys:
+    `{"head.num_classes": 10}`), its log lines sent to stderr."""
     mmpretrain = import_mmpretrain()
-    config = _config(model)
-    if overrides.get("pretrained") or overrides.get("init_cfg"):
-        raise SpecError(f"mmpretrain spec {model!r}: pretrained weights are not allowed "
-                        "(weights come from the checkpoint, nothing is downloaded)")
+    config = copy.deepcopy(_config(model))  # the hub caches its configs
+    for key, value in overrides.items():
+        if key.split(".")[-1] in ("pretrained", "init_cfg") and value:
+            raise SpecError(f"mmpretrain spec {model!r}: {key} is not allowed "
+                            "(weights come from the checkpoint, nothing is downloaded)")
+        _override(config, key, value)
     with _quiet():
         try:
-            return mmpretrain.get_model(config, pretrained=False, **overrides)
+            return mmpretrain.get_model(config, pretrained=False)
         except (KeyError, TypeError, ValueError, AssertionError) as exc:
             raise SpecError(f"mmpretrain could not build {model!r}: {type(exc).__name__}: {exc}") from None
 
@@ -120,6 +126,6 @@ def mmpretrain_spec(ref: str) -> ModelSpec:
     if not model:
         raise SpecError(f"spec {ref!r} names no mmpretrain model", hint="e.g. mmpretrain:repvgg-a0_8xb32_in1k")
     config = _config(model)
-    return ModelSpec(name=ref, builder=f"{__name__}:build_model", args={"model": model, **_nested(args)},
+    return ModelSpec(name=ref, builder=f"{__name__}:build_model", args={"model": model, **args},
                      input_shape=_shape(default_input_shape(config), ref),
                      description=f"mmpretrain model {model}", source=ref)
