@@ -46,3 +46,8 @@ def run_cli(*args, stdin: bytes | None = None):
     from reparam_cli.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+
+
+def batchnorms(model: nn.Module) -> int:
+    """Number of BatchNorm layers (what a fused deploy model should have few of)."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

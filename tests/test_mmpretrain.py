@@ -18,6 +18,7 @@ from reparam_cli.errors import SpecError
 from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, randomize_batchnorm
 from reparam_cli.spec import load_spec
 
+from .helpers import batchnorms
 from .test_checkpoint_formats import run
 
 pytest.importorskip("mmpretrain")
@@ -42,10 +43,6 @@ def mmpretrain_fuse(model: nn.Module) -> nn.Module:
         if hasattr(part, "switch_to_deploy"):
             part.switch_to_deploy()
     return model
-
-
-def batchnorms(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def test_mmpretrain_spec_reference():

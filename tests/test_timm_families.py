@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from reparam_cli.engine import count_parameters, reparameterize
 from reparam_cli.pipeline import randomize_batchnorm
 from reparam_cli.spec import load_spec
 from reparam_cli.verify import verify
+
+from .helpers import batchnorms
 
 timm = pytest.importorskip("timm")
 
@@ -23,10 +24,6 @@ MODELS = [
     ("timm:shvit_s1?num_classes=10", {"Conv2dNorm", "NormLinear", "Residual"}),
     ("timm:efficientvim_m1?num_classes=10", {"EfficientViMBlock", "ConvLayer2d", "PatchMerging"}),
 ]
-
-
-def batchnorms(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @pytest.mark.parametrize("ref,blocks", MODELS, ids=[m[0].split(":")[1].split("?")[0] for m in MODELS])
