@@ -48,8 +48,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _shallow_clone(module: nn.Module) -> nn.Module:
-    """A new module object with its own child, parameter and buffer dicts (tensors shared)."""
+    """A new module object with its own child, parameter and buffer dicts (tensors shared), and
+    its own copy of every other dict/list/set attribute: a cache a module fills on its first call
+    (timm's LeViT / EfficientViT-M / TinyViT `attention_bias_cache`) must not be shared, or the
+    training model's float64 reference pass fills it for the deploy model too."""
     new = copy.copy(module)
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
     new._modules = dict(module._modules)
     new._parameters = {
         name: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)

@@ -281,3 +281,28 @@ def test_methods_returning_tensors_fall_through_and_train_may_return_none():
     deploy, report = reparameterize(model)
     assert report.blocks == {"MMStyle": 1} and deploy[0].deploy and isinstance(deploy[0].branch, nn.Conv2d)
     assert verify(model, deploy, (1, 3, 8, 8)).ok
+
+
+class CachedBias(nn.Module):
+    """Like timm's LeViT attention: a bias computed on the first eval call, cached by device."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(c, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if str(x.device) not in self.cache:
+            self.cache[str(x.device)] = self.bias * 1.0  # in the dtype of this first call
+        return x + self.cache[str(x.device)]
+
+
+def test_deploy_model_shares_no_cache_with_the_training_model():
+    model = randomized(nn.Sequential(PaperRepBlock(3), CachedBias(3)))
+    deploy, _ = reparameterize(model)
+    with torch.no_grad():
+        model.double()(torch.randn(1, 3, 4, 4, dtype=torch.float64))  # fills the training model's cache in float64
+        model.float()
+        out = deploy(torch.randn(1, 3, 4, 4))  # its own cache: float32, not the float64 one
+    assert out.dtype == torch.float32 and model[1].cache["cpu"].dtype == torch.float64
+    assert deploy[1].cache["cpu"].dtype == torch.float32
