@@ -24,7 +24,7 @@ from .test_checkpoint_formats import run
 pytest.importorskip("mmpretrain")
 
 SMALL_REPMLP = ("mmpretrain:repmlp-base_3rdparty_8xb64_in1k?backbone.img_size=64&head.in_channels=64"
-                "&backbone.arch={channels: [8, 16, 32, 64], depths: [1, 1, 2, 1], sharesets_nums: [1, 2, 4, 8]}")
+                "&backbone.arch.channels=[8,16,32,64]&backbone.arch.depths=[1,1,2,1]&backbone.arch.sharesets_nums=[1,2,4,8]")
 # (spec, the blocks reparam reports); every model at 64x64 to stay fast.
 MODELS = [
     ("mmpretrain:repvgg-a0_8xb32_in1k?head.num_classes=10", {"RepVGG": 1}),
