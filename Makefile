@@ -8,7 +8,7 @@ test:  ## set up .venv-test and run the test suite
 	bash scripts/test.sh
 
 bench:  ## conversion speed and memory against the read+write floor
-	bash scripts/setup_env.sh .venv-test "test,timm,onnx,plot,ultralytics" && .venv-test/bin/python scripts/bench.py
+	bash scripts/setup_env.sh .venv-test "test,timm,onnx,plot,ultralytics,mmpretrain" && .venv-test/bin/python scripts/bench.py
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

@@ -78,8 +78,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _shallow_clone(module: nn.Module) -> nn.Module:
-    """A new module object with its own child, parameter and buffer dicts (tensors shared)."""
+    """A new module object with its own child, parameter and buffer dicts (tensors shared), and
+    its own copy of every other dict/list/set attribute: a cache a module fills on its first call
+    (timm's LeViT / EfficientViT-M / TinyViT `attention_bias_cache`) must not be shared, or the
+    training model's float64 reference pass fills it for the deploy model too."""
     new = copy.copy(module)
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
     new._modules = dict(module._modules)
     new._parameters = {
         name: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
@@ -125,6 +129,14 @@ def _release(block: nn.Module, deployed: nn.Module) -> None:
                 store[name] = None
 
 
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def reparameterize(
     model: nn.Module, *, native: bool = True, linear_as_conv: bool = False, consume: bool = False,
     graph: bool = True,
@@ -158,15 +170,20 @@ def reparameterize(
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 
     from . import ecosystems
-    from .native import FAMILY as NATIVE, fuses_natively, native_fuse
+    from .native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 
     ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
     report = ConversionReport()
     products: list[nn.Module] = []  # converted blocks: opaque to the graph pass
 
-    def convert_block(module: nn.Module, path: str) -> nn.Module | None:
-        """The deploy form of `module` by its recipe or its own method; None if it is no block."""
+    def convert_block(module: nn.Module, path: str, inside: str | None) -> nn.Module | None:
+        """The deploy form of `module` by its recipe or its own method; None if it is no block.
+
+        `inside` is the path of the natively converted block whose result is being searched again
+        (None outside one): there a method that changes nothing is no conversion, and a block the
+        parent's method created (no such path in the input model) is reported as part of the parent.
+        """
         found = recipe_for(module)
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
@@ -174,14 +191,28 @@ def reparameterize(
             _check_finite(module, products[-1], path, found.name)
             return products[-1]
         if native and fuses_natively(module, is_root=not path):
-            report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
-            products.append(native_fuse(module, path))
-            _check_finite(module, products[-1], path, type(module).__name__)
-            return products[-1]
+            try:
+                deployed = native_fuse(module, path)
+            except ReparamError as exc:
+                if inside is None:
+                    raise
+                report.notes.append(f"{exc.message}; kept as {inside}'s own method left it")
+                return None
+            if inside is not None and unchanged(module, deployed):
+                return None
+            _check_finite(module, deployed, path, type(module).__name__)
+            if inside is None or _has_submodule(model, path):
+                report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
+            products.append(deployed)
+            # Searched again, all the way down: children the block's own method left alone.
+            for name, child in deployed._modules.items():
+                if child is not None:
+                    deployed._modules[name] = walk(child, f"{path}.{name}" if path else name, path)
+            return deployed
         return None
 
-    def walk(module: nn.Module, path: str) -> nn.Module:
-        deployed = convert_block(module, path)
+    def walk(module: nn.Module, path: str, inside: str | None = None) -> nn.Module:
+        deployed = convert_block(module, path, inside)
         if deployed is not None:
             if consume:
                 _release(module, deployed)
@@ -195,7 +226,7 @@ def reparameterize(
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:
-                new._modules[name] = walk(child, f"{path}.{name}" if path else name)
+                new._modules[name] = walk(child, f"{path}.{name}" if path else name, inside)
         return new
 
     if not isinstance(model, nn.Module):

@@ -23,6 +23,17 @@ Which modules get their method called (the engine decides, see `engine.reparamet
   `reparameterize()` is typically a tree walk over the blocks (timm's `RepVit.fuse`), and
   converting block by block keeps per-block verification. The root's own method is used only
   when no module below it can be converted at all.
+* after a block's own method ran, its result is searched again (all the way down): children the
+  method left alone (timm's `GhostBottleneck.switch_to_deploy()` fuses only its depthwise conv,
+  not its `GhostModuleV3` children) are converted by their own methods too. A child whose method
+  finds nothing left to do (mmpretrain's `if self.deploy: return`) is left as it is.
+
+A class may define several of the methods: the first that gives a module (or None) is used. A
+method that fails or returns anything else (mmpretrain's `RepVGGBlock.reparameterize()` returns
+the fused `(weight, bias)` tensors; its `switch_to_deploy()` is the one that swaps the branches)
+is skipped in favour of the next one; when none works, the first failure is reported. Inside a
+natively fused block's result, a child none of whose methods works (it was fused by its parent
+and its method cannot run twice) is kept as the parent left it, with a note in the report.
 
 The method runs on a deep copy of the block in eval mode, upcast to float64 (default dtype
 float64 while it runs, so modules it creates are float64 too); the result is cast back to the
@@ -44,19 +55,24 @@ NATIVE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 FAMILY = "native"
 
 
-def native_method(module: nn.Module) -> str | None:
-    """The name of the module's native deploy method, if its class defines one.
+def native_methods(module: nn.Module) -> list[str]:
+    """The names of the native deploy methods the module's class defines, in NATIVE_METHODS order.
 
     Only functions defined on the class count: a child module or attribute that happens to be
     called `fuse` (e.g. `self.fuse = nn.Conv2d(...)`) is not a method.
     """
+    found = []
     for name in NATIVE_METHODS:
         attr = inspect.getattr_static(type(module), name, None)
-        if isinstance(attr, staticmethod):
-            continue
-        if inspect.isfunction(attr):
-            return name
-    return None
+        if not isinstance(attr, staticmethod) and inspect.isfunction(attr):
+            found.append(name)
+    return found
+
+
+def native_method(module: nn.Module) -> str | None:
+    """The name of the module's first native deploy method, if its class defines one."""
+    found = native_methods(module)
+    return found[0] if found else None
 
 
 def fuses_natively(module: nn.Module, is_root: bool = False) -> bool:
@@ -78,23 +94,17 @@ def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | No
     return torch.device("cpu"), None
 
 
-def native_fuse(block: nn.Module, path: str = "") -> nn.Module:
-    """The deploy form of `block` from its own native method, computed on a float64 deep copy.
-
-    Returns a new module in the block's dtype and training mode; `block` is not modified.
-    """
-    method = native_method(block)
-    if method is None:
-        raise ReparamError(f"block {path or '<root>'} ({type(block).__name__}) has no native deploy method")
-    device, dtype = _device_and_dtype(block)
-    work = copy.deepcopy(block).eval()
+def _call(block: nn.Module, method: str, device: torch.device, dtype: torch.dtype | None, path: str):
+    """Run `method` on a float64 eval-mode deep copy of `block`; returns (copy, what it returned)."""
+    work = copy.deepcopy(block)
+    work.eval()  # not chained: mmpretrain backbones override train() and return None
     if dtype is not None and dtype != torch.float64:
         work = work.to(torch.float64)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
         with torch.no_grad(), torch.device(device):
-            result = getattr(work, method)()
+            return work, getattr(work, method)()
     except ReparamError:
         raise
     except Exception as exc:  # third-party code: name the block, do not crash with a traceback
@@ -104,12 +114,46 @@ def native_fuse(block: nn.Module, path: str = "") -> nn.Module:
         ) from None
     finally:
         torch.set_default_dtype(previous)
-    if result is None:
-        result = work
-    if not isinstance(result, nn.Module):
-        raise ReparamError(f"block {path or '<root>'} ({type(block).__name__}): {method}() returned "
-                           f"{type(result).__name__}, not a module")
+
+
+def native_fuse(block: nn.Module, path: str = "") -> nn.Module:
+    """The deploy form of `block` from its own native method, computed on a float64 deep copy.
+
+    Returns a new module in the block's dtype and training mode; `block` is not modified.
+    """
+    methods = native_methods(block)
+    if not methods:
+        raise ReparamError(f"block {path or '<root>'} ({type(block).__name__}) has no native deploy method")
+    device, dtype = _device_and_dtype(block)
+    first_error = None
+    for method in methods:
+        try:
+            work, result = _call(block, method, device, dtype, path)
+        except ReparamError as exc:  # the next method may be the one that works
+            first_error = first_error or exc
+            continue
+        if result is None:
+            result = work
+        if isinstance(result, nn.Module):
+            break
+        first_error = first_error or ReparamError(
+            f"block {path or '<root>'} ({type(block).__name__}): {method}() returned "
+            f"{type(result).__name__}, not a module")
+    else:
+        raise first_error
     if dtype is not None:
         result = result.to(dtype)
     result.train(block.training)
     return result
+
+
+def unchanged(block: nn.Module, deployed: nn.Module) -> bool:
+    """Whether `deployed` (a `native_fuse` result) is the same function as `block` by construction:
+    the same module types at the same paths and equal tensors, i.e. the method had nothing to do."""
+    if [(n, type(m)) for n, m in block.named_modules()] != [(n, type(m)) for n, m in deployed.named_modules()]:
+        return False
+    a, b = block.state_dict(), deployed.state_dict()
+    if a.keys() != b.keys():
+        return False
+    return all(x.shape == y.shape and x.dtype == y.dtype and (x.is_meta or torch.equal(x, y))
+               for x, y in ((a[k], b[k]) for k in a))

@@ -350,7 +350,7 @@ def convert_checkpoint(
         **_verification_dict(result),
         "block_errors": _block_errors(result),
     }
-    notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
+    notes = list(ckpt.notes) + list(conv_report.notes) + _low_precision_notes(result, train, deploy)
     if notes:
         report["notes"] = notes
     finite_figures(report)

@@ -6,14 +6,12 @@ A spec reference (`--spec`) is one of:
   with builder arguments as a query: `repvgg-a0?num_classes=10`,
 * a path to a YAML file,
 * a Python file `spec.py` exposing `build_model()`, or `spec.py:function`,
-* `ultralytics:<yaml>` (e.g. `ultralytics:yolov8n.yaml?nc=3`) and other library prefixes: the
-  library's own file in `reparam_cli/ecosystems/` builds the spec,
 * `checkpoint`: the checkpoint holds the whole model (a pickled nn.Module, e.g. an ultralytics
   `.pt`), which is used as it is; needs `--trust-pickle` (see `pipeline.read_training_model`),
-* `timm:<model_name>`, optionally with keyword arguments for `timm.create_model` as a query:
-  `timm:repvgg_a0?num_classes=10&in_chans=1` (values parsed as YAML scalars or lists). The model
-  is built with `pretrained=False`: weights come from the checkpoint, nothing is downloaded.
-  In a YAML spec, `builder: timm:create_model` with `args: {model_name: repvgg_a0, ...}` does the same.
+* a library's model: `ultralytics:<yaml>`, `timm:<model_name>` or `mmpretrain:<model name or config.py>`, optionally
+  with keyword arguments as a query: `timm:repvgg_a0?num_classes=10&in_chans=1` (values parsed
+  as YAML scalars or lists). Built without pretrained weights: weights come from the checkpoint,
+  nothing is downloaded (details in `reparam_cli/ecosystems/`).
 
 A YAML spec names a builder (`module:callable`), its keyword arguments, the verification input
 shape and optional checkpoint options:
@@ -176,8 +174,6 @@ def load_spec(ref: str) -> ModelSpec:
     """Resolve a `--spec` reference (built-in name, YAML path, or Python file[:function])."""
     if not ref:
         raise SpecError("no spec given", hint="pass --spec NAME, a YAML file or a Python file")
-    if ref.startswith(TIMM_PREFIX):
-        return timm_spec(ref)
     if ref == CHECKPOINT_SPEC:
         return checkpoint_spec()
     from .ecosystems import spec_for
@@ -351,37 +347,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 TIMM_PREFIX = "timm:"
+# What timm specs store as their builder (resolved by _resolve_callable; the second is the name
+# deploy files written before the timm code moved to ecosystems/timm.py carry).
 TIMM_BUILDERS = ("timm:create_model", "timm.models:create_model")
-_TIMM_REFUSED = {"pretrained": "weights come from the checkpoint, nothing is downloaded",
-                 "checkpoint_path": "pass the checkpoint to reparam instead",
-                 "pretrained_cfg_overlay": "weights come from the checkpoint, nothing is downloaded"}
-
-
-def _import_timm():
-    try:
-        import timm
-    except ImportError as exc:
-        from .extras import install_hint
-
-        raise SpecError(f"timm specs need the timm package, which cannot be imported ({exc})",
-                        hint=install_hint("timm")) from None
-    return timm
-
-
-def timm_create_model(model_name: str, **kwargs: Any):
-    """`timm.create_model(model_name, pretrained=False, **kwargs)`, with errors a user can act on."""
-    timm = _import_timm()
-    for key, why in _TIMM_REFUSED.items():
-        if kwargs.get(key):
-            raise SpecError(f"timm spec {model_name!r}: {key} is not allowed ({why})")
-        kwargs.pop(key, None)
-    if not timm.is_model(model_name):
-        import difflib
-
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=4, cutoff=0.6)
-        raise SpecError(f"timm has no model {model_name!r}",
-                        hint=f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
-    return timm.create_model(model_name, pretrained=False, **kwargs)
 
 
 def parse_query(query: str, ref: str) -> dict[str, Any]:
@@ -404,26 +372,6 @@ def parse_query(query: str, ref: str) -> dict[str, Any]:
     return args
 
 
-def timm_spec(ref: str) -> ModelSpec:
-    """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
-    body = ref[len(TIMM_PREFIX):]
-    model_name, _, query = body.partition("?")
-    if not model_name:
-        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
-    args = parse_query(query, ref)
-    timm = _import_timm()
-    if not timm.is_model(model_name):
-        timm_create_model(model_name)  # raises with suggestions
-    cfg = timm.get_pretrained_cfg(model_name)
-    size = getattr(cfg, "input_size", None) if cfg is not None else None
-    in_chans = args.get("in_chans")
-    shape = (1, *size) if size else DEFAULT_INPUT_SHAPE
-    if isinstance(in_chans, int):
-        shape = (shape[0], in_chans, *shape[2:])
-    return ModelSpec(name=ref, builder=TIMM_BUILDERS[0], args={"model_name": model_name, **args},
-                     input_shape=_shape(shape, ref), description=f"timm model {model_name}", source=ref)
-
-
 CHECKPOINT_SPEC = "checkpoint"
 CHECKPOINT_BUILDER = "<the checkpoint's own pickled model>"
 
@@ -441,6 +389,8 @@ def is_checkpoint_spec(spec: ModelSpec) -> bool:
 def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:
     """'package.module:attr' or '/path/file.py:attr' -> the callable ('timm:create_model': never pretrained)."""
     if ref in TIMM_BUILDERS:
+        from .ecosystems.timm import timm_create_model
+
         return timm_create_model
     target, sep, attr = ref.rpartition(":")
     if not sep or not target or not attr:
@@ -469,6 +419,8 @@ SAFE_SPEC_KINDS: dict[str, Callable[[str], bool]] = {
     "timm": lambda builder: builder in TIMM_BUILDERS,
     # ultralytics builds from its YAML configuration in its restricted mode (no eval, layers only).
     "ultralytics": lambda builder: _library_of_builder(builder) == "ultralytics",
+    # mmpretrain builds a model-zoo name from its own configs (a config .py path is not plain data).
+    "mmpretrain": lambda builder: _library_of_builder(builder) == "mmpretrain",
 }
 
 

@@ -70,3 +70,8 @@ def restamp(src, dst, **spec_changes):
     meta["reparam.spec"] = json.dumps({**json.loads(meta["reparam.spec"]), **spec_changes})
     save_file(load_file(str(src)), str(dst), metadata=meta)
     return dst
+
+
+def batchnorms(model: nn.Module) -> int:
+    """Number of BatchNorm layers (what a fused deploy model should have few of)."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -224,7 +224,7 @@ def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
 # --------------------------------------------------------------------------- RepNeXt-M
 
 from reparam_cli import algebra as A  # noqa: E402
-from reparam_cli.blocks.repnext_m import (RepDWConvM, RepDWConvS, RepNext, RepNextClassifier,  # noqa: E402
+from reparam_cli.blocks.repnext_m import (RepDWConvM, RepDWConvS, RepNextClassifier,  # noqa: E402
                                           VARIANTS)
 
 from .helpers import assert_equivalent, randomized  # noqa: E402

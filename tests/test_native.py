@@ -215,11 +215,94 @@ def test_native_method_detection_and_failures():
         def reparameterize(self):
             raise RuntimeError("kaboom")
 
-    class ReturnsTensor(PaperRepBlock):
+    class ReturnsTensor(nn.Sequential):
         def fuse(self):
             return torch.zeros(1)
 
     with pytest.raises(ReparamError, match=r"block 1 \(Raises\): its own reparameterize\(\) failed: RuntimeError: kaboom"):
         reparameterize(nn.Sequential(nn.ReLU(), Raises(2)))
     with pytest.raises(ReparamError, match=r"fuse\(\) returned Tensor, not a module"):
-        reparameterize(nn.Sequential(ReturnsTensor(2)))
+        reparameterize(nn.Sequential(ReturnsTensor(nn.Conv2d(1, 1, 1))))
+
+
+class Guarded(SwitchBlock):
+    """mmpretrain style: `switch_to_deploy()` returns at once when already deployed."""
+
+    def switch_to_deploy(self):
+        if self.deploy:
+            return
+        super().switch_to_deploy()
+
+
+class HalfDone(nn.Module):
+    """Like timm's GhostBottleneck: its own method fuses one branch (`dw`) and leaves its child
+    block (`ghost`, with a method of its own) alone; and like an mmpretrain backbone, `done` is a
+    child its method already deployed (calling it again does nothing)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.ghost, self.dw, self.done = PaperRepBlock(c), ConvNorm(c, c, 3), Guarded(c)
+
+    def forward(self, x):
+        return self.done(self.dw(self.ghost(x)))
+
+    def switch_to_deploy(self):
+        self.dw = self.dw.fuse()
+        self.done.switch_to_deploy()
+
+
+def test_native_results_are_searched_again_all_the_way_down():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 1), HalfDone(4)))
+    deploy, report = reparameterize(model)
+    # The child left alone is converted (and verified at its own path); the one the parent
+    # already deployed is not reported a second time.
+    assert [(b.path, b.block_type) for b in report.converted] == [("1", "HalfDone"), ("1.ghost", "PaperRepBlock")]
+    assert deploy[1].ghost.reparam is not None and not hasattr(deploy[1].ghost, "c3")
+    assert isinstance(deploy[1].dw, nn.Conv2d) and deploy[1].done.deploy
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    result = verify(model, deploy, (2, 3, 8, 8), blocks=[(b.path, b.block_type) for b in report.converted])
+    assert result.ok and result.max_rel_err < 1e-5 and {b.path for b in result.blocks} == {"1", "1.ghost"}
+
+
+class MMStyle(Guarded):
+    """mmpretrain's RepVGGBlock: `reparameterize()` returns the fused (weight, bias) tensors and
+    `switch_to_deploy()` swaps the branches; `train()` returns None like mmpretrain backbones."""
+
+    def reparameterize(self):
+        return self.branch.fuse().weight, None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+
+
+def test_methods_returning_tensors_fall_through_and_train_may_return_none():
+    model = randomized(nn.Sequential(MMStyle(3)))
+    assert model[0].eval() is None  # nn.Module.eval() returns what train() returns
+    deploy, report = reparameterize(model)
+    assert report.blocks == {"MMStyle": 1} and deploy[0].deploy and isinstance(deploy[0].branch, nn.Conv2d)
+    assert verify(model, deploy, (1, 3, 8, 8)).ok
+
+
+class CachedBias(nn.Module):
+    """Like timm's LeViT attention: a bias computed on the first eval call, cached by device."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(c, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if str(x.device) not in self.cache:
+            self.cache[str(x.device)] = self.bias * 1.0  # in the dtype of this first call
+        return x + self.cache[str(x.device)]
+
+
+def test_deploy_model_shares_no_cache_with_the_training_model():
+    model = randomized(nn.Sequential(PaperRepBlock(3), CachedBias(3)))
+    deploy, _ = reparameterize(model)
+    with torch.no_grad():
+        model.double()(torch.randn(1, 3, 4, 4, dtype=torch.float64))  # fills the training model's cache in float64
+        model.float()
+        out = deploy(torch.randn(1, 3, 4, 4))  # its own cache: float32, not the float64 one
+    assert out.dtype == torch.float32 and model[1].cache["cpu"].dtype == torch.float64
+    assert deploy[1].cache["cpu"].dtype == torch.float32

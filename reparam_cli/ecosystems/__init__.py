@@ -1,4 +1,4 @@
-"""Library conventions: one file per library whose models reparam converts (ultralytics, ...).
+"""Library conventions: one file per library whose models reparam converts (ultralytics, timm, mmpretrain).
 
 Each file holds everything specific to its library: recipes for the library's own block types,
 a spec prefix (`ultralytics:yolov8n.yaml`), model-level steps the library's own fuse does beyond
@@ -30,11 +30,14 @@ from torch import nn
 from ..errors import SpecError
 
 # library package name -> reparam's file of its conventions
-ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics"}
+ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics", "timm": "reparam_cli.ecosystems.timm",
+              "mmpretrain": "reparam_cli.ecosystems.mmpretrain"}
 # library -> the builder its specs store in deploy files. It builds from data alone (a YAML
 # configuration of the library's own modules, no user code), so a stored spec naming it may be
 # rebuilt like a built-in one.
-STORED_BUILDERS = {"ultralytics": "reparam_cli.ecosystems.ultralytics:build_model"}
+# (mmpretrain: a model-zoo name, from mmpretrain's own configs; a config .py path is not plain data.)
+STORED_BUILDERS = {"ultralytics": "reparam_cli.ecosystems.ultralytics:build_model",
+                   "mmpretrain": "reparam_cli.ecosystems.mmpretrain:build_model"}
 
 
 def library_of_builder(builder: str) -> str | None:

@@ -1,0 +1,137 @@
+"""mmpretrain (OpenMMLab): `--spec mmpretrain:<model>` and mmengine's checkpoint layout.
+
+`mmpretrain:repvgg-a0_8xb32_in1k` builds the model with `mmpretrain.get_model(name,
+pretrained=False)` (nothing is downloaded); the name may also be the config file a training run
+dumped into its work dir (`mmpretrain:work_dirs/my_run/my_run.py`). Config overrides go in the
+query (dotted keys set into the config's `model`): `mmpretrain:repvgg-a0_8xb32_in1k?head.num_classes=10`. The
+verification input is the crop size of the config's test pipeline (224 unless it says otherwise).
+
+Checkpoints: mmengine's `save_checkpoint` (work_dirs/<run>/epoch_N.pth, best_*.pth) stores
+`meta`, `state_dict` (`backbone.` / `neck.` / `head.` keys, which is the classifier's own
+layout), `optimizer`, `param_schedulers`, `message_hub` and, with the EMAHook,
+`ema_state_dict`. mmengine's EMAHook swaps the averaged weights into `state_dict` before saving
+(the raw ones go to `ema_state_dict`), so the default `state_dict` is already the model mmpretrain
+deploys: convert without `--ema`. `message_hub` pickles mmengine's HistoryBuffer (with bound
+methods, i.e. `getattr`), which `torch.load(weights_only=True)` refuses: reading such a file
+without `--trust-pickle` relies on reparam's restricted unpickler (reparam_cli.checkpoint), which
+takes the tensors and leaves those objects inert.
+
+mmpretrain's backbones fuse themselves with `switch_to_deploy()` (RepVGG, MobileOne, RepMLP,
+RIFormer, LeViT), their blocks also define `reparameterize()` returning tensors, and they override
+`train()` (returning None): the native fallback (reparam_cli.native) handles all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import warnings
+from typing import Any
+
+from ..errors import SpecError
+from ..spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, parse_query
+
+PREFIX = "mmpretrain:"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """mmcv-lite warns that its compiled ops are missing (not needed here); mmengine logs to
+    stdout, which must stay clean for --json: send it to stderr."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.filterwarnings("ignore", message=".*mmcv-lite.*|.*MultiScaleDeformableAttention.*")
+        yield
+
+
+def import_mmpretrain():
+    """`import mmpretrain` (quietly), or a SpecError saying how to install it."""
+    try:
+        with _quiet():
+            import mmpretrain
+            import mmpretrain.apis  # noqa: F401
+    except ImportError as exc:
+        from ..extras import install_hint
+
+        raise SpecError(f"mmpretrain specs need mmpretrain, mmengine and mmcv-lite, which cannot be imported ({exc})",
+                        hint=install_hint("mmpretrain")) from None
+    return mmpretrain
+
+
+def _override(config, key: str, value: Any) -> None:
+    """Set `config.model.<key>` (dotted) to `value`, replacing what is there (a dict value replaces
+    a string, e.g. a custom `backbone.arch`, which mmengine's merge refuses)."""
+    from mmengine.config import ConfigDict
+
+    *parents, leaf = key.split(".")
+    node = config.model
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = ConfigDict()
+        node = node[p]
+    node[leaf] = ConfigDict(value) if isinstance(value, dict) else value
+
+
+def _config(model: str):
+    """The mmengine Config of a model name or config file."""
+    mmpretrain = import_mmpretrain()
+    from mmengine.config import Config
+
+    if model.endswith(".py"):
+        try:
+            return Config.fromfile(model)
+        except Exception as exc:  # a user's config file: report, do not crash
+            raise SpecError(f"cannot read the mmpretrain config {model}: {type(exc).__name__}: {exc}") from None
+    try:
+        return mmpretrain.apis.model.ModelHub.get(model).config
+    except ValueError:
+        import difflib
+
+        close = difflib.get_close_matches(model, mmpretrain.list_models(), n=4, cutoff=0.6)
+        raise SpecError(f"mmpretrain has no model {model!r}",
+                        hint=f"did you mean {', '.join(close)}?" if close else "see mmpretrain.list_models()") from None
+
+
+def build_model(model: str, **overrides: Any):
+    """`mmpretrain.get_model(model, pretrained=False)`: the whole classifier (data preprocessor,
+    backbone, neck, head), `overrides` set on its config's `model` first (dotted keys:
+    `{"head.num_classes": 10}`), its log lines sent to stderr."""
+    mmpretrain = import_mmpretrain()
+    config = copy.deepcopy(_config(model))  # the hub caches its configs
+    for key, value in overrides.items():
+        if key.split(".")[-1] in ("pretrained", "init_cfg") and value:
+            raise SpecError(f"mmpretrain spec {model!r}: {key} is not allowed "
+                            "(weights come from the checkpoint, nothing is downloaded)")
+        _override(config, key, value)
+    with _quiet():
+        try:
+            return mmpretrain.get_model(config, pretrained=False)
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            raise SpecError(f"mmpretrain could not build {model!r}: {type(exc).__name__}: {exc}") from None
+
+
+def default_input_shape(config) -> tuple[int, ...]:
+    """(1, 3, S, S) with S the crop size of the config's test pipeline (224 without one)."""
+    pipeline = (config.get("test_dataloader") or {}).get("dataset", {}).get("pipeline") or config.get("test_pipeline") or []
+    for step in pipeline:
+        size = step.get("crop_size") if isinstance(step, dict) else None
+        if isinstance(size, int):
+            return (1, 3, size, size)
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return (1, 3, int(size[1]), int(size[0]))  # mmpretrain sizes are (w, h)
+    return DEFAULT_INPUT_SHAPE
+
+
+def mmpretrain_spec(ref: str) -> ModelSpec:
+    """`mmpretrain:<model name or config.py>[?key.sub=value&...]` -> a spec (see the module doc)."""
+    model, _, query = ref[len(PREFIX):].partition("?")
+    args = parse_query(query, ref)
+    if not model:
+        raise SpecError(f"spec {ref!r} names no mmpretrain model", hint="e.g. mmpretrain:repvgg-a0_8xb32_in1k")
+    config = _config(model)
+    return ModelSpec(name=ref, builder=f"{__name__}:build_model", args={"model": model, **args},
+                     input_shape=_shape(default_input_shape(config), ref),
+                     description=f"mmpretrain model {model}", source=ref)
+
+
+spec = mmpretrain_spec  # the ecosystem file's spec resolver (see reparam_cli.ecosystems)
