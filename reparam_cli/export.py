@@ -230,14 +230,15 @@ def write_pt2(path: str | Path, model: nn.Module, example: Tensor | tuple, check
             with guarded_writer(tmp) as f:
                 torch.export.save(program, f)
             if check is not None:
-                with _quiet_pt2_logger():  # the temporary's name does not end in .pt2: torch logs a warning
+                with quiet_logger("torch.export.pt2_archive._package"):  # the temporary has no .pt2 suffix: torch warns
                     check(tmp)
     return dims
 
 
 @contextlib.contextmanager
-def _quiet_pt2_logger() -> Iterator[None]:
-    logger = logging.getLogger("torch.export.pt2_archive._package")
+def quiet_logger(name: str) -> Iterator[None]:
+    """Only errors from the logger `name` while this runs (a library's chatter stays off the output)."""
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:

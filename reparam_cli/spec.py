@@ -372,6 +372,14 @@ def parse_query(query: str, ref: str) -> dict[str, Any]:
     return args
 
 
+def library_ref(ref: str, prefix: str, library: str, example: str) -> tuple[str, dict[str, Any]]:
+    """`<prefix><name>[?key=value&...]` (a library's spec reference) -> (name, keyword arguments)."""
+    name, _, query = ref[len(prefix):].partition("?")
+    if not name:
+        raise SpecError(f"spec {ref!r} names no {library} model", hint=f"e.g. {example}")
+    return name, parse_query(query, ref)
+
+
 CHECKPOINT_SPEC = "checkpoint"
 CHECKPOINT_BUILDER = "<the checkpoint's own pickled model>"
 

@@ -412,3 +412,30 @@ def test_graph_fused_model_exports(tmp_path, fmt):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] and report["export_max_rel_err"] < 1e-5 and report["completeness"] == "complete"
+
+
+def test_deploy_files_from_before_the_graph_pass_still_load(resnet, tmp_path):
+    """Deploy files record whether the graph pass ran; files written before it existed carry no such
+    record and rebuild without it (their BatchNorms outside blocks are still there)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from reparam_cli.deploy import load_deploy, read_metadata
+
+    spec, ckpt = resnet
+    new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    assert run_cli("convert", ckpt, "--spec", spec, "-o", new, "--no-verify").exit_code == 0
+    assert read_metadata(new)["options"] == {"graph": True}
+    plain = tmp_path / "plain.safetensors"
+    assert run_cli("convert", ckpt, "--spec", spec, "-o", plain, "--no-verify", "--no-graph").exit_code == 2
+    # An old file: the recipes-only skeleton's tensors (no BN folded), metadata without options.
+    from reparam_cli.engine import reparameterize
+    from reparam_cli.spec import load_spec
+
+    skeleton = reparameterize(load_spec(str(spec)).build().eval(), graph=False)[0]
+    with safe_open(str(new), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "reparam.options"}
+    save_file({k: v.contiguous() for k, v in skeleton.state_dict().items()}, str(old), metadata=meta)
+    rebuilt = load_deploy(old, spec=str(spec))
+    assert batchnorms(rebuilt) and set(rebuilt.state_dict()) == set(skeleton.state_dict())
+    assert not batchnorms(load_deploy(new, spec=str(spec)))

@@ -30,7 +30,7 @@ import warnings
 from typing import Any
 
 from ..errors import SpecError
-from ..spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, parse_query
+from ..spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, library_ref
 
 PREFIX = "mmpretrain:"
 
@@ -124,10 +124,7 @@ def default_input_shape(config) -> tuple[int, ...]:
 
 def mmpretrain_spec(ref: str) -> ModelSpec:
     """`mmpretrain:<model name or config.py>[?key.sub=value&...]` -> a spec (see the module doc)."""
-    model, _, query = ref[len(PREFIX):].partition("?")
-    args = parse_query(query, ref)
-    if not model:
-        raise SpecError(f"spec {ref!r} names no mmpretrain model", hint="e.g. mmpretrain:repvgg-a0_8xb32_in1k")
+    model, args = library_ref(ref, PREFIX, "mmpretrain", "mmpretrain:repvgg-a0_8xb32_in1k")
     config = _config(model)
     return ModelSpec(name=ref, builder=f"{__name__}:build_model", args={"model": model, **args},
                      input_shape=_shape(default_input_shape(config), ref),

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import SpecError
-from ..spec import DEFAULT_INPUT_SHAPE, TIMM_BUILDERS, ModelSpec, _shape, parse_query
+from ..spec import DEFAULT_INPUT_SHAPE, TIMM_BUILDERS, ModelSpec, _shape, library_ref
 
 PREFIX = "timm:"
 _REFUSED = {"pretrained": "weights come from the checkpoint, nothing is downloaded",
@@ -65,10 +65,7 @@ def default_input_shape(model_name: str, in_chans: Any = None) -> tuple[int, ...
 
 def timm_spec(ref: str) -> ModelSpec:
     """`timm:<model_name>[?key=value&...]` -> a spec building that timm model (see the module doc)."""
-    model_name, _, query = ref[len(PREFIX):].partition("?")
-    args = parse_query(query, ref)
-    if not model_name:
-        raise SpecError(f"spec {ref!r} names no timm model", hint="e.g. timm:repvgg_a0?num_classes=10")
+    model_name, args = library_ref(ref, PREFIX, "timm", "timm:repvgg_a0?num_classes=10")
     if not import_timm().is_model(model_name):
         timm_create_model(model_name)  # raises with suggestions
     return ModelSpec(name=ref, builder=TIMM_BUILDERS[0], args={"model_name": model_name, **args},

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from ultralytics.nn.modules import Conv, Conv2, ConvTranspose, Detect, RepConv, 
 from .. import algebra as A
 from ..blocks.common import conv_bn_kernel, conv_bn_lazy
 from ..errors import NotEquivalent, SpecError
+from ..export import quiet_logger
 from ..recipes import recipe
 
 FAMILY = "ultralytics"
@@ -172,16 +172,9 @@ def finish(model: nn.Module, deployed: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- specs
 
-@contextlib.contextmanager
 def _quiet():
     """ultralytics logs model summaries and overrides to stdout (reparam's stdout is for --json)."""
-    logger = logging.getLogger("ultralytics")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet_logger("ultralytics")
 
 
 def _model_class(cfg: dict):
@@ -267,13 +260,10 @@ build_model.not_on_meta = "ultralytics models probe their strides with a forward
 
 def spec(ref: str):
     """`ultralytics:<yaml>[?nc=3&ch=1]` -> a ModelSpec building that model (verification input 640x640)."""
-    from ..spec import ModelSpec, parse_query
+    from ..spec import ModelSpec, library_ref
 
-    body = ref[len(SPEC_PREFIX):]
-    cfg, _, query = body.partition("?")
-    if not cfg:
-        raise SpecError(f"spec {ref!r} names no ultralytics model", hint="e.g. ultralytics:yolov8n.yaml?nc=3")
-    args: dict[str, Any] = {"cfg": _own_yaml(cfg), **parse_query(query, ref)}
+    cfg, query_args = library_ref(ref, SPEC_PREFIX, "ultralytics", "ultralytics:yolov8n.yaml?nc=3")
+    args: dict[str, Any] = {"cfg": _own_yaml(cfg), **query_args}
     unknown = set(args) - {"cfg", "nc", "ch"}
     if unknown:
         raise SpecError(f"spec {ref!r}: unknown arguments {', '.join(sorted(unknown))}", hint="known: nc, ch")
