@@ -21,10 +21,16 @@ def _finite(value: Any, path: str, found: dict[str, str]) -> Any:
     return value
 
 
+def replace_nonfinite(value: Any, found: dict[str, str]) -> Any:
+    """`value` (nested dicts, lists, tuples) with every NaN/Inf float replaced by None; each one's
+    path (`a.b`, `a[0].b`) is added to `found`, mapped to "nan", "inf" or "-inf"."""
+    return _finite(value, "", found)
+
+
 def strict(report: Any) -> Any:
     """`report` with non-finite floats replaced by None; a dict gains `nonfinite` {path: why} when any were."""
     found: dict[str, str] = {}
-    clean = _finite(report, "", found)
+    clean = replace_nonfinite(report, found)
     if found and isinstance(clean, dict):
         clean["nonfinite"] = {**(clean.get("nonfinite") or {}), **found}
     return clean

@@ -10,7 +10,6 @@ Pipes (`-` for stdin/stdout) live in pipes.py, `reparam inspect` in inspection.p
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,20 +164,15 @@ def finite_figures(report: dict) -> dict:
     them in `nonfinite_values` ({"max_abs_err": "NaN", "worst_block.max_rel_err": "NaN", ...}), so
     the report is strict JSON and says why a figure is missing (`nonfinite` says where NaN/Inf
     appeared). Returns the report."""
-    found: dict[str, str] = dict(report.get("nonfinite_values") or {})
+    from .jsonio import replace_nonfinite
 
-    def walk(d: dict | list, prefix: str) -> None:
-        for key, value in (d.items() if isinstance(d, dict) else enumerate(d)):
-            if isinstance(value, float) and not math.isfinite(value):
-                found[f"{prefix}{key}"] = "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
-                d[key] = None
-            elif isinstance(value, (dict, list)) and key != "nonfinite_values":
-                walk(value, f"{prefix}{key}.")
-
-    walk(report, "")
+    found: dict[str, str] = {}
+    report.update(replace_nonfinite({k: v for k, v in report.items() if k != "nonfinite_values"}, found))
     if found:
-        report["nonfinite_values"] = found
-        report.setdefault("nonfinite", "non-finite figures: " + ", ".join(sorted(found)))
+        spelled = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}
+        report["nonfinite_values"] = {**(report.get("nonfinite_values") or {}),
+                                      **{path: spelled[why] for path, why in found.items()}}
+        report.setdefault("nonfinite", "non-finite figures: " + ", ".join(sorted(report["nonfinite_values"])))
     return report
 
 
