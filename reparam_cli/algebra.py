@@ -460,8 +460,9 @@ def add(*kernels: Kernel | ScaledKernel, dtype: torch.dtype | None = None) -> Ke
     windows = [tuple(slice(o, o + size) for o, size in zip(offset, k.kernel_size))
                for k, offset in zip(regrouped, offsets)]
     chunk = torch.empty((min(rows, shape[0]), *shape[1:]), dtype=torch.float64, device=weight.device)
-    with torch.no_grad():  # buffers filled in place: a conversion, not a differentiable op
-        _accumulate(weight, chunk, rows, regrouped, scales, windows)
+    if not weight.is_meta:  # (on meta the shapes above are the whole answer)
+        with torch.no_grad():  # buffers filled in place: a conversion, not a differentiable op
+            _accumulate(weight, chunk, rows, regrouped, scales, windows)
     biases = [k.bias.to(torch.float64) for k in regrouped if k.bias is not None]
     bias = sum(biases) if biases else None
     return Kernel(weight, None if bias is None else bias.to(dtype), target.stride, target.padding,

@@ -244,11 +244,13 @@ def load_deploy_state_dict(path: str | Path, spec) -> nn.Module:
     return load_into(skeleton, state, what="deploy state dict").eval()
 
 
-def is_deploy_state(spec, state) -> bool:
-    """Whether a state dict's keys and shapes fit the spec's deploy skeleton (and not its training model)."""
+def is_deploy_state(spec, state, training: nn.Module | None = None) -> bool:
+    """Whether a state dict's keys and shapes fit the spec's deploy skeleton (and not its training
+    model: `training`, the spec's model on meta when the caller has it built already)."""
     from .checkpoint import fit_problems
 
-    return not fit_problems(deploy_skeleton(spec, state), state) and bool(fit_problems(spec.build(device="meta"), state))
+    training = spec.build(device="meta") if training is None else training
+    return bool(fit_problems(training, state)) and not fit_problems(deploy_skeleton(spec, state), state)
 
 
 def load_exported(path: str | Path, fmt: str) -> nn.Module:

@@ -8,6 +8,7 @@ over the same weights, and clone it if you intend to train both independently.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch import nn
 from .errors import NotEquivalent, ReparamError
 from .graph import FusedRegion, Remaining, fuse_graph, leftovers
 from .recipes import Recipe, recipe_for
+from .shapeonly import on_meta, shape_only
 
 
 @dataclass
@@ -231,7 +233,8 @@ def reparameterize(
 
     if not isinstance(model, nn.Module):
         raise ReparamError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    with torch.no_grad():
+    # A model on the meta device (inspect, deploy skeletons) is converted from shapes alone.
+    with torch.no_grad(), shape_only() if on_meta(model) else contextlib.nullcontext():
         deployed = walk(model, "")
         # The model's own method only when nothing inside it could be converted (see native.py).
         if native and not report.converted and fuses_natively(model):

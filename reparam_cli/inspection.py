@@ -6,12 +6,9 @@ device and converted shape-only, so inspecting even a big model is instant and w
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -54,38 +51,6 @@ def _is_zip(path: Path) -> bool:
     """torch.save's zip format (mmap works for it; legacy pickles must be read)."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
-
-
-@contextlib.contextmanager
-def _shape_only_torch() -> Iterator[None]:
-    """Let elementwise ops on `meta` tensors run without importing torch._dynamo (1.5-2.5 s).
-
-    torch implements them in Python (torch._refs), each wrapped in `torch._disable_dynamo`, whose
-    first call imports torch._dynamo only to mark the function as not-to-be-traced. Nothing is traced
-    here, so while shape-only conversion runs a stand-in module answers `disable(fn) -> fn`; on the
-    way out the stand-in and the marks it left are removed, so a later real import works as usual.
-    """
-    marked: list[Any] = []
-
-    def disable(fn, recursive=True, wrapping=True):
-        marked.append(fn)
-        return fn
-
-    dynamo = types.ModuleType("torch._dynamo")
-    dynamo.disable = disable
-    stand_ins = {m.__name__: m for m in (dynamo,) if m.__name__ not in sys.modules}
-    sys.modules.update(stand_ins)
-    try:
-        yield
-    finally:
-        for name, module in stand_ins.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
-        if vars(torch).get("_dynamo") is dynamo:  # (getattr would import the real one)
-            delattr(torch, "_dynamo")
-        for fn in marked:
-            with contextlib.suppress(AttributeError):
-                del fn.__dynamo_disable
 
 
 def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = None, *, trust_pickle: bool = False,
@@ -133,10 +98,14 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
         spec = stored_spec(reparam_meta, trust=trust_spec)
     ckpt = spec.checkpoint if spec is not None and not deploy_file else {}
     state = extract_state_dict(raw, ckpt.get("key"), ckpt.get("strip_prefix"), source=str(path))
-    if spec is not None and not deploy_file and fmt == "torch":
-        from .deploy import is_deploy_state
+    if spec is not None:
+        progress("building the model on the meta device")
+        train = spec.build(device="meta").eval()
+        if not deploy_file and fmt == "torch":
+            from .deploy import is_deploy_state
 
-        deploy_file = is_deploy_state(spec, state)  # a plain state dict of the fused model (reference layout)
+            # a plain state dict of the fused model (reference layout)?
+            deploy_file = is_deploy_state(spec, state, training=train)
     dtypes: dict[str, int] = {}
     for t in state.values():
         name = str(t.dtype).removeprefix("torch.")
@@ -157,19 +126,16 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     if spec is None:
         return report
 
-    progress("building the model on the meta device")
     # Only shapes matter: meta tensors keep the fit check and the conversion free of real work.
     shapes = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
-    train = spec.build(device="meta").eval()
-    with _shape_only_torch():
-        if deploy_file:
-            from .deploy import deploy_file_options
+    if deploy_file:
+        from .deploy import deploy_file_options
 
-            deploy, conv = reparameterize(train, **deploy_file_options(path))
-            load_into(deploy, shapes, what="deploy file")
-        else:
-            train = load_into(train, shapes)
-            deploy, conv = reparameterize(train)
+        deploy, conv = reparameterize(train, **deploy_file_options(path))
+        load_into(deploy, shapes, what="deploy file")
+    else:
+        train = load_into(train, shapes)
+        deploy, conv = reparameterize(train)
     from .pipeline import completeness_dict
 
     report.update({

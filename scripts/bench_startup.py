@@ -57,6 +57,8 @@ def main() -> None:
     args = parser.parse_args()
 
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # As users run it: with .pyc files (the warm-up run writes them), not recompiling every module.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     folder = args.keep or Path(tempfile.mkdtemp(prefix="reparam-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     b3_pth, b3_st = folder / "b3.pth", folder / "b3.safetensors"

@@ -156,12 +156,13 @@ def test_public_names_are_the_functions():
     assert callable(load_deploy) and callable(reparameterize)
 
 
-def test_inspect_converts_shape_only_without_importing_dynamo():
+def test_inspect_converts_shape_only_without_importing_dynamo_or_sympy():
     check = ("import torch\nprint('DYNAMO', 'torch._dynamo' in sys.modules, file=sys.stderr)\n"
+             "print('SYMPY', 'sympy' in sys.modules, file=sys.stderr)\n"
              "import torch._dynamo\nassert callable(torch._dynamo.optimize)  # the real one still imports\n")
     result = _cli_subprocess("inspect", DIGITS, "--spec", DIGITS_SPEC, "--json", code=check)
     assert result.returncode == 0, result.stderr
-    assert "DYNAMO False" in result.stderr
+    assert "DYNAMO False" in result.stderr and "SYMPY False" in result.stderr
     import json
 
     from reparam_cli.engine import count_parameters, reparameterize
