@@ -323,6 +323,8 @@ def _bn_scale_shift(k: Kernel, bn: nn.modules.batchnorm._BatchNorm | BNParams) -
     p = bn_params(bn)
     if p.mean.shape[0] != k.out_channels:
         raise NotEquivalent(f"a BatchNorm over {p.mean.shape[0]} channels cannot follow a layer with {k.out_channels} outputs")
+    if p.var.is_meta:  # shape-only (a model built on meta): no values to compute
+        return (torch.empty(p.mean.shape, dtype=torch.float64, device="meta"),) * 2
     scale = torch.rsqrt(p.var.to(torch.float64) + p.eps)
     if p.weight is not None:
         scale = scale * p.weight.to(torch.float64)
@@ -637,8 +639,9 @@ def identity(
     per_group = channels // groups
     w = torch.zeros((channels, per_group, *ks), dtype=dtype, device=device)
     centre = tuple(s // 2 for s in ks)
-    idx = torch.arange(channels, device=device)
-    w[(idx, idx % per_group, *[torch.full_like(idx, c) for c in centre])] = 1
+    if not w.is_meta:
+        idx = torch.arange(channels, device=device)
+        w[(idx, idx % per_group, *[torch.full_like(idx, c) for c in centre])] = 1
     return Kernel(w, None, (1,) * ndim, centre, (1,) * ndim, groups)
 
 

@@ -111,9 +111,11 @@ def _floating(module: nn.Module) -> list[torch.Tensor]:
 def _check_finite(block: nn.Module, deployed: nn.Module, path: str, name: str) -> None:
     """A fused block whose weights or biases are NaN/Inf while the block's own were finite computes
     something else (typically a fused scale overflowing the checkpoint's dtype): an error, verified or not."""
-    if all(bool(torch.isfinite(t).all()) for t in _floating(deployed)):
+    from .verification import all_finite
+
+    if all(all_finite(t) for t in _floating(deployed)):
         return
-    if all(bool(torch.isfinite(t).all()) for t in _floating(block)):
+    if all(all_finite(t) for t in _floating(block)):
         raise NotEquivalent(f"block {path or '<root>'} ({name}): fusing a finite checkpoint gives non-finite "
                             f"weights or biases (they overflow {_floating(deployed)[0].dtype})",
                             hint="convert in a wider dtype (e.g. a float32 checkpoint, --dtype float32)")

@@ -111,11 +111,12 @@ restricted_pickle.load = _load  # type: ignore[attr-defined]
 restricted_pickle.__version__ = getattr(pickle, "format_version", "4.0")  # type: ignore[attr-defined]
 
 
-def restricted_load(path: str | Path) -> Any:
-    """The object in a torch checkpoint, foreign objects replaced by placeholders (see the module doc)."""
+def restricted_load(path: str | Path, *, mmap: bool = False) -> Any:
+    """The object in a torch checkpoint, foreign objects replaced by placeholders (see the module doc).
+    `mmap` maps a zip file's tensors instead of reading them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy files: "couldn't retrieve source code for container ..."
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle, mmap=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle, mmap=mmap)
 
 
 def placeholders(obj: Any, where: str = "", depth: int = 0) -> list[tuple[str, str]]:

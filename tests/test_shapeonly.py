@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from reparam_cli.engine import reparameterize
@@ -78,6 +78,8 @@ def test_in_place_keeps_the_operand_and_refuses_growing_it():
 def test_convolution_sizes_like_torch(n, c, groups, size, k, stride, padding, dilation, transposed, dtype):
     x = _tensor((n, c * groups, size, size + 1), dtype)
     if transposed:
+        # (torch itself is inconsistent about empty transposed outputs: some paths raise, some return them)
+        assume((size - 1) * stride - 2 * padding + dilation * (k - 1) + 1 + stride - 1 >= 1)
         w = _tensor((c * groups, 3, k, k), dtype)
         _same(lambda x, w: F.conv_transpose2d(x, w, stride=stride, padding=padding, dilation=dilation,
                                               groups=groups, output_padding=stride - 1), x, w)

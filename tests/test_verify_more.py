@@ -378,3 +378,20 @@ def test_pt2_dims_a_model_pins_stay_static(tmp_path):
     assert report["export_dynamic_dims"] == []
     result = run_cli("convert", ckpt, "--spec", "repvgg-a0", "--dynamic-shapes", "sideways")
     assert result.exit_code == 2 and "--dynamic-shapes" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_is_exact_even_when_the_fast_sum_overflows(dtype):
+    from reparam_cli.verification import all_finite
+
+    big = torch.finfo(dtype).max
+    t = torch.ones(1000, dtype=dtype)
+    assert all_finite(t)
+    assert all_finite(torch.full((1000,), big, dtype=dtype))  # the sum overflows; every value is finite
+    assert all_finite(torch.tensor([big, -big, big], dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[537] = bad
+        assert not all_finite(u)
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")], dtype=dtype))  # sum NaN, values Inf
+    assert all_finite(torch.arange(10))  # integers are always finite
