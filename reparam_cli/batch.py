@@ -246,6 +246,8 @@ class ConvertOptions:
     overwrite: bool = False
     trust_pickle: bool = False
     dynamic_shapes: str = "auto"  # pt2/ONNX dynamic dims (export.DYNAMIC_SHAPES)
+    graph: bool = True  # the graph pass (--no-graph: False); recorded per manifest line, resume compares it
+    strict: bool = False  # anything foldable left: the file fails, nothing is written for it
 
 
 @dataclass
@@ -272,7 +274,7 @@ def convert_one(task: Task, options: ConvertOptions) -> Entry:
     start = time.perf_counter()
     entry: Entry = {"input": task.input, "output": task.output, "status": FAILED, "error": None,
                     "max_rel_err": None, "seconds": 0.0, "input_sha256": None, "output_sha256": None,
-                    "relpath": task.relpath, "spec": options.spec.name, "format": options.fmt}
+                    "relpath": task.relpath, "spec": options.spec.name, "format": options.fmt, "graph": options.graph}
     if task.problem is not None:
         entry.update(status=task.problem[0], error=task.problem[1], output=None,
                      finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -295,7 +297,7 @@ def convert_one(task: Task, options: ConvertOptions) -> Entry:
         report = convert_checkpoint(task.input, options.spec, output, fmt=options.fmt,
                                     verify_output=options.verify_output, verify_options=options.verify_options,
                                     overwrite=options.overwrite or task.resume, trust_pickle=options.trust_pickle,
-                                    dynamic_shapes=options.dynamic_shapes)
+                                    dynamic_shapes=options.dynamic_shapes, graph=options.graph, strict=options.strict)
         entry["max_rel_err"] = report.get("max_rel_err")
         # The input may have been rewritten while we read it (a training job still saving): the hash
         # the deploy file records must be the one in the manifest, or resume would trust a stale file.
@@ -547,7 +549,9 @@ def plan(input_dir: Path, output_dir: Path, options: ConvertOptions, patterns: I
                          hint=None if recursive else "pass --recursive to search subfolders")
     names = output_names(relpaths, options.fmt)
     previous = previous or {}
-    same = lambda e: e.get("spec") == options.spec.name and e.get("format") == options.fmt  # noqa: E731
+    # (lines written before --no-graph existed were converted with the graph pass)
+    same = lambda e: (e.get("spec") == options.spec.name and e.get("format") == options.fmt  # noqa: E731
+                      and e.get("graph", True) == options.graph)
     tasks = [Task(rel, str(input_dir / rel), str(output_dir / names[rel]), resume,
                   [e for e in previous.get(rel, []) if same(e)])
              for rel in relpaths if shard.takes(rel)]
@@ -583,7 +587,7 @@ def _results(tasks: list[Task], options: ConvertOptions, jobs: int) -> Iterator[
                 yield {"input": task.input, "output": task.output, "status": FAILED, "relpath": task.relpath,
                        "error": "a worker process died (out of memory, or killed?)", "max_rel_err": None,
                        "seconds": None, "input_sha256": None, "output_sha256": None, "spec": options.spec.name,
-                       "format": options.fmt}
+                       "format": options.fmt, "graph": options.graph}
     except BaseException:
         for process in list(getattr(pool, "_processes", {}).values()):  # stop conversions now, not later
             with contextlib.suppress(Exception):

@@ -520,6 +520,9 @@ def batch(
     trust_pickle: bool = TrustOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with every manifest line) on stdout."),
     dynamic_shapes: str = DynamicShapesOpt,
+    no_graph: bool = NoGraphOpt,
+    strict: bool = typer.Option(False, "--strict", help="Count a checkpoint as failed (nothing written for it) when "
+                                "anything foldable is left in it: BatchNorms, untraceable modules, unfoldable regions."),
 ) -> None:
     """Convert every checkpoint in a folder (in parallel, resumable, shardable), keeping going past
     failures. Exit 0 when all were converted or skipped, 1 when any failed.
@@ -547,7 +550,7 @@ def batch(
             spec_ = load_spec(spec)
         options = ConvertOptions(spec_, fmt, not no_verify,
                                  _verify_options(samples, seed, rtol, atol, input_shape), overwrite, trust_pickle,
-                                 dynamic_shapes=dynamic_shapes)
+                                 dynamic_shapes=dynamic_shapes, graph=not no_graph, strict=strict)
         shard_ = Shard.parse(shard)
         reporter = None if as_json else Reporter(console)
         try:

@@ -1,12 +1,15 @@
 """Shape-only torch: converting a model whose tensors live on the `meta` device, without torch's cost.
 
 `reparam inspect`, deploy skeletons (`load_deploy`, `verify`) and `specs --params` convert models
-built on `meta`: only shapes and dtypes matter. torch computes elementwise ops, `cat` and
-convolutions on meta tensors with its Python reference implementations (`torch._refs`), whose first
-use imports sympy and torch._dynamo (1-3 s, more than the conversion itself). Here a dispatch mode
-answers those ops from the operands' shapes (broadcasting, concatenation, the convolution size
-formula) with fresh meta tensors, and a stand-in for torch._dynamo keeps any op left to torch from
-importing it. Nothing here computes a value: the algebra runs unchanged, only on shapes.
+built on `meta`: only shapes and dtypes matter. torch computes elementwise ops, `cat`, reductions
+and convolutions on meta tensors with its Python reference implementations (`torch._refs`), whose
+first use imports sympy and torch._dynamo (1-3 s, more than the conversion itself). Here a dispatch
+mode answers those ops (`_RULES`, and every op tagged pointwise) from the operands' shapes
+(broadcasting, concatenation, the convolution size formula, ...) with fresh meta tensors, and a
+stand-in for torch._dynamo keeps any op left to torch from importing it. Nothing here computes a
+value, and ops on other devices run as usual: the algebra runs unchanged, only on shapes.
+(tests/test_shapeonly.py checks each rule against torch, and every built-in spec's skeleton
+against its real conversion.)
 """
 
 from __future__ import annotations

@@ -268,6 +268,7 @@ def main() -> None:
     parser.add_argument("--update-readme", action="store_true", help="also replace the README's benchmark section")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: conversion,latency,size,batch")
     args = parser.parse_args()
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # as users run it: with .pyc files, not recompiling each run
     skip = set(filter(None, args.skip.split(",")))
     args.work.mkdir(parents=True, exist_ok=True)
     specs = [s for s in args.specs.split(",") if s]

@@ -260,3 +260,15 @@ def test_json_stdout_survives_a_printing_spec(tmp_path, pool):
     result = run("batch", src, "--spec", spec, "-o", tmp_path / "out", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["converted"] == 1 and "noise while building" in result.stderr
+
+
+def test_resume_reconverts_when_the_graph_setting_changes(tmp_path, spec, pool):
+    src = make_tree(tmp_path / "in", pool, {"a.pth": "s0.pth"})
+    out = tmp_path / "out"
+    assert run("batch", src, "--spec", spec, "-o", out).exit_code == 0
+    assert manifest(out / "manifest.jsonl")["a.pth"]["graph"] is True
+    result = run("batch", src, "--spec", spec, "-o", out, "--resume", "--no-graph", "--json")
+    entry = manifest(out / "manifest.jsonl")["a.pth"]
+    assert result.exit_code == 0 and entry["status"] == "converted" and entry["graph"] is False
+    result = run("batch", src, "--spec", spec, "-o", out, "--resume", "--no-graph", "--json")
+    assert json.loads(result.stdout)["skipped"] == 1

@@ -439,3 +439,18 @@ def test_deploy_files_from_before_the_graph_pass_still_load(resnet, tmp_path):
     rebuilt = load_deploy(old, spec=str(spec))
     assert batchnorms(rebuilt) and set(rebuilt.state_dict()) == set(skeleton.state_dict())
     assert not batchnorms(load_deploy(new, spec=str(spec)))
+
+
+def test_batch_strict_fails_files_with_something_left(tmp_path):
+    spec = tmp_path / "home.py"
+    spec.write_text(HOME_SPEC)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert run_cli("init", spec, "-o", runs / "home.pth").exit_code == 0
+    result = run_cli("batch", runs, "--spec", spec, "-o", tmp_path / "strict", "--input-shape", "2,3,8,8",
+                     "--strict", "--json")
+    entry = json.loads(result.stdout)["files"][0]
+    assert result.exit_code == 1 and entry["status"] == "failed" and "--strict: 1 left" in entry["error"]
+    assert not list((tmp_path / "strict").glob("*.safetensors"))
+    result = run_cli("batch", runs, "--spec", spec, "-o", tmp_path / "plain", "--input-shape", "2,3,8,8", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["converted"] == 1
