@@ -89,7 +89,7 @@ DtypeOpt = typer.Option(None, "--dtype", metavar="DTYPE", help="Dtype of the wri
 FormatOpt = typer.Option("safetensors", "--format", "-f", metavar="FORMAT", help="Output format: safetensors, torchscript, pt2 "
                          "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
 
-DynamicShapesOpt = typer.Option("auto", "--dynamic-shapes", help="Dynamic input dims of pt2 and ONNX files: auto "
+DynamicShapesOpt = typer.Option("auto", "--dynamic-shapes", metavar="MODE", help="Dynamic input dims of pt2 and ONNX files: auto "
                                 "(batch and height/width where the model allows, else batch, else static), batch, "
                                 "or none (static); the report lists them (export_dynamic_dims).")
 LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Linear layers into equivalent pointwise "
