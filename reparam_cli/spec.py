@@ -36,14 +36,16 @@ with an attribute `not_on_meta = "<reason>"`, and is built on the CPU without tr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import ReparamError, SpecError
 
@@ -312,13 +314,23 @@ def _python_spec(path: Path, func: str) -> ModelSpec:
 _IMPORTED: dict[Path, Any] = {}  # Python spec files by resolved path: each is imported once per process
 
 
+@contextlib.contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """Import without writing `__pycache__` folders: a spec and the modules it imports are the
+    user's files, and reparam leaves their folders as it found them."""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
+
+
 def _import_file(path: Path):
     """Import a Python spec file (once per process). Its code is the user's: an exception or a
     sys.exit() (argparse at import, for instance) becomes a one-line SpecError, and what it writes to
     stderr meanwhile is held back and replayed only if the import succeeds."""
-    import contextlib
     import io
-    import sys
 
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
@@ -330,7 +342,7 @@ def _import_file(path: Path):
     module = importlib.util.module_from_spec(spec)
     said = io.StringIO()
     try:
-        with contextlib.redirect_stderr(said):
+        with contextlib.redirect_stderr(said), _no_bytecode():
             spec.loader.exec_module(module)
     except SystemExit as exc:
         raise SpecError(f"importing {path} called sys.exit({exc.code!r})",
@@ -407,7 +419,8 @@ def _resolve_callable(ref: str, spec_name: str) -> Callable[..., Any]:
         module = _import_file(Path(target))
     else:
         try:
-            module = importlib.import_module(target)
+            with _no_bytecode():  # (the user's own modules, on sys.path: no __pycache__ beside them)
+                module = importlib.import_module(target)
         except ImportError as exc:
             raise SpecError(f"spec {spec_name!r}: cannot import {target}: {exc}") from None
     fn = getattr(module, attr, None)

@@ -497,3 +497,21 @@ def test_pickled_module_walks_into_a_state_dict(tiny):
     flat = module_state_dict(raw["model"])
     expected = model.state_dict()
     assert flat.keys() == expected.keys() and all(torch.equal(flat[k], expected[k]) for k in expected)
+
+
+def test_importing_a_users_spec_leaves_no_pycache_beside_it(tmp_path, monkeypatch):
+    """A spec is the user's file: reparam imports it (and the modules a YAML spec names) without
+    writing __pycache__ into their folders, whatever PYTHONDONTWRITEBYTECODE says."""
+    from reparam_cli.spec import load_spec
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    code = "from torch import nn\n\ndef build_model():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+    (tmp_path / "pyspec_nocache.py").write_text(code)
+    (tmp_path / "yamlmod_nocache.py").write_text(code)
+    (tmp_path / "net.yaml").write_text("name: net\nbuilder: yamlmod_nocache:build_model\ninput_shape: [1, 3, 8, 8]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for ref in (tmp_path / "pyspec_nocache.py", tmp_path / "net.yaml"):
+        assert isinstance(load_spec(str(ref)).build(), torch.nn.Sequential)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no __pycache__
+    assert sys.dont_write_bytecode is False  # restored
