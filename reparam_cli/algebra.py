@@ -14,7 +14,8 @@ Paradigm numbers follow `shared/seeds/paradigms.md`:
     P3  concat           parallel branches concatenated along channels (concat_grouped: within groups)
     P5  sequential       1x1 -> kxk (P5a), kxk -> 1x1 (P5b), 1xk -> kx1 (P5c, axis-separable), with groups
         undilate         a dilated kernel as the undilated one with zeros between its taps
-    P6a identity         x -> x as a kernel of any odd size and any groups (select_channels: a subset)
+    P6a identity         x -> x as a kernel of any odd size and any groups (select_channels: a subset;
+                         zero_pad: with padding, i.e. zero padding as a conv)
     P7  avgpool          average pooling as a depthwise conv
     P8  bn_as_conv       a lone BatchNorm as a conv
     P9  linear_as_conv / conv_as_linear   FC <-> pointwise conv
@@ -643,6 +644,22 @@ def identity(
         idx = torch.arange(channels, device=device)
         w[(idx, idx % per_group, *[torch.full_like(idx, c) for c in centre])] = 1
     return Kernel(w, None, (1,) * ndim, centre, (1,) * ndim, groups)
+
+
+def zero_pad(
+    channels: int, padding: Sequence[int], ndim: int | None = None,
+    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+) -> Kernel:
+    """Zero padding (nn.ZeroPad2d, F.pad with zeros) as P6a's 1x1 depthwise identity conv whose
+    padding is `padding` (one symmetric amount per spatial dim). Composed before a conv (P5a) it
+    adds to that conv's padding; after a layer with a bias, `sequential` refuses it (the ring is zero,
+    not the bias)."""
+    pd = tuple(padding)
+    if ndim is not None and len(pd) != ndim:
+        raise NotEquivalent(f"padding {pd} does not have {ndim} dims")
+    if any(p < 0 for p in pd):
+        raise NotEquivalent(f"negative padding {pd} crops, which no conv layer does")
+    return replace(identity(channels, 1, channels, len(pd), dtype=dtype, device=device), padding=pd)
 
 
 def bn_as_conv(

@@ -11,7 +11,9 @@ not known yet). Linear operations compose that function with the paradigms of `a
     x * s + b (constants)   `scale_channels` (LayerScale, per-channel affine)
     a + b, cat([a, b], 1)   P2/P4 `add`, P3 `concat` (both sides functions of the same input)
     identity, dropout       P6a `identity`
-    avg-pool                P7 `avgpool`
+    avg-pool                P7 `avgpool` (modules and F.avg_pool1d/2d/3d)
+    zero padding            P6a `zero_pad` (ZeroPad, ConstantPad with 0, F.pad with zeros;
+                            symmetric: it adds to the padding of the conv that follows)
     F.conv2d(x, W(params))  a weight computed from parameters only (RefConv, weight norm) is
                             evaluated once into a constant kernel
 
@@ -202,6 +204,9 @@ _MUL = {operator.mul, operator.imul, torch.mul}
 _CONV_FN = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _AVGPOOL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_AVGPOOL_FN = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_ZEROPAD = {nn.ZeroPad1d: 1, nn.ZeroPad2d: 2, nn.ZeroPad3d: 3,
+            nn.ConstantPad1d: 1, nn.ConstantPad2d: 2, nn.ConstantPad3d: 3}
 _BN_NDIM = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
@@ -415,6 +420,17 @@ class _Analysis:
             return self._merge(node, list(tensors), "cat")
         if target in _CONV_FN or target is F.linear:
             return self._functional(node)
+        if target in _AVGPOOL_FN and isinstance(args[0] if args else None, fx.Node):
+            names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+            bound = {**dict(zip(names, args[1:])), **node.kwargs}
+            if set(bound) - set(names) or "kernel_size" not in bound:
+                return False
+            return self._avgpool(node, args[0], _AVGPOOL_FN[target], **bound)
+        if target is F.pad and args and isinstance(args[0], fx.Node):
+            bound = {**dict(zip(["pad", "mode", "value"], args[1:])), **node.kwargs}
+            if bound.get("mode", "constant") != "constant" or (bound.get("value") or 0.0) != 0.0:
+                return False
+            return self._pad(node, args[0], bound.get("pad"))
         return False
 
     def _may_replace_in_place(self, node: Any) -> bool:
@@ -488,19 +504,41 @@ class _Analysis:
                                               ndim, alone=alone, numel=m.num_features, bn=True,
                                               dtype=m.running_mean.dtype, lazy_ok=False))
         if type(m) in _AVGPOOL:
-            n = _AVGPOOL[type(m)]
-            spec = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ndim=n,
-                        count_include_pad=m.count_include_pad, ceil_mode=m.ceil_mode,
-                        divisor_override=getattr(m, "divisor_override", None))
-            ks = (m.kernel_size,) * n if isinstance(m.kernel_size, int) else tuple(m.kernel_size)
-            size = math.prod(ks)
-
-            def pool(prev: A.Kernel) -> A.Kernel:
-                return A.sequential(prev, A.avgpool(prev.out_channels, device=self.device, **spec))
-
-            return self._apply(node, src, _Op("avgpool" + "x".join(map(str, ks)), pool, None, n,
-                                              numel=size, sequential=True))
+            return self._avgpool(node, src, _AVGPOOL[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                 m.count_include_pad, getattr(m, "divisor_override", None))
+        if type(m) in _ZEROPAD and float(getattr(m, "value", 0.0)) == 0.0:
+            return self._pad(node, src, m.padding, _ZEROPAD[type(m)])
         return False
+
+    def _avgpool(self, node: fx.Node, src: fx.Node, n: int, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                 ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: int | None = None) -> bool:
+        spec = dict(kernel_size=kernel_size, stride=stride or None, padding=padding, ndim=n,
+                    count_include_pad=count_include_pad, ceil_mode=ceil_mode, divisor_override=divisor_override)
+        ks = (kernel_size,) * n if isinstance(kernel_size, int) else tuple(kernel_size)
+
+        def pool(prev: A.Kernel) -> A.Kernel:
+            return A.sequential(prev, A.avgpool(prev.out_channels, device=self.device, **spec))
+
+        return self._apply(node, src, _Op("avgpool" + "x".join(map(str, ks)), pool, None, n,
+                                          numel=math.prod(ks), sequential=True))
+
+    def _pad(self, node: fx.Node, src: fx.Node, pads: Any, n: int | None = None) -> bool:
+        """Zero padding in F.pad's order (last dim first, (before, after) per dim): symmetric
+        amounts compose as `zero_pad` (P6a with padding); anything else is an opaque operation."""
+        pads = (pads,) * (2 * n) if isinstance(pads, int) and n else tuple(pads) if isinstance(pads, (list, tuple)) else ()
+        if not pads or len(pads) % 2 or not all(isinstance(p, int) for p in pads):
+            return False
+        per_dim = [pads[i] for i in range(0, len(pads), 2)][::-1]  # first spatial dim first
+        if any(pads[i] != pads[i + 1] for i in range(0, len(pads), 2)):
+            return False  # (no conv pads asymmetrically: an opaque op, and the layers around it fold alone)
+
+        def pad(prev: A.Kernel) -> A.Kernel:
+            if len(per_dim) > prev.ndim:
+                raise NotEquivalent(f"padding {list(pads)} reaches past the {prev.ndim} spatial dims")
+            amounts = [0] * (prev.ndim - len(per_dim)) + per_dim
+            return A.sequential(prev, A.zero_pad(prev.out_channels, amounts, device=self.device))
+
+        return self._apply(node, src, _Op("pad" + "x".join(map(str, per_dim)), pad, None, n))
 
     def _functional(self, node: fx.Node) -> bool:
         """F.conv2d / F.linear whose weight (and bias) depend on parameters only."""

@@ -400,3 +400,26 @@ def test_scale_channels_refuses_a_scale_of_the_wrong_length():
     k = A.Kernel(torch.randn(4, 3, 1, 1, dtype=torch.float64))
     with pytest.raises(NotEquivalent, match="3 values"):
         A.scale_channels(k, torch.ones(3))
+
+
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 4), pads=st.lists(st.integers(0, 3), min_size=1, max_size=3), k=st.sampled_from([1, 3]),
+       bias=st.booleans())
+def test_zero_pad_is_f_pad_and_adds_to_a_following_convs_padding(c, pads, k, bias):
+    n = len(pads)
+    x = torch.randn(2, c, *[5] * n, dtype=torch.float64)
+    pad = A.zero_pad(c, pads)
+    f_pad = [p for q in reversed(pads) for p in (q, q)]  # F.pad lists the last dim first
+    assert torch.equal(A.apply(pad, x), F.pad(x, f_pad))
+    conv = A.Kernel(torch.randn(3, c, *[k] * n, dtype=torch.float64), torch.randn(3, dtype=torch.float64) if bias else None,
+                    (1,) * n, (k // 2,) * n, (1,) * n, 1)
+    fused = A.sequential(pad, conv)
+    assert fused.padding == tuple(p + k // 2 for p in pads)
+    assert close(A.apply(fused, x), A.apply(conv, F.pad(x, f_pad)))
+    if bias and any(pads):  # a zero ring after a biased 1x1: no single conv gives it
+        biased = A.Kernel(torch.randn(c, c, *[1] * n, dtype=torch.float64), torch.randn(c, dtype=torch.float64),
+                          (1,) * n, (0,) * n, (1,) * n, 1)
+        with pytest.raises(NotEquivalent, match="bias before a zero-padded"):
+            A.sequential(biased, pad)
+    with pytest.raises(NotEquivalent, match="crops"):
+        A.zero_pad(c, [-1] * n)

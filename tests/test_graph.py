@@ -454,3 +454,42 @@ def test_batch_strict_fails_files_with_something_left(tmp_path):
     assert not list((tmp_path / "strict").glob("*.safetensors"))
     result = run_cli("batch", runs, "--spec", spec, "-o", tmp_path / "plain", "--input-shape", "2,3,8,8", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["converted"] == 1
+
+
+class PaddedBlocks(nn.Module):
+    """Zero padding written out (nn.ZeroPad2d, F.pad, ConstantPad2d(0)) and F.avg_pool2d, the ways
+    home-made code spells what a conv's own padding and a pooling layer do."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pad, self.a = nn.ZeroPad2d(1), conv_bn(c, c, 3, padding=0)
+        self.b = conv_bn(c, c, 3, padding=0)
+        self.cpad, self.c = nn.ConstantPad2d(2, 0.0), conv_bn(c, c, 1, padding=0, bias=True)
+        self.d = conv_bn(c, c, 3, padding=0)
+        self.e = conv_bn(c, c, 3, padding=0)   # after an asymmetric pad: folds alone
+        self.f = conv_bn(c, c, 1, padding=0, bias=True)  # then zero padding: not one conv
+
+    def forward(self, x):
+        x = torch.relu(self.a(self.pad(x)))
+        x = torch.relu(self.b(F.pad(x, (1, 1, 1, 1))) + F.avg_pool2d(x, 3, 1, 1))
+        x = torch.relu(self.c(self.cpad(x))[..., 2:-2, 2:-2])
+        x = torch.relu(self.d(F.pad(x, [1] * 4, mode="constant", value=0)))
+        x = torch.relu(self.e(F.pad(x, (0, 2, 0, 2))))
+        return F.pad(self.f(x), (1, 1, 1, 1))
+
+
+def test_zero_padding_and_functional_avg_pool_fold_into_the_next_conv():
+    model = randomized(PaddedBlocks(4))
+    deploy, report = check(model, (2, 4, 10, 10))
+    same_skeleton(lambda: PaddedBlocks(4), deploy)
+    texts = [r.text for r in report.regions]
+    assert "<root>: pad1x1+conv3x3+bn -> conv3x3" in texts
+    assert "<root>: pad1x1+conv3x3+bn, avgpool3x3 -> conv3x3" in texts
+    assert "<root>: pad2x2+conv1x1+bn -> conv1x1" in texts
+    assert batchnorms(deploy) == [] and report.complete  # nothing foldable is left
+    # The symmetric pads are gone into the convs' own padding; the asymmetric one and the pad after
+    # the biased 1x1 (its ring is zero, not the bias) stay as they were.
+    assert not [m for m in deploy.modules() if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d))]
+    pads = [n.args[1] for n in deploy.graph.nodes if n.op == "call_function" and n.target is F.pad]
+    assert pads == [(0, 2, 0, 2), (1, 1, 1, 1)]
+    assert [deploy.get_submodule(f"{n}.0").padding for n in "abcd"] == [(1, 1), (1, 1), (2, 2), (1, 1)]
