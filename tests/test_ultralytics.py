@@ -351,3 +351,14 @@ def test_a_stored_ultralytics_configuration_runs_no_code(tmp_path, monkeypatch):
         load_deploy(crafted)
     result = run_cli("inspect", crafted)
     assert result.exit_code == 2 and not marker.exists()
+
+
+@pytest.mark.parametrize("cfg, head", [("yolov8s-worldv2.yaml", "WorldDetect"), ("yoloe-v8s-seg.yaml", "YOLOESegment"),
+                                       ("yoloe-11s.yaml", "YOLOEDetect")])
+def test_yolo_world_and_yoloe_are_refused_in_one_line(cfg, head, tmp_path):
+    """Their class text embeddings live outside the state dict: refused up front, not half converted."""
+    with pytest.raises(SpecError, match=f"YOLO-World and YOLOE models \\({head} head\\) are not supported yet"):
+        load_spec(f"ultralytics:{cfg}").build()
+    result = run_cli("init", f"ultralytics:{cfg}", "-o", tmp_path / "w.pth")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "w.pth").exists()

@@ -181,6 +181,11 @@ def _model_class(cfg: dict):
     from ultralytics.nn import tasks
 
     head = str(cfg.get("head", [[None, None, ""]])[-1][-2])
+    if head.startswith(("WorldDetect", "YOLOEDetect", "YOLOESegment")):
+        raise SpecError(f"YOLO-World and YOLOE models ({head} head) are not supported yet: their class text "
+                        "embeddings are an attribute of the pickled model, not part of its state dict, so a "
+                        "deploy file rebuilt from tensors would not compute what was verified",
+                        hint="export them with ultralytics' own `model.fuse()` and `export()` for now")
     if head == "RTDETRDecoder":
         return tasks.RTDETRDetectionModel
     task = tasks.guess_model_task(cfg)
