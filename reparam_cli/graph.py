@@ -531,6 +531,9 @@ class _Analysis:
         per_dim = [pads[i] for i in range(0, len(pads), 2)][::-1]  # first spatial dim first
         if any(pads[i] != pads[i + 1] for i in range(0, len(pads), 2)):
             return False  # (no conv pads asymmetrically: an opaque op, and the layers around it fold alone)
+        val = self.vals.get(src)
+        if val is not None and isinstance(val.lin, A.Kernel) and len(per_dim) > val.lin.ndim:
+            return False  # it pads channels (a linear layer's output): not a spatial padding at all
 
         def pad(prev: A.Kernel) -> A.Kernel:
             if len(per_dim) > prev.ndim:
