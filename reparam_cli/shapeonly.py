@@ -5,8 +5,8 @@ built on `meta`: only shapes and dtypes matter. torch computes elementwise ops, 
 and convolutions on meta tensors with its Python reference implementations (`torch._refs`), whose
 first use imports sympy and torch._dynamo (1-3 s, more than the conversion itself). Here a dispatch
 mode answers those ops (`_RULES`, and every op tagged pointwise) from the operands' shapes
-(broadcasting, concatenation, the convolution size formula, ...) with fresh meta tensors, and a
-stand-in for torch._dynamo keeps any op left to torch from importing it. Nothing here computes a
+(broadcasting, concatenation, the convolution size formula, ...) with fresh meta tensors. An op
+without a rule is left to torch (correct, only slower the first time). Nothing here computes a
 value, and ops on other devices run as usual: the algebra runs unchanged, only on shapes.
 (tests/test_shapeonly.py checks each rule against torch, and every built-in spec's skeleton
 against its real conversion.)
@@ -14,13 +14,10 @@ against its real conversion.)
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
-import sys
-import types
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -193,44 +190,10 @@ class _ShapeOnly(TorchDispatchMode):
         return func(*args, **kwargs) if out is None else out
 
 
-@contextlib.contextmanager
-def _no_dynamo_import() -> Iterator[None]:
-    """Let ops left to torch's Python implementations run without importing torch._dynamo (1.5-2.5 s).
-
-    torch wraps them in `torch._disable_dynamo`, whose first call imports torch._dynamo only to mark
-    the function as not-to-be-traced. Nothing is traced here, so a stand-in module answers
-    `disable(fn) -> fn`; on the way out the stand-in and the marks it left are removed, so a later
-    real import works as usual.
-    """
-    marked: list[Any] = []
-
-    def disable(fn, recursive=True, wrapping=True):
-        marked.append(fn)
-        return fn
-
-    dynamo = types.ModuleType("torch._dynamo")
-    dynamo.disable = disable
-    stand_ins = {m.__name__: m for m in (dynamo,) if m.__name__ not in sys.modules}
-    sys.modules.update(stand_ins)
-    try:
-        yield
-    finally:
-        for name, module in stand_ins.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
-        if vars(torch).get("_dynamo") is dynamo:  # (getattr would import the real one)
-            delattr(torch, "_dynamo")
-        for fn in marked:
-            with contextlib.suppress(AttributeError):
-                del fn.__dynamo_disable
-
-
-@contextlib.contextmanager
-def shape_only() -> Iterator[None]:
-    """Run torch on meta tensors from shapes alone (see the module doc); values on other devices are
-    computed as usual."""
-    with _no_dynamo_import(), _ShapeOnly():
-        yield
+def shape_only() -> TorchDispatchMode:
+    """A context manager: inside it, torch runs on meta tensors from shapes alone (see the module
+    doc); values on other devices are computed as usual."""
+    return _ShapeOnly()
 
 
 def on_meta(model: torch.nn.Module) -> bool:
