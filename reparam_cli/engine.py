@@ -133,7 +133,8 @@ def _release(block: nn.Module, deployed: nn.Module) -> None:
                 store[name] = None
 
 
-def _has_submodule(model: nn.Module, path: str) -> bool:
+def has_submodule(model: nn.Module, path: str) -> bool:
+    """Whether `model.get_submodule(path)` finds a module."""
     try:
         model.get_submodule(path)
     except AttributeError:
@@ -205,7 +206,7 @@ def reparameterize(
             if inside is not None and unchanged(module, deployed):
                 return None
             _check_finite(module, deployed, path, type(module).__name__)
-            if inside is None or _has_submodule(model, path):
+            if inside is None or has_submodule(model, path):
                 report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
             products.append(deployed)
             # Searched again, all the way down: children the block's own method left alone.

@@ -525,7 +525,7 @@ class _Analysis:
     def _pad(self, node: fx.Node, src: fx.Node, pads: Any, n: int | None = None) -> bool:
         """Zero padding in F.pad's order (last dim first, (before, after) per dim): symmetric
         amounts compose as `zero_pad` (P6a with padding); anything else is an opaque operation."""
-        pads = (pads,) * (2 * n) if isinstance(pads, int) and n else tuple(pads) if isinstance(pads, (list, tuple)) else ()
+        pads = tuple(pads) if isinstance(pads, (list, tuple)) else ()  # (torch's pad modules hold tuples too)
         if not pads or len(pads) % 2 or not all(isinstance(p, int) for p in pads):
             return False
         per_dim = [pads[i] for i in range(0, len(pads), 2)][::-1]  # first spatial dim first

@@ -75,20 +75,14 @@ def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:
 
     Converted blocks that such a step removed (the unused branch of a detection head) leave the
     engine's `report`: they are not part of the deploy model, so there is nothing to verify."""
+    from ..engine import has_submodule
+
     for eco in _active():
         step = getattr(eco, "finish", None)
         if step is not None:
             deployed = step(model, deployed)
-            report.converted = [b for b in report.converted if _exists(deployed, b.path)]
+            report.converted = [b for b in report.converted if has_submodule(deployed, b.path)]
     return deployed
-
-
-def _exists(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def adopt(module: nn.Module) -> tuple[nn.Module, object, list[str]]:
