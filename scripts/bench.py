@@ -57,6 +57,21 @@ TIMM_NAMES.update({f"mobileone-s{i}": f"mobileone_s{i}" for i in range(5)})
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+def forward_ms(model, x, runs: int, warmup: int = 3) -> float:
+    """Median wall time of `model(x)` in milliseconds, over `runs` passes after `warmup` passes."""
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """Run `cmd` to completion: (wall seconds, peak RSS bytes of that process)."""
     with tempfile.TemporaryFile() as err:
@@ -146,19 +161,9 @@ def latency(specs: list[str], runs: int) -> list[dict]:
         deploy.eval()
         for batch, reps in ((1, max(10, 10 * runs)), (16, max(3, runs))):
             x = torch.randn(batch, 3, 224, 224)
-            times = {}
-            with torch.inference_mode():
-                for label, model in (("train", train), ("deploy", deploy)):
-                    for _ in range(3):
-                        model(x)
-                    ts = []
-                    for _ in range(reps):
-                        t = time.perf_counter()
-                        model(x)
-                        ts.append(time.perf_counter() - t)
-                    times[label] = statistics.median(ts)
-            rows.append({"spec": spec, "batch": batch, "train_ms": times["train"] * 1e3,
-                         "deploy_ms": times["deploy"] * 1e3, "speedup": times["train"] / times["deploy"]})
+            train_ms, deploy_ms = forward_ms(train, x, reps), forward_ms(deploy, x, reps)
+            rows.append({"spec": spec, "batch": batch, "train_ms": train_ms, "deploy_ms": deploy_ms,
+                         "speedup": train_ms / deploy_ms})
     return rows
 
 

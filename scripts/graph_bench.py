@@ -9,7 +9,6 @@ Prints a small table; timings are medians over `runs` forward passes after 5 war
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -19,17 +18,8 @@ from torch import nn
 from reparam_cli.engine import count_parameters, reparameterize
 from reparam_cli.pipeline import randomize_batchnorm
 
+from bench import forward_ms  # (scripts/ is on sys.path when this runs as a script)
 
-def latency_ms(model: nn.Module, x: torch.Tensor, runs: int) -> float:
-    with torch.no_grad():
-        for _ in range(5):
-            model(x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -58,8 +48,8 @@ def main() -> None:
         return sum(isinstance(b, nn.modules.batchnorm._BatchNorm) for b in m.modules())
 
     rows = [("parameters", count_parameters(model), count_parameters(deploy)), ("BatchNorm layers", bns(model), bns(deploy)),
-            (f"latency ms (batch 1, {args.size}px, {args.threads} thread)", latency_ms(model, x, args.runs),
-             latency_ms(deploy, x, args.runs))]
+            (f"latency ms (batch 1, {args.size}px, {args.threads} thread)", forward_ms(model, x, args.runs, warmup=5),
+             forward_ms(deploy, x, args.runs, warmup=5))]
     print(f"resnet18: {len(report.regions)} regions folded in {seconds:.2f} s, {report.summary()}, "
           f"max rel err {err:.2e}")
     print(f"{'':45} {'before':>12} {'after':>12}")
