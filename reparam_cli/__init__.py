@@ -14,20 +14,26 @@ Python API (imported lazily, so `import reparam_cli` does not pull in torch unti
     result = verify(train, deploy, (1, 3, 64, 64))         # float64 reference, per-block figures
     save_deploy("a0.deploy.safetensors", deploy, spec, result)
 
-Every name here is a function or class (the verification module is `reparam_cli.verification`).
+Every name here is a function or class. The package, bottom to top (a folder imports only the
+ones below it): `core/` (the math: algebra; the spec data type), `blocks/` + `models/` (block
+families and their recipes; architectures), `io/` (file formats), `ecosystems/` (timm,
+ultralytics, mmpretrain conventions), `convert/` (engine, native methods, graph pass), `verification/`,
+`pipeline/` (checkpoint -> deploy file) and `commands/` (one file per CLI command).
 """
 
-from ._version import __version__
+from reparam_cli._version import __version__
 
 _API = {
-    "convert_checkpoint": "pipeline", "verify_checkpoint": "pipeline", "init_checkpoint": "pipeline",
-    "VerifyOptions": "pipeline", "load_training_model": "pipeline", "save_deploy": "pipeline",
-    "convert_stdio": "pipes", "inspect_checkpoint": "inspection", "run_batch": "batch",
-    "reparameterize": "engine", "ConversionReport": "engine",
-    "verify": "verification", "VerifyResult": "verification",
-    "load_deploy": "deploy", "read_metadata": "deploy",
-    "load_spec": "spec", "ModelSpec": "spec",
-    "recipe": "recipes", "all_recipes": "recipes",
+    "convert_checkpoint": "pipeline.conversion", "verify_checkpoint": "pipeline.conversion",
+    "init_checkpoint": "pipeline.conversion", "save_deploy": "pipeline.conversion",
+    "ConvertOptions": "pipeline.options", "VerifyOptions": "pipeline.options",
+    "load_training_model": "pipeline.training", "convert_stdio": "pipeline.stdio",
+    "inspect_checkpoint": "pipeline.inspection", "run_batch": "pipeline.batch",
+    "load_deploy": "pipeline.deploy", "deploy_skeleton": "pipeline.deploy", "read_metadata": "io.safetensors",
+    "load_spec": "pipeline.specs", "ModelSpec": "core.spec",
+    "reparameterize": "convert.engine", "ConversionReport": "convert.engine",
+    "verify": "verification.equivalence", "VerifyResult": "verification.equivalence",
+    "recipe": "blocks", "all_recipes": "blocks",
     "ReparamError": "errors", "VerificationFailed": "errors", "NotEquivalent": "errors",
 }
 

@@ -1,3 +1,3 @@
-from .cli import main
+from reparam_cli.commands.app import main
 
 main()

@@ -4,6 +4,8 @@ and `VerificationFailed` into exit code 1."""
 from __future__ import annotations
 
 
+
+
 class ReparamError(Exception):
     """Bad input or an impossible request: one clear sentence, optionally with a hint."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import ReparamError
+from reparam_cli.errors import ReparamError
 
 # extra -> the modules it provides (pip package names are the same).
 EXTRAS: dict[str, tuple[str, ...]] = {

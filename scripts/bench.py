@@ -99,7 +99,7 @@ def reparam(*args: str) -> list[str]:
 
 def conversion(specs: list[str], runs: int, work: Path) -> list[dict]:
     """Rows of (path, median wall, median RSS) per spec, measured interleaved to spread noise."""
-    from reparam_cli.spec import builtin_names
+    from reparam_cli.pipeline.specs import builtin_names
 
     rows = []
     for spec in specs:
@@ -144,9 +144,9 @@ def latency(specs: list[str], runs: int) -> list[dict]:
     """Median forward time of training vs deploy form, 224x224, 2 threads, batch 1 and 16."""
     import torch
 
-    from reparam_cli.engine import reparameterize
-    from reparam_cli.pipeline import randomize_batchnorm
-    from reparam_cli.spec import builtin_names, load_spec
+    from reparam_cli.convert.engine import reparameterize
+    from reparam_cli.core.tensors import randomize_batchnorm
+    from reparam_cli.pipeline.specs import builtin_names, load_spec
 
     torch.set_num_threads(2)
     rows = []
@@ -169,9 +169,10 @@ def latency(specs: list[str], runs: int) -> list[dict]:
 
 def sizes(specs: list[str]) -> list[dict]:
     """Parameters and FLOPs before/after, counted on meta-device models at the spec's input shape."""
-    from reparam_cli.engine import count_parameters, reparameterize
-    from reparam_cli.spec import builtin_names, load_spec
-    from reparam_cli.stats import count_flops
+    from reparam_cli.core.tensors import count_parameters
+    from reparam_cli.convert.engine import reparameterize
+    from reparam_cli.pipeline.specs import builtin_names, load_spec
+    from reparam_cli.core.stats import count_flops
 
     rows = []
     for spec in specs:

@@ -28,11 +28,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from reparam_cli.engine import count_parameters  # noqa: E402
+from reparam_cli.core.tensors import count_parameters  # noqa: E402
 from reparam_cli.errors import ReparamError  # noqa: E402
-from reparam_cli.deploy import load_deploy  # noqa: E402
-from reparam_cli.pipeline import load_training_model  # noqa: E402
-from reparam_cli.spec import load_spec  # noqa: E402
+from reparam_cli.pipeline.deploy import load_deploy  # noqa: E402
+from reparam_cli.pipeline.training import load_training_model  # noqa: E402
+from reparam_cli.pipeline.specs import load_spec  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 CHECKPOINT = EXAMPLES / "digits-repvgg.safetensors"

@@ -15,8 +15,9 @@ import torch
 import torchvision
 from torch import nn
 
-from reparam_cli.engine import count_parameters, reparameterize
-from reparam_cli.pipeline import randomize_batchnorm
+from reparam_cli.core.tensors import count_parameters
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.core.tensors import randomize_batchnorm
 
 from bench import forward_ms  # (scripts/ is on sys.path when this runs as a script)
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import demo  # noqa: E402  (scripts/demo.py)
 
-from reparam_cli.pipeline import convert_checkpoint  # noqa: E402
+from reparam_cli.pipeline.conversion import convert_checkpoint  # noqa: E402
 
 TRAIN_COLOR, DEPLOY_COLOR = "#9a9a9a", "#1f77b4"
 

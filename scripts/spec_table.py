@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reparam_cli.pipeline import list_specs  # noqa: E402
+from reparam_cli.pipeline.conversion import list_specs  # noqa: E402
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from reparam_cli.native import native_methods  # noqa: E402
+from reparam_cli.convert.native import native_methods  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "timm-families.md"
 SMALL = (1, 3, 64, 64)
@@ -128,7 +128,7 @@ def representatives(found: list[Found]) -> list[Found]:
 
 
 def _rel(out, ref) -> float:
-    from reparam_cli.verification import tensor_leaves
+    from reparam_cli.verification.equivalence import tensor_leaves
 
     worst = 0.0
     for (_, o), (_, r) in zip(tensor_leaves(out), tensor_leaves(ref)):
@@ -142,10 +142,11 @@ def convert_one(f: Found, work: Path) -> Row:
     import timm
     from timm.utils import reparameterize_model
 
-    from reparam_cli.deploy import load_deploy
+    from reparam_cli.pipeline.deploy import load_deploy
     from reparam_cli.errors import ReparamError, VerificationFailed
-    from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint
-    from reparam_cli.spec import load_spec
+    from reparam_cli.pipeline.options import VerifyOptions
+    from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
+    from reparam_cli.pipeline.specs import load_spec
 
     row = Row(f.model, f.family, f.blocks)
     start = time.perf_counter()

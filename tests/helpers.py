@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reparam_cli.engine import reparameterize
-from reparam_cli.pipeline import randomize_batchnorm
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.core.tensors import randomize_batchnorm
 
 
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -43,7 +43,7 @@ def run_cli(*args, stdin: bytes | None = None):
     """Invoke the `reparam` CLI in-process; the result has exit_code, stdout and stderr."""
     from typer.testing import CliRunner
 
-    from reparam_cli.cli import app
+    from reparam_cli.commands.app import app
 
     return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
 

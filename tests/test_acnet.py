@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from reparam_cli.blocks.acnet import ACBDeployBlock, ACBlock
-from reparam_cli.engine import reparameterize
+from reparam_cli.convert.engine import reparameterize
 
 from .helpers import assert_equivalent, randomized
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from reparam_cli import algebra as A
+from reparam_cli.core import algebra as A
 from reparam_cli.errors import NotEquivalent
 
 TOL = 1e-9

@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from reparam_cli.batch import BatchError, Manifest, Shard, discover, output_names
-from reparam_cli.checkpoint import sha256_file
-from reparam_cli.deploy import load_deploy
-from reparam_cli.pipeline import init_checkpoint, load_training_model
-from reparam_cli.spec import load_spec
+from reparam_cli.pipeline.batch import BatchError, Manifest, Shard, discover, output_names
+from reparam_cli.io.checkpoint import sha256_file
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.pipeline.conversion import init_checkpoint
+from reparam_cli.pipeline.training import load_training_model
+from reparam_cli.pipeline.specs import load_spec
 
 from .helpers import run_cli
 

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from reparam_cli.batch import output_names
-from reparam_cli.export import SUFFIX
-from reparam_cli.metadata import META_PREFIX
-from reparam_cli.pipeline import init_checkpoint
+from reparam_cli.pipeline.batch import output_names
+from reparam_cli.io.formats import SUFFIX
+from reparam_cli.io.metadata import META_PREFIX
+from reparam_cli.pipeline.conversion import init_checkpoint
 
 from .helpers import run_cli
 

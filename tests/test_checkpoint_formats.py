@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reparam_cli.checkpoint import extract_checkpoint
-from reparam_cli.engine import reparameterize
+from reparam_cli.io.checkpoint import extract_checkpoint
+from reparam_cli.convert.engine import reparameterize
 from reparam_cli.errors import CheckpointError
-from reparam_cli.deploy import load_deploy
-from reparam_cli.spec import load_spec
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.pipeline.specs import load_spec
 
 from .helpers import randomized, run_cli
 
@@ -153,7 +153,7 @@ def test_half_precision_checkpoint_keeps_its_dtype(tiny, tmp_path, dtype):
 
 
 def _loaded(spec_path, state):
-    from reparam_cli.checkpoint import load_into
+    from reparam_cli.io.checkpoint import load_into
 
     return load_into(load_spec(str(spec_path)).build(device="meta"), state).eval()
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reparam_cli.deploy import load_deploy, read_metadata
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.io.safetensors import read_metadata
 
 from .helpers import run_cli
 
@@ -165,7 +166,7 @@ def test_subprocess_entry_points_and_help():
     proc = subprocess.run([sys.executable, "-m", "reparam_cli", "convert", "nope.pth", "--spec", SPEC],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-c", "import reparam_cli.cli, sys; print('torch' in sys.modules)"],
+    proc = subprocess.run([sys.executable, "-c", "import reparam_cli.commands.app, sys; print('torch' in sys.modules)"],
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "False"  # --help does not pay for importing torch
 

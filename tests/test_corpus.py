@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
 
 from .helpers import TINY_REPVGG_YAML, restamp, run_cli
 
@@ -237,12 +237,12 @@ def test_cli_bad_input(inputs, tmp_path, argv, code, expect):
 
 
 def _api_cases(d: Path):
-    from reparam_cli import algebra  # noqa: F401
-    from reparam_cli.deploy import load_deploy
-    from reparam_cli.engine import reparameterize
-    from reparam_cli.inspection import inspect_checkpoint
-    from reparam_cli.pipeline import verify_checkpoint
-    from reparam_cli.spec import load_spec
+    from reparam_cli.core import algebra  # noqa: F401
+    from reparam_cli.pipeline.deploy import load_deploy
+    from reparam_cli.convert.engine import reparameterize
+    from reparam_cli.pipeline.inspection import inspect_checkpoint
+    from reparam_cli.pipeline.conversion import verify_checkpoint
+    from reparam_cli.pipeline.specs import load_spec
 
     spec = str(d / "tiny.yaml")
     return {

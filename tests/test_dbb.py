@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli.blocks.dbb import (BNAndPadLayer, ConvAct, ConvBNAct, DBBDeployBlock, DiverseBranchBlock,
-                                    IdentityBasedConv1x1)
-from reparam_cli.engine import reparameterize
+from reparam_cli.blocks.dbb import (BNAndPadLayer, ConvAct, ConvBNAct, DBBDeployBlock, DiverseBranchBlock, IdentityBasedConv1x1)
+from reparam_cli.convert.engine import reparameterize
 from reparam_cli.models.mobilenet import MobileNetV1
 from reparam_cli.models.resnet import ResNet
 

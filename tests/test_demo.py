@@ -15,10 +15,11 @@ import torch
 from safetensors import safe_open
 
 from reparam_cli.errors import SpecError
-from reparam_cli.deploy import load_deploy
+from reparam_cli.pipeline.deploy import load_deploy
 from reparam_cli.models.digits import DigitsNet
-from reparam_cli.pipeline import convert_checkpoint, load_training_model, verify_checkpoint
-from reparam_cli.spec import load_spec
+from reparam_cli.pipeline.conversion import convert_checkpoint, verify_checkpoint
+from reparam_cli.pipeline.training import load_training_model
+from reparam_cli.pipeline.specs import load_spec
 
 from .helpers import assert_equivalent, randomized
 

@@ -8,9 +8,10 @@ from torch import nn
 
 from reparam_cli.blocks.common import ConvBN
 from reparam_cli.blocks.repvgg import RepVGGBlock
-from reparam_cli.engine import count_parameters, reparameterize
+from reparam_cli.core.tensors import count_parameters
+from reparam_cli.convert.engine import reparameterize
 from reparam_cli.errors import NotEquivalent
-from reparam_cli.recipes import all_recipes, recipe
+from reparam_cli.blocks.registry import all_recipes, recipe
 
 from .helpers import randomized
 
@@ -82,7 +83,7 @@ def test_consume_frees_each_block_and_gives_the_same_deploy_model():
 
 
 def test_flop_counts_shape_only():
-    from reparam_cli.stats import count_flops
+    from reparam_cli.core.stats import count_flops
 
     with torch.device("meta"):
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
@@ -93,8 +94,8 @@ def test_flop_counts_shape_only():
 def test_flops_count_conv_like_blocks_and_verification_reports_them():
     """Hook-based counts: a RefConv convolves with a computed kernel and still counts as a conv."""
     from reparam_cli.blocks.refconv import RefConv
-    from reparam_cli.stats import count_flops
-    from reparam_cli.verification import verify
+    from reparam_cli.core.stats import count_flops
+    from reparam_cli.verification.equivalence import verify
 
     block = RefConv(4, 4, 3, groups=4).eval()
     deploy, _ = reparameterize(block)
@@ -114,7 +115,7 @@ def test_consume_keeps_submodules_the_deploy_block_shares():
     import torch
 
     from reparam_cli.blocks.repvgg import RepVGGBlock
-    from reparam_cli.engine import reparameterize
+    from reparam_cli.convert.engine import reparameterize
 
     torch.manual_seed(0)
     block = RepVGGBlock(32, 32, use_se=True).eval()

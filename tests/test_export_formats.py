@@ -12,8 +12,8 @@ import pytest
 import torch
 import typer
 
-from reparam_cli.cli import app
-from reparam_cli.spec import load_spec
+from reparam_cli.commands.app import app
+from reparam_cli.pipeline.specs import load_spec
 
 from .helpers import randomized
 from .test_checkpoint_formats import TINY_SPEC, run
@@ -109,7 +109,7 @@ def test_bfloat16_onnx_cannot_be_verified_so_is_refused(tiny, tmp_path):
 
 def test_exported_file_that_disagrees_is_not_written(tiny, tmp_path, monkeypatch):
     """The round-trip check runs before the rename: a runtime giving other numbers aborts the write."""
-    import reparam_cli.pipeline as pipeline
+    import reparam_cli.pipeline.conversion as pipeline
 
     real = pipeline.compare_exported
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli.deploy import load_deploy
+from reparam_cli.pipeline.deploy import load_deploy
 from reparam_cli.models.mobilenet import MOBILE_CHANNELS, STRIDE2_BLOCKS
-from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint
-from reparam_cli.spec import builtin_names, load_spec
+from reparam_cli.pipeline.options import VerifyOptions
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
+from reparam_cli.pipeline.specs import builtin_names, load_spec
 
 SMALL = (1, 3, 64, 64)
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reparam_cli.batch import discover
-from reparam_cli.checkpoint import read_checkpoint, read_raw
+from reparam_cli.pipeline.batch import discover
+from reparam_cli.io.checkpoint import read_checkpoint, read_raw
 from reparam_cli.errors import CheckpointError, OutputError
-from reparam_cli.pipeline import init_checkpoint
-from reparam_cli.safeio import atomic_output, clean_stale_temps
+from reparam_cli.pipeline.conversion import init_checkpoint
+from reparam_cli.io.safeio import atomic_output, clean_stale_temps
 
 from .helpers import run_cli
 
@@ -55,7 +55,7 @@ def a0(tmp_path_factory) -> Path:
 
 def reparam(*args, tmpdir: Path, prelude: str = "", wait: bool = True, **kwargs):
     """Run the CLI in a fresh interpreter with its own $TMPDIR; `prelude` runs first (test hooks)."""
-    code = prelude + "\nimport sys\nfrom reparam_cli.cli import main\nsys.argv = ['reparam', *sys.argv[1:]]\nmain()\n"
+    code = prelude + "\nimport sys\nfrom reparam_cli.commands.app import main\nsys.argv = ['reparam', *sys.argv[1:]]\nmain()\n"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", code, *map(str, args)]
     if not wait:
@@ -79,7 +79,7 @@ def listing(*folders: Path) -> list[str]:
 # Hooks that stop a conversion at a precise point of writing its output.
 MID_WRITE = """
 import os, signal
-import reparam_cli.export as export
+import reparam_cli.io.safetensors as export
 def _serialize(f, state, meta):
     f.write(b"x" * 100000)
     f.flush()
@@ -89,7 +89,7 @@ export._serialize_safetensors = _serialize
 """
 BEFORE_PUBLISH = """
 import os, signal
-import reparam_cli.safeio as safeio
+import reparam_cli.io.safeio as safeio
 def _publish(*args):
     os.kill(os.getpid(), signal.{sig})
 safeio._publish = _publish
@@ -136,7 +136,7 @@ def test_sigkill_with_named_temporaries_is_cleaned_by_the_next_run(tiny, tmp_pat
     spec, ckpt = tiny
     out, tmp = tmp_path / "out", tmp_path / "tmp"
     out.mkdir(), tmp.mkdir()
-    no_tmpfile = "import reparam_cli.safeio as safeio\nsafeio._open_unnamed = lambda folder: None\n"
+    no_tmpfile = "import reparam_cli.io.safeio as safeio\nsafeio._open_unnamed = lambda folder: None\n"
     result = reparam("convert", ckpt, "--spec", spec, "-o", out / "m.safetensors", "--no-verify", tmpdir=tmp,
                      prelude=no_tmpfile + MID_WRITE.replace("{sig}", "SIGKILL"))
     assert result.returncode == -signal.SIGKILL
@@ -354,7 +354,7 @@ def test_manifest_junk_is_ignored_with_a_note_and_failed_runs_keep_records(tiny,
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert all(e["status"] == "failed" and e["previous"]["status"] == "converted" for e in lines)
     # A run stopped before it starts converting leaves the manifest alone.
-    import reparam_cli.batch as batch
+    import reparam_cli.pipeline.batch as batch
 
     real_plan, calls = batch.plan, []
 
@@ -484,8 +484,8 @@ class _Marker:
 
 
 def test_pickled_module_walks_into_a_state_dict(tiny):
-    from reparam_cli.spec import load_spec
-    from reparam_cli.unpickle import is_module_placeholder, module_state_dict, restricted_load
+    from reparam_cli.pipeline.specs import load_spec
+    from reparam_cli.io.unpickle import is_module_placeholder, module_state_dict, restricted_load
 
     spec, ckpt = tiny
     model = load_spec(str(spec)).build()
@@ -502,7 +502,7 @@ def test_pickled_module_walks_into_a_state_dict(tiny):
 def test_importing_a_users_spec_leaves_no_pycache_beside_it(tmp_path, monkeypatch):
     """A spec is the user's file: reparam imports it (and the modules a YAML spec names) without
     writing __pycache__ into their folders, whatever PYTHONDONTWRITEBYTECODE says."""
-    from reparam_cli.spec import load_spec
+    from reparam_cli.pipeline.specs import load_spec
 
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     code = "from torch import nn\n\ndef build_model():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from reparam_cli.engine import reparameterize
+from reparam_cli.convert.engine import reparameterize
 
 from .helpers import randomized, run_cli
 
@@ -348,9 +348,9 @@ def resnet(tmp_path_factory):
 
 
 def test_resnet18_converts_complete_and_rebuilds(resnet, tmp_path):
-    from reparam_cli.deploy import load_deploy
-    from reparam_cli.pipeline import load_training_model
-    from reparam_cli.spec import load_spec
+    from reparam_cli.pipeline.deploy import load_deploy
+    from reparam_cli.pipeline.training import load_training_model
+    from reparam_cli.pipeline.specs import load_spec
 
     spec, ckpt = resnet
     out = tmp_path / "r18.safetensors"
@@ -420,7 +420,8 @@ def test_deploy_files_from_before_the_graph_pass_still_load(resnet, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from reparam_cli.deploy import load_deploy, read_metadata
+    from reparam_cli.pipeline.deploy import load_deploy
+    from reparam_cli.io.safetensors import read_metadata
 
     spec, ckpt = resnet
     new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
@@ -429,8 +430,8 @@ def test_deploy_files_from_before_the_graph_pass_still_load(resnet, tmp_path):
     plain = tmp_path / "plain.safetensors"
     assert run_cli("convert", ckpt, "--spec", spec, "-o", plain, "--no-verify", "--no-graph").exit_code == 2
     # An old file: the recipes-only skeleton's tensors (no BN folded), metadata without options.
-    from reparam_cli.engine import reparameterize
-    from reparam_cli.spec import load_spec
+    from reparam_cli.convert.engine import reparameterize
+    from reparam_cli.pipeline.specs import load_spec
 
     skeleton = reparameterize(load_spec(str(spec)).build().eval(), graph=False)[0]
     with safe_open(str(new), framework="pt") as f:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from reparam_cli.cli import app
+from reparam_cli.commands.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli import algebra as A
+from reparam_cli.core import algebra as A
 from reparam_cli.blocks.inception import InceptionBlock, InceptionDeployBlock
-from reparam_cli.engine import reparameterize
+from reparam_cli.convert.engine import reparameterize
 
 from .helpers import assert_equivalent, randomized
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reparam_cli import engine
-from reparam_cli.engine import count_parameters, reparameterize
-from reparam_cli.inspection import inspect_checkpoint
-from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
-from reparam_cli.spec import load_spec
+from reparam_cli.convert import engine
+from reparam_cli.core.tensors import count_parameters
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.pipeline.inspection import inspect_checkpoint
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
+from reparam_cli.pipeline.specs import load_spec
 
 from .helpers import run_cli
 
@@ -99,7 +100,7 @@ def test_deploy_file_uses_its_stored_spec(files):
     report = json.loads(run("inspect", files["deploy"], "--json").stdout)
     assert report["kind"] == "deploy" and report["spec"] == "tiny-repvgg"
     assert report["reparam"]["verified"] and report["reparam"]["max_rel_err"] < 1e-4
-    from reparam_cli.checkpoint import sha256_file
+    from reparam_cli.io.checkpoint import sha256_file
 
     assert report["reparam"]["source_sha256"] == sha256_file(files["ckpt"])
     training = json.loads(run("inspect", files["ckpt"], "--spec", files["spec"], "--json").stdout)

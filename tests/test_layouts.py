@@ -8,12 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli.deploy import deploy_format_of, load_deploy
-from reparam_cli.engine import reparameterize
+from reparam_cli.io.sniff import deploy_format_of
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.convert.engine import reparameterize
 from reparam_cli.errors import CheckpointError
-from reparam_cli.inspection import inspect_checkpoint
-from reparam_cli.pipeline import init_checkpoint, read_training_model, verify_checkpoint
-from reparam_cli.spec import load_spec
+from reparam_cli.pipeline.inspection import inspect_checkpoint
+from reparam_cli.pipeline.conversion import init_checkpoint, verify_checkpoint
+from reparam_cli.pipeline.training import read_training_model
+from reparam_cli.pipeline.specs import load_spec
 
 from .helpers import run_cli
 
@@ -150,7 +152,7 @@ class _RefDeployRepMLPNet(nn.Module):
 
 
 def test_repmlpnet_deploy_file_loads_strictly_into_the_reference_deploy_model(tmp_path):
-    from reparam_cli.pipeline import convert_checkpoint
+    from reparam_cli.pipeline.conversion import convert_checkpoint
 
     spec = tmp_path / "mini-repmlpnet.yaml"
     spec.write_text("builder: reparam_cli.blocks.repmlp:RepMLPNet\n"
@@ -191,7 +193,7 @@ class _ScriptRepConv(nn.Module):
 
 @pytest.mark.parametrize("mode,params_after,refconvs", [("large", 5_476_416, 16), ("small", 2_938_368, 12)])
 def test_mobilenetv3_refconv_specs_have_the_scripts_keys(mode, params_after, refconvs):
-    from reparam_cli.engine import count_parameters
+    from reparam_cli.core.tensors import count_parameters
 
     net = load_spec(f"mobilenetv3-refconv-{mode[0]}").build(device="meta")
     state = net.state_dict()
@@ -212,7 +214,7 @@ def test_mobilenetv3_refconv_specs_have_the_scripts_keys(mode, params_after, ref
 
 def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
     """A checkpoint as the script saves it (a plain state dict, RepConv keys) converts and verifies."""
-    from reparam_cli.pipeline import convert_checkpoint
+    from reparam_cli.pipeline.conversion import convert_checkpoint
 
     ckpt = tmp_path / "tsl.pth"
     init_checkpoint("mobilenetv3-refconv-s", ckpt, seed=4)
@@ -223,9 +225,8 @@ def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
 
 # --------------------------------------------------------------------------- RepNeXt-M
 
-from reparam_cli import algebra as A  # noqa: E402
-from reparam_cli.blocks.repnext_m import (RepDWConvM, RepDWConvS, RepNextClassifier,  # noqa: E402
-                                          VARIANTS)
+from reparam_cli.core import algebra as A  # noqa: E402
+from reparam_cli.blocks.repnext_m import RepDWConvM, RepDWConvS, RepNextClassifier, VARIANTS
 
 from .helpers import assert_equivalent, randomized  # noqa: E402
 
@@ -272,7 +273,7 @@ def test_repnext_m_blocks_fuse_to_one_layer(block):
 
 def test_repnext_m_deploy_params_match_the_paper():
     """Deploy parameters of M0..M5 as in the paper's table (2.3, 4.8, 6.5, 7.8, 13.3, 21.7 M)."""
-    from reparam_cli.engine import count_parameters
+    from reparam_cli.core.tensors import count_parameters
 
     paper = {"m0": 2.3, "m1": 4.8, "m2": 6.5, "m3": 7.8, "m4": 13.3, "m5": 21.7}
     for name, (dims, depth) in VARIANTS.items():
@@ -285,7 +286,8 @@ def test_repnext_m_deploy_params_match_the_paper():
 
 def test_repnext_m0_reference_keys_and_end_to_end(tmp_path):
     """suous/RepNeXt's key names (training and fused), and init -> convert -> load_deploy of RepNeXt-M0."""
-    from reparam_cli.pipeline import VerifyOptions, convert_checkpoint
+    from reparam_cli.pipeline.options import VerifyOptions
+    from reparam_cli.pipeline.conversion import convert_checkpoint
 
     net = load_spec("repnext-m0").build(device="meta")
     keys = set(net.state_dict())

@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from reparam_cli.blocks.linear_conv import PointwiseLinear, linear_to_pointwise
 from reparam_cli.blocks.repvgg import RepVGG
-from reparam_cli.cli import app
-from reparam_cli.engine import reparameterize
-from reparam_cli.deploy import load_deploy
-from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint, verify_checkpoint
+from reparam_cli.commands.app import app
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.pipeline.options import VerifyOptions
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint, verify_checkpoint
 
 from .helpers import randomized
 

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from reparam_cli.pipeline import randomize_batchnorm
-from reparam_cli.spec import load_spec
+from reparam_cli.core.tensors import randomize_batchnorm
+from reparam_cli.pipeline.specs import load_spec
 
 from .test_checkpoint_formats import run
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli.deploy import load_deploy
+from reparam_cli.pipeline.deploy import load_deploy
 from reparam_cli.errors import SpecError
-from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, randomize_batchnorm
-from reparam_cli.spec import load_spec
+from reparam_cli.pipeline.options import VerifyOptions
+from reparam_cli.pipeline.conversion import convert_checkpoint
+from reparam_cli.core.tensors import randomize_batchnorm
+from reparam_cli.pipeline.specs import load_spec
 
 from .helpers import batchnorms
 from .test_checkpoint_formats import run

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from reparam_cli.blocks.repvgg import RepVGGBlock
-from reparam_cli.engine import reparameterize
+from reparam_cli.convert.engine import reparameterize
 from reparam_cli.errors import ReparamError
-from reparam_cli.native import native_method
-from reparam_cli.verification import verify
+from reparam_cli.convert.native import native_method
+from reparam_cli.verification.equivalence import verify
 
 from .helpers import randomized
 

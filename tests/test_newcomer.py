@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reparam_cli import extras
-from reparam_cli.spec import layout_hint, load_spec, suggest_spec_names
+from reparam_cli.pipeline.specs import layout_hint, load_spec, suggest_spec_names
 
 from .helpers import run_cli
 
@@ -23,7 +23,7 @@ DIGITS = str(ROOT / "examples" / "digits-repvgg.safetensors")
 
 def _cli_subprocess(*args: str, code: str = "") -> subprocess.CompletedProcess:
     """Run `reparam ARGS` in a fresh interpreter, then report on stderr whether torch was imported."""
-    script = ("import sys\nfrom reparam_cli.cli import main\nsys.argv = ['reparam', *sys.argv[1:]]\n"
+    script = ("import sys\nfrom reparam_cli.commands.app import main\nsys.argv = ['reparam', *sys.argv[1:]]\n"
               "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
               "print('TORCH_IMPORTED', 'torch' in sys.modules, file=sys.stderr)\n" + code + "sys.exit(code)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -149,10 +149,10 @@ def test_plot_needs_verification(tmp_path):
 
 
 def test_public_names_are_the_functions():
-    import reparam_cli.pipeline  # noqa: F401  (imports the verification module)
+    import reparam_cli.pipeline.conversion  # noqa: F401  (imports the verification module)
     from reparam_cli import load_deploy, reparameterize, verify
 
-    assert callable(verify) and verify.__module__ == "reparam_cli.verification"
+    assert callable(verify) and verify.__module__ == "reparam_cli.verification.equivalence"
     assert callable(load_deploy) and callable(reparameterize)
 
 
@@ -165,7 +165,8 @@ def test_inspect_converts_shape_only_without_importing_dynamo_or_sympy():
     assert "DYNAMO False" in result.stderr and "SYMPY False" in result.stderr
     import json
 
-    from reparam_cli.engine import count_parameters, reparameterize
+    from reparam_cli.core.tensors import count_parameters
+    from reparam_cli.convert.engine import reparameterize
 
     report = json.loads(result.stdout)
     assert report["params_after"] == count_parameters(reparameterize(load_spec(DIGITS_SPEC).build())[0]) == 70_122

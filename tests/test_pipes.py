@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import load, load_file
 from typer.testing import CliRunner
 
-from reparam_cli.cli import app
+from reparam_cli.commands.app import app
 from reparam_cli.errors import CheckpointError
-from reparam_cli.deploy import load_deploy
-from reparam_cli.pipeline import init_checkpoint, load_training_model
-from reparam_cli.pipes import convert_stdio, sniff_format, spool_stdin
-from reparam_cli.spec import load_spec
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.pipeline.conversion import init_checkpoint
+from reparam_cli.pipeline.training import load_training_model
+from reparam_cli.pipeline.stdio import convert_stdio, spool_stdin
+from reparam_cli.io.sniff import sniff_format
+from reparam_cli.pipeline.specs import load_spec
 
 # A Python spec that prints on import and while building: none of it may reach stdout.
 NOISY_SPEC = """\

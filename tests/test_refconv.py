@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli import algebra as A
+from reparam_cli.core import algebra as A
 from reparam_cli.blocks.refconv import RefConv
-from reparam_cli.engine import count_parameters
+from reparam_cli.core.tensors import count_parameters
 from reparam_cli.errors import NotEquivalent
-from reparam_cli.deploy import load_deploy
+from reparam_cli.pipeline.deploy import load_deploy
 from reparam_cli.models.mobilenetv2 import MobileNetV2
-from reparam_cli.pipeline import VerifyOptions, convert_checkpoint, init_checkpoint
+from reparam_cli.pipeline.options import VerifyOptions
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
 
 from .helpers import assert_equivalent, randomized
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from reparam_cli import algebra as A
+from reparam_cli.core import algebra as A
 from reparam_cli.blocks.repmlp import RepMLPBlock, RepMLPDeployBlock, RepMLPNet
-from reparam_cli.engine import count_parameters, reparameterize
-from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
+from reparam_cli.core.tensors import count_parameters
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
 
 from .helpers import assert_equivalent, randomized
 

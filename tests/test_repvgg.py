@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from reparam_cli.blocks.repvgg import RepVGG, RepVGGBlock, RepVGGDeployBlock
-from reparam_cli.pipeline import convert_checkpoint, init_checkpoint, VerifyOptions
-from reparam_cli.spec import builtin_names, load_spec
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
+from reparam_cli.pipeline.options import VerifyOptions
+from reparam_cli.pipeline.specs import builtin_names, load_spec
 
 from .helpers import assert_equivalent, randomized
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from reparam_cli.engine import reparameterize
-from reparam_cli.shapeonly import broadcast_shape, shape_only
-from reparam_cli.spec import builtin_names, load_spec
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.core.shapeonly import broadcast_shape, shape_only
+from reparam_cli.pipeline.specs import builtin_names, load_spec
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPES = FLOATS + [torch.int64, torch.int32, torch.bool]

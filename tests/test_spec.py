@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from reparam_cli.errors import SpecError
-from reparam_cli.spec import ModelSpec, builtin_names, load_spec, parse_shape
+from reparam_cli.core.spec import ModelSpec, parse_shape
+from reparam_cli.pipeline.specs import builtin_names, load_spec
 
 
 def test_builtin_spec():
@@ -70,7 +71,7 @@ def test_meta_build_falls_back_to_cpu_with_a_note(tmp_path):
     on meta: it is built on the CPU, the spec's notes say why, and a conversion reports the note."""
     import torch
 
-    from reparam_cli.pipeline import convert_checkpoint
+    from reparam_cli.pipeline.conversion import convert_checkpoint
 
     spec_file = tmp_path / "probing.py"
     spec_file.write_text(

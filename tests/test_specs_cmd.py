@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from reparam_cli.cli import app
-from reparam_cli.pipeline import list_specs
-from reparam_cli.spec import SPECS_DIR, builtin_names
+from reparam_cli.commands.app import app
+from reparam_cli.pipeline.conversion import list_specs
+from reparam_cli.pipeline.specs import SPECS_DIR, builtin_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,6 @@ def test_spec_table_script(rows, capsys):
 
 def test_broken_spec_is_listed_with_its_error(tmp_path, monkeypatch):
     (tmp_path / "broken.yaml").write_text("name: broken\ndescription: x\nfamily: y\nbuilder: nowhere:nothing\n")
-    monkeypatch.setattr("reparam_cli.spec.SPECS_DIR", tmp_path)
+    monkeypatch.setattr("reparam_cli.pipeline.specs.SPECS_DIR", tmp_path)
     [row] = list_specs()
     assert row["name"] == "broken" and "cannot import" in row["error"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from reparam_cli.errors import SpecError
-from reparam_cli.deploy import load_deploy
-from reparam_cli.spec import load_spec
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.pipeline.specs import load_spec
 
 from .test_checkpoint_formats import run
 

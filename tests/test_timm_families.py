@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reparam_cli.engine import count_parameters, reparameterize
-from reparam_cli.pipeline import randomize_batchnorm
-from reparam_cli.spec import load_spec
-from reparam_cli.verification import verify
+from reparam_cli.core.tensors import count_parameters
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.core.tensors import randomize_batchnorm
+from reparam_cli.pipeline.specs import load_spec
+from reparam_cli.verification.equivalence import verify
 
 from .helpers import batchnorms
 

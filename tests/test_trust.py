@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from reparam_cli.deploy import load_deploy
+from reparam_cli.pipeline.deploy import load_deploy
 from reparam_cli.errors import SpecError
-from reparam_cli.inspection import inspect_checkpoint
-from reparam_cli.pipeline import convert_checkpoint, init_checkpoint
+from reparam_cli.pipeline.inspection import inspect_checkpoint
+from reparam_cli.pipeline.conversion import convert_checkpoint, init_checkpoint
 
 from .helpers import TINY_REPVGG_YAML, restamp, run_cli
 
@@ -161,7 +161,7 @@ def _reject(token):
 
 
 def test_strict_json_replaces_non_finite_numbers_and_says_why():
-    from reparam_cli.jsonio import dumps
+    from reparam_cli.core.jsonio import dumps
 
     text = dumps({"ok": False, "max_abs_err": float("nan"), "worst": {"err": float("-inf")}, "xs": [1.0, float("inf")]})
     data = json.loads(text, parse_constant=_reject)
@@ -179,7 +179,7 @@ def _repvgg_block(dtype=torch.float32):
 
 
 def test_fused_weights_that_overflow_the_dtype_are_an_error_even_unverified(tmp_path):
-    from reparam_cli.engine import reparameterize
+    from reparam_cli.convert.engine import reparameterize
     from reparam_cli.errors import NotEquivalent
 
     block = _repvgg_block(torch.float16)
@@ -195,7 +195,7 @@ def test_fused_weights_that_overflow_the_dtype_are_an_error_even_unverified(tmp_
 def test_batchnorm_with_non_positive_variance_is_refused_naming_the_block():
     from torch import nn
 
-    from reparam_cli.engine import reparameterize
+    from reparam_cli.convert.engine import reparameterize
     from reparam_cli.errors import NotEquivalent
 
     net = nn.Sequential(nn.Identity(), _repvgg_block())
@@ -208,7 +208,7 @@ def test_batchnorm_with_non_positive_variance_is_refused_naming_the_block():
 def test_training_mode_converts_the_eval_function_and_says_so():
     from torch import nn
 
-    from reparam_cli.engine import reparameterize
+    from reparam_cli.convert.engine import reparameterize
 
     net = nn.Sequential(_repvgg_block(), nn.Dropout(0.5), nn.BatchNorm2d(4)).train()
     x = torch.randn(2, 4, 6, 6)
@@ -251,7 +251,7 @@ def test_stacked_blocks_any_dtype_and_mode(kind, c, groups, stride, k, training,
     of the fused weights in that dtype (compared in float64, so no half-precision kernels decide)."""
     import warnings
 
-    from reparam_cli.engine import reparameterize
+    from reparam_cli.convert.engine import reparameterize
 
     from .helpers import randomized
 

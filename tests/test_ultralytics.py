@@ -26,11 +26,12 @@ pytest.importorskip("ultralytics")
 from ultralytics.nn.modules import Conv, Conv2, ConvTranspose, Detect, RepConv, RepVGGDW  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel  # noqa: E402
 
-from reparam_cli.deploy import load_deploy  # noqa: E402
-from reparam_cli.engine import count_parameters, reparameterize  # noqa: E402
+from reparam_cli.pipeline.deploy import load_deploy  # noqa: E402
+from reparam_cli.core.tensors import count_parameters
+from reparam_cli.convert.engine import reparameterize  # noqa: E402
 from reparam_cli.errors import SpecError  # noqa: E402
-from reparam_cli.pipeline import randomize_batchnorm  # noqa: E402
-from reparam_cli.spec import load_spec  # noqa: E402
+from reparam_cli.core.tensors import randomize_batchnorm  # noqa: E402
+from reparam_cli.pipeline.specs import load_spec  # noqa: E402
 
 from .helpers import run_cli  # noqa: E402
 
@@ -291,7 +292,7 @@ def test_stored_builder_is_known_data():
 def test_find_module_follows_ultralytics_layouts():
     """best.pt keeps the model under `model` (`ema` None); last.pt, mid-training, under `ema`
     (`model` None); --ema asks for the EMA copy, which best.pt no longer has."""
-    from reparam_cli.checkpoint import find_module
+    from reparam_cli.io.checkpoint import find_module
     from reparam_cli.errors import CheckpointError
 
     net = nn.Conv2d(1, 1, 1)

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from reparam_cli.blocks.repvgg import RepVGGBlock
-from reparam_cli.engine import reparameterize
+from reparam_cli.convert.engine import reparameterize
 from reparam_cli.errors import ReparamError, VerificationFailed
-from reparam_cli.pipeline import convert_checkpoint
-from reparam_cli.spec import ModelSpec, load_spec
-from reparam_cli.verification import AttributeSnapshot, unit_roundoff, verify
+from reparam_cli.pipeline.conversion import convert_checkpoint
+from reparam_cli.core.spec import ModelSpec
+from reparam_cli.pipeline.specs import load_spec
+from reparam_cli.core.tensors import AttributeSnapshot
+from reparam_cli.verification.equivalence import unit_roundoff, verify
 
 from .helpers import randomized, run_cli
 
@@ -152,7 +154,7 @@ timm = pytest.importorskip("timm")
 def _timm_eval(model: nn.Module, seed: int) -> nn.Module:
     """timm's own initialisation (std 0.3 everywhere overflows these deep attention stacks in
     float32) with randomised BatchNorm statistics."""
-    from reparam_cli.pipeline import randomize_batchnorm
+    from reparam_cli.core.tensors import randomize_batchnorm
 
     with torch.no_grad():
         randomize_batchnorm(model, torch.Generator().manual_seed(seed))
@@ -185,7 +187,7 @@ def test_efficientvit_m0_load_deploy_equals_the_verified_model(tmp_path):
     # (not bit-equal: the file's contiguous tensors can take other conv kernels than the fused views)
     assert report["ok"] and report["export_runtime"] == "load_deploy" and report["export_max_rel_err"] < 1e-6
 
-    from reparam_cli.deploy import load_deploy
+    from reparam_cli.pipeline.deploy import load_deploy
 
     loaded = load_deploy(out)  # the stored spec
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -302,7 +304,7 @@ def test_float16_overflow_is_named_by_block_not_a_mismatch(tmp_path):
 def test_a_safetensors_file_that_loads_back_wrong_is_not_written(tmp_path, monkeypatch):
     """Corrupt the temporary file inside the check (as a bad disk or writer would): the loaded-back
     model differs, the conversion fails with exit-1 semantics and nothing is left behind."""
-    import reparam_cli.deploy as deploy_mod
+    import reparam_cli.pipeline.deploy as deploy_mod
 
     real = deploy_mod.load_deploy
 
@@ -339,7 +341,7 @@ def test_exports_have_dynamic_batch_and_height_width(tmp_path, fmt):
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")
-    from reparam_cli.deploy import load_exported
+    from reparam_cli.io.runtimes import load_exported
 
     spec = ModelSpec("convnet", f"{__name__}:ConvNet", input_shape=(1, 3, 16, 16))
     model = randomized(ConvNet())
@@ -382,7 +384,7 @@ def test_pt2_dims_a_model_pins_stay_static(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_all_finite_is_exact_even_when_the_fast_sum_overflows(dtype):
-    from reparam_cli.verification import all_finite
+    from reparam_cli.core.tensors import all_finite
 
     big = torch.finfo(dtype).max
     t = torch.ones(1000, dtype=dtype)

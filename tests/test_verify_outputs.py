@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from reparam_cli.blocks.repvgg import RepVGGBlock
-from reparam_cli.engine import reparameterize
-from reparam_cli.verification import tensor_leaves, verify
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.verification.equivalence import tensor_leaves, verify
 
 from .helpers import randomized
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import algebra as A
-from ..recipes import recipe
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
 
 
 class ACBlock(nn.Module):

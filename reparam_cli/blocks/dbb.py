@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import algebra as A
-from ..recipes import recipe
-from .common import ConvBN, check_centred_kernel, conv_bn_kernel, conv_bn_lazy
+from reparam_cli.blocks.common import ConvBN, check_centred_kernel, conv_bn_kernel, conv_bn_lazy
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
 
 
 class ConvBNAct(ConvBN):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import algebra as A
+from reparam_cli.core import algebra as A
 
 
 class PointwiseLinear(nn.Conv2d):

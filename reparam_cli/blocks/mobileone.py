@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import algebra as A
-from ..recipes import recipe
-from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_lazy
+from reparam_cli.blocks.common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_lazy
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
 
 
 class SEBlock(nn.Module):

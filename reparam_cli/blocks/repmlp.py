@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import algebra as A
-from ..recipes import recipe
-from .common import ConvBN, conv_bn_kernel
+from reparam_cli.blocks.common import ConvBN, conv_bn_kernel
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
 
 
 class GlobalPerceptron(nn.Module):

@@ -37,15 +37,14 @@ Key names follow the reference RepNeXt of the re-parameterization paradigms note
 from __future__ import annotations
 
 import math
-
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .. import algebra as A
-from ..errors import NotEquivalent
-from ..recipes import recipe
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
+from reparam_cli.errors import NotEquivalent
 
 # Activations by name (YAML specs), built without inplace so the shortcut never sees a modified x.
 ACTIVATIONS: dict[str, type[nn.Module]] = {

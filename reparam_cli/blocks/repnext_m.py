@@ -29,8 +29,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import algebra as A
-from ..recipes import recipe
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
 
 
 def _dw(channels: int, kernel_size, stride, padding, bias: bool, dilation: int = 1) -> nn.Conv2d:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import algebra as A
-from ..recipes import recipe
-from .common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_lazy
+from reparam_cli.blocks.common import ConvBN, StagedClassifier, check_centred_kernel, conv_bn_lazy
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
 
 
 class SEBlock(nn.Module):

@@ -21,13 +21,15 @@ importing it registers its recipes (`@recipe(BlockType, family=...)`), so it may
 
 from __future__ import annotations
 
-from importlib import import_module
 import sys
+from importlib import import_module
 from types import ModuleType
 
 from torch import nn
 
-from ..errors import SpecError
+from reparam_cli.core.tensors import has_submodule
+from reparam_cli.errors import SpecError
+from reparam_cli.extras import install_hint
 
 # library package name -> reparam's file of its conventions
 ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics", "timm": "reparam_cli.ecosystems.timm",
@@ -62,7 +64,6 @@ def spec_for(ref: str):
             try:
                 eco = import_module(ours)
             except ImportError as exc:
-                from ..extras import install_hint
 
                 raise SpecError(f"spec {ref!r} needs the {package} package, which cannot be imported ({exc})",
                                 hint=install_hint(package)) from None
@@ -75,7 +76,6 @@ def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:
 
     Converted blocks that such a step removed (the unused branch of a detection head) leave the
     engine's `report`: they are not part of the deploy model, so there is nothing to verify."""
-    from ..engine import has_submodule
 
     for eco in _active():
         step = getattr(eco, "finish", None)

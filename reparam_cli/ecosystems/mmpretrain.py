@@ -29,8 +29,9 @@ import sys
 import warnings
 from typing import Any
 
-from ..errors import SpecError
-from ..spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, library_ref
+from reparam_cli.core.spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, library_ref
+from reparam_cli.errors import SpecError
+from reparam_cli.extras import install_hint
 
 PREFIX = "mmpretrain:"
 
@@ -51,7 +52,6 @@ def import_mmpretrain():
             import mmpretrain
             import mmpretrain.apis  # noqa: F401
     except ImportError as exc:
-        from ..extras import install_hint
 
         raise SpecError(f"mmpretrain specs need mmpretrain, mmengine and mmcv-lite, which cannot be imported ({exc})",
                         hint=install_hint("mmpretrain")) from None

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import SpecError
-from ..spec import DEFAULT_INPUT_SHAPE, TIMM_BUILDERS, ModelSpec, _shape, library_ref
+from reparam_cli.core.spec import DEFAULT_INPUT_SHAPE, ModelSpec, TIMM_BUILDERS, _shape, library_ref
+from reparam_cli.errors import SpecError
+from reparam_cli.extras import install_hint
 
 PREFIX = "timm:"
 _REFUSED = {"pretrained": "weights come from the checkpoint, nothing is downloaded",
@@ -30,7 +31,6 @@ def import_timm():
     try:
         import timm
     except ImportError as exc:
-        from ..extras import install_hint
 
         raise SpecError(f"timm specs need the timm package, which cannot be imported ({exc})",
                         hint=install_hint("timm")) from None

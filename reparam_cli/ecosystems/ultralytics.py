@@ -20,6 +20,8 @@ Deploy blocks keep ultralytics' module types, attribute names and state-dict key
 ultralytics does, so a reparam deploy model is what `model.fuse()` gives.
 
 Specs: `ultralytics:yolov8n.yaml?nc=3` builds `DetectionModel('yolov8n.yaml', nc=3)` (the model
+
+
 class from the YAML's task; RT-DETR YAMLs build an `RTDETRDetectionModel`); in a YAML spec,
 `builder: reparam_cli.ecosystems.ultralytics:build_model` with `args: {cfg: yolov8n.yaml, nc: 3}`.
 Models are built with ultralytics' logging quieted, and in export mode: the detection head returns
@@ -45,11 +47,12 @@ import torch
 from torch import nn
 from ultralytics.nn.modules import Conv, Conv2, ConvTranspose, Detect, RepConv, RepVGGDW, RTDETRDecoder
 
-from .. import algebra as A
-from ..blocks.common import conv_bn_kernel, conv_bn_lazy
-from ..errors import NotEquivalent, SpecError
-from ..export import quiet_logger
-from ..recipes import recipe
+from reparam_cli.blocks.common import conv_bn_kernel, conv_bn_lazy
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
+from reparam_cli.core.messages import quiet_logger
+from reparam_cli.core.spec import ModelSpec, library_ref
+from reparam_cli.errors import NotEquivalent, SpecError
 
 FAMILY = "ultralytics"
 SPEC_PREFIX = "ultralytics:"
@@ -265,7 +268,6 @@ build_model.not_on_meta = "ultralytics models probe their strides with a forward
 
 def spec(ref: str):
     """`ultralytics:<yaml>[?nc=3&ch=1]` -> a ModelSpec building that model (verification input 640x640)."""
-    from ..spec import ModelSpec, library_ref
 
     cfg, query_args = library_ref(ref, SPEC_PREFIX, "ultralytics", "ultralytics:yolov8n.yaml?nc=3")
     args: dict[str, Any] = {"cfg": _own_yaml(cfg), **query_args}
@@ -301,7 +303,6 @@ def adopt(module: nn.Module):
     model that is not ultralytics'."""
     from ultralytics.nn.tasks import BaseModel
 
-    from ..spec import ModelSpec
 
     config = getattr(module, "yaml", None)
     if not isinstance(module, BaseModel) or not isinstance(config, dict):

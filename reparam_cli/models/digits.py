@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..blocks.repvgg import RepVGGBlock
+from reparam_cli.blocks.repvgg import RepVGGBlock
 
 
 class DigitsNet(nn.Module):

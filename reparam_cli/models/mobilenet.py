@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .resnet import conv_unit
+from reparam_cli.models.resnet import conv_unit
 
 # conv1 width, then (depthwise, pointwise) widths of the 13 blocks.
 MOBILE_CHANNELS = (32, 32, 64, 64, 128, 128, 128, 128, 256, 256, 256, 256, 512,

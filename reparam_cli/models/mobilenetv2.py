@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..blocks.refconv import RefConv
+from reparam_cli.blocks.refconv import RefConv
 
 # t (expansion), c (output channels), n (repeats), s (first stride): the paper's Table 2.
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from ..blocks.refconv import RefConv
+from reparam_cli.blocks.refconv import RefConv
 
 # k, expansion, out channels, SE, activation, stride: the paper's Tables 1 and 2 (as the script).
 SETTINGS = {

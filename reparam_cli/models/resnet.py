@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..blocks.common import StagedClassifier
-from ..blocks.acnet import ACBlock
-from ..blocks.dbb import ConvBNAct, DiverseBranchBlock
+from reparam_cli.blocks.acnet import ACBlock
+from reparam_cli.blocks.common import StagedClassifier
+from reparam_cli.blocks.dbb import ConvBNAct, DiverseBranchBlock
 
 CONV_TYPES = ("base", "acb", "dbb")
 

@@ -24,10 +24,8 @@ Unwrapping (`extract_state_dict`):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +34,17 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
-from .safeio import check_input_file
+from reparam_cli.errors import CheckpointError
+from reparam_cli.io.safeio import check_input_file
+from reparam_cli.io.safetensors import read_tensors
+from reparam_cli.io.sniff import checkpoint_kind, looks_like_safetensors, sniff_deploy_format
+from reparam_cli.io.unpickle import (Placeholder, SAFE_GLOBALS, is_module_placeholder, module_state_dict,
+                                     placeholders, restricted_load)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
-# Globals that unpickle into plain data and that training scripts routinely store beside the
-# weights (timm's train.py saves its argparse arguments): allowed under weights_only.
-SAFE_GLOBALS = [argparse.Namespace]
 
 
 class AlreadyDeployed(CheckpointError):
@@ -72,25 +71,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def is_safetensors_head(head: bytes) -> bool:
-    """Whether a file's first bytes (9 or more) are safetensors': an 8-byte little-endian header
-    length, then a JSON header starting with '{'."""
-    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (1 << 30)
-
-
-def checkpoint_kind(head: bytes) -> str | None:
-    """'safetensors' or 'torch' from a file's first bytes (16 suffice), None for anything else.
-
-    safetensors: an 8-byte little-endian header length, then the JSON header ('{'). torch: a zip
-    archive ('PK\\x03\\x04', torch >= 1.6) or a legacy pickle (protocol 2-5: 0x80 and the protocol).
-    """
-    if is_safetensors_head(head):
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
-        return "torch"
-    return None
-
-
 def check_checkpoint_file(path: str | Path) -> None:
     """The quick checks before anything reads a checkpoint whole (hashing included): a regular,
     non-sparse file (`safeio.check_input_file`) whose first bytes are those of a safetensors file or
@@ -109,48 +89,20 @@ def check_checkpoint_file(path: str | Path) -> None:
                               "it is neither a safetensors file nor a torch checkpoint (by its first bytes)"))
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return is_safetensors_head(f.read(9))
-
-
-def sniff_deploy_format(path: Path) -> str | None:
-    """'torchscript', 'pt2' or 'onnx' when the file is one of those deploy formats, else None."""
-    if path.suffix == ".onnx":
-        return "onnx"
-    if zipfile.is_zipfile(path):
-        try:
-            names = zipfile.ZipFile(path).namelist()
-        except (zipfile.BadZipFile, OSError):
-            return None
-        if any(n.endswith("/archive_format") for n in names):
-            return "pt2"
-        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            return "torchscript"
-    return None
-
-
 def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False) -> Any:
     """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files.
 
     `mmap` maps a torch zip file's tensors instead of reading them (for shape-only work like inspect)."""
     path = Path(path)
     check_input_file(path)
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+    if path.suffix == ".safetensors" or looks_like_safetensors(path):
+        return read_tensors(path)
     deploy_format = sniff_deploy_format(path)
     if deploy_format:
         article = {"onnx": "an ONNX", "pt2": "a torch.export (.pt2)", "torchscript": "a TorchScript"}[deploy_format]
         raise AlreadyDeployed(f"{path} is {article} deploy file, not a training checkpoint",
                               hint="convert the training checkpoint, or check this file with `reparam verify`")
     if mmap and not trust_pickle:
-        from .unpickle import restricted_load
 
         # Shape-only reads: the restricted unpickler runs nothing either, and is C pickle (torch's
         # weights-only one is Python: 0.05 s for RepVGG-B3's 453 tensors). A file it cannot read
@@ -167,7 +119,6 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         message = str(exc)
         if not trust_pickle and "Weights only load failed" in message:
-            from .unpickle import restricted_load
 
             try:  # foreign classes: read again, turning them into inert placeholders
                 return restricted_load(path)
@@ -192,7 +143,6 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
 
 
 def _as_mapping(obj: Any) -> Any:
-    from .unpickle import is_module_placeholder, module_state_dict
 
     if isinstance(obj, nn.Module):
         return obj.state_dict()
@@ -200,7 +150,6 @@ def _as_mapping(obj: Any) -> Any:
 
 
 def _is_wrapper(value: Any) -> bool:
-    from .unpickle import is_module_placeholder
 
     return isinstance(value, (Mapping, nn.Module)) or is_module_placeholder(value)
 
@@ -209,20 +158,17 @@ _TRUST_HINT = "only if you trust its origin, pass --trust-pickle to unpickle it 
 
 
 def _is_placeholder(obj: Any) -> bool:
-    from .unpickle import Placeholder
 
     return isinstance(obj, Placeholder)
 
 
 def _type_name(obj: Any) -> str:
-    from .unpickle import Placeholder
 
     return obj.qualified_name() if isinstance(obj, Placeholder) else type(obj).__name__
 
 
 def _placeholder_notes(obj: Any, notes: list[str]) -> None:
     """Name the objects of foreign classes that were read as inert placeholders (see unpickle.py)."""
-    from .unpickle import is_module_placeholder, placeholders
 
     found = placeholders(obj)
     modules = [(where, name) for where, name in found if is_module_placeholder(_at(obj, where))]

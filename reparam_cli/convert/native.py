@@ -49,7 +49,8 @@ import inspect
 import torch
 from torch import nn
 
-from .errors import ReparamError
+from reparam_cli.blocks.registry import recipe_for
+from reparam_cli.errors import ReparamError
 
 NATIVE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 FAMILY = "native"
@@ -78,7 +79,6 @@ def native_method(module: nn.Module) -> str | None:
 def fuses_natively(module: nn.Module, is_root: bool = False) -> bool:
     """Whether the engine should convert this module by its native method (see the module doc):
     it has one, no recipe of its own or below it, and it is not the root of the walk."""
-    from .recipes import recipe_for
 
     if is_root or native_method(module) is None:
         return False

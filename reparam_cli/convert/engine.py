@@ -12,14 +12,20 @@ import contextlib
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from .errors import NotEquivalent, ReparamError
-from .graph import FusedRegion, Remaining, fuse_graph, leftovers
-from .recipes import Recipe, recipe_for
-from .shapeonly import on_meta, shape_only
+import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
+from reparam_cli import ecosystems
+from reparam_cli.blocks.linear_conv import linear_to_pointwise
+from reparam_cli.blocks.registry import Fuse, Recipe, recipe_for
+from reparam_cli.convert.graph import FusedRegion, Remaining, fuse_graph, leftovers
+from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
+from reparam_cli.core.shapeonly import on_meta, shape_only
+from reparam_cli.core.tensors import all_finite, has_submodule
+from reparam_cli.errors import NotEquivalent, ReparamError
 
 
 @dataclass
@@ -74,11 +80,6 @@ class ConversionReport:
         return [b.path for b in self.converted]
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements (buffers such as BN statistics not included)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _shallow_clone(module: nn.Module) -> nn.Module:
     """A new module object with its own child, parameter and buffer dicts (tensors shared), and
     its own copy of every other dict/list/set attribute: a cache a module fills on its first call
@@ -111,7 +112,6 @@ def _floating(module: nn.Module) -> list[torch.Tensor]:
 def _check_finite(block: nn.Module, deployed: nn.Module, path: str, name: str) -> None:
     """A fused block whose weights or biases are NaN/Inf while the block's own were finite computes
     something else (typically a fused scale overflowing the checkpoint's dtype): an error, verified or not."""
-    from .verification import all_finite
 
     if all(all_finite(t) for t in _floating(deployed)):
         return
@@ -133,18 +133,9 @@ def _release(block: nn.Module, deployed: nn.Module) -> None:
                 store[name] = None
 
 
-def has_submodule(model: nn.Module, path: str) -> bool:
-    """Whether `model.get_submodule(path)` finds a module."""
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def reparameterize(
     model: nn.Module, *, native: bool = True, linear_as_conv: bool = False, consume: bool = False,
-    graph: bool = True,
+    graph: bool = True, recipes: Mapping[type, Fuse] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
@@ -167,16 +158,15 @@ def reparameterize(
     eval mode, a UserWarning says so and `report.notes` records it: a deploy model in training mode
     would compute something else (dropout, the batch statistics of unfused BatchNorms).
 
+    recipes: the caller's own recipes for this call, {BlockType: fuse} where `fuse(block)` returns
+    the block's deploy form (composing `reparam_cli.core.algebra`); they take precedence over the
+    registry and are reported with family "user". Nothing is registered.
+
     graph (default): then fold every exactly-foldable linear region left between the converted
     blocks (conv+BN, parallel branches, identities, ... of any network; `reparam_cli.graph`),
     recorded in `report.regions`; converted blocks are never traced into. `report.remaining`
     lists what is left either way (BatchNorms, untraceable modules, refusals, native methods).
     """
-    import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
-
-    from . import ecosystems
-    from .native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
-
     ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
     report = ConversionReport()
@@ -189,7 +179,7 @@ def reparameterize(
         (None outside one): there a method that changes nothing is no conversion, and a block the
         parent's method created (no such path in the input model) is reported as part of the parent.
         """
-        found = recipe_for(module)
+        found = recipe_for(module, recipes)
         if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
             products.append(_fuse(found, module, path))
@@ -223,7 +213,6 @@ def reparameterize(
                 _release(module, deployed)
             return deployed
         if linear_as_conv and type(module) is nn.Linear:
-            from .blocks.linear_conv import linear_to_pointwise
 
             report.converted.append(ConvertedBlock(path, "Linear", "linear-as-conv"))
             products.append(linear_to_pointwise(module))

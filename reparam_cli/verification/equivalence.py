@@ -40,7 +40,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .stats import FlopCounter
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.core.stats import FlopCounter
+from reparam_cli.core.tensors import AttributeSnapshot, all_finite
+from reparam_cli.io.runtimes import ExportedProgramModule, OnnxModule
 
 # Defaults per checkpoint dtype: well above the rounding floor, well below what a wrong kernel gives.
 DEFAULT_TOLERANCES = {
@@ -155,7 +158,6 @@ def _float64_state(model: nn.Module) -> dict[str, Tensor]:
 def _is_module_of_tensors(model: nn.Module) -> bool:
     """Can verification run this model on upcast copies of its tensors? (Not a TorchScript module
     nor a loaded runtime file such as ONNX or pt2: those run as they are.)"""
-    from .deploy import ExportedProgramModule, OnnxModule
 
     return not isinstance(model, (torch.jit.ScriptModule, OnnxModule, ExportedProgramModule))
 
@@ -242,15 +244,6 @@ def _worse(a: float, b: float) -> float:
     return a if _key(a) >= _key(b) else b
 
 
-def all_finite(t: Tensor) -> bool:
-    """Whether no value of a tensor is NaN or infinite. A NaN or Inf anywhere makes the sum non-finite,
-    so a finite sum answers in one pass without a mask (25x faster than isfinite().all() on B3's
-    111M fused weights); a sum that overflows takes the exact check."""
-    if not t.is_floating_point() and not t.is_complex():
-        return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
 def _nonfinite_kind(t: Tensor) -> str | None:
     """'NaN', 'Inf' or None for a tensor's non-finite values."""
     if all_finite(t):
@@ -335,61 +328,6 @@ def _within(abs_err: float, ref: Tensor, rtol: float, atol: float) -> bool:
 
 # --- leaving models as they were found --------------------------------------------------------------
 
-_MODULE_TABLES = ("_parameters", "_buffers", "_modules")
-
-
-def _contents(value):
-    """A shallow copy of a container attribute's contents (to restore in place), else None."""
-    if isinstance(value, dict):
-        return dict(value)
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, set):
-        return set(value)
-    return None
-
-
-def _put_back(obj, contents) -> None:
-    if isinstance(obj, dict):
-        obj.clear()
-        obj.update(contents)
-    elif isinstance(obj, list):
-        obj[:] = contents
-    else:
-        obj.clear()
-        obj.update(contents)
-
-
-class AttributeSnapshot:
-    """The plain attributes of every module of some models (everything in a module's `__dict__`
-    but its parameter, buffer and child tables), to put back after a forward pass.
-
-    Caches a module fills on its first call (timm LeViT / EfficientViT-M / TinyViT attention-bias
-    caches, a detection head's anchors and strides, any `self.x = ...` in forward) are dropped again,
-    containers (dicts, lists, sets) are restored in place. Costs one shallow dict copy per module:
-    no tensor is copied, so verification memory does not grow with the model."""
-
-    def __init__(self, *models: nn.Module):
-        self.saved: list[tuple[nn.Module, dict[str, tuple[Any, Any]]]] = []
-        seen: set[int] = set()
-        for model in models:
-            if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
-                continue
-            for m in model.modules():
-                if id(m) not in seen:
-                    seen.add(id(m))
-                    self.saved.append((m, {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_TABLES}))
-
-    def restore(self) -> None:
-        for m, attrs in self.saved:
-            d = vars(m)
-            for k in [k for k in d if k not in attrs and k not in _MODULE_TABLES]:
-                del d[k]
-            for k, (value, contents) in attrs.items():
-                d[k] = value
-                if contents is not None:
-                    _put_back(value, contents)
-
 
 @contextlib.contextmanager
 def _stage(name: str, snapshot: AttributeSnapshot):
@@ -426,7 +364,6 @@ def weight_rounding_error(train_model: nn.Module, deploy_model: nn.Module, block
     Each training block is copied, upcast to float64 and fused again (one block at a time, so memory
     stays bounded): this is the rounding the deploy dtype alone adds to the fused weights (at most
     the dtype's unit roundoff, 2^-11 for float16, 2^-8 for bfloat16). None when no block compares."""
-    from .engine import reparameterize
 
     worst: float | None = None
     for path, _ in blocks:

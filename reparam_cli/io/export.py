@@ -1,4 +1,4 @@
-"""Writing deploy models, atomically (reading them back lives in `deploy.py`).
+"""Writing deploy models, atomically (reading them back: `runtimes.py`; safetensors: `safetensors.py`).
 
 Formats: `safetensors` (state dict + reparam metadata; rebuilt with the spec), `torchscript`
 (traced, runs without reparam), `pt2` (`torch.export`, loadable with `torch.export.load`) and
@@ -19,101 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import logging
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .errors import OutputError
-from .metadata import META_PREFIX
-from .safeio import atomic_output, guarded_writer  # noqa: F401  (atomic_output: part of this module's API)
+from reparam_cli.core.messages import describe, quiet_logger
+from reparam_cli.errors import OutputError
+from reparam_cli.extras import install_hint
+from reparam_cli.io.formats import DTYPE_NAMES, DYNAMIC_SHAPES
+from reparam_cli.io.safeio import atomic_output, guarded_writer
+from reparam_cli.io.safetensors import Check
 
-FORMATS = ("safetensors", "torchscript", "pt2", "onnx")
-SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-RUNTIME = {"torchscript": "torch.jit", "pt2": "torch.export", "onnx": "onnxruntime"}
-Check = Callable[[Path], None]
-
-
-def _contiguous_unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """safetensors refuses views and tensors sharing memory: give each key its own contiguous tensor."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, t in state.items():
-        t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or not t.is_contiguous() or t.numel() != t.untyped_storage().nbytes() // max(t.element_size(), 1):
-            t = t.contiguous().clone()
-        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
-        out[name] = t
-    return out
-
-
-def safetensors_bytes_metadata(metadata: dict[str, object]) -> dict[str, str]:
-    """safetensors metadata values must be strings: JSON-encode anything that is not."""
-    return {
-        (k if k == "format" else META_PREFIX + k): v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-        for k, v in metadata.items()
-    }
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def _serialize_safetensors(f, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """The safetensors format (an 8-byte little-endian header length, a JSON header, then the raw
-    bytes), written with sorted tensor names and metadata keys so equal inputs give equal bytes.
-    (safetensors' own writer orders the metadata differently in every process.)"""
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    names = sorted(state)
-    offset = 0
-    for name in names:
-        t = state[name]
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise OutputError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for name in names:
-        t = state[name].detach().cpu().contiguous()
-        if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, object],
-                      check: Check | None = None, *, overwrite: bool = False) -> None:
-    """Write the model's state dict and reparam's metadata (spec, version, checksums, figures)."""
-    write_state_safetensors(path, model.state_dict(), metadata, check, overwrite=overwrite)
-
-
-def write_state_safetensors(path: str | Path, state: dict[str, Tensor], metadata: dict[str, object] | None = None,
-                            check: Check | None = None, *, overwrite: bool = False) -> None:
-    """Write a state dict (and reparam metadata, if any) as safetensors, atomically and reproducibly."""
-    state = _contiguous_unshared(state)
-    meta = safetensors_bytes_metadata({"format": "pt", **(metadata or {})})
-    with atomic_output(path, overwrite) as tmp:
-        with open(tmp, "wb") as f:
-            _serialize_safetensors(f, state, meta)
-        if check is not None:
-            check(tmp)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # --dtype
 
 
 def _as_args(example: Tensor | tuple) -> tuple:
@@ -131,7 +50,7 @@ def write_torchscript(path: str | Path, model: nn.Module, example: Tensor | tupl
         try:
             scripted = torch.jit.trace(model, example, check_trace=False)
         except Exception as exc:
-            raise OutputError(f"TorchScript tracing failed: {_first_line(exc)}") from None
+            raise OutputError(f"TorchScript tracing failed: {describe(exc)}") from None
         with atomic_output(path, overwrite) as tmp:
             with guarded_writer(tmp) as f:
                 torch.jit.save(scripted, f)
@@ -146,7 +65,6 @@ def _batched(example: Tensor) -> Tensor:
 
 # --dynamic-shapes: `auto` tries a dynamic batch and dynamic spatial dims (H, W), then the batch
 # alone, then static shapes; `batch` starts at the batch alone; `none` exports static shapes.
-DYNAMIC_SHAPES = ("auto", "batch", "none")
 _SPATIAL_NAMES = {3: ("length",), 4: ("height", "width"), 5: ("depth", "height", "width")}
 
 
@@ -215,7 +133,7 @@ def _export_program(model: nn.Module, example: Tensor | tuple, dynamic: str = "a
             continue
         names = dim_names(x_args[0].dim()) if dims else {}
         return program, x_args, [names[d] for d in dims if d in names]
-    raise OutputError(f"torch.export failed: {_first_line(error)}") from None
+    raise OutputError(f"torch.export failed: {describe(error)}") from None
 
 
 def write_pt2(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,
@@ -235,24 +153,11 @@ def write_pt2(path: str | Path, model: nn.Module, example: Tensor | tuple, check
     return dims
 
 
-@contextlib.contextmanager
-def quiet_logger(name: str) -> Iterator[None]:
-    """Only errors from the logger `name` while this runs (a library's chatter stays off the output)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        from .extras import install_hint
 
         raise OutputError(f"ONNX export needs the onnx extra ({exc.name} is not installed)",
                           hint=install_hint("onnx")) from None
@@ -283,7 +188,7 @@ def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, chec
             except Exception as exc:
                 error = exc
         else:
-            raise OutputError(f"ONNX export failed: {_first_line(error)}") from None
+            raise OutputError(f"ONNX export failed: {describe(error)}") from None
         if check is not None:
             check(tmp)
     return dims

@@ -11,140 +11,31 @@ Pipes (`-` for stdin/stdout) live in pipes.py, `reparam inspect` in inspection.p
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ._version import __version__
-from .checkpoint import (AlreadyDeployed, Checkpoint, check_checkpoint_file, extract_checkpoint, find_module,
-                         fit_problems, load_into, read_raw, sha256_file)
-from .engine import ConversionReport, count_parameters, reparameterize
-from .errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
-from .metadata import is_deploy_metadata
-from .deploy import (compare_exported, conversion_options, deploy_file_options, deploy_format_of,
-                     load_deployed_any, read_metadata, stored_spec, stored_spec_data)
-from .export import (DTYPES, DYNAMIC_SHAPES, FORMATS, SUFFIX, write_onnx, write_pt2, write_safetensors,
-                     write_state_safetensors, write_torchscript)
-from .spec import ModelSpec, is_checkpoint_spec, layout_hint, load_spec
-from .verification import (LOW_PRECISION, PassFailed, VerifyResult, compare_models, make_call, model_dtype,
-                     overflow_message, verify)
-
-Progress = Callable[[str], None]
-
-
-def _noop(_: str) -> None:
-    pass
-
-
-@dataclass
-class VerifyOptions:
-    """How to verify: random batches of `input_shape` (default: the spec's), tolerances (default: per dtype)."""
-
-    samples: int = 1
-    seed: int = 0
-    rtol: float | None = None
-    atol: float | None = None
-    input_shape: tuple[int, ...] | None = None
-
-
-def _spec(spec: ModelSpec | str) -> ModelSpec:
-    return load_spec(spec) if isinstance(spec, str) else spec
-
-
-def load_training_model(checkpoint: str | Path, spec: ModelSpec, trust_pickle: bool = False, *,
-                        ema: bool = False) -> nn.Module:
-    """Build the spec's training model on `meta` and assign the checkpoint's tensors (no random init)."""
-    return read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)[0]
-
-
-def _refuse_reparam_deploy_file(checkpoint: Path) -> None:
-    """A safetensors file carrying reparam's deploy metadata is a deploy file, not a training checkpoint."""
-    from .checkpoint import _looks_like_safetensors
-
-    # By content, not only by suffix: a checkpoint piped to stdin is read as /proc/self/fd/N.
-    if not checkpoint.is_file() or not (checkpoint.suffix == ".safetensors" or _looks_like_safetensors(checkpoint)):
-        return
-    try:
-        meta = read_metadata(checkpoint)
-    except ReparamError:
-        return  # read_raw reports unreadable files
-    if is_deploy_metadata(meta):
-        try:
-            name = stored_spec_data(meta).name  # its name only: nothing stored is built here
-        except ReparamError:
-            name = "unreadable"
-        raise AlreadyDeployed(f"{checkpoint} is already a reparam deploy file (spec {name})",
-                              hint="nothing to convert; check it against its training checkpoint with `reparam verify`")
-
-
-def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle: bool = False,
-                        ema: bool = False) -> tuple[nn.Module, Checkpoint]:
-    """The spec's training model (built on `meta`, the checkpoint's tensors assigned) and the checkpoint.
-
-    A checkpoint that is already in deploy form (a reparam deploy file, a TorchScript/pt2/ONNX
-    file, or tensors that fit the fused model rather than the training one) raises AlreadyDeployed.
-    """
-    checkpoint = Path(checkpoint)
-    _refuse_reparam_deploy_file(checkpoint)
-    if is_checkpoint_spec(spec):
-        return _pickled_model(checkpoint, trust_pickle, ema)
-    raw = read_raw(checkpoint, trust_pickle)
-    key, strip = spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix")
-    model = spec.build_meta()
-    ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
-    ckpt.notes.extend(n for n in spec.notes if n not in ckpt.notes)  # e.g. "built on cpu: ..."
-    if fit_problems(model, ckpt.state):
-        _refuse_deploy_form(raw, checkpoint, spec, ema)
-    return load_into(model, ckpt.state, hint=lambda: layout_hint(ckpt.state, model, spec)).eval(), ckpt
-
-
-def _pickled_model(checkpoint: Path, trust_pickle: bool, ema: bool) -> tuple[nn.Module, Checkpoint]:
-    """`--spec checkpoint`: the nn.Module pickled in the checkpoint is the training model. A library
-    that knows the model (see `ecosystems.adopt`) may prepare it and give a spec that rebuilds it."""
-    from . import ecosystems
-
-    if not trust_pickle:
-        raise CheckpointError(f"--spec checkpoint uses the model pickled in {checkpoint}, and unpickling a model "
-                              "runs code named in the file", hint="only if you trust its origin, pass --trust-pickle")
-    module, wrappers, notes = find_module(read_raw(checkpoint, True), ema, str(checkpoint))
-    module, rebuild, more = ecosystems.adopt(module)
-    notes += more
-    if rebuild is None:
-        notes.append("a rebuild of a safetensors output needs the model's code: load_deploy(path, spec=...) with "
-                     "its spec (TorchScript, pt2 and ONNX outputs are self-contained)")
-    else:
-        notes.append(f"the deploy file stores spec {rebuild.name} (the model's own configuration): "
-                     "load_deploy rebuilds it from the file alone")
-    state = module.state_dict()
-    return module.eval(), Checkpoint(state, model_dtype(module), wrappers, "", notes, rebuild)
-
-
-def _refuse_deploy_form(raw, checkpoint: Path, spec: ModelSpec, ema: bool) -> None:
-    """Raise AlreadyDeployed when the checkpoint's tensors fit the spec's deploy skeleton exactly."""
-    skeleton, conv = reparameterize(spec.build(device="meta").eval())
-    if not conv.changed:
-        return
-    try:
-        deployed = extract_checkpoint(raw, spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix"), ema=ema,
-                                      expected=skeleton.state_dict().keys(), source=str(checkpoint))
-    except ReparamError:
-        return
-    if not fit_problems(skeleton, deployed.state):
-        raise AlreadyDeployed(f"{checkpoint} is already in deploy form: its tensors fit the fused {spec.name} model, "
-                              "not the training one", hint="nothing to convert; load it with load_deploy or "
-                              "check it against its training checkpoint with `reparam verify`")
-
-
-def output_dtype(dtype: str | None):
-    """--dtype -> torch dtype (None: keep the checkpoint's)."""
-    if dtype is None:
-        return None
-    if dtype not in DTYPES:
-        raise ReparamError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+from reparam_cli._version import __version__
+from reparam_cli.convert.engine import ConversionReport, reparameterize
+from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
+from reparam_cli.core.tensors import count_parameters, randomize_batchnorm
+from reparam_cli.errors import Incomplete, OutputError, ReparamError, VerificationFailed
+from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
+from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
+from reparam_cli.io.formats import SUFFIX
+from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer
+from reparam_cli.io.safetensors import read_metadata, write_safetensors, write_state_safetensors
+from reparam_cli.io.sniff import deploy_format_of
+from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, fuse_options_of, load_deployed_any,
+                                         stored_spec)
+from reparam_cli.pipeline.options import ConvertOptions, Progress, VerifyOptions, no_progress
+from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _native_blocks, _verification_dict,
+                                         completeness_dict, finite_figures)
+from reparam_cli.pipeline.specs import SPECS_DIR, as_spec, builtin_names, load_spec
+from reparam_cli.pipeline.training import read_training_model
+from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_models, make_call,
+                                             model_dtype, verify)
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -152,50 +43,10 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
 
 
 def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
-    from .safeio import check_output_target
 
     if output.resolve() == checkpoint.resolve():
         raise OutputError(f"refusing to write the output over its input {checkpoint}", hint="pass another -o")
     check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
-
-
-def finite_figures(report: dict) -> dict:
-    """Replace every NaN/Inf float in `report` (nested dicts included) by None, in place, and name
-    them in `nonfinite_values` ({"max_abs_err": "NaN", "worst_block.max_rel_err": "NaN", ...}), so
-    the report is strict JSON and says why a figure is missing (`nonfinite` says where NaN/Inf
-    appeared). Returns the report."""
-    from .jsonio import replace_nonfinite
-
-    found: dict[str, str] = {}
-    report.update(replace_nonfinite({k: v for k, v in report.items() if k != "nonfinite_values"}, found))
-    if found:
-        spelled = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}
-        report["nonfinite_values"] = {**(report.get("nonfinite_values") or {}),
-                                      **{path: spelled[why] for path, why in found.items()}}
-        report.setdefault("nonfinite", "non-finite figures: " + ", ".join(sorted(report["nonfinite_values"])))
-    return report
-
-
-def _verification_dict(result: VerifyResult | None) -> dict:
-    if result is None:
-        return {"verified": False}
-    worst = result.worst_block()
-    figures = {
-        "verified": True, "ok": result.ok, "max_abs_err": result.max_abs_err, "max_rel_err": result.max_rel_err,
-        "cosine": result.cosine, "train_rel_err": result.train_rel_err, "rtol": result.rtol, "atol": result.atol,
-        "samples": result.samples, "input_shape": result.input_shape, "seed": result.seed,
-        "worst_output": result.worst_output, "compute_dtype": result.compute_dtype,
-        "worst_block": None if worst is None else {"path": worst.path, "type": worst.block_type,
-                                                   "max_rel_err": worst.max_rel_err},
-        "failed_blocks": [b.path for b in result.blocks if not b.ok],
-    }
-    if result.nonfinite:
-        figures["nonfinite"] = result.nonfinite
-    if result.weight_rounding_rel_err is not None:
-        figures["weight_rounding_rel_err"] = result.weight_rounding_rel_err
-    if result.overflow:
-        figures["overflow"] = result.overflow
-    return finite_figures(figures)
 
 
 def _shape(spec: ModelSpec, opts: VerifyOptions) -> tuple[int, ...]:
@@ -221,17 +72,11 @@ def save_deploy(path: str | Path, deploy: nn.Module, spec: ModelSpec | str, resu
     """Write an in-memory deploy model (from `reparameterize`) as a reparam safetensors deploy file,
     atomically, with the spec (so `load_deploy(path)` rebuilds it) and `result`'s figures (from
     `verify`; None records it as not verified) in its metadata. Returns the path."""
-    spec = _spec(spec)
+    spec = as_spec(spec)
     metadata = {"version": __version__, "spec": spec.to_json(), "source": "",
                 "dtype": str(model_dtype(deploy)).removeprefix("torch."), "verification": _verification_dict(result)}
     write_safetensors(path, deploy, metadata)
     return Path(path)
-
-
-def _block_errors(result: VerifyResult | None) -> list[dict]:
-    """Every verified block's figures, in model order (for --plot and --json)."""
-    return [{"path": b.path, "type": b.block_type, "max_rel_err": b.max_rel_err, "ok": b.ok}
-            for b in (result.blocks if result else [])]
 
 
 def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: ConversionReport | None,
@@ -245,39 +90,22 @@ def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: Co
         raise _pass_error(exc, shape) from exc.exc
 
 
-def _low_precision_notes(result: VerifyResult | None, train: nn.Module, deploy: nn.Module) -> list[str]:
-    """The sentence for a float16/bfloat16 model whose activations overflow on N(0,1) inputs."""
-    if result is None:
-        return []
-    low = next((d for d in (model_dtype(deploy), model_dtype(train)) if d in LOW_PRECISION), None)
-    message = overflow_message(result, low) if low is not None else None
-    return [message] if message else []
-
-
 def convert_checkpoint(
     checkpoint: str | Path,
     spec: ModelSpec | str,
     output: str | Path | None = None,
+    options: ConvertOptions | None = None,
     *,
-    fmt: str = "safetensors",
-    verify_output: bool = True,
-    verify_options: VerifyOptions | None = None,
-    overwrite: bool = False,
-    trust_pickle: bool = False,
-    progress: Progress = _noop,
-    linear_as_conv: bool = False,
-    dtype: str | None = None,
-    ema: bool = False,
-    dynamic_shapes: str = "auto",
-    graph: bool = True,
-    strict: bool = False,
+    progress: Progress = no_progress,
     source_name: str | None = None,
+    **changes,
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
     when the fused model does not match, ReparamError on bad input.
 
-    Blocks are fused in float64 and the deploy model is written in the checkpoint's dtype, or in
-    `dtype` ('float32', 'float16', 'bfloat16'). `ema` picks a checkpoint's EMA weights. TorchScript,
+    `options` (a ConvertOptions; keyword arguments named like its fields change single options,
+    e.g. `fmt="onnx", verify=False`) say how. Blocks are fused in float64 and the deploy model is
+    written in the checkpoint's dtype, or in `dtype` ('float32', 'float16', 'bfloat16'). `ema` picks a checkpoint's EMA weights. TorchScript,
     pt2 and ONNX outputs are loaded back with their runtime (safetensors with `load_deploy`) and
     compared with the deploy model before they are renamed into place (figures `export_*` in the
     report). `dynamic_shapes` (auto, batch, none): which dims of pt2/ONNX files may vary
@@ -290,16 +118,13 @@ def convert_checkpoint(
     makes anything left an error (Incomplete, exit 1, nothing written). A model in which nothing
     was converted or folded raises ReparamError naming what was looked at and why nothing folded.
     """
-    if fmt not in FORMATS:
-        raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
-    if dynamic_shapes not in DYNAMIC_SHAPES:
-        raise ReparamError(f"unknown --dynamic-shapes {dynamic_shapes!r}", hint=f"choose one of {', '.join(DYNAMIC_SHAPES)}")
-    out_dtype = output_dtype(dtype)
+    o = ConvertOptions.of(options, **changes)
+    fmt, verify_output, opts = o.fmt, o.verify, o.verify_options
+    out_dtype = DTYPES[o.dtype] if o.dtype else None
     checkpoint = Path(checkpoint)
-    spec = _spec(spec)
+    spec = as_spec(spec)
     output = Path(output) if output else default_output(checkpoint, fmt)
-    _check_output(checkpoint, output, overwrite)
-    opts = verify_options or VerifyOptions()
+    _check_output(checkpoint, output, o.overwrite)
 
     # The input's checksum (for the metadata) is computed on the other core while we fuse, once its
     # first bytes show a checkpoint (a hash must not run away on /dev/zero or a huge sparse file).
@@ -308,7 +133,7 @@ def convert_checkpoint(
     source_sha256 = hasher.submit(sha256_file, checkpoint) if fmt == "safetensors" else None
     hasher.shutdown(wait=False)
     progress("reading checkpoint")
-    train, ckpt = read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)
+    train, ckpt = read_training_model(checkpoint, spec, trust_pickle=o.trust_pickle, ema=o.ema)
     named = spec.name
     spec = ckpt.rebuild_spec or spec  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
     if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
@@ -317,16 +142,15 @@ def convert_checkpoint(
     params_before = count_parameters(train)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
-    options = conversion_options(linear_as_conv, graph)
-    deploy, conv_report = reparameterize(train, consume=not verify_output, **options)
+    deploy, conv_report = reparameterize(train, consume=not verify_output, **o.fuse.kwargs())
     deploy.eval()
     if out_dtype is not None and out_dtype != ckpt.dtype:
         deploy = deploy.to(out_dtype)
     if not conv_report.changed:
-        looked = "no linear region the graph pass can fold" if graph else "the graph pass is off"
+        looked = "no linear region the graph pass can fold" if o.graph else "the graph pass is off"
         raise ReparamError(f"the model built from spec {spec.name!r} has nothing to convert: no block with a recipe "
                            f"or a native method, and {looked} ({conv_report.summary()})",
-                           hint="see `reparam inspect --spec` for what is left" if graph else "drop --no-graph")
+                           hint="see `reparam inspect --spec` for what is left" if o.graph else "drop --no-graph")
     result = None
     if verify_output:
         progress("verifying on random inputs")
@@ -352,7 +176,7 @@ def convert_checkpoint(
         why = f" ({result.nonfinite})" if result.nonfinite else ""
         raise VerificationFailed(f"the deploy model does not match the training model{why}; nothing was written",
                                  report)
-    if strict and not conv_report.complete:
+    if o.strict and not conv_report.complete:
         report["ok"] = False
         raise Incomplete(f"--strict: {conv_report.summary()}; nothing was written", finite_figures(report))
 
@@ -363,26 +187,10 @@ def convert_checkpoint(
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()
-    metadata["options"] = options
-    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=dynamic_shapes,
-                 overwrite=overwrite)
+    metadata["options"] = o.fuse.stored()
+    write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=o.dynamic_shapes,
+                 overwrite=o.overwrite)
     return finite_figures(report)
-
-
-def completeness_dict(conv_report: ConversionReport) -> dict:
-    """The graph pass's part of a report: fused regions, what is left, and a one-line verdict."""
-    return {
-        "graph_regions": len(conv_report.regions),
-        "regions": [{"path": r.path, "layer": r.layer, "before": r.before, "after": r.after}
-                    for r in conv_report.regions],
-        "remaining": [{"path": r.path, "kind": r.kind, "reason": r.reason} for r in conv_report.remaining],
-        "completeness": conv_report.summary(),
-    }
-
-
-def _native_blocks(conv_report: ConversionReport) -> list[str]:
-    """Block types converted by their own third-party method (family 'native'), for the report."""
-    return sorted({b.block_type for b in conv_report.converted if b.family == "native"})
 
 
 def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
@@ -410,7 +218,7 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
 
     if fmt == "safetensors":
         def check_safetensors(tmp: Path) -> None:
-            from .deploy import load_deploy
+            from reparam_cli.pipeline.deploy import load_deploy
 
             loaded = load_deploy(tmp, spec)
             try:
@@ -426,7 +234,6 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
         write_safetensors(output, deploy, metadata, check=check_safetensors if result is not None else None,
                           overwrite=overwrite)
         return
-    from .verification import cast_floating
 
     args, kwargs = cast_floating(call64, dtype)
     if kwargs:
@@ -453,11 +260,11 @@ def verify_checkpoint(
     *,
     verify_options: VerifyOptions | None = None,
     trust_pickle: bool = False,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
     ema: bool = False,
 ) -> dict:
     """Compare a training checkpoint with a deploy file (reparam safetensors, TorchScript, pt2 or ONNX)."""
-    spec = _spec(spec)
+    spec = as_spec(spec)
     opts = verify_options or VerifyOptions()
     progress("reading checkpoint")
     train, ckpt = read_training_model(checkpoint, spec, trust_pickle=trust_pickle, ema=ema)
@@ -471,7 +278,7 @@ def verify_checkpoint(
     report = None
     if fmt == "safetensors" or (fmt == "state_dict" and not is_checkpoint_spec(spec)):
         skeleton_spec = stored_spec(read_metadata(deployed)) if is_checkpoint_spec(spec) else spec
-        report = reparameterize(skeleton_spec.build(device="meta").eval(), **deploy_file_options(deployed))[1]
+        report = deploy_skeleton(skeleton_spec, fuse_options_of(deployed))[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
@@ -489,25 +296,10 @@ def verify_checkpoint(
     return finite_figures(out)
 
 
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
-    """Move every BatchNorm's statistics and affine parameters away from their defaults, so a fused
-    model is tested on non-trivial BN folding (defaults make BN nearly the identity)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
-            if m.weight is not None:
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=generator) * 0.2)
-
-
 def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0, overwrite: bool = False) -> dict:
     """Write a training checkpoint with random weights and randomized BatchNorm statistics."""
-    spec = _spec(spec)
+    spec = as_spec(spec)
     output = Path(output)
-    from .safeio import check_output_target
 
     check_output_target(output, overwrite)
     torch.manual_seed(seed)
@@ -518,7 +310,6 @@ def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0,
     if output.suffix == ".safetensors":
         write_state_safetensors(output, state, overwrite=overwrite)
     else:
-        from .safeio import atomic_output, guarded_writer
 
         with atomic_output(output, overwrite) as tmp, guarded_writer(tmp) as f:
             torch.save(state, f)
@@ -535,7 +326,6 @@ def list_specs(params: bool = True) -> list[dict]:
     """
     import yaml
 
-    from .spec import SPECS_DIR, builtin_names
 
     rows = []
     for name in builtin_names():

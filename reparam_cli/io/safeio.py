@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import CheckpointError, OutputError
+from reparam_cli.errors import CheckpointError, OutputError
 
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000

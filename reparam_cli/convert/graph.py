@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import algebra as A
-from .errors import NotEquivalent
+from reparam_cli.core import algebra as A
+from reparam_cli.core.messages import describe
+from reparam_cli.errors import NotEquivalent
 
 FAMILY = "graph"
 
@@ -161,7 +162,7 @@ def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
     """Trace `module`, leaving it as found: a forward that fills a cache or sets an attribute
     (`self.cache[k] = ...`, `self.anchors = ...`) would otherwise keep proxies from the trace, in
     containers the deploy model shares with the training model."""
-    from .verification import AttributeSnapshot
+    from reparam_cli.core.tensors import AttributeSnapshot
 
     snapshot = AttributeSnapshot(module)
     try:
@@ -170,11 +171,6 @@ def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
             return _Tracer(opaque).trace(module)
     finally:
         snapshot.restore()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _is_builtin_leaf(m: nn.Module) -> bool:
@@ -617,7 +613,7 @@ class _Pass:
                 leaves = self.opaque | failing
                 graph = _trace(m, leaves)
             except Exception:
-                self.remaining.append(Remaining(path, "untraceable", _first_line(exc)))
+                self.remaining.append(Remaining(path, "untraceable", describe(exc)))
                 self.untraceable.append(path)
                 self.failed.add(id(m))
                 return m
@@ -785,7 +781,7 @@ def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Ite
     """What a deploy model still has that a conversion could fold: BatchNorm layers (with the reason
     found in `remaining`, else why not) and modules with a native deploy method that was not called.
     Modules inside `opaque` products (already converted) are not looked into."""
-    from .native import native_method
+    from reparam_cli.convert.native import native_method
 
     skip = {id(m) for m in opaque}
     remaining = list(remaining)

@@ -1,6 +1,6 @@
 """`reparam batch`: convert every checkpoint in a folder, in parallel, resumably, shardably.
 
-    run_batch(input_dir, output_dir, options)   -> summary dict; one manifest line per input
+    run_batch(input_dir, output_dir, spec, options)   -> summary dict; one manifest line per input
 
 * Inputs: files matching the patterns (default *.pth *.pt *.ckpt *.safetensors *.bin), at the top
   of INPUT_DIR or (recursive) below it; hidden files and folders, the output folder, and deploy
@@ -48,7 +48,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import OutputError, ReparamError, VerificationFailed
+from reparam_cli.core.messages import describe
+from reparam_cli.core.spec import ModelSpec
+from reparam_cli.errors import OutputError, ReparamError, VerificationFailed
+from reparam_cli.io.formats import FORMATS, SUFFIX
+from reparam_cli.io.metadata import decode_metadata, is_deploy_metadata
+from reparam_cli.io.safeio import atomic_output, remove_live_temps
+from reparam_cli.io.signals import interrupts_as_exceptions
+from reparam_cli.pipeline.options import ConvertOptions
 
 DEFAULT_PATTERNS = ("*.pth", "*.pt", "*.ckpt", "*.safetensors", "*.bin")
 MANIFEST = "manifest.jsonl"
@@ -59,7 +66,6 @@ Entry = dict[str, Any]  # one manifest line
 
 class BatchError(ReparamError):
     """A batch cannot start: bad folder, bad --shard, nothing to convert, manifest in use."""
-
 
 # --- planning -----------------------------------------------------------------------------------
 
@@ -107,7 +113,6 @@ def _is_deploy_output(path: Path) -> bool:
             header = json.loads(f.read(size))
     except (OSError, ValueError):
         return False  # unreadable: let the conversion report it
-    from .metadata import decode_metadata, is_deploy_metadata
 
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return isinstance(meta, dict) and is_deploy_metadata(decode_metadata(meta))
@@ -195,7 +200,6 @@ def output_names(relpaths: list[str], fmt: str) -> dict[str, str]:
     kind of name move on. The result depends on the set of inputs only, not their order. Raises
     BatchError if the mapping is still not injective (a sha256 prefix collision).
     """
-    from .export import SUFFIX
 
     suffix = SUFFIX[fmt]
 
@@ -235,20 +239,6 @@ def output_names(relpaths: list[str], fmt: str) -> dict[str, str]:
 
 # --- one conversion (runs in a worker process) -----------------------------------------------------
 
-@dataclass
-class ConvertOptions:
-    """What `convert_checkpoint` gets for every file (picklable: sent to worker processes)."""
-
-    spec: Any  # a ModelSpec (resolved once, in the parent, so a bad spec fails before anything runs)
-    fmt: str = "safetensors"
-    verify_output: bool = True
-    verify_options: Any = None  # pipeline.VerifyOptions
-    overwrite: bool = False
-    trust_pickle: bool = False
-    dynamic_shapes: str = "auto"  # pt2/ONNX dynamic dims (export.DYNAMIC_SHAPES)
-    graph: bool = True  # the graph pass (--no-graph: False); recorded per manifest line, resume compares it
-    strict: bool = False  # anything foldable left: the file fails, nothing is written for it
-
 
 @dataclass
 class Task:
@@ -260,21 +250,16 @@ class Task:
     problem: tuple[str, str] | None = None  # (status, reason): not an input (a link loop, an unreadable folder)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def convert_one(task: Task, options: ConvertOptions) -> Entry:
+def convert_one(task: Task, spec: ModelSpec, options: ConvertOptions) -> Entry:
     """Convert (or skip) one input; never raises for a bad input: the manifest line says what happened."""
-    from .checkpoint import check_checkpoint_file, sha256_file
-    from .deploy import read_metadata
-    from .pipeline import convert_checkpoint
+    from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
+    from reparam_cli.io.safetensors import read_metadata
+    from reparam_cli.pipeline.conversion import convert_checkpoint
 
     start = time.perf_counter()
     entry: Entry = {"input": task.input, "output": task.output, "status": FAILED, "error": None,
                     "max_rel_err": None, "seconds": 0.0, "input_sha256": None, "output_sha256": None,
-                    "relpath": task.relpath, "spec": options.spec.name, "format": options.fmt, "graph": options.graph}
+                    "relpath": task.relpath, "spec": spec.name, "format": options.fmt, "graph": options.graph}
     if task.problem is not None:
         entry.update(status=task.problem[0], error=task.problem[1], output=None,
                      finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -294,10 +279,7 @@ def convert_one(task: Task, options: ConvertOptions) -> Entry:
             raise OutputError(f"output {output} already exists",
                               hint="pass --resume to skip unchanged inputs, or --overwrite to replace outputs")
         output.parent.mkdir(parents=True, exist_ok=True)
-        report = convert_checkpoint(task.input, options.spec, output, fmt=options.fmt,
-                                    verify_output=options.verify_output, verify_options=options.verify_options,
-                                    overwrite=options.overwrite or task.resume, trust_pickle=options.trust_pickle,
-                                    dynamic_shapes=options.dynamic_shapes, graph=options.graph, strict=options.strict)
+        report = convert_checkpoint(task.input, spec, output, options, overwrite=options.overwrite or task.resume)
         entry["max_rel_err"] = report.get("max_rel_err")
         # The input may have been rewritten while we read it (a training job still saving): the hash
         # the deploy file records must be the one in the manifest, or resume would trust a stale file.
@@ -315,7 +297,7 @@ def convert_one(task: Task, options: ConvertOptions) -> Entry:
     except OSError as exc:
         entry["error"] = f"cannot read {exc.filename or task.input}: {exc.strerror}"
     except Exception as exc:  # a bug or an odd file must not stop the batch
-        entry["error"] = f"unexpected {_first_line(exc)}"
+        entry["error"] = f"unexpected {describe(exc)}"
     finally:
         entry["seconds"] = round(time.perf_counter() - start, 3)
         entry["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -346,7 +328,6 @@ def die_with_parent(parent: int) -> None:
 
 def _worker_terminated(signum, frame) -> None:
     """SIGTERM from the batch stopping its workers: remove named temporaries, exit at once."""
-    from .safeio import remove_live_temps
 
     remove_live_temps()
     os._exit(128 + signum)
@@ -442,7 +423,6 @@ class Manifest:
             self._file.close()
 
     def _write_final(self, entries: list[Entry], earlier: dict[str, Entry], planned: Iterable[str]) -> None:
-        from .safeio import atomic_output
 
         done = {e["relpath"] for e in entries}
         lines = []
@@ -529,7 +509,7 @@ class BatchPlan:
     shard: Shard
 
 
-def plan(input_dir: Path, output_dir: Path, options: ConvertOptions, patterns: Iterable[str] = DEFAULT_PATTERNS,
+def plan(input_dir: Path, output_dir: Path, spec: ModelSpec, options: ConvertOptions, patterns: Iterable[str] = DEFAULT_PATTERNS,
          recursive: bool = False, shard: Shard = Shard(), resume: bool = False,
          previous: dict[str, list[Entry]] | None = None) -> BatchPlan:
     """The inputs this run (shard) converts, with their outputs."""
@@ -550,7 +530,7 @@ def plan(input_dir: Path, output_dir: Path, options: ConvertOptions, patterns: I
     names = output_names(relpaths, options.fmt)
     previous = previous or {}
     # (lines written before --no-graph existed were converted with the graph pass)
-    same = lambda e: (e.get("spec") == options.spec.name and e.get("format") == options.fmt  # noqa: E731
+    same = lambda e: (e.get("spec") == spec.name and e.get("format") == options.fmt  # noqa: E731
                       and e.get("graph", True) == options.graph)
     tasks = [Task(rel, str(input_dir / rel), str(output_dir / names[rel]), resume,
                   [e for e in previous.get(rel, []) if same(e)])
@@ -560,14 +540,14 @@ def plan(input_dir: Path, output_dir: Path, options: ConvertOptions, patterns: I
     return BatchPlan(input_dir, output_dir, tasks, len(relpaths) + len(problems), ignored, shard)
 
 
-def _results(tasks: list[Task], options: ConvertOptions, jobs: int) -> Iterator[Entry]:
+def _results(tasks: list[Task], spec: ModelSpec, options: ConvertOptions, jobs: int) -> Iterator[Entry]:
     """Manifest lines as conversions finish: in this process for one job, else in spawned workers."""
     for task in [t for t in tasks if t.problem is not None]:  # nothing to convert: no worker needed
-        yield convert_one(task, options)
+        yield convert_one(task, spec, options)
     tasks = [t for t in tasks if t.problem is None]
     if jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
-            yield convert_one(task, options)
+            yield convert_one(task, spec, options)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -576,7 +556,7 @@ def _results(tasks: list[Task], options: ConvertOptions, jobs: int) -> Iterator[
     jobs = min(jobs, len(tasks))
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(max(1, cpu_count() // jobs), os.getpid()))
-    futures = {pool.submit(convert_one, task, options): task for task in tasks}
+    futures = {pool.submit(convert_one, task, spec, options): task for task in tasks}
     try:
         for future in as_completed(futures):
             try:
@@ -586,7 +566,7 @@ def _results(tasks: list[Task], options: ConvertOptions, jobs: int) -> Iterator[
                 task = futures[future]
                 yield {"input": task.input, "output": task.output, "status": FAILED, "relpath": task.relpath,
                        "error": "a worker process died (out of memory, or killed?)", "max_rel_err": None,
-                       "seconds": None, "input_sha256": None, "output_sha256": None, "spec": options.spec.name,
+                       "seconds": None, "input_sha256": None, "output_sha256": None, "spec": spec.name,
                        "format": options.fmt, "graph": options.graph}
     except BaseException:
         for process in list(getattr(pool, "_processes", {}).values()):  # stop conversions now, not later
@@ -597,7 +577,7 @@ def _results(tasks: list[Task], options: ConvertOptions, jobs: int) -> Iterator[
     pool.shutdown(wait=True)
 
 
-def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOptions, *,
+def run_batch(input_dir: str | Path, output_dir: str | Path, spec: ModelSpec, options: ConvertOptions, *,
               patterns: Iterable[str] = DEFAULT_PATTERNS, recursive: bool = False, jobs: int = 1,
               resume: bool = False, shard: Shard = Shard(),
               on_start: Callable[[BatchPlan], None] = lambda plan: None,
@@ -605,14 +585,12 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
     """Convert a folder. Returns the summary (`ok` is False when any file failed); raises BatchError
     when the batch cannot start, Interrupted / KeyboardInterrupt (after closing the manifest) when
     stopped by a signal."""
-    from .export import FORMATS
-    from .pipes import stdout_to_stderr
-    from .signals import interrupts_as_exceptions
+    from reparam_cli.pipeline.stdio import stdout_to_stderr
 
     if options.fmt not in FORMATS:
         raise BatchError(f"unknown format {options.fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    plan(input_dir, output_dir, options, patterns, recursive, shard)  # usage errors before touching anything
+    plan(input_dir, output_dir, spec, options, patterns, recursive, shard)  # usage errors before touching anything
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir, shard.manifest_name)
     notes: list[str] = []
@@ -625,12 +603,12 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
         with interrupts_as_exceptions():  # SIGTERM/SIGHUP like Ctrl-C: the manifest is closed
             earlier = manifest.own_entries()
             previous = read_manifests(output_dir, notes) if resume else {}
-            todo = plan(input_dir, output_dir, options, patterns, recursive, shard, resume, previous)
+            todo = plan(input_dir, output_dir, spec, options, patterns, recursive, shard, resume, previous)
             jobs = jobs if jobs > 0 else cpu_count()
             manifest.start(todo.tasks)
             on_start(todo)
             with stdout_to_stderr():  # stdout is kept for the --json report
-                for entry in _results(todo.tasks, options, jobs):
+                for entry in _results(todo.tasks, spec, options, jobs):
                     manifest.write(entry)
                     entries.append(entry)
                     counts[entry["status"]] += 1
@@ -640,7 +618,7 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, options: ConvertOpt
     entries.sort(key=lambda e: e["relpath"])
     report = {
         "ok": counts[FAILED] == 0, "input_dir": str(input_dir), "output_dir": str(output_dir),
-        "manifest": str(manifest.path), "spec": options.spec.name, "format": options.fmt,
+        "manifest": str(manifest.path), "spec": spec.name, "format": options.fmt,
         "shard": f"{shard.index}/{shard.count}", "jobs": jobs, "found": todo.found, "inputs": len(todo.tasks),
         "ignored_deploy_files": todo.ignored, **counts, "seconds": round(time.perf_counter() - start, 3),
         "files": entries,

@@ -19,6 +19,7 @@ payload (say `os.system`) becomes a placeholder named `os.system` holding its ar
 from __future__ import annotations
 
 import _compat_pickle
+import argparse
 import pickle
 import types
 import warnings
@@ -77,7 +78,6 @@ def _allowed_globals() -> dict[str, Any]:
     """The globals torch's weights-only loader allows (by default and registered), plus reparam's."""
     from torch import _weights_only_unpickler as wo
 
-    from .checkpoint import SAFE_GLOBALS
 
     allowed = dict(wo._get_allowed_globals())
     allowed.update(wo._get_user_allowed_globals())
@@ -180,3 +180,8 @@ def module_state_dict(obj: Any, prefix: str = "", _ancestors: frozenset[int] = f
         elif isinstance(child, torch.nn.Module):
             out.update({f"{prefix}{name}.{k}": v for k, v in child.state_dict().items()})
     return out
+
+
+# Globals that unpickle into plain data and that training scripts routinely store beside the
+# weights (timm's train.py saves its argparse arguments): allowed under weights_only.
+SAFE_GLOBALS = [argparse.Namespace]

@@ -17,12 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .checkpoint import checkpoint_kind
-from .errors import OutputError, ReparamError, VerificationFailed
-from .export import SUFFIX
-from .pipeline import convert_checkpoint
-from .safeio import HeldOutput
-from .spec import ModelSpec
+from reparam_cli.core.spec import ModelSpec
+from reparam_cli.errors import CheckpointError, OutputError, ReparamError, VerificationFailed
+from reparam_cli.io.formats import SUFFIX
+from reparam_cli.io.safeio import HeldOutput
+from reparam_cli.io.sniff import sniff_format
+from reparam_cli.pipeline.conversion import convert_checkpoint
+from reparam_cli.pipeline.options import ConvertOptions, Progress, no_progress
 
 STDIO = "-"
 
@@ -32,21 +33,8 @@ def is_stdio(path: str | Path | None) -> bool:
     return path is not None and str(path) == STDIO
 
 
-def sniff_format(head: bytes) -> str:
-    """'safetensors' or 'torch', from a file's first bytes (16 of them; see `checkpoint.checkpoint_kind`).
-    Raises CheckpointError for anything else, so /dev/zero piped in stops at its first bytes."""
-    kind = checkpoint_kind(head)
-    if kind is not None:
-        return kind
-    from .errors import CheckpointError
-
-    raise CheckpointError("the input is neither a safetensors file nor a torch checkpoint"
-                          if head else "the input is empty")
-
-
 def _stdin_head(stdin=None):
     """(stream, its first 16 bytes, their format): refuses a terminal and what is not a checkpoint."""
-    from .errors import CheckpointError
 
     stream = stdin if stdin is not None else sys.stdin.buffer
     if stdin is None and sys.stdin.isatty():
@@ -121,20 +109,23 @@ def convert_stdio(
     checkpoint: str | Path,
     spec: ModelSpec | str,
     output: str | Path | None = None,
+    options: ConvertOptions | None = None,
     *,
     stdin=None,
     stdout=None,
-    **options,
+    progress: Progress = no_progress,
+    **changes,
 ) -> dict:
     """`convert_checkpoint` where the checkpoint and/or the output may be `-` (stdin / stdout).
 
     The piped checkpoint is spooled to a temporary folder (its format told from its content); a
     stdout output is written there first and copied to stdout only once converted and verified, so a
     failed verification writes nothing. While converting, stdout is redirected to stderr so no stray
-    print can corrupt the binary output. `options` are those of `convert_checkpoint`.
+    print can corrupt the binary output. `options` and `changes` are those of `convert_checkpoint`.
     """
+    options = ConvertOptions.of(options, **changes)
     if not (is_stdio(checkpoint) or is_stdio(output)):
-        return convert_checkpoint(checkpoint, spec, output, **options)
+        return convert_checkpoint(checkpoint, spec, output, options, progress=progress)
     if output is None:
         raise OutputError("a checkpoint read from stdin has no folder to write beside",
                           hint="pass -o FILE, or -o - for stdout")
@@ -145,17 +136,15 @@ def convert_stdio(
                               hint="redirect stdout, e.g. `> model.safetensors`")
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(spooled_stdin(stdin)) if is_stdio(checkpoint) else Path(checkpoint)
-        fmt = options.get("fmt", "safetensors")
-        held = stack.enter_context(HeldOutput(SUFFIX.get(fmt, ".out"))) if is_stdio(output) else None
+        held = stack.enter_context(HeldOutput(SUFFIX[options.fmt])) if is_stdio(output) else None
         target = held.path if held is not None else Path(output)
         names = {str(source): "<stdin>"} if is_stdio(checkpoint) else {}
         if held is not None:
             names[str(target)] = "<stdout>"
-        if is_stdio(checkpoint):
-            options.setdefault("source_name", "<stdin>")
         try:
             with stdout_to_stderr():
-                report = convert_checkpoint(source, spec, target, **options)
+                report = convert_checkpoint(source, spec, target, options, progress=progress,
+                                            source_name="<stdin>" if is_stdio(checkpoint) else None)
         except VerificationFailed as exc:
             exc.report.update(_stdio_names(checkpoint, output))
             raise

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import NotEquivalent
+from reparam_cli.errors import NotEquivalent
 
 Ints = tuple[int, ...]
 

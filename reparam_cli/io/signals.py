@@ -18,6 +18,8 @@ import signal
 import threading
 from typing import Iterator
 
+from reparam_cli.io.safeio import remove_live_temps
+
 HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -55,7 +57,6 @@ def _raise(signum: int, frame) -> None:
 
 
 def _force_exit(signum: int) -> None:
-    from .safeio import remove_live_temps
 
     remove_live_temps()  # unnamed outputs need nothing: the kernel frees them with the process
     with contextlib.suppress(Exception):

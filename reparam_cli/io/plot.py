@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reparam_cli.io.safeio import atomic_output
+
 
 def _count(n: int | None, scale: float, unit: str) -> str:
     return "-" if n is None else f"{n / scale:.3g} {unit}"
@@ -23,7 +25,6 @@ def write_plot(report: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    from .export import atomic_output
 
     blocks = report.get("block_errors") or []
     floor, rtol = report.get("train_rel_err"), report.get("rtol")

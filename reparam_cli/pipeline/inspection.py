@@ -6,45 +6,27 @@ device and converted shape-only, so inspecting even a big model is instant and w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import extract_state_dict, load_into, read_raw
-from .engine import count_parameters, reparameterize
-from .errors import ReparamError
-from .pipes import is_stdio, sniff_format, spooled_stdin
-from .pipeline import Progress, _noop, _spec
-from .spec import ModelSpec
+from reparam_cli.convert.engine import reparameterize
+from reparam_cli.core.spec import ModelSpec
+from reparam_cli.core.tensors import count_parameters
+from reparam_cli.errors import CheckpointError, ReparamError
+from reparam_cli.io.checkpoint import extract_state_dict, load_into, read_raw
+from reparam_cli.io.metadata import decode_metadata, is_deploy_metadata
+from reparam_cli.io.safetensors import read_header
+from reparam_cli.io.sniff import sniff_format
+from reparam_cli.pipeline.deploy import deploy_skeleton, is_deploy_state, stored_spec
+from reparam_cli.pipeline.options import FuseOptions, Progress, no_progress
+from reparam_cli.pipeline.report import completeness_dict
+from reparam_cli.pipeline.specs import as_spec
+from reparam_cli.pipeline.stdio import is_stdio, spooled_stdin
 
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-}
 # BatchNorm bookkeeping: buffers, not parameters (what `parameters` counts without a spec).
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """({name: meta tensor of the stored shape and dtype}, raw metadata) from the header alone."""
-    from .errors import CheckpointError
-
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        metadata = header.pop("__metadata__", None) or {}
-        tensors = {
-            name: torch.empty(info["shape"], device="meta",
-                              dtype=getattr(torch, _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"].lower())))
-            for name, info in header.items()
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read {path} as safetensors: bad header ({type(exc).__name__})") from None
-    return tensors, metadata
 
 
 def _is_zip(path: Path) -> bool:
@@ -54,7 +36,7 @@ def _is_zip(path: Path) -> bool:
 
 
 def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = None, *, trust_pickle: bool = False,
-                       stdin=None, progress: Progress = _noop, trust_spec: bool = False) -> dict:
+                       stdin=None, progress: Progress = no_progress, trust_spec: bool = False) -> dict:
     """What a checkpoint holds (format told from its content, dtypes, tensor and parameter counts) and,
     with a spec, every re-parameterizable block (path, type, recipe family, parameters before/after).
 
@@ -63,9 +45,6 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     recognised by its metadata; its stored spec is used when no spec is given, if it names a
     built-in or timm builder (any other builder only with `trust_spec`). `-` reads stdin.
     """
-    from .errors import CheckpointError
-    from .deploy import stored_spec
-    from .metadata import decode_metadata, is_deploy_metadata
 
     if is_stdio(checkpoint):
         with spooled_stdin(stdin) as source:  # unnamed: nothing left in $TMPDIR, even after SIGKILL
@@ -88,12 +67,12 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     progress("reading checkpoint")
     reparam_meta: dict[str, Any] = {}
     if fmt == "safetensors":
-        raw, header_meta = _safetensors_header(path)
+        raw, header_meta = read_header(path)
         reparam_meta = decode_metadata(header_meta)
     else:
         raw = read_raw(path, trust_pickle, mmap=_is_zip(path))  # only shapes are needed: map, do not read
     deploy_file = is_deploy_metadata(reparam_meta)
-    spec = _spec(spec) if spec is not None else None
+    spec = as_spec(spec) if spec is not None else None
     if spec is None and deploy_file:
         spec = stored_spec(reparam_meta, trust=trust_spec)
     ckpt = spec.checkpoint if spec is not None and not deploy_file else {}
@@ -102,8 +81,6 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
         progress("building the model on the meta device")
         train = spec.build(device="meta").eval()
         if not deploy_file and fmt == "torch":
-            from .deploy import is_deploy_state
-
             # a plain state dict of the fused model (reference layout)?
             deploy_file = is_deploy_state(spec, state, training=train)
     dtypes: dict[str, int] = {}
@@ -128,16 +105,13 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
 
     # Only shapes matter: meta tensors keep the fit check and the conversion free of real work.
     shapes = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
-    if deploy_file:
-        from .deploy import deploy_file_options
-
-        deploy, conv = reparameterize(train, **deploy_file_options(path))
+    if deploy_file:  # reparam's own (fused as its metadata says) or a reference layout (as its keys fit)
+        deploy, conv = deploy_skeleton(spec, FuseOptions.from_stored(reparam_meta.get("options")) if reparam_meta
+                                       else None, state=shapes, training=train)
         load_into(deploy, shapes, what="deploy file")
     else:
         train = load_into(train, shapes)
         deploy, conv = reparameterize(train)
-    from .pipeline import completeness_dict
-
     report.update({
         "spec": spec.name, "params_before": count_parameters(train), "params_after": count_parameters(deploy),
         **completeness_dict(conv),

@@ -4,12 +4,14 @@ A recipe is a function `fuse(block) -> nn.Module` that returns the deploy form o
 block. It reads the block's tensors (never writes them) and composes paradigms from `algebra`.
 Block families register their recipes with the `@recipe(BlockType, family=...)` decorator in
 their own file under `reparam_cli/blocks/`; importing `reparam_cli.blocks` registers them all.
+This module imports no block (a leaf, so every family can import it). A caller may also pass its
+own recipes for one call, as a mapping {BlockType: fuse} (`reparameterize(model, recipes=...)`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from torch import nn
 
@@ -42,9 +44,15 @@ def recipe(block_type: type, family: str) -> Callable[[Fuse], Fuse]:
     return register
 
 
-def recipe_for(module: nn.Module) -> Recipe | None:
-    """The recipe for this module's type (or its nearest registered base class), if any."""
+USER_FAMILY = "user"  # the family of recipes passed in a mapping
+
+
+def recipe_for(module: nn.Module, extra: Mapping[type, Fuse] | None = None) -> Recipe | None:
+    """The recipe for this module's type (or its nearest base class that has one), if any: from
+    `extra` ({BlockType: fuse}, the caller's own) before the registry at each class."""
     for cls in type(module).__mro__:
+        if extra and cls in extra:
+            return Recipe(cls, USER_FAMILY, extra[cls])
         found = _REGISTRY.get(cls)
         if found is not None:
             return found
@@ -52,7 +60,6 @@ def recipe_for(module: nn.Module) -> Recipe | None:
 
 
 def all_recipes() -> list[Recipe]:
-    """Every registered recipe, sorted by family then block name."""
-    import reparam_cli.blocks  # noqa: F401  (registers the built-in families)
-
+    """Every registered recipe, sorted by family then block name (import `reparam_cli.blocks`, or
+    call it as `reparam_cli.all_recipes()`, to have the built-in families registered)."""
     return sorted(_REGISTRY.values(), key=lambda r: (r.family, r.name))

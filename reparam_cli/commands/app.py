@@ -1,0 +1,150 @@
+"""The `reparam` command line: one Typer app that registers the commands (one file each in this
+folder, plain functions), maps usage errors to one line and exit 2, and guards stdout.
+
+A new command is a file here with a function and its SHORT_HELP, added to COMMANDS below; what a
+command shares with the others (options, error handling, tables) is in `common.py`. Nothing here
+imports torch: `reparam --help`, `--version` and usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from reparam_cli._version import __version__
+from reparam_cli.commands import batch, convert, init, inspect, specs, verify
+from reparam_cli.commands.common import EXIT_BAD_INPUT, EXIT_OK
+from reparam_cli.core.messages import one_line
+from reparam_cli.io.signals import Interrupted, interrupts_as_exceptions
+
+# click's exceptions, wherever this Typer takes click from (recent Typers vendor it as typer._click)
+_click = importlib.import_module(typer.BadParameter.__module__)
+
+
+class _ReparamGroup(TyperGroup):
+    """Typer's group, except that a usage error is one `error:` line on stderr and exit 2, not
+    click's usage block with a boxed panel (scripts and logs get one greppable line)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(_click, "NoArgsIsHelpError", ()) as exc:  # bare `reparam`: the help, as before
+            if exc.format_message().strip():  # rich help has printed itself already
+                typer.echo(exc.format_message())
+            sys.exit(EXIT_BAD_INPUT)
+        except _click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            typer.echo(f"error: {one_line(exc.format_message())}{where}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except _click.ClickException as exc:
+            typer.echo(f"error: {one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except getattr(_click, "Abort", ()):  # (not every vendored click has it)
+            typer.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+app = typer.Typer(
+    cls=_ReparamGroup,
+    name="reparam",
+    help="Convert training checkpoints of structurally re-parameterized networks (RepVGG, ACNet, DBB, "
+         "RepMLP, MobileOne, ...) into their fused deploy form, verified on random inputs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: wraps at the terminal width, no truncation, no <type> column
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Each command's module, in the order `reparam --help` lists them.
+COMMANDS = (init, convert, verify, specs, batch, inspect)
+for _module in COMMANDS:
+    _name = _module.__name__.rpartition(".")[2]
+    app.command(_name, short_help=_module.SHORT_HELP)(getattr(_module, _name))
+
+
+def version_text() -> str:
+    """reparam's version, torch's and the installed extras, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from reparam_cli.extras import EXTRAS, missing_modules
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    extras = [name for name in EXTRAS if not missing_modules(name)]
+    return f"reparam {__version__} (torch {torch_version}; extras: {', '.join(extras) or 'none'})"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Show the version and exit.", callback=_version_callback,
+                                 is_eager=True),
+) -> None:
+    """Convert, verify and inspect re-parameterizable network checkpoints."""
+
+
+def _hold_stdout() -> None:
+    """Keep the real stdout for reparam's own output only: sys.stdout writes to a private duplicate
+    of it, while file descriptor 1 becomes stderr, so whatever else writes there (C extensions,
+    subprocesses, a spec writing to fd 1) lands on stderr."""
+    import io
+
+    try:
+        sys.stdout.flush()
+        real = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError, AttributeError):
+        return
+    old = sys.stdout
+    sys.stdout = io.TextIOWrapper(open(real, "wb", buffering=1 << 16), encoding=old.encoding, errors=old.errors,
+                                  line_buffering=old.line_buffering)
+
+
+def _release_stdout() -> None:
+    """After the command: later writes (a spec's atexit handlers, interpreter shutdown) go to stderr."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    sys.stdout = sys.stderr
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # Fusion allocates large float64 buffers; backing them with transparent huge pages cuts the
+    # page-fault cost of each allocation 2-3x (read by torch's CPU allocator, so set before import).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    _hold_stdout()
+    try:
+        # SIGTERM (job schedulers) and SIGHUP (a closed terminal) stop a command as Ctrl-C does:
+        # temporaries removed, exit 128 + signal with one line (see signals.py).
+        with interrupts_as_exceptions():
+            app()
+    except BrokenPipeError:  # e.g. `reparam ... --json | head`
+        sys.stderr.close()
+        sys.exit(EXIT_BAD_INPUT)
+    except Interrupted as exc:  # a signal outside a command's guard (while starting up)
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    finally:
+        _release_stdout()
+
+
+if __name__ == "__main__":
+    main()

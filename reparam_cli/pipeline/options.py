@@ -1,0 +1,103 @@
+"""Options, as objects: how to fuse (`FuseOptions`, stored in every deploy file), how to verify
+(`VerifyOptions`) and everything else a conversion takes (`ConvertOptions`), carried as one
+object from a command to `convert_checkpoint` and to the batch workers.
+
+Torch-free: the commands build these before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
+
+from reparam_cli.errors import ReparamError
+from reparam_cli.io.formats import DTYPE_NAMES, DYNAMIC_SHAPES, FORMATS
+
+Progress = Callable[[str], None]
+
+
+
+def no_progress(_: str) -> None:
+    pass
+
+
+@dataclass
+class VerifyOptions:
+    """How to verify: random batches of `input_shape` (default: the spec's), tolerances (default: per dtype)."""
+
+    samples: int = 1
+    seed: int = 0
+    rtol: float | None = None
+    atol: float | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    """How `reparameterize` fuses beyond the recipes. Stored in every deploy file (`stored()`), so a
+    rebuild of the deploy skeleton fuses exactly as the conversion did."""
+
+    graph: bool = True  # fold linear regions outside known blocks (--no-graph: False)
+    linear_as_conv: bool = False  # nn.Linear -> pointwise conv (paradigm 9)
+
+    def kwargs(self) -> dict[str, bool]:
+        """Keyword arguments for `reparameterize`."""
+        return {"graph": self.graph, "linear_as_conv": self.linear_as_conv}
+
+    def stored(self) -> dict[str, bool]:
+        """The deploy file's `options` metadata (`linear_as_conv` only when set, as always stored)."""
+        options: dict[str, bool] = {"linear_as_conv": True} if self.linear_as_conv else {}
+        options["graph"] = self.graph
+        return options
+
+    @classmethod
+    def from_stored(cls, options: Any) -> "FuseOptions":
+        """The options a deploy file's metadata records. Files written before the graph pass existed
+        store no `graph` option: their skeleton has none."""
+        options = options if isinstance(options, dict) else {}
+        return cls(graph=options.get("graph", False) is True, linear_as_conv=bool(options.get("linear_as_conv")))
+
+
+@dataclass
+class ConvertOptions:
+    """Everything `convert_checkpoint` takes besides the checkpoint, the spec and the output (picklable:
+    sent to batch worker processes as it is)."""
+
+    fmt: str = "safetensors"  # FORMATS
+    verify: bool = True  # --no-verify: False
+    verify_options: VerifyOptions = field(default_factory=VerifyOptions)
+    overwrite: bool = False
+    trust_pickle: bool = False
+    linear_as_conv: bool = False
+    dtype: str | None = None  # the deploy model's dtype (DTYPE_NAMES; None: the checkpoint's)
+    ema: bool = False  # the checkpoint's EMA weights
+    dynamic_shapes: str = "auto"  # pt2/ONNX dynamic dims (DYNAMIC_SHAPES)
+    graph: bool = True  # the graph pass; batch records it per manifest line, resume compares it
+    strict: bool = False  # anything foldable left: fail, nothing written
+
+    @property
+    def fuse(self) -> FuseOptions:
+        return FuseOptions(graph=self.graph, linear_as_conv=self.linear_as_conv)
+
+    @classmethod
+    def of(cls, options: "ConvertOptions | None" = None, **changes: Any) -> "ConvertOptions":
+        """`options` (or the defaults) with keyword changes, checked. `verify_output` is accepted as
+        the older name of `verify`; `verify_options=None` means the defaults."""
+        if "verify_output" in changes:
+            changes["verify"] = changes.pop("verify_output")
+        if changes.get("verify_options", ...) is None:
+            changes["verify_options"] = VerifyOptions()
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown conversion option(s): {', '.join(unknown)}")
+        out = replace(options or cls(), **changes)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        """Raise ReparamError for a value no conversion accepts (one line, with the choices)."""
+        for name, value, choices in (("format", self.fmt, FORMATS), ("dtype", self.dtype, DTYPE_NAMES),
+                                     ("--dynamic-shapes mode", self.dynamic_shapes, DYNAMIC_SHAPES)):
+            if value is not None and value not in choices:
+                raise ReparamError(f"unknown {name} {value!r}", hint=f"choose one of {', '.join(choices)}")

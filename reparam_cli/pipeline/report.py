@@ -1,0 +1,74 @@
+from torch import nn
+
+from reparam_cli.convert.engine import ConversionReport
+from reparam_cli.core.jsonio import replace_nonfinite
+from reparam_cli.verification.equivalence import LOW_PRECISION, VerifyResult, model_dtype, overflow_message
+
+
+def finite_figures(report: dict) -> dict:
+    """Replace every NaN/Inf float in `report` (nested dicts included) by None, in place, and name
+    them in `nonfinite_values` ({"max_abs_err": "NaN", "worst_block.max_rel_err": "NaN", ...}), so
+    the report is strict JSON and says why a figure is missing (`nonfinite` says where NaN/Inf
+    appeared). Returns the report."""
+
+    found: dict[str, str] = {}
+    report.update(replace_nonfinite({k: v for k, v in report.items() if k != "nonfinite_values"}, found))
+    if found:
+        spelled = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}
+        report["nonfinite_values"] = {**(report.get("nonfinite_values") or {}),
+                                      **{path: spelled[why] for path, why in found.items()}}
+        report.setdefault("nonfinite", "non-finite figures: " + ", ".join(sorted(report["nonfinite_values"])))
+    return report
+
+
+def _verification_dict(result: VerifyResult | None) -> dict:
+    if result is None:
+        return {"verified": False}
+    worst = result.worst_block()
+    figures = {
+        "verified": True, "ok": result.ok, "max_abs_err": result.max_abs_err, "max_rel_err": result.max_rel_err,
+        "cosine": result.cosine, "train_rel_err": result.train_rel_err, "rtol": result.rtol, "atol": result.atol,
+        "samples": result.samples, "input_shape": result.input_shape, "seed": result.seed,
+        "worst_output": result.worst_output, "compute_dtype": result.compute_dtype,
+        "worst_block": None if worst is None else {"path": worst.path, "type": worst.block_type,
+                                                   "max_rel_err": worst.max_rel_err},
+        "failed_blocks": [b.path for b in result.blocks if not b.ok],
+    }
+    if result.nonfinite:
+        figures["nonfinite"] = result.nonfinite
+    if result.weight_rounding_rel_err is not None:
+        figures["weight_rounding_rel_err"] = result.weight_rounding_rel_err
+    if result.overflow:
+        figures["overflow"] = result.overflow
+    return finite_figures(figures)
+
+
+def _block_errors(result: VerifyResult | None) -> list[dict]:
+    """Every verified block's figures, in model order (for --plot and --json)."""
+    return [{"path": b.path, "type": b.block_type, "max_rel_err": b.max_rel_err, "ok": b.ok}
+            for b in (result.blocks if result else [])]
+
+
+def _low_precision_notes(result: VerifyResult | None, train: nn.Module, deploy: nn.Module) -> list[str]:
+    """The sentence for a float16/bfloat16 model whose activations overflow on N(0,1) inputs."""
+    if result is None:
+        return []
+    low = next((d for d in (model_dtype(deploy), model_dtype(train)) if d in LOW_PRECISION), None)
+    message = overflow_message(result, low) if low is not None else None
+    return [message] if message else []
+
+
+def completeness_dict(conv_report: ConversionReport) -> dict:
+    """The graph pass's part of a report: fused regions, what is left, and a one-line verdict."""
+    return {
+        "graph_regions": len(conv_report.regions),
+        "regions": [{"path": r.path, "layer": r.layer, "before": r.before, "after": r.after}
+                    for r in conv_report.regions],
+        "remaining": [{"path": r.path, "kind": r.kind, "reason": r.reason} for r in conv_report.remaining],
+        "completeness": conv_report.summary(),
+    }
+
+
+def _native_blocks(conv_report: ConversionReport) -> list[str]:
+    """Block types converted by their own third-party method (family 'native'), for the report."""
+    return sorted({b.block_type for b in conv_report.converted if b.family == "native"})
