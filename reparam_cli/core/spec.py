@@ -78,7 +78,7 @@ class ModelSpec:
                         raise
                     model = fn(**self.args)
                     known = "building on the meta device failed: " + \
-                        (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                        (first_line(exc) or type(exc).__name__)
             if known and f"built on cpu: {known}" not in self.notes:
                 self.notes.append(f"built on cpu: {known}")
         except TypeError as exc:
@@ -88,7 +88,7 @@ class ModelSpec:
         except ReparamError:
             raise
         except Exception as exc:  # user code: one line, not a traceback
-            detail = (str(exc).strip().splitlines() or [""])[0]
+            detail = first_line(exc)
             raise SpecError(f"spec {self.name!r}: builder {self.builder} failed: {type(exc).__name__}: {detail}") from None
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
