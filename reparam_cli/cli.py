@@ -353,6 +353,8 @@ def convert(
     strict: bool = StrictOpt,
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also draw the per-block errors against the tolerance "
                                         "to this PNG, even when verification fails (needs the plot extra)."),
+    equalize: bool = typer.Option(False, "--equalize", help="Also apply exact cross-layer equalization (evens out "
+                                  "per-channel weight ranges for int8; see `reparam quantize`)."),
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
@@ -389,7 +391,7 @@ def convert(
                     checkpoint, spec, output, stdout=sink, fmt=fmt, verify_output=not no_verify,
                     verify_options=_verify_options(samples, seed, rtol, atol, input_shape), overwrite=overwrite,
                     trust_pickle=trust_pickle, progress=progress, linear_as_conv=linear_as_conv, dtype=dtype, ema=ema,
-                    dynamic_shapes=dynamic_shapes, graph=not no_graph, strict=strict,
+                    dynamic_shapes=dynamic_shapes, graph=not no_graph, strict=strict, equalize=equalize,
                 )
             except VerificationFailed as exc:
                 _write_plot(exc.report, plot)  # a failing block is what the plot is for
@@ -651,6 +653,10 @@ def inspect(
     else:
         _inspect_tables(report)
 
+
+from .quantize.command import quantize as _quantize  # noqa: E402  (below the options it reuses)
+
+app.command("quantize", short_help="int8 readiness: per-layer report, equalization, a verified int8 ONNX model.")(_quantize)
 
 def _hold_stdout() -> None:
     """Keep the real stdout for reparam's own output only: sys.stdout writes to a private duplicate

@@ -272,6 +272,7 @@ def convert_checkpoint(
     graph: bool = True,
     strict: bool = False,
     source_name: str | None = None,
+    equalize: bool = False,
 ) -> dict:
     """Convert a training checkpoint into a deploy file. Raises VerificationFailed (nothing written)
     when the fused model does not match, ReparamError on bad input.
@@ -289,6 +290,8 @@ def convert_checkpoint(
     the report lists them (`regions`) and what is left (`remaining`, `completeness`). `strict`
     makes anything left an error (Incomplete, exit 1, nothing written). A model in which nothing
     was converted or folded raises ReparamError naming what was looked at and why nothing folded.
+    `equalize` applies cross-layer equalization (`reparam_cli.quantize.equalize`) to the deploy
+    model before it is verified (report key `equalization`).
     """
     if fmt not in FORMATS:
         raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
@@ -327,10 +330,14 @@ def convert_checkpoint(
         raise ReparamError(f"the model built from spec {spec.name!r} has nothing to convert: no block with a recipe "
                            f"or a native method, and {looked} ({conv_report.summary()})",
                            hint="see `reparam inspect --spec` for what is left" if graph else "drop --no-graph")
+    equalization = None
+    if equalize:
+        deploy, equalization = _equalize(deploy, spec, opts)
     result = None
     if verify_output:
         progress("verifying on random inputs")
-        result = _run_verify(train, deploy, spec, conv_report, opts)
+        # equalization rescales block outputs (not the model's): then only the model is compared
+        result = _run_verify(train, deploy, spec, None if equalize else conv_report, opts)
     report = {
         "ok": result.ok if result else True,
         "input": str(checkpoint), "output": str(output), "spec": named, "format": fmt,
@@ -344,6 +351,10 @@ def convert_checkpoint(
         **_verification_dict(result),
         "block_errors": _block_errors(result),
     }
+    if equalization is not None:
+        report["equalization"] = equalization
+        conv_report.notes.append("--equalize rescales the outputs of blocks (not the model's): verified end to end, "
+                                 "no per-block figures")
     notes = list(ckpt.notes) + list(conv_report.notes) + _low_precision_notes(result, train, deploy)
     if notes:
         report["notes"] = notes
@@ -367,6 +378,23 @@ def convert_checkpoint(
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=dynamic_shapes,
                  overwrite=overwrite)
     return finite_figures(report)
+
+
+def _equalize(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions) -> tuple[nn.Module, dict]:
+    """`convert --equalize`: an equalized copy of the deploy model (a copy: layers no recipe changed
+    are shared with the training model, which verification compares it with) and the pairs and
+    skipped layers."""
+    import copy
+
+    from .quantize.equalize import equalize
+    from .verification import cast_floating
+
+    try:
+        args, _ = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+    except PassFailed as exc:
+        raise _pass_error(exc, _shape(spec, opts)) from exc.exc
+    deploy = copy.deepcopy(deploy)
+    return deploy, equalize(deploy, tuple(cast_floating(args, model_dtype(deploy)))).as_dict()
 
 
 def completeness_dict(conv_report: ConversionReport) -> dict:
