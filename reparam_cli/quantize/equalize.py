@@ -14,7 +14,7 @@ pairs sharing a layer are swept repeatedly (the paper's iteration) until the sca
 
 from __future__ import annotations
 
-import operator
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,32 +62,46 @@ def _trace(module: nn.Module) -> fx.Graph | None:
         return None
 
 
-def _node_name(node: fx.Node, module: nn.Module) -> tuple[bool, str]:
+def _input_shape(node: fx.Node) -> tuple | None:
+    arg = node.args[0] if node.args else None
+    return arg.meta.get("shape") if isinstance(arg, fx.Node) else None
+
+
+def _pooled(node: fx.Node, start: int | None = None) -> bool:
+    """A flatten from dim 1 (`start`, else read off the call) of an (N, C, 1, ...) tensor keeps
+    channel c at position c."""
+    shape = _input_shape(node)
+    if start is None:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    return shape is not None and len(shape) >= 2 and math.prod(shape[2:]) == 1 and start == 1
+
+
+def _shape_text(node: fx.Node) -> str:
+    shape = _input_shape(node)
+    return "x".join(map(str, shape)) if shape else "unknown"
+
+
+def _node_name(node: fx.Node, module: nn.Module, prefix: str = "") -> tuple[bool, str]:
     """(whether `node` commutes with a positive per-channel scale, its description)."""
     if node.op == "call_module":
         sub = module.get_submodule(node.target)
-        name = f"{node.target} ({type(sub).__name__})"
-        if isinstance(sub, nn.PReLU):
-            return True, name
+        name = f"{_join(prefix, node.target)} ({type(sub).__name__})"
+        if isinstance(sub, nn.Flatten):
+            return _pooled(node, sub.start_dim), f"{name} (of a {_shape_text(node)} tensor)"
         return isinstance(sub, HOMOGENEOUS_MODULES), name
     if node.op == "call_function":
         fn = node.target
         name = getattr(fn, "__name__", str(fn))
         if fn in HOMOGENEOUS_FUNCTIONS:
             return True, name
-        if fn in (torch.flatten,):
-            shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
-            return shape is not None and len(shape) >= 2 and int(torch.tensor(shape[2:]).prod()) == 1, \
-                f"{name} (of a {'x'.join(map(str, shape)) if shape else 'unknown'} tensor)"
+        if fn is torch.flatten:
+            return _pooled(node), f"{name} (of a {_shape_text(node)} tensor)"
         return False, name
     if node.op == "call_method":
         if node.target in ("relu", "relu_"):
             return True, node.target
-        if node.target in ("flatten", "view", "reshape", "squeeze"):
-            shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
-            ok = shape is not None and len(shape) >= 2 and int(torch.tensor(shape[2:]).prod()) == 1 \
-                and node.target == "flatten"
-            return ok, f"{node.target} (of a {'x'.join(map(str, shape)) if shape else 'unknown'} tensor)"
+        if node.target == "flatten":
+            return _pooled(node), f"flatten (of a {_shape_text(node)} tensor)"
         return False, str(node.target)
     return False, node.op
 
@@ -156,7 +170,7 @@ def find_pairs(model: nn.Module, example: tuple) -> tuple[list[Pair], list[dict]
                 if nxt.op == "call_module" and isinstance(module.get_submodule(nxt.target), LAYERS):
                     pairs.append(Pair(path, _join(prefix, nxt.target), through))
                     break
-                ok, name = _node_name(nxt, module)
+                ok, name = _node_name(nxt, module, prefix)
                 if not ok:
                     skipped.append({"layer": path, "reason": f"followed by {name}, which is not positively homogeneous "
                                     "per channel"})
