@@ -71,11 +71,22 @@ def run_onnx(path: Path, batches: Sequence[tuple], optimize: bool = True) -> lis
     session = _session(path, optimize)
     names = [i.name for i in session.get_inputs()]
     outs = []
+    if _static_batch(session):  # exported with a fixed batch of one: feed samples one by one
+        batches = _samples(batches)
     for batch in batches:
         feed = {n: b.detach().to(torch.float32).numpy() for n, b in zip(names, batch)}
         result = session.run(None, feed)
         outs.append(torch.cat([torch.from_numpy(r).reshape(r.shape[0], -1).to(torch.float64) for r in result], 1))
     return outs
+
+
+def _static_batch(session) -> bool:
+    dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+    return isinstance(dim, int)
+
+
+def _samples(batches: Sequence[tuple]) -> list[tuple]:
+    return [tuple(b[i:i + 1] for b in batch) for batch in batches for i in range(batch[0].shape[0])]
 
 
 class _Reader:
@@ -125,7 +136,9 @@ def quantize_onnx(deploy: nn.Module, calib: Sequence[tuple], held_out: Sequence[
                      "percentile": CalibrationMethod.Percentile}[method]
         import onnxruntime as ort
 
-        name = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        session = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        calib = _samples(calib) if _static_batch(session) else calib
         try:
             with quiet_logger(""):  # its advice to pre-process goes to the root logger
                 quantize_static(str(float_path), str(int8_path), _Reader(name, calib), quant_format=QuantFormat.QDQ,
