@@ -19,6 +19,10 @@ def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
         cli._fail(f"{what} takes comma-separated numbers, got {text!r}", as_json=False)
 
 
+def _db(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _tables(report: dict) -> None:
     from rich.table import Table
 
@@ -39,7 +43,7 @@ def _tables(report: dict) -> None:
         cells = [r["path"] + (" [keep float]" if r["path"] in keep else ""),
                  f"{r['sqnr_per_tensor']:.1f}", f"{r['sqnr_per_channel']:.1f}"]
         if eq:
-            cells += [f"{r.get('sqnr_per_tensor_equalized') or 0:.1f}", f"{r.get('sqnr_per_channel_equalized') or 0:.1f}"]
+            cells += [_db(r.get("sqnr_per_tensor_equalized")), _db(r.get("sqnr_per_channel_equalized"))]
         outl = ",".join(map(str, r["outlier_channels"][:6])) + ("..." if r["outlier_count"] > 6 else "")
         rng = f"[{r['input_min']:.3g}, {r['input_max']:.3g}]" if "input_min" in r else "-"
         cells += [f"{r['range_ratio']:.1f}" if r["range_ratio"] is not None else "-", outl or "-", rng,
