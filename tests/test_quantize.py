@@ -230,7 +230,7 @@ def test_quantize_min_sqnr_fails_with_nothing_written(tmp_path):
 
 
 @pytest.mark.parametrize("make, needle", [
-    (lambda p: p.write_text("not an array"), "cannot read calibration file"),
+    (lambda p: p.write_text("not an array"), "not a numpy array file"),
     (lambda p: __import__("numpy").save(p, __import__("numpy").zeros((6, 3, 8, 8), "float32")), "have shape (6, 3, 8, 8)"),
     (lambda p: __import__("numpy").save(p, __import__("numpy").zeros((1, 1, 8, 8), "float32")), "at least 2"),
     (lambda p: __import__("numpy").save(p, __import__("numpy").full((4, 1, 8, 8), float("nan"), "float32")), "NaN"),
@@ -261,6 +261,8 @@ def test_calibration_from_images_and_from_a_spec_hook(tmp_path):
     assert cal.inputs.shape == (4, 1, 8, 8) and 0 <= float(cal.inputs.min()) and float(cal.inputs.max()) <= 1
     cal = load_calibration(folder, (1, 1, 8, 8), 4, mean=(0.5,), std=(0.25,))
     assert float(cal.inputs.min()) < 0
+    rgb = load_calibration(folder, (1, 3, 16, 16), 4)  # grey files, RGB model: converted, ImageNet-normalised
+    assert rgb.inputs.shape == (4, 3, 16, 16) and "ImageNet" in rgb.note
 
     spec_file = tmp_path / "digits_spec.py"
     spec_file.write_text(
@@ -304,3 +306,20 @@ def test_quantize_equalization_never_lowers_the_simulated_sqnr():
     assert eq["applied"] == (eq["sqnr_after"] >= eq["sqnr_before"])
     if not eq["applied"]:
         assert eq["reason"].startswith("skipped")
+
+
+def test_quantize_a_builtin_spec_checkpoint(tmp_path):
+    """`reparam init` + `reparam quantize` on a small RepVGG spec (5 blocks + the classifier), random calibration."""
+    from tests.helpers import TINY_REPVGG_YAML
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_REPVGG_YAML)
+    ckpt = tmp_path / "tiny.pth"
+    assert run_cli("init", spec, "-o", ckpt).exit_code == 0
+    result = run_cli("quantize", ckpt, "--spec", spec, "--calib-samples", 8, "--per-tensor", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = _json(result)
+    assert report["calibration"]["source"] == "random" and "indicative" in report["calibration"]["note"]
+    assert report["equalization"]["pairs"] and report["equalization"]["exact"]["ok"]
+    assert report["cumulative_sqnr"] >= report["cumulative_sqnr_unequalized"]
+    assert len(report["layers"]) == 6 and all("sensitivity_sqnr" in r for r in report["layers"])

@@ -84,7 +84,10 @@ def from_array_file(path: Path, shape: Sequence[int], n: int) -> Calibration:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {str(exc).splitlines()[0]}") from None
+        why = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "pickled" in why:  # numpy's word for anything that is not an array file
+            why = "not a numpy array file (.npy/.npz of numbers; pickled objects are never loaded)"
+        raise CalibrationError(f"cannot read calibration file {path}: {why}") from None
     labels = None
     if isinstance(data, np.ndarray):
         array = data
