@@ -34,7 +34,7 @@ def _tables(report: dict) -> None:
     columns = ["layer", "W/T", "W/C"]  # weight SQNR per tensor / per channel
     if eq:
         columns += ["W/T eq", "W/C eq"]
-    columns += ["ratio", "outliers", "input range", "sens."]
+    columns += ["ratio" + (" (->eq)" if eq else ""), "outliers", "input range", "sens."]
     for c in columns:
         layers.add_column(c, overflow="fold", justify="left" if c in ("layer", "outliers", "input range") else "right",
                           no_wrap=c != "layer")
@@ -46,7 +46,8 @@ def _tables(report: dict) -> None:
             cells += [_db(r.get("sqnr_per_tensor_equalized")), _db(r.get("sqnr_per_channel_equalized"))]
         outl = ",".join(map(str, r["outlier_channels"][:6])) + ("..." if r["outlier_count"] > 6 else "")
         rng = f"[{r['input_min']:.3g}, {r['input_max']:.3g}]" if "input_min" in r else "-"
-        cells += [f"{r['range_ratio']:.1f}" if r["range_ratio"] is not None else "-", outl or "-", rng,
+        ratio = _db(r["range_ratio"]) + (f"->{_db(r.get('range_ratio_equalized'))}" if eq else "")
+        cells += [ratio, outl or "-", rng,
                   f"{r['sensitivity_sqnr']:.1f}"]
         layers.add_row(*cells)
     console.print(layers)

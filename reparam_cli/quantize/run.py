@@ -136,10 +136,12 @@ def quantize_checkpoint(checkpoint: str | Path, spec: str | None = None, output:
         report["equalization"] = eq
     report.update({k: v for k, v in analysis.as_dict().items() if k != "layers"})
     report["layers"] = plain.layers if equalize_ else analysis.layers
-    if equalize_ and report["equalization"]["applied"]:
-        keep_rows = {r["path"]: r for r in analysis.layers}
+    if analysis is not plain:  # equalized: sensitivities and activation ranges are those of the model used
+        chosen_rows = {r["path"]: r for r in analysis.layers}
         for row in report["layers"]:
-            row["sensitivity_sqnr_equalized"] = keep_rows[row["path"]]["sensitivity_sqnr"]
+            row["sensitivity_sqnr_unequalized"] = row["sensitivity_sqnr"]
+            row.update({k: v for k, v in chosen_rows[row["path"]].items()
+                        if k == "sensitivity_sqnr" or k.startswith(("input_", "output_"))})
     report["cumulative_sqnr_unequalized"] = round(plain.cumulative_sqnr, 2)
 
     node_names: dict[str, str] = {}
