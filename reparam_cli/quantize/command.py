@@ -138,7 +138,8 @@ def quantize(
       reparam quantize a0.deploy.safetensors --calib images/ -o a0.int8.onnx --keep-in-float keep.json
       reparam quantize best.pth --spec digits.yaml --calib test.npz --min-sqnr 25 -o model.int8.onnx
     """
-    cli._refuse_json_on_stdout(output, as_json)
+    if output is not None and str(output) == "-":
+        cli._fail("quantize writes its ONNX model to a file: -o - (stdout) is not supported", as_json)
     cli._precheck(as_json, spec, (checkpoint,), (("onnx", "-o (int8 ONNX)"),) if output is not None else ())
     means, stds = _floats(mean, "--mean"), _floats(std, "--std")
 
