@@ -658,6 +658,7 @@ from .quantize.command import quantize as _quantize  # noqa: E402  (below the op
 
 app.command("quantize", short_help="int8 readiness: per-layer report, equalization, a verified int8 ONNX model.")(_quantize)
 
+
 def _hold_stdout() -> None:
     """Keep the real stdout for reparam's own output only: sys.stdout writes to a private duplicate
     of it, while file descriptor 1 becomes stderr, so whatever else writes there (C extensions,
