@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 
+
 class ReparamError(Exception):
     """Bad input or an impossible request: one clear sentence, optionally with a hint."""
 

@@ -30,6 +30,7 @@ FLOORS = [
     {"ecosystems"},
     {"convert"},
     {"verification"},
+    {"quantize"},
     {"pipeline"},
     {"commands"},
 ]

@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from reparam_cli._version import __version__
-from reparam_cli.commands import batch, convert, init, inspect, specs, verify
+from reparam_cli.commands import batch, convert, init, inspect, quantize, specs, verify
 from reparam_cli.commands.common import EXIT_BAD_INPUT, EXIT_OK
 from reparam_cli.core.messages import one_line
 from reparam_cli.io.signals import Interrupted, interrupts_as_exceptions
@@ -64,7 +64,7 @@ app = typer.Typer(
 )
 
 # Each command's module, in the order `reparam --help` lists them.
-COMMANDS = (init, convert, verify, specs, batch, inspect)
+COMMANDS = (init, convert, verify, specs, batch, inspect, quantize)
 for _module in COMMANDS:
     _name = _module.__name__.rpartition(".")[2]
     app.command(_name, short_help=_module.SHORT_HELP)(getattr(_module, _name))

@@ -140,8 +140,10 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
               "(set REPARAM_DEBUG=1 for a traceback)", as_json)
 
 
-def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows) -> None:
-    """Run a pipeline action, print its report, map errors to exit codes."""
+def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows=(),
+               show: Callable[[dict], None] | None = None) -> None:
+    """Run a pipeline action, print its report (the summary table of `rows`, or `show(report)`), map
+    errors to exit codes."""
     from reparam_cli.errors import VerificationFailed
 
     console = stderr_console()
@@ -172,6 +174,8 @@ def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, t
     if as_json:
         report.pop("tolerance", None)
         echo_json(report)
+    elif show is not None:
+        show(report)
     else:
         summary_table(title, report, rows)
     raise typer.Exit(code)

@@ -42,6 +42,8 @@ def convert(
     strict: bool = StrictOpt,
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also draw the per-block errors against the tolerance "
                                         "to this PNG, even when verification fails (needs the plot extra)."),
+    equalize: bool = typer.Option(False, "--equalize", help="Also apply exact cross-layer equalization (evens out "
+                                  "per-channel weight ranges for int8; see `reparam quantize`)."),
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
@@ -76,7 +78,7 @@ def convert(
                                     verify_options=verify_options(samples, seed, rtol, atol, input_shape),
                                     overwrite=overwrite, trust_pickle=trust_pickle, linear_as_conv=linear_as_conv,
                                     dtype=dtype, ema=ema, dynamic_shapes=dynamic_shapes, graph=not no_graph,
-                                    strict=strict)
+                                    strict=strict, equalize=equalize)
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
         with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
             try:

@@ -837,3 +837,46 @@ def select_channels(
     rows = torch.arange(len(index), device=device)
     w[(rows, torch.tensor(index, dtype=torch.long, device=device), *([torch.zeros_like(rows)] * ndim))] = scale
     return Kernel(w, None, (1,) * ndim, (0,) * ndim, (1,) * ndim, 1)
+
+
+# --------------------------------------------------------------------------- cross-layer equalization
+
+def equalize_pair(first: Kernel, second: Kernel, scale: Tensor | None = None) -> tuple[Kernel, Kernel, Tensor]:
+    """Cross-layer equalization of two consecutive layers (Nagel et al., "Data-Free Quantization
+    Through Weight Equalization and Bias Correction", ICCV 2019, eq. 5-7).
+
+    `first`'s output channel c feeds `second`'s input channel c, through an activation f with
+    f(x / s) = f(x) / s for s > 0 (ReLU, LeakyReLU, PReLU, identity, max/avg pooling). Row c of
+    `first` (weight and bias) is divided by s_c and `second`'s weights reading channel c are
+    multiplied by s_c, so second(f(first(x))) is unchanged. With `scale` None the choice of the
+    paper is made: s_c = sqrt(r1_c * r2_c) / r2_c, where r1_c is the max |weight| of first's output
+    channel c and r2_c that of second's input channel c, after which both ranges equal
+    sqrt(r1_c * r2_c). A channel where either range is zero keeps s_c = 1.
+
+    first: weight (C, in1 // g1, *k1); second: weight (out2, C // g2, *k2); any groups, conv or FC
+    (0 spatial dims). Returns (first', second', s) with s of shape (C,), in float64; the kernels
+    in the dtype of their inputs.
+    """
+    channels = first.out_channels
+    if second.in_channels != channels:
+        raise NotEquivalent(f"cannot equalize: the first layer has {channels} output channels, the second reads "
+                            f"{second.in_channels}")
+    w1, w2 = first.weight.to(torch.float64), second.weight.to(torch.float64)
+    g2 = second.groups
+    per_group = channels // g2
+    # second's weight as (groups, out per group, in per group, *k): input channel c = (c // per_group, c % per_group)
+    w2g = w2.reshape(g2, second.out_channels // g2, per_group, *w2.shape[2:])
+    if scale is None:
+        r1 = w1.abs().reshape(channels, -1).amax(1)
+        r2 = w2g.abs().transpose(1, 2).reshape(g2, per_group, -1).amax(2).reshape(channels)
+        ok = (r1 > 0) & (r2 > 0)
+        scale = torch.where(ok, torch.sqrt(r1 * r2) / torch.where(ok, r2, torch.ones_like(r2)), torch.ones_like(r1))
+    scale = torch.as_tensor(scale, dtype=torch.float64, device=w1.device).reshape(channels)
+    if not bool((scale > 0).all()):
+        raise NotEquivalent("equalization scales must be positive (a negative one flips the activation)")
+    view1 = (channels,) + (1,) * (w1.dim() - 1)
+    new1 = replace(first, weight=(w1 / scale.reshape(view1)).to(first.dtype),
+                   bias=None if first.bias is None else (first.bias.to(torch.float64) / scale).to(first.bias.dtype))
+    w2new = (w2g * scale.reshape(g2, 1, per_group, *([1] * (w2.dim() - 2)))).reshape(w2.shape)
+    new2 = replace(second, weight=w2new.to(second.dtype))
+    return new1, new2, scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 
+
 FORMATS = ("safetensors", "torchscript", "pt2", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
 DTYPE_NAMES = ("float32", "float16", "bfloat16")

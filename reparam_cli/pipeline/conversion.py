@@ -34,8 +34,9 @@ from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _n
                                          completeness_dict, finite_figures)
 from reparam_cli.pipeline.specs import SPECS_DIR, as_spec, builtin_names, load_spec
 from reparam_cli.pipeline.training import read_training_model
-from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_models, make_call,
-                                             model_dtype, verify)
+from reparam_cli.quantize.equalize import equalize
+from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_models,
+                                                  make_call, model_dtype, verify)
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -117,6 +118,9 @@ def convert_checkpoint(
     the report lists them (`regions`) and what is left (`remaining`, `completeness`). `strict`
     makes anything left an error (Incomplete, exit 1, nothing written). A model in which nothing
     was converted or folded raises ReparamError naming what was looked at and why nothing folded.
+    `equalize` applies cross-layer equalization (`reparam_cli.quantize.equalize`) to the deploy
+    model before it is verified (report key `equalization`; recorded in the deploy file, whose
+    blocks are then compared end to end only).
     """
     o = ConvertOptions.of(options, **changes)
     fmt, verify_output, opts = o.fmt, o.verify, o.verify_options
@@ -151,10 +155,14 @@ def convert_checkpoint(
         raise ReparamError(f"the model built from spec {spec.name!r} has nothing to convert: no block with a recipe "
                            f"or a native method, and {looked} ({conv_report.summary()})",
                            hint="see `reparam inspect --spec` for what is left" if o.graph else "drop --no-graph")
+    equalization = None
+    if o.equalize:
+        deploy, equalization = _equalize(deploy, spec, opts)
     result = None
     if verify_output:
         progress("verifying on random inputs")
-        result = _run_verify(train, deploy, spec, conv_report, opts)
+        # equalization rescales block outputs (not the model's): then only the model is compared
+        result = _run_verify(train, deploy, spec, None if o.equalize else conv_report, opts)
     report = {
         "ok": result.ok if result else True,
         "input": str(checkpoint), "output": str(output), "spec": named, "format": fmt,
@@ -168,6 +176,10 @@ def convert_checkpoint(
         **_verification_dict(result),
         "block_errors": _block_errors(result),
     }
+    if equalization is not None:
+        report["equalization"] = equalization
+        conv_report.notes.append("--equalize rescales the outputs of blocks (not the model's): verified end to end, "
+                                 "no per-block figures")
     notes = list(ckpt.notes) + list(conv_report.notes) + _low_precision_notes(result, train, deploy)
     if notes:
         report["notes"] = notes
@@ -187,10 +199,26 @@ def convert_checkpoint(
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()
+    if o.equalize:  # block outputs are rescaled: `reparam verify` compares the model end to end only
+        metadata["equalized"] = True
     metadata["options"] = o.fuse.stored()
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=o.dynamic_shapes,
                  overwrite=o.overwrite)
     return finite_figures(report)
+
+
+def _equalize(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions) -> tuple[nn.Module, dict]:
+    """`convert --equalize`: an equalized copy of the deploy model (a copy: layers no recipe changed
+    are shared with the training model, which verification compares it with) and the pairs and
+    skipped layers."""
+    import copy
+
+    try:
+        args, _ = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+    except PassFailed as exc:
+        raise _pass_error(exc, _shape(spec, opts)) from exc.exc
+    deploy = copy.deepcopy(deploy)
+    return deploy, equalize(deploy, tuple(cast_floating(args, model_dtype(deploy)))).as_dict()
 
 
 def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
@@ -276,7 +304,8 @@ def verify_checkpoint(
     # Per-block figures where the deploy file keeps the block structure (safetensors, state dicts);
     # which blocks were converted is read off a shape-only conversion.
     report = None
-    if fmt == "safetensors" or (fmt == "state_dict" and not is_checkpoint_spec(spec)):
+    equalized = fmt == "safetensors" and read_metadata(deployed).get("equalized") is True  # blocks rescaled
+    if (fmt == "safetensors" and not equalized) or (fmt == "state_dict" and not is_checkpoint_spec(spec)):
         skeleton_spec = stored_spec(read_metadata(deployed)) if is_checkpoint_spec(spec) else spec
         report = deploy_skeleton(skeleton_spec, fuse_options_of(deployed))[1]
     progress("verifying on random inputs")

@@ -74,6 +74,7 @@ class ConvertOptions:
     dynamic_shapes: str = "auto"  # pt2/ONNX dynamic dims (DYNAMIC_SHAPES)
     graph: bool = True  # the graph pass; batch records it per manifest line, resume compares it
     strict: bool = False  # anything foldable left: fail, nothing written
+    equalize: bool = False  # cross-layer equalization of the deploy model (for int8), verified end to end
 
     @property
     def fuse(self) -> FuseOptions:
