@@ -127,6 +127,7 @@ class _Op:
     params: int = 0                # parameters (and BatchNorm statistics) of the operation
     axis1: bool = False            # acts on dim 1 whatever the rank (BatchNorm1d, F.batch_norm)
     per_channel: bool = False      # numel is per channel (avg-pool: k*k multiply-adds per channel)
+    keeps_shape: bool = False      # its output has its input's shape (BatchNorm, scale, identity)
 
 
 def _kernel_desc(k: A.Kernel) -> str:
@@ -333,12 +334,15 @@ class _Analysis:
         if node in self.vals:
             self.outputs[node] = None
 
-    def _operand(self, node: fx.Node) -> _Val | None:
+    def _operand(self, node: fx.Node, keeps_shape: bool = True) -> _Val | None:
         """The value an operation composes with: a tensor read by several operations (or already a
-        region output) is a region input of its own, so no work is ever duplicated."""
+        region output) is a region input of its own, so no work is ever duplicated. Reads of its
+        rank (`x.ndim`, `x.dim()`) are no reads: they read the fused layer's output, which has the
+        same rank; reads of its shape (`x.shape`, `x.size()`) too when `keeps_shape`."""
         if node not in self.vals:
             return None
-        if node in self.outputs or _uses(node) > 1:
+        shape_read = any(_meta_read(u) == "shape" for u in node.users)
+        if node in self.outputs or _uses(node) > 1 or (shape_read and not keeps_shape):
             self._materialize(node)
             return self._root(node)
         return self.vals[node]
@@ -349,6 +353,8 @@ class _Analysis:
         self.vals[node] = self._root(node)
 
     def _visit(self, node: fx.Node) -> None:
+        if _meta_read(node) and node.args[0] in self.vals:
+            return  # x.shape, x.ndim of a tensor: no read of its values (the shape check of a layer)
         if node.op == "placeholder":
             self.vals[node] = self._root(node)
         elif node.op == "get_attr":
@@ -382,7 +388,7 @@ class _Analysis:
 
     def _apply(self, node: fx.Node, src: fx.Node, op: _Op) -> bool:
         """Compose `op` (reading `src`) into src's value; on refusal start a region at `src`."""
-        val = self._operand(src)
+        val = self._operand(src, op.keeps_shape)
         if val is None:
             return False
         try:
@@ -447,7 +453,7 @@ class _Analysis:
         if len(set(srcs)) < len(srcs):  # cat([y, y]), y + y: y is computed once, as a region input
             for s in srcs:
                 self._materialize(s)
-        vals = [self._operand(s) for s in srcs]
+        vals = [self._operand(s, how == "add") for s in srcs]
         if any(v is None for v in vals):
             return False
         roots = {v.root for v in vals}
@@ -574,8 +580,10 @@ class _Analysis:
         else:
             ndim, channels = None, None
         if how == "mul":
-            return _Op("scale", lambda k: A.scale_channels(k, value), channels, ndim, numel=channels or 1)
-        return _Op("shift", lambda k: A.scale_channels(k, None, value), channels, ndim)
+            return _Op("scale", lambda k: A.scale_channels(k, value), channels, ndim, numel=channels or 1,
+                       params=channels or 1, keeps_shape=True)
+        return _Op("shift", lambda k: A.scale_channels(k, None, value), channels, ndim, params=channels or 1,
+                   keeps_shape=True)
 
     def _module(self, node: fx.Node) -> bool:
         m = self.module.get_submodule(str(node.target))
@@ -583,7 +591,7 @@ class _Analysis:
             return False
         src = node.args[0]
         if isinstance(m, _IDENTITY_MODULES):
-            return self._apply(node, src, _Op("", lambda k: k))
+            return self._apply(node, src, _Op("", lambda k: k, keeps_shape=True))
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             try:
                 k = self._k(A.from_module(m))
@@ -624,7 +632,7 @@ class _Analysis:
         stats = 2 * channels + (2 * channels if p.weight is not None else 0)
         return self._apply(node, src, _Op("bn", lambda k: A.fuse_bn(k, p, dtype=torch.float64), channels,
                                           ndim, alone=alone, numel=channels, bn=True, dtype=dtype, lazy_ok=False,
-                                          params=stats, axis1=True))
+                                          params=stats, axis1=True, keeps_shape=True))
 
     def _functional_bn(self, node: fx.Node) -> bool:
         """F.batch_norm in eval form (constant running statistics, training=False): what BatchNorm
@@ -843,8 +851,24 @@ def _mutations(module: nn.Module, graph: fx.Graph) -> dict[fx.Node, list[int]]:
 
 
 def _uses(node: fx.Node) -> int:
-    """How many times `node` is read (cat([y, y]) reads y twice)."""
-    return sum(_count_in(user, node) for user in node.users)
+    """How many times `node`'s values are read (cat([y, y]) reads y twice; x.shape reads no value)."""
+    return sum(_count_in(user, node) for user in node.users if not _meta_read(user))
+
+
+_META_ATTRS = {"shape": "shape", "ndim": "rank", "dtype": "rank", "device": "rank", "is_cuda": "rank"}
+_META_METHODS = {"size": "shape", "dim": "rank", "get_device": "rank"}
+
+
+def _meta_read(node: fx.Node) -> str | None:
+    """'rank' or 'shape' if `node` reads only its tensor's metadata (x.ndim, x.dim(), x.dtype: 'rank';
+    x.shape, x.size(...): 'shape'), else None."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return _META_ATTRS.get(node.args[1])
+    if node.op == "call_method":
+        return _META_METHODS.get(str(node.target))
+    return None
 
 
 def _count_in(user: fx.Node, node: fx.Node) -> int:
@@ -1070,6 +1094,7 @@ class _Pass:
                 calls[n.target] = calls.get(n.target, 0) + 1
         fused: dict[str, nn.Module] = {}
         absorbed: set[fx.Node] = set()
+        read = {n for n in graph.nodes if n.users}  # parameters read before: those read no more leave the model
         replaced: dict[fx.Node, fx.Node] = {}
         regions: list[FusedRegion] = []
         for v in plan.outputs:
@@ -1091,7 +1116,7 @@ class _Pass:
                         self.bn_reasons[_join(path, bn)] = reason
                 continue
             if self.check and not k.weight.is_meta:
-                _check_region(m, graph, plan, v, val, k, _join(path, before))
+                _check_region(m, plan, v, val, k, _join(path, before), replaced.get(val.root))
             name = self._name(m, val, calls, fused)
             fused[name] = layer
             with graph.inserting_before(min(val.nodes, key=plan.order.__getitem__)):
@@ -1099,11 +1124,15 @@ class _Pass:
                 # input may itself be a region output replaced above: read the fused one.
                 new = graph.call_module(name, (replaced.get(val.root, val.root),))
             v.replace_all_uses_with(new)
+            for n in val.nodes:  # shape checks of absorbed layers read the fused output (same rank/shape)
+                for u in list(n.users):
+                    if _meta_read(u):
+                        u.replace_input_with(n, new)
             replaced[v] = new
             absorbed.update(val.nodes)
             regions.append(FusedRegion(verify_path, _join(path, name), before, _kernel_desc(k)))
         for node in reversed(list(graph.nodes)):  # drop the absorbed nodes (and weight transforms) nobody reads
-            if not node.users and (node in absorbed or (node in plan.consts and node.op != "get_attr")):
+            if not node.users and (node in absorbed or (node in plan.consts and node in read)):
                 graph.erase_node(node)
         stale = [n for n in graph.nodes if n.op == "call_module" and n.target in fused and n not in replaced.values()]
         if stale:  # a reused layer name still called by an unfused node would run the fused layer there
@@ -1140,8 +1169,8 @@ def _bn_path(m: nn.Module, node: fx.Node) -> str | None:
     return None
 
 
-def _check_region(m: nn.Module, graph: fx.Graph, plan: _Analysis, v: fx.Node, val: _Val, k: A.Kernel,
-                  where: str) -> None:
+def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Kernel, where: str,
+                  fused_root: fx.Node | None = None) -> None:
     """The independent check of one fold, run with or without verification: the region's own
     operations (copied out of the traced graph) and the fused layer, both in float64, on one small
     random input of the region's rank; a relative difference above 1e-7 is a WrongFold (the
@@ -1150,6 +1179,8 @@ def _check_region(m: nn.Module, graph: fx.Graph, plan: _Analysis, v: fx.Node, va
 
     sub = fx.Graph()
     env: dict[fx.Node, Any] = {val.root: sub.placeholder("x")}
+    if fused_root is not None:  # the input is a region output fused just before: its readers read that
+        env[fused_root] = env[val.root]
     root: dict[str, Any] = {}
 
     def copy_node(n: fx.Node) -> Any:
@@ -1169,8 +1200,12 @@ def _check_region(m: nn.Module, graph: fx.Graph, plan: _Analysis, v: fx.Node, va
                     root[str(n.target)] = m.get_submodule(str(n.target))
         return env[n]
 
-    sub.output(copy_node(v))
-    original = copy.deepcopy(fx.GraphModule(root, sub)).double().eval()
+    try:
+        sub.output(copy_node(v))
+        original = copy.deepcopy(fx.GraphModule(root, sub)).double().eval()
+    except Exception as exc:
+        raise WrongFold(f"graph pass: the fold of {where} could not be checked ({_first_line(exc)})",
+                        hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
     g = torch.Generator().manual_seed(0)
     if k.ndim == 0:
         rank = plan.rank.get(val.root) or 2
