@@ -291,6 +291,7 @@ class _Analysis:
         self.involved: dict[fx.Node, list[fx.Node]] = {}  # a refusal's node -> every node it concerns
         first = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = first.dtype if first is not None else torch.float32  # of a region with no layer of its own
         if shapes_only:
             self.device = torch.device("meta")
         for node in graph.nodes:
@@ -982,6 +983,9 @@ class _Pass:
         self.path_of: dict[int, str] = {}
 
     def process(self, m: nn.Module, path: str, verify_path: str) -> nn.Module:
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and id(m) not in self.opaque:
+            self._descend(m, path, verify_path)  # containers without a forward: their modules are called
+            return m
         if id(m) in self.opaque or id(m) in self.done or id(m) in self.failed or _is_builtin_leaf(m) \
                 or bn_kind(m) == "frozen":
             return m
@@ -1107,7 +1111,7 @@ class _Pass:
                 problem = _cost_problem(val)
                 if problem:
                     raise NotEquivalent(problem)
-                layer = A.to_module(k, dtype=val.dtype or torch.float32)
+                layer = A.to_module(k, dtype=val.dtype or plan.dtype)
             except NotEquivalent as exc:
                 reason = f"{before} {exc.message}" if exc.message.startswith("->") else f"{before}: {exc.message}"
                 self._refuse(path, v, reason)

@@ -288,7 +288,8 @@ def convert_checkpoint(
     `graph` (default) also folds every linear region outside known blocks (`reparam_cli.graph`);
     the report lists them (`regions`) and what is left (`remaining`, `completeness`). `strict`
     makes anything left an error (Incomplete, exit 1, nothing written). A model in which nothing
-    was converted or folded raises ReparamError naming what was looked at and why nothing folded.
+    was converted or folded is written as it is (verified as usual) with the note "nothing to fold:
+    N modules looked at"; with the graph pass off (`graph=False`) that raises ReparamError.
     """
     if fmt not in FORMATS:
         raise ReparamError(f"unknown format {fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
@@ -322,11 +323,13 @@ def convert_checkpoint(
     deploy.eval()
     if out_dtype is not None and out_dtype != ckpt.dtype:
         deploy = deploy.to(out_dtype)
-    if not conv_report.changed:
-        looked = "no linear region the graph pass can fold" if graph else "the graph pass is off"
+    if not conv_report.changed and not graph:
         raise ReparamError(f"the model built from spec {spec.name!r} has nothing to convert: no block with a recipe "
-                           f"or a native method, and {looked} ({conv_report.summary()})",
-                           hint="see `reparam inspect --spec` for what is left" if graph else "drop --no-graph")
+                           f"or a native method, and the graph pass is off ({conv_report.summary()})",
+                           hint="drop --no-graph")
+    if not conv_report.changed:  # nothing foldable is no error: the same function is written, verified as usual
+        conv_report.notes.append(f"nothing to fold: {sum(1 for _ in train.modules())} modules looked at "
+                                 f"({conv_report.summary()})")
     result = None
     if verify_output:
         progress("verifying on random inputs")
@@ -376,6 +379,7 @@ def completeness_dict(conv_report: ConversionReport) -> dict:
         "regions": [{"path": r.path, "layer": r.layer, "before": r.before, "after": r.after}
                     for r in conv_report.regions],
         "remaining": [{"path": r.path, "kind": r.kind, "reason": r.reason} for r in conv_report.remaining],
+        "kept": [{"path": r.path, "reason": r.reason} for r in conv_report.kept],
         "completeness": conv_report.summary(),
     }
 
