@@ -251,9 +251,9 @@ def reparameterize(
         bn_reasons: dict[str, str] = {}
         if graph:
             deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products)
-        left = leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
-        report.remaining += [r for r in left if r.kind != "kept"]
-        report.kept = [r for r in left if r.kind == "kept"]
+        found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
+        report.remaining = [r for r in found if r.kind != "kept"]
+        report.kept = [r for r in found if r.kind == "kept"]  # no gain in folding: information, not left
     if any(m.training for m in model.modules()):
         import warnings
 

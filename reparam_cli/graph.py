@@ -75,6 +75,11 @@ class Remaining:
     reason: str
 
 
+class _CostRule(NotEquivalent):
+    """A fold refused because it would cost more (parameters or multiply-adds) than what it replaces:
+    nothing foldable is left there, so it is reported as information (kind 'kept'), not as left."""
+
+
 # --------------------------------------------------------------------------- linear values
 
 @dataclass(frozen=True)
@@ -158,11 +163,24 @@ def _branch_text(branches: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- tracing
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracing with extra opaque leaves (recipe / native products, processed children)."""
+    """torch.fx tracing with extra opaque leaves (recipe / native products, processed children).
 
-    def __init__(self, opaque: set[int]):
+    A condition on shapes only (`if x.shape[1] != self.num_channels: raise ...`, `assert x.dim() == 4`)
+    takes the next value of `decisions` (False once they run out); `made` records what each took.
+    `_trace` tries the combinations and keeps the one trace that completes (see there)."""
+
+    def __init__(self, opaque: set[int], decisions: list[bool] | None = None):
         super().__init__()
         self.opaque = opaque
+        self.decisions = list(decisions or [])
+        self.made: list[bool] = []
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if not _shape_derived(obj.node):
+            return super().to_bool(obj)
+        value = self.decisions[len(self.made)] if len(self.made) < len(self.decisions) else False
+        self.made.append(value)
+        return value
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return id(m) in self.opaque or bn_kind(m) == "frozen" or super().is_leaf_module(m, qualname)
@@ -177,14 +195,46 @@ def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
 
     snapshot = AttributeSnapshot(module)
     before = set(vars(module))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = _Tracer(opaque).trace(module)
-        graph.constants = {k: v for k, v in vars(module).items() if k not in before and isinstance(v, torch.Tensor)}
-        return graph
-    finally:
-        snapshot.restore()
+    todo: list[list[bool]] = [[]]
+    done: list[fx.Graph] = []
+    first: BaseException | None = None
+    tries = 0
+    # Shape conditions: every combination of their values is traced (at most 8 traces); a shape
+    # check that raises on a wrong input leaves one trace that completes, the function the module
+    # computes on every input it accepts. Two that complete: the code branches on shapes (refused).
+    while todo and tries < 8:
+        tries += 1
+        tracer = _Tracer(opaque, todo.pop())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(module)
+            graph.constants = {k: v for k, v in vars(module).items() if k not in before and isinstance(v, torch.Tensor)}
+            done.append(graph)
+        except Exception as exc:
+            first = first or exc
+        finally:
+            snapshot.restore()
+        todo += [tracer.made[:i] + [not tracer.made[i]] for i in range(len(tracer.decisions), len(tracer.made))]
+        if len(done) > 1:
+            break
+    if len(done) == 1 and not todo:
+        return done[0]
+    if len(done) > 1 or done:
+        raise fx.proxy.TraceError("control flow on input shapes with more than one path that runs")
+    assert first is not None
+    raise first
+
+
+def _shape_derived(node: fx.Node, depth: int = 0) -> bool:
+    """Whether `node` is computed from tensor shapes and constants only (x.shape[1] != 3, x.dim() == 4)."""
+    if depth > 20:
+        return False
+    if _meta_read(node):
+        return True
+    if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+        return False
+    return all(_shape_derived(n, depth + 1) for n in node.all_input_nodes)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -250,8 +300,12 @@ def bn_state(m: nn.Module) -> A.BNParams | str:
 
 # --------------------------------------------------------------------------- analysis
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
+_FUNCTION_ARITH = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub",
+                   operator.isub: "sub", torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+                   operator.truediv: "div", operator.itruediv: "div", torch.div: "div"}
+_IN_PLACE_ARITH = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_METHOD_ARITH = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
+                 "div": "div", "div_": "div"}
 _CONV_FN = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _AVGPOOL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
@@ -282,6 +336,7 @@ class _Analysis:
         self.mutations = _mutations(module, graph)
         self.unsafe: set[fx.Node] = set()   # region outputs refused (an in-place change inside them)
         self.merges: set[fx.Node] = set()   # add / cat nodes made one layer
+        self.cost_refused: set[fx.Node] = set()  # refusals by the cost rules (information, not left)
         self.opaque = opaque  # converted blocks: verified as they are, so never composed with
         self.graph = graph
         self.vals: dict[fx.Node, _Val] = {}
@@ -396,6 +451,8 @@ class _Analysis:
             self.vals[node] = self._compose(val, op, node)
             return True
         except NotEquivalent as exc:
+            if isinstance(exc, _CostRule):
+                self.cost_refused.add(node)
             if val.trivial:
                 self.refusals.append((node, f"{op.desc}: {exc.message}"))
                 return False
@@ -435,10 +492,10 @@ class _Analysis:
         cost = val.cost + (numel / math.prod(new.stride or (1,)) if isinstance(new, A.Kernel) else numel)
         params = val.params + op.params
         if op.sequential and isinstance(new, A.Kernel) and val.weighted and _cost(new) > cost * (1 + 1e-9):
-            raise NotEquivalent(f"the fused {_kernel_desc(new)} costs more multiply-adds than the layers it replaces "
-                                "(FLOP rule)")
+            raise _CostRule(f"the fused {_kernel_desc(new)} costs more multiply-adds than the layers it replaces "
+                            "(FLOP rule)")
         if op.sequential and isinstance(new, A.Kernel) and val.weighted and _params(new) > params:
-            raise NotEquivalent(f"the fused {_kernel_desc(new)} has more parameters ({_params(new)}) than the layers "
+            raise _CostRule(f"the fused {_kernel_desc(new)} has more parameters ({_params(new)}) than the layers "
                                 f"it replaces ({int(params)})")
         if not op.desc:
             branch = val.branches
@@ -449,7 +506,7 @@ class _Analysis:
         return _Val(val.root, new, branch, val.nodes + [node], cost, val.weighted + op.weighted,
                     val.count + bool(op.desc), val.has_bn or op.bn, val.dtype or op.dtype, params, val.merged)
 
-    def _merge(self, node: fx.Node, srcs: list[fx.Node], how: str) -> bool:
+    def _merge(self, node: fx.Node, srcs: list[fx.Node], how: str, coefs: list[float] | None = None) -> bool:
         """a + b (how='add') or torch.cat(srcs, channels) (how='cat') of functions of one input."""
         if len(set(srcs)) < len(srcs):  # cat([y, y]), y + y: y is computed once, as a region input
             for s in srcs:
@@ -468,6 +525,8 @@ class _Analysis:
                 raise NotEquivalent("no branch tells the channel count")
             ref = kernels[0]
             ks = [v.lin if isinstance(v.lin, A.Kernel) else v.lin.make(ref.in_channels, ref.ndim) for v in vals]
+            if coefs is not None:
+                ks = [k if c == 1 else A.scale_channels(k, c) for k, c in zip(ks, coefs)]
             if how == "add":
                 fused = A.add(*ks)
             else:
@@ -478,9 +537,11 @@ class _Analysis:
                 raise NotEquivalent(f"dim 1 of a rank-{self.rank.get(srcs[0])} tensor is not the channels of a "
                                     f"{ref.ndim}-d conv")
             if node in self.split:
-                raise NotEquivalent(self.split[node])
+                raise _CostRule(self.split[node])
             cost, params = sum(v.cost for v in vals), sum(v.params for v in vals)
         except NotEquivalent as exc:
+            if isinstance(exc, _CostRule):
+                self.cost_refused.add(node)
             self.refusals.append((node, f"{how} of {', '.join(_branch_text(sum((v.branches for v in vals), [])))}: "
                                         f"{exc.message}"))
             self.involved[node] = sum((v.nodes for v in vals), []) + [node]
@@ -489,6 +550,9 @@ class _Analysis:
             return False
         self.merges.add(node)
         branches = sum((v.branches for v in vals), [])
+        if coefs is not None:
+            branches = sum(([b if c == 1 else f"{c:g}*{b or 'identity'}" for b in v.branches]
+                            for v, c in zip(vals, coefs)), [])
         if how == "cat":
             branches = ["cat(" + ", ".join(_branch_text(branches)) + ")"]
         self.vals[node] = _Val(vals[0].root, fused, branches, sum((v.nodes for v in vals), []) + [node],
@@ -504,21 +568,25 @@ class _Analysis:
         args = list(node.args)
         target = node.target
         if node.op == "call_method":
-            if target in ("add", "add_", "mul", "mul_") and not node.kwargs:
+            how = _METHOD_ARITH.get(str(target))
+            if how and len(args) == 2 and set(node.kwargs) <= {"alpha"}:
                 if target.endswith("_") and not self._may_replace_in_place(args[0]):
                     return False
-                return self._binary(node, args, "add" if target.startswith("add") else "mul")
+                return self._binary(node, args, how, node.kwargs.get("alpha", 1))
+            if target in ("neg", "neg_") and len(args) == 1 and not node.kwargs:
+                if target.endswith("_") and not self._may_replace_in_place(args[0]):
+                    return False
+                return isinstance(args[0], fx.Node) and self._apply(node, args[0], self._affine_op(-1.0, "mul"))
             return False
         if node.op != "call_function":
             return False
-        if target in _ADD and not node.kwargs and len(args) == 2:
-            if target is operator.iadd and not self._may_replace_in_place(args[0]):
+        how = _FUNCTION_ARITH.get(target)
+        if how and len(args) == 2 and set(node.kwargs) <= {"alpha"}:
+            if target in _IN_PLACE_ARITH and not self._may_replace_in_place(args[0]):
                 return False
-            return self._binary(node, args, "add")
-        if target in _MUL and not node.kwargs and len(args) == 2:
-            if target is operator.imul and not self._may_replace_in_place(args[0]):
-                return False
-            return self._binary(node, args, "mul")
+            return self._binary(node, args, how, node.kwargs.get("alpha", 1))
+        if target in (operator.neg, torch.neg) and len(args) == 1 and not node.kwargs and isinstance(args[0], fx.Node):
+            return self._apply(node, args[0], self._affine_op(-1.0, "mul"))
         if target is torch.cat:
             tensors = args[0] if args else node.kwargs.get("tensors")
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
@@ -551,16 +619,41 @@ class _Analysis:
             return self.consts.get(arg)
         return arg if isinstance(arg, (int, float)) and not isinstance(arg, bool) else None
 
-    def _binary(self, node: fx.Node, args: list, how: str) -> bool:
+    def _binary(self, node: fx.Node, args: list, how: str, alpha: Any = 1) -> bool:
+        """a + alpha * b, a - alpha * b (a merge when both are functions of the region input),
+        x * c, x / c, x + c, x - c, c - x with constants c (a per-channel scale and shift)."""
         a, b = args
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            return False
         if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in self.vals and b in self.vals:
-            return how == "add" and self._merge(node, [a, b], "add")
-        src, other = (a, b) if isinstance(a, fx.Node) and a in self.vals else (b, a)
+            if how not in ("add", "sub"):
+                return False
+            return self._merge(node, [a, b], "add", [1.0, float(alpha) * (1 if how == "add" else -1)])
+        first = isinstance(a, fx.Node) and a in self.vals
+        src, other = (a, b) if first else (b, a)
         if not isinstance(src, fx.Node) or src not in self.vals:
             return False
         value = self._const(other)
         if value is None or (isinstance(value, torch.Tensor) and not value.is_floating_point()):
             return False
+        if how == "div":
+            if not first:
+                return False  # c / x is no linear map
+            if isinstance(value, torch.Tensor):
+                value = 1.0 / value
+            elif value == 0:
+                return False
+            else:
+                value = 1.0 / value
+            how = "mul"
+        elif how in ("add", "sub"):
+            if not first and (alpha != 1 or how == "sub"):
+                if how == "add" or alpha != 1:
+                    return False  # c + alpha * x: rare, left opaque
+                how = "rsub"  # c - x
+            elif how == "sub" or alpha != 1:
+                value = value * (alpha * (-1 if how == "sub" else 1))
+                how = "add"
         op = self._affine_op(value, how)
         return op is not None and self._apply(node, src, op)
 
@@ -582,6 +675,9 @@ class _Analysis:
             ndim, channels = None, None
         if how == "mul":
             return _Op("scale", lambda k: A.scale_channels(k, value), channels, ndim, numel=channels or 1,
+                       params=channels or 1, keeps_shape=True)
+        if how == "rsub":
+            return _Op("neg+shift", lambda k: A.scale_channels(k, -1.0, value), channels, ndim, numel=channels or 1,
                        params=channels or 1, keeps_shape=True)
         return _Op("shift", lambda k: A.scale_channels(k, None, value), channels, ndim, params=channels or 1,
                    keeps_shape=True)
@@ -704,6 +800,13 @@ class _Analysis:
         names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
         bound = dict(zip(names, node.args))
         bound.update(node.kwargs)
+        for key in ("stride", "padding", "dilation", "groups"):  # computed from parameter shapes: constants
+            value = fx.node.map_arg(bound.get(key), lambda n: self.consts.get(n, n))
+            bound[key] = value
+            found: list = []
+            fx.node.map_arg(value, found.append)
+            if found or isinstance(value, torch.Tensor):
+                return False
         src, weight = bound.get("input"), self._const(bound.get("weight"))
         bias = bound.get("bias")
         bias = None if bias is None else self._const(bias)
@@ -722,9 +825,12 @@ class _Analysis:
 
             padding = bound.get("padding", 0)
             if isinstance(padding, str):
-                if padding != "valid":
+                try:
+                    padding = 0 if padding == "valid" else A.same_padding(
+                        weight.shape[2:], tup(bound.get("dilation"), 1))
+                except NotEquivalent as exc:
+                    self.refusals.append((node, f"conv: {exc.message}"))
                     return False
-                padding = 0
             k = A.Kernel(self._t(weight), self._t(bias), tup(bound.get("stride"), 1), tup(padding, 0), tup(bound.get("dilation"), 1),
                          int(bound.get("groups") or 1))
         return self._apply(node, src, _Op(_kernel_desc(k), lambda prev: A.sequential(prev, k), k.in_channels,
@@ -1064,7 +1170,7 @@ class _Pass:
         if not own:
             for node, reason in plan.refusals:  # those across this module's children (the rest: below)
                 if not _owner(plan.involved.get(node, [node])):
-                    self._refuse(path, node, reason)
+                    self._refuse(path, node, reason, node in plan.cost_refused)
             self._descend(m, path, here)
             self.done.add(id(m))
             return m
@@ -1083,15 +1189,15 @@ class _Pass:
             if child is not None:
                 m._modules[name] = self.process(child, _join(path, name), verify_path)
 
-    def _refuse(self, path: str, node: fx.Node, reason: str) -> None:
+    def _refuse(self, path: str, node: fx.Node, reason: str, cost: bool = False) -> None:
         where = _join(path, ".".join(_scope(node)[-1:]) or "")
         if node.op == "call_module":
             where = _join(path, str(node.target))
-        self.remaining.append(Remaining(where, "unfoldable", reason))
+        self.remaining.append(Remaining(where, "kept" if cost else "unfoldable", reason))
 
     def _rewrite(self, m: nn.Module, graph: fx.Graph, plan: _Analysis, path: str, verify_path: str) -> nn.Module:
         for node, reason in plan.refusals:
-            self._refuse(path, node, reason)
+            self._refuse(path, node, reason, node in plan.cost_refused)
         calls = {}
         for n in graph.nodes:
             if n.op == "call_module":
@@ -1110,11 +1216,11 @@ class _Pass:
             try:
                 problem = _cost_problem(val)
                 if problem:
-                    raise NotEquivalent(problem)
+                    raise _CostRule(problem)
                 layer = A.to_module(k, dtype=val.dtype or plan.dtype)
             except NotEquivalent as exc:
                 reason = f"{before} {exc.message}" if exc.message.startswith("->") else f"{before}: {exc.message}"
-                self._refuse(path, v, reason)
+                self._refuse(path, v, reason, isinstance(exc, _CostRule))
                 for n in val.nodes:  # the BatchNorms this region would have folded stay, for this reason
                     if (bn := _bn_path(m, n)) is not None:
                         self.bn_reasons[_join(path, bn)] = reason

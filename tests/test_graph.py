@@ -241,7 +241,8 @@ def test_flop_rule_keeps_a_bottleneck_apart():
     build = lambda: nn.Sequential(conv_bn(16, 2, 1), conv_bn(2, 16, 3, padding=0), nn.ReLU())  # noqa: E731
     deploy, report = check(randomized(build()), (1, 16, 7, 7))
     assert len(report.regions) == 2 and batchnorms(deploy) == []
-    assert [r.kind for r in report.remaining] == ["unfoldable"] and "FLOP rule" in report.remaining[0].reason
+    # Nothing foldable is left: the refusal by the cost rule is information (kept), not something left.
+    assert report.complete and [r.kind for r in report.kept] == ["kept"] and "FLOP rule" in report.kept[0].reason
 
 
 # --------------------------------------------------------------------------- property test

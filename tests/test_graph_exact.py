@@ -72,7 +72,7 @@ class RandomNet(nn.Module):
             elif op == "add":
                 values.append(u + v)
             elif op == "add_":
-                values.append(u.add_(v) if u is not v else u + v)
+                values.append(u.add_(v))  # (no `u is v` test: fx cannot trace identity, x.add_(x) is 2x)
             elif op == "neg":
                 values.append(-u)
             elif op == "cat":

@@ -171,8 +171,11 @@ def test_densenet121_never_grows_and_folds_every_conv_bn_pair():
     deploy, report = reparameterize(model)
     assert count_parameters(deploy) <= count_parameters(model)
     # torch.fx's fuser folds the 59 conv->BN pairs (58 bottlenecks and the stem); the 62 BNs that
-    # follow a concatenation or precede a ReLU are lone: kept, not left.
-    assert len(report.regions) == 59 and len(report.kept) == 62 and len(norms(deploy)) == 62
+    # follow a concatenation or precede a ReLU are lone: kept, not left. Each transition's conv1x1 -> avg-pool 2x2
+    # would be a 2x2/s2 conv with 4x the parameters: kept apart (information, not left).
+    assert len(report.regions) == 59 and len(norms(deploy)) == 62
+    kept = [r.path for r in report.kept]
+    assert len(kept) == 65 and sum(p.endswith(".pool") for p in kept) == 3  # + transitions: conv1x1+pool2x2 grows
     assert not [r for r in report.remaining if r.kind == "batchnorm"]
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
