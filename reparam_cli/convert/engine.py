@@ -44,6 +44,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)  # what the caller should know (e.g. training mode)
     regions: list[FusedRegion] = field(default_factory=list)
     remaining: list[Remaining] = field(default_factory=list)
+    kept: list[Remaining] = field(default_factory=list)  # BatchNorms kept on purpose (folding gains nothing)
 
     @property
     def complete(self) -> bool:
@@ -239,7 +240,9 @@ def reparameterize(
         bn_reasons: dict[str, str] = {}
         if graph:
             deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products)
-        report.remaining += leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
+        found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
+        report.remaining = [r for r in found if r.kind != "kept"]
+        report.kept = [r for r in found if r.kind == "kept"]  # no gain in folding: information, not left
     if any(m.training for m in model.modules()):
         import warnings
 

@@ -44,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from reparam_cli.convert.native import native_method
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import describe
-from reparam_cli.errors import NotEquivalent
+from reparam_cli.core.tensors import AttributeSnapshot
+from reparam_cli.errors import NotEquivalent, ReparamError
 
 FAMILY = "graph"
 
@@ -76,6 +78,11 @@ class Remaining:
     reason: str
 
 
+class _CostRule(NotEquivalent):
+    """A fold refused because it would cost more (parameters or multiply-adds) than what it replaces:
+    nothing foldable is left there, so it is reported as information (kind 'kept'), not as left."""
+
+
 # --------------------------------------------------------------------------- linear values
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ class _Val:
     count: int = 0                 # absorbed operations that do something (not identity / dropout)
     has_bn: bool = False
     dtype: torch.dtype | None = None
+    params: float = 0.0            # parameters (and BatchNorm statistics) of the absorbed operations
+    merged: bool = False           # branches summed / concatenated
 
     @property
     def trivial(self) -> bool:
@@ -123,6 +132,10 @@ class _Op:
     sequential: bool = False       # a P5 chain: checked against the FLOP rule
     dtype: torch.dtype | None = None
     lazy_ok: bool = True           # may stay lazy when the channel count is unknown
+    params: int = 0                # parameters (and BatchNorm statistics) of the operation
+    axis1: bool = False            # acts on dim 1 whatever the rank (BatchNorm1d, F.batch_norm)
+    per_channel: bool = False      # numel is per channel (avg-pool: k*k multiply-adds per channel)
+    keeps_shape: bool = False      # its output has its input's shape (BatchNorm, scale, identity)
 
 
 def _kernel_desc(k: A.Kernel) -> str:
@@ -141,6 +154,11 @@ def _cost(k: A.Kernel) -> float:
     return k.weight.numel() / math.prod(k.stride or (1,))
 
 
+def _params(k: A.Kernel) -> int:
+    """Parameters of the layer `A.to_module` makes of `k` (a linear layer is written out densely)."""
+    return (k.out_channels * k.in_channels if k.ndim == 0 else k.weight.numel()) + k.out_channels
+
+
 def _branch_text(branches: list[str]) -> list[str]:
     return [{"": "identity", "bn": "bn(identity)"}.get(b, b) for b in branches]
 
@@ -148,29 +166,76 @@ def _branch_text(branches: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- tracing
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracing with extra opaque leaves (recipe / native products, processed children)."""
+    """torch.fx tracing with extra opaque leaves (recipe / native products, processed children).
 
-    def __init__(self, opaque: set[int]):
+    A condition on shapes only (`if x.shape[1] != self.num_channels: raise ...`, `assert x.dim() == 4`)
+    takes the next value of `decisions` (False once they run out); `made` records what each took.
+    `_trace` tries the combinations and keeps the one trace that completes (see there)."""
+
+    def __init__(self, opaque: set[int], decisions: list[bool] | None = None):
         super().__init__()
         self.opaque = opaque
+        self.decisions = list(decisions or [])
+        self.made: list[bool] = []
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if not _shape_derived(obj.node):
+            return super().to_bool(obj)
+        value = self.decisions[len(self.made)] if len(self.made) < len(self.decisions) else False
+        self.made.append(value)
+        return value
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return id(m) in self.opaque or super().is_leaf_module(m, qualname)
+        return id(m) in self.opaque or bn_kind(m) == "frozen" or super().is_leaf_module(m, qualname)
 
 
 def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
     """Trace `module`, leaving it as found: a forward that fills a cache or sets an attribute
     (`self.cache[k] = ...`, `self.anchors = ...`) would otherwise keep proxies from the trace, in
-    containers the deploy model shares with the training model."""
-    from reparam_cli.core.tensors import AttributeSnapshot
-
+    containers the deploy model shares with the training model. Tensor constants that fx stores on
+    the module (`_tensor_constant0`, ...) are kept in `graph.constants` instead."""
     snapshot = AttributeSnapshot(module)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _Tracer(opaque).trace(module)
-    finally:
-        snapshot.restore()
+    before = set(vars(module))
+    todo: list[list[bool]] = [[]]
+    done: list[fx.Graph] = []
+    first: BaseException | None = None
+    tries = 0
+    # Shape conditions: every combination of their values is traced (at most 8 traces); a shape
+    # check that raises on a wrong input leaves one trace that completes, the function the module
+    # computes on every input it accepts. Two that complete: the code branches on shapes (refused).
+    while todo and tries < 8:
+        tries += 1
+        tracer = _Tracer(opaque, todo.pop())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(module)
+            graph.constants = {k: v for k, v in vars(module).items() if k not in before and isinstance(v, torch.Tensor)}
+            done.append(graph)
+        except Exception as exc:
+            first = first or exc
+        finally:
+            snapshot.restore()
+        todo += [tracer.made[:i] + [not tracer.made[i]] for i in range(len(tracer.decisions), len(tracer.made))]
+        if len(done) > 1:
+            break
+    if len(done) == 1 and not todo:
+        return done[0]
+    if len(done) > 1 or done:
+        raise fx.proxy.TraceError("control flow on input shapes with more than one path that runs")
+    assert first is not None
+    raise first
+
+
+def _shape_derived(node: fx.Node, depth: int = 0) -> bool:
+    """Whether `node` is computed from tensor shapes and constants only (x.shape[1] != 3, x.dim() == 4)."""
+    if depth > 20:
+        return False
+    if _meta_read(node):
+        return True
+    if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+        return False
+    return all(_shape_derived(n, depth + 1) for n in node.all_input_nodes)
 
 
 def _is_builtin_leaf(m: nn.Module) -> bool:
@@ -193,10 +258,50 @@ def _top(node: fx.Node) -> str | None:
     return scope[0].split(".")[0] if scope else None
 
 
+# --------------------------------------------------------------------------- what counts as a BatchNorm
+
+_PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def bn_kind(m: nn.Module) -> str | None:
+    """What kind of BatchNorm `m` is, the one rule the pass and its report use:
+
+    'plain'   torch's BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm, and subclasses that keep their
+              forward: in eval, y = (x - mean) / sqrt(var + eps) * weight + bias on dim 1;
+    'frozen'  a FrozenBatchNorm (torchvision, detectron2): the same with fixed buffers;
+    'fused'   a BatchNorm subclass with its own forward (timm's BatchNormAct2d: BN, drop, activation):
+              traced into, its F.batch_norm folds and the rest stays;
+    None      not a BatchNorm.
+    """
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return "plain" if type(m).forward in _PLAIN_BN_FORWARDS else "fused"
+    if type(m).__name__.startswith("FrozenBatchNorm") and all(
+            isinstance(getattr(m, k, None), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var")):
+        return "frozen"
+    return None
+
+
+def bn_state(m: nn.Module) -> A.BNParams | str:
+    """The eval-mode statistics of a 'plain' or 'frozen' BatchNorm, or why it cannot be folded."""
+    if bn_kind(m) == "frozen":
+        return A.BNParams(m.running_mean, m.running_var, float(getattr(m, "eps", 1e-5)), m.weight, m.bias)
+    if m.running_mean is None or m.running_var is None:
+        return (f"{type(m).__name__} without running statistics (track_running_stats=False) normalises by batch "
+                "statistics in eval mode: it is no fixed linear map")
+    try:
+        return A.bn_params(m)
+    except NotEquivalent as exc:
+        return exc.message
+
+
 # --------------------------------------------------------------------------- analysis
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
+_FUNCTION_ARITH = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub",
+                   operator.isub: "sub", torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+                   operator.truediv: "div", operator.itruediv: "div", torch.div: "div"}
+_IN_PLACE_ARITH = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_METHOD_ARITH = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
+                 "div": "div", "div_": "div"}
 _CONV_FN = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _AVGPOOL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
@@ -216,8 +321,18 @@ class _Analysis:
     """
 
     def __init__(self, module: nn.Module, graph: fx.Graph, shapes_only: bool = False,
-                 opaque: set[int] = frozenset()):
+                 opaque: set[int] = frozenset(), input_rank: int | None = None,
+                 split: dict[fx.Node, str] | None = None):
         self.module = module
+        self.split = split or {}  # merges not made (a region through them would cost more): node -> why
+        self.constants: dict[str, Any] = getattr(graph, "constants", {})
+        self.input_rank = input_rank
+        self.rank: dict[fx.Node, int | None] = {}
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.mutations = _mutations(module, graph)
+        self.unsafe: set[fx.Node] = set()   # region outputs refused (an in-place change inside them)
+        self.merges: set[fx.Node] = set()   # add / cat nodes made one layer
+        self.cost_refused: set[fx.Node] = set()  # refusals by the cost rules (information, not left)
         self.opaque = opaque  # converted blocks: verified as they are, so never composed with
         self.graph = graph
         self.vals: dict[fx.Node, _Val] = {}
@@ -227,10 +342,30 @@ class _Analysis:
         self.involved: dict[fx.Node, list[fx.Node]] = {}  # a refusal's node -> every node it concerns
         first = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = first.dtype if first is not None else torch.float32  # of a region with no layer of its own
         if shapes_only:
             self.device = torch.device("meta")
         for node in graph.nodes:
             self._visit(node)
+            self.rank[node] = _rank(self, node)
+        for v in self.outputs:
+            val = self.vals[v]
+            if val.trivial:
+                continue
+            # The fused layer reads the input once, where the region's first operation read it:
+            # every read must see the same tensor, so no in-place change may lie between them.
+            reads = [self.order[n] for n in val.nodes if val.root in n.all_input_nodes]
+            lo, hi = min(reads, default=0), max(reads, default=0)
+            if any(lo <= p < hi for p in self.mutations.get(val.root, ())):
+                self.unsafe.add(v)
+                self.refusals.append((v, f"{', '.join(_branch_text(val.branches))}: reads {val.root.name} before and "
+                                         "after an in-place change of it"))
+                self.involved[v] = val.nodes
+
+    def worth(self, v: fx.Node) -> bool:
+        """Whether the region ending at `v` is folded: it removes something (see `_worth`) and no
+        in-place operation changes its input while it is read."""
+        return v not in self.unsafe and _worth(self.vals[v])
 
     # ----- bookkeeping
 
@@ -251,12 +386,15 @@ class _Analysis:
         if node in self.vals:
             self.outputs[node] = None
 
-    def _operand(self, node: fx.Node) -> _Val | None:
+    def _operand(self, node: fx.Node, keeps_shape: bool = True) -> _Val | None:
         """The value an operation composes with: a tensor read by several operations (or already a
-        region output) is a region input of its own, so no work is ever duplicated."""
+        region output) is a region input of its own, so no work is ever duplicated. Reads of its
+        rank (`x.ndim`, `x.dim()`) are no reads: they read the fused layer's output, which has the
+        same rank; reads of its shape (`x.shape`, `x.size()`) too when `keeps_shape`."""
         if node not in self.vals:
             return None
-        if node in self.outputs or len(node.users) > 1:
+        shape_read = any(_meta_read(u) == "shape" for u in node.users)
+        if node in self.outputs or _uses(node) > 1 or (shape_read and not keeps_shape):
             self._materialize(node)
             return self._root(node)
         return self.vals[node]
@@ -267,18 +405,24 @@ class _Analysis:
         self.vals[node] = self._root(node)
 
     def _visit(self, node: fx.Node) -> None:
+        if _meta_read(node) and node.args[0] in self.vals:
+            return  # x.shape, x.ndim of a tensor: no read of its values (the shape check of a layer)
         if node.op == "placeholder":
             self.vals[node] = self._root(node)
         elif node.op == "get_attr":
-            self.consts[node] = _fetch(self.module, str(node.target))
+            self.consts[node] = _fetch(self.module, str(node.target), self.constants)
         elif node.op == "output":
             for inp in node.all_input_nodes:
                 self._materialize(inp)
         elif not self._linear(node):
-            if node.all_input_nodes and all(i in self.consts for i in node.all_input_nodes):
+            if node.all_input_nodes and all(i in self.consts for i in node.all_input_nodes) \
+                    and not _in_place(self.module, node):
                 try:  # a weight transform: depends on parameters only, so evaluate it once
-                    self.consts[node] = self._evaluate(node)
-                    return
+                    # Never a number read from a tensor's values (`.item()`, `.tolist()`): a shape-only
+                    # skeleton has no values, so folding it would make skeleton and file differ.
+                    if not _reads_values(node):
+                        self.consts[node] = self._evaluate(node)
+                        return
                 except Exception:
                     pass
             self._opaque(node)
@@ -296,13 +440,15 @@ class _Analysis:
 
     def _apply(self, node: fx.Node, src: fx.Node, op: _Op) -> bool:
         """Compose `op` (reading `src`) into src's value; on refusal start a region at `src`."""
-        val = self._operand(src)
+        val = self._operand(src, op.keeps_shape)
         if val is None:
             return False
         try:
             self.vals[node] = self._compose(val, op, node)
             return True
         except NotEquivalent as exc:
+            if isinstance(exc, _CostRule):
+                self.cost_refused.add(node)
             if val.trivial:
                 self.refusals.append((node, f"{op.desc}: {exc.message}"))
                 return False
@@ -318,6 +464,9 @@ class _Analysis:
 
     def _compose(self, val: _Val, op: _Op, node: fx.Node) -> _Val:
         lin = val.lin
+        if op.axis1 and op.ndim is None and isinstance(lin, A.Kernel) and lin.ndim == 0:
+            raise NotEquivalent("it acts on dim 1 and the linear layer before it on the last dim: the same axis only "
+                                "on a 2-d input, and the rank here is not known")
         if isinstance(lin, _Lazy) and lin.identity and op.alone is not None:
             new: A.Kernel | _Lazy = op.alone()
         elif isinstance(lin, _Lazy):
@@ -335,10 +484,15 @@ class _Analysis:
             if op.ndim is not None and lin.ndim != op.ndim:
                 raise NotEquivalent(f"a {op.ndim}-d operation on a {lin.ndim}-d result")
             new = op.fn(lin)
-        cost = val.cost + (op.numel / math.prod(new.stride or (1,)) if isinstance(new, A.Kernel) else op.numel)
+        numel = op.numel * (new.out_channels if op.per_channel and isinstance(new, A.Kernel) else 1)
+        cost = val.cost + (numel / math.prod(new.stride or (1,)) if isinstance(new, A.Kernel) else numel)
+        params = val.params + op.params
         if op.sequential and isinstance(new, A.Kernel) and val.weighted and _cost(new) > cost * (1 + 1e-9):
-            raise NotEquivalent(f"the fused {_kernel_desc(new)} costs more multiply-adds than the layers it replaces "
-                                "(FLOP rule)")
+            raise _CostRule(f"the fused {_kernel_desc(new)} costs more multiply-adds than the layers it replaces "
+                            "(FLOP rule)")
+        if op.sequential and isinstance(new, A.Kernel) and val.weighted and _params(new) > params:
+            raise _CostRule(f"the fused {_kernel_desc(new)} has more parameters ({_params(new)}) than the layers "
+                                f"it replaces ({int(params)})")
         if not op.desc:
             branch = val.branches
         elif len(val.branches) == 1:
@@ -346,11 +500,14 @@ class _Analysis:
         else:
             branch = ["(" + ", ".join(_branch_text(val.branches)) + ")+" + op.desc]
         return _Val(val.root, new, branch, val.nodes + [node], cost, val.weighted + op.weighted,
-                    val.count + bool(op.desc), val.has_bn or op.bn, val.dtype or op.dtype)
+                    val.count + bool(op.desc), val.has_bn or op.bn, val.dtype or op.dtype, params, val.merged)
 
-    def _merge(self, node: fx.Node, srcs: list[fx.Node], how: str) -> bool:
+    def _merge(self, node: fx.Node, srcs: list[fx.Node], how: str, coefs: list[float] | None = None) -> bool:
         """a + b (how='add') or torch.cat(srcs, channels) (how='cat') of functions of one input."""
-        vals = [self._operand(s) for s in srcs]
+        if len(set(srcs)) < len(srcs):  # cat([y, y]), y + y: y is computed once, as a region input
+            for s in srcs:
+                self._materialize(s)
+        vals = [self._operand(s, how == "add") for s in srcs]
         if any(v is None for v in vals):
             return False
         roots = {v.root for v in vals}
@@ -364,26 +521,40 @@ class _Analysis:
                 raise NotEquivalent("no branch tells the channel count")
             ref = kernels[0]
             ks = [v.lin if isinstance(v.lin, A.Kernel) else v.lin.make(ref.in_channels, ref.ndim) for v in vals]
+            if coefs is not None:
+                ks = [k if c == 1 else A.scale_channels(k, c) for k, c in zip(ks, coefs)]
             if how == "add":
                 fused = A.add(*ks)
             else:
                 if ref.ndim == 0:
                     raise NotEquivalent("concatenating linear outputs is only exact along the last dim")
                 fused = A.concat(*ks)
+            if how == "cat" and self.rank.get(srcs[0]) not in (None, ref.ndim + 2):
+                raise NotEquivalent(f"dim 1 of a rank-{self.rank.get(srcs[0])} tensor is not the channels of a "
+                                    f"{ref.ndim}-d conv")
+            if node in self.split:
+                raise _CostRule(self.split[node])
+            cost, params = sum(v.cost for v in vals), sum(v.params for v in vals)
         except NotEquivalent as exc:
+            if isinstance(exc, _CostRule):
+                self.cost_refused.add(node)
             self.refusals.append((node, f"{how} of {', '.join(_branch_text(sum((v.branches for v in vals), [])))}: "
                                         f"{exc.message}"))
             self.involved[node] = sum((v.nodes for v in vals), []) + [node]
             for s in srcs:
                 self._materialize(s)
             return False
+        self.merges.add(node)
         branches = sum((v.branches for v in vals), [])
+        if coefs is not None:
+            branches = sum(([b if c == 1 else f"{c:g}*{b or 'identity'}" for b in v.branches]
+                            for v, c in zip(vals, coefs)), [])
         if how == "cat":
             branches = ["cat(" + ", ".join(_branch_text(branches)) + ")"]
         self.vals[node] = _Val(vals[0].root, fused, branches, sum((v.nodes for v in vals), []) + [node],
-                               sum(v.cost for v in vals), sum(v.weighted for v in vals),
+                               cost, sum(v.weighted for v in vals),
                                sum(v.count for v in vals) + 1, any(v.has_bn for v in vals),
-                               next((v.dtype for v in vals if v.dtype), None))
+                               next((v.dtype for v in vals if v.dtype), None), params, True)
         return True
 
     def _linear(self, node: fx.Node) -> bool:
@@ -393,21 +564,25 @@ class _Analysis:
         args = list(node.args)
         target = node.target
         if node.op == "call_method":
-            if target in ("add", "add_", "mul", "mul_") and not node.kwargs:
+            how = _METHOD_ARITH.get(str(target))
+            if how and len(args) == 2 and set(node.kwargs) <= {"alpha"}:
                 if target.endswith("_") and not self._may_replace_in_place(args[0]):
                     return False
-                return self._binary(node, args, "add" if target.startswith("add") else "mul")
+                return self._binary(node, args, how, node.kwargs.get("alpha", 1))
+            if target in ("neg", "neg_") and len(args) == 1 and not node.kwargs:
+                if target.endswith("_") and not self._may_replace_in_place(args[0]):
+                    return False
+                return isinstance(args[0], fx.Node) and self._apply(node, args[0], self._affine_op(-1.0, "mul"))
             return False
         if node.op != "call_function":
             return False
-        if target in _ADD and not node.kwargs and len(args) == 2:
-            if target is operator.iadd and not self._may_replace_in_place(args[0]):
+        how = _FUNCTION_ARITH.get(target)
+        if how and len(args) == 2 and set(node.kwargs) <= {"alpha"}:
+            if target in _IN_PLACE_ARITH and not self._may_replace_in_place(args[0]):
                 return False
-            return self._binary(node, args, "add")
-        if target in _MUL and not node.kwargs and len(args) == 2:
-            if target is operator.imul and not self._may_replace_in_place(args[0]):
-                return False
-            return self._binary(node, args, "mul")
+            return self._binary(node, args, how, node.kwargs.get("alpha", 1))
+        if target in (operator.neg, torch.neg) and len(args) == 1 and not node.kwargs and isinstance(args[0], fx.Node):
+            return self._apply(node, args[0], self._affine_op(-1.0, "mul"))
         if target is torch.cat:
             tensors = args[0] if args else node.kwargs.get("tensors")
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
@@ -416,6 +591,8 @@ class _Analysis:
             return self._merge(node, list(tensors), "cat")
         if target in _CONV_FN or target is F.linear:
             return self._functional(node)
+        if target is F.batch_norm:
+            return self._functional_bn(node)
         if target in _AVGPOOL_FN and isinstance(args[0] if args else None, fx.Node):
             names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
             bound = {**dict(zip(names, args[1:])), **node.kwargs}
@@ -438,16 +615,41 @@ class _Analysis:
             return self.consts.get(arg)
         return arg if isinstance(arg, (int, float)) and not isinstance(arg, bool) else None
 
-    def _binary(self, node: fx.Node, args: list, how: str) -> bool:
+    def _binary(self, node: fx.Node, args: list, how: str, alpha: Any = 1) -> bool:
+        """a + alpha * b, a - alpha * b (a merge when both are functions of the region input),
+        x * c, x / c, x + c, x - c, c - x with constants c (a per-channel scale and shift)."""
         a, b = args
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            return False
         if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in self.vals and b in self.vals:
-            return how == "add" and self._merge(node, [a, b], "add")
-        src, other = (a, b) if isinstance(a, fx.Node) and a in self.vals else (b, a)
+            if how not in ("add", "sub"):
+                return False
+            return self._merge(node, [a, b], "add", [1.0, float(alpha) * (1 if how == "add" else -1)])
+        first = isinstance(a, fx.Node) and a in self.vals
+        src, other = (a, b) if first else (b, a)
         if not isinstance(src, fx.Node) or src not in self.vals:
             return False
         value = self._const(other)
         if value is None or (isinstance(value, torch.Tensor) and not value.is_floating_point()):
             return False
+        if how == "div":
+            if not first:
+                return False  # c / x is no linear map
+            if isinstance(value, torch.Tensor):
+                value = 1.0 / value
+            elif value == 0:
+                return False
+            else:
+                value = 1.0 / value
+            how = "mul"
+        elif how in ("add", "sub"):
+            if not first and (alpha != 1 or how == "sub"):
+                if how == "add" or alpha != 1:
+                    return False  # c + alpha * x: rare, left opaque
+                how = "rsub"  # c - x
+            elif how == "sub" or alpha != 1:
+                value = value * (alpha * (-1 if how == "sub" else 1))
+                how = "add"
         op = self._affine_op(value, how)
         return op is not None and self._apply(node, src, op)
 
@@ -468,8 +670,13 @@ class _Analysis:
         else:
             ndim, channels = None, None
         if how == "mul":
-            return _Op("scale", lambda k: A.scale_channels(k, value), channels, ndim, numel=channels or 1)
-        return _Op("shift", lambda k: A.scale_channels(k, None, value), channels, ndim)
+            return _Op("scale", lambda k: A.scale_channels(k, value), channels, ndim, numel=channels or 1,
+                       params=channels or 1, keeps_shape=True)
+        if how == "rsub":
+            return _Op("neg+shift", lambda k: A.scale_channels(k, -1.0, value), channels, ndim, numel=channels or 1,
+                       params=channels or 1, keeps_shape=True)
+        return _Op("shift", lambda k: A.scale_channels(k, None, value), channels, ndim, params=channels or 1,
+                   keeps_shape=True)
 
     def _module(self, node: fx.Node) -> bool:
         m = self.module.get_submodule(str(node.target))
@@ -477,7 +684,7 @@ class _Analysis:
             return False
         src = node.args[0]
         if isinstance(m, _IDENTITY_MODULES):
-            return self._apply(node, src, _Op("", lambda k: k))
+            return self._apply(node, src, _Op("", lambda k: k, keeps_shape=True))
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             try:
                 k = self._k(A.from_module(m))
@@ -486,25 +693,70 @@ class _Analysis:
                 return False
             return self._apply(node, src, _Op(_kernel_desc(k), lambda prev: A.sequential(prev, k), k.in_channels,
                                               k.ndim, alone=lambda: k, numel=k.weight.numel(), weighted=True,
-                                              sequential=True, dtype=m.weight.dtype))
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if m.running_mean is None:
-                self.refusals.append((node, f"{type(m).__name__} without running statistics normalises by batch "
-                                            "statistics"))
+                                              sequential=True, dtype=m.weight.dtype,
+                                              params=sum(p.numel() for p in m.parameters(recurse=False))))
+        kind = bn_kind(m)
+        if kind in ("plain", "frozen"):
+            state = bn_state(m)
+            if isinstance(state, str):
+                self.refusals.append((node, state))
                 return False
-            ndim = _BN_NDIM.get(type(m))
-            p = A.bn_params(m)
-            p = A.BNParams(self._t(p.mean), self._t(p.var), p.eps, self._t(p.weight), self._t(p.bias))
-            alone = None if ndim is None else (lambda: A.bn_as_conv(p, 1, ndim=ndim, dtype=torch.float64))
-            return self._apply(node, src, _Op("bn", lambda k: A.fuse_bn(k, p, dtype=torch.float64), m.num_features,
-                                              ndim, alone=alone, numel=m.num_features, bn=True,
-                                              dtype=m.running_mean.dtype, lazy_ok=False))
+            ndim = 2 if kind == "frozen" else _BN_NDIM.get(type(m))
+            return self._bn(node, src, state, ndim)
+        if kind == "fused":
+            return False  # its own forward (a BatchNorm with an activation) is traced into, not a leaf
         if type(m) in _AVGPOOL:
             return self._avgpool(node, src, _AVGPOOL[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                  m.count_include_pad, getattr(m, "divisor_override", None))
         if type(m) in _ZEROPAD and float(getattr(m, "value", 0.0)) == 0.0:
             return self._pad(node, src, m.padding, _ZEROPAD[type(m)])
         return False
+
+    def _bn(self, node: fx.Node, src: fx.Node, p: A.BNParams, ndim: int | None) -> bool:
+        """An eval-mode BatchNorm on dim 1 (P1 after a layer, P8 on a region input). Without a fixed
+        rank (BatchNorm1d: (N, C) or (N, C, L), SyncBatchNorm, F.batch_norm) the rank of its input
+        decides: dim 1 of an (N, C) tensor is the last dim, that of a linear layer before it."""
+        if ndim is None and self.rank.get(src) is not None:
+            ndim = self.rank[src] - 2
+        channels = p.mean.shape[0]
+        dtype = p.mean.dtype
+        p = A.BNParams(self._t(p.mean), self._t(p.var), p.eps, self._t(p.weight), self._t(p.bias))
+        alone = None if ndim is None else (lambda: A.bn_as_conv(p, 1, ndim=ndim, dtype=torch.float64))
+        stats = 2 * channels + (2 * channels if p.weight is not None else 0)
+        return self._apply(node, src, _Op("bn", lambda k: A.fuse_bn(k, p, dtype=torch.float64), channels,
+                                          ndim, alone=alone, numel=channels, bn=True, dtype=dtype, lazy_ok=False,
+                                          params=stats, axis1=True, keeps_shape=True))
+
+    def _functional_bn(self, node: fx.Node) -> bool:
+        """F.batch_norm in eval form (constant running statistics, training=False): what BatchNorm
+        subclasses with their own forward call (timm's BatchNormAct2d)."""
+        names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        src = bound.get("input")
+        if not isinstance(src, fx.Node) or src not in self.vals:
+            return False
+        mean, var = self._const(bound.get("running_mean")), self._const(bound.get("running_var"))
+        if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+            self.refusals.append((node, "batch_norm without running statistics normalises by batch statistics in "
+                                        "eval mode: it is no fixed linear map"))
+            return False
+        if bound.get("training", False) is not False:
+            return False
+        weight, bias = bound.get("weight"), bound.get("bias")
+        weight = None if weight is None else self._const(weight)
+        bias = None if bias is None else self._const(bias)
+        if (bound.get("weight") is not None and not isinstance(weight, torch.Tensor)) or \
+                (bound.get("bias") is not None and not isinstance(bias, torch.Tensor)):
+            return False
+        eps = bound.get("eps", 1e-5)
+        if not isinstance(eps, (int, float)):
+            return False
+        try:
+            p = A.bn_params(A.BNParams(mean, var, float(eps), weight, bias))
+        except NotEquivalent as exc:
+            self.refusals.append((node, exc.message))
+            return False
+        return self._bn(node, src, p, None)
 
     def _avgpool(self, node: fx.Node, src: fx.Node, n: int, kernel_size: Any, stride: Any = None, padding: Any = 0,
                  ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: int | None = None) -> bool:
@@ -516,7 +768,7 @@ class _Analysis:
             return A.sequential(prev, A.avgpool(prev.out_channels, device=self.device, **spec))
 
         return self._apply(node, src, _Op("avgpool" + "x".join(map(str, ks)), pool, None, n,
-                                          numel=math.prod(ks), sequential=True))
+                                          numel=math.prod(ks), sequential=True, per_channel=True))
 
     def _pad(self, node: fx.Node, src: fx.Node, pads: Any, n: int | None = None) -> bool:
         """Zero padding in F.pad's order (last dim first, (before, after) per dim): symmetric
@@ -544,6 +796,13 @@ class _Analysis:
         names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
         bound = dict(zip(names, node.args))
         bound.update(node.kwargs)
+        for key in ("stride", "padding", "dilation", "groups"):  # computed from parameter shapes: constants
+            value = fx.node.map_arg(bound.get(key), lambda n: self.consts.get(n, n))
+            bound[key] = value
+            found: list = []
+            fx.node.map_arg(value, found.append)
+            if found or isinstance(value, torch.Tensor):
+                return False
         src, weight = bound.get("input"), self._const(bound.get("weight"))
         bias = bound.get("bias")
         bias = None if bias is None else self._const(bias)
@@ -562,43 +821,324 @@ class _Analysis:
 
             padding = bound.get("padding", 0)
             if isinstance(padding, str):
-                if padding != "valid":
+                try:
+                    padding = 0 if padding == "valid" else A.same_padding(
+                        weight.shape[2:], tup(bound.get("dilation"), 1))
+                except NotEquivalent as exc:
+                    self.refusals.append((node, f"conv: {exc.message}"))
                     return False
-                padding = 0
             k = A.Kernel(self._t(weight), self._t(bias), tup(bound.get("stride"), 1), tup(padding, 0), tup(bound.get("dilation"), 1),
                          int(bound.get("groups") or 1))
         return self._apply(node, src, _Op(_kernel_desc(k), lambda prev: A.sequential(prev, k), k.in_channels,
                                           k.ndim, alone=lambda: k, numel=k.weight.numel(), weighted=True,
-                                          sequential=True, dtype=weight.dtype))
+                                          sequential=True, dtype=weight.dtype,
+                                          params=weight.numel() + (0 if bias is None else bias.numel())))
 
 
-def _fetch(module: nn.Module, target: str) -> Any:
+def _fetch(module: nn.Module, target: str, constants: dict[str, Any] | None = None) -> Any:
+    if constants and target in constants:  # a tensor constant fx put on the module while tracing
+        return constants[target]
     obj: Any = module
     for atom in target.split("."):
         obj = getattr(obj, atom)
     return obj
 
 
+_VALUE_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu", "any", "all"}
+
+
+def _reads_values(node: fx.Node) -> bool:
+    """Whether `node` turns a tensor's values into Python values (shapes are fine: they are structural)."""
+    if node.op == "call_method":
+        return str(node.target) in _VALUE_READS
+    return node.op == "call_function" and node.target in (float, int, bool, complex)
+
+
+def _lone(val: _Val) -> bool:
+    """A region that is one BatchNorm (with an identity or dropout around it): as a 1x1 depthwise
+    conv it would have the same parameters and multiply-adds, so folding it gains nothing."""
+    return val.has_bn and not val.weighted and not val.merged and val.count == 1
+
+
 def _worth(val: _Val) -> bool:
-    """A region is folded when it removes a BatchNorm or merges a conv/linear with anything else."""
-    return isinstance(val.lin, A.Kernel) and not val.trivial and (val.has_bn or (val.weighted and val.count > 1))
+    """A region is folded when it removes something: a conv/linear merged with anything else, or
+    several operations that are not convs (BN + scale, branches summed) made one layer. A lone
+    BatchNorm stays as it is (`_lone`)."""
+    if not isinstance(val.lin, A.Kernel) or val.trivial or _lone(val):
+        return False
+    return val.weighted and val.count > 1 or (not val.weighted and (val.has_bn or val.merged) and val.count > 1)
+
+
+def _cost_problem(val: _Val) -> str | None:
+    """Why the region's fused layer would cost more than what it replaces (None: it does not)."""
+    k: A.Kernel = val.lin  # type: ignore[assignment]
+    if _cost(k) > val.cost * (1 + 1e-9):
+        return f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the branches it replaces (FLOP rule)"
+    if _params(k) > val.params:
+        return (f"-> {_kernel_desc(k)}: the fused layer has more parameters ({_params(k)}) than the layers it "
+                f"replaces ({int(val.params)})")
+    return None
+
+
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "expand",
+          "expand_as", "squeeze", "unsqueeze", "narrow", "unfold", "as_strided", "chunk", "split", "unbind",
+          "movedim", "swapaxes", "diagonal", "select", "detach", "contiguous", "type_as", "to", "float", "double",
+          "half", "bfloat16", "real", "view_as_real", "__getitem__", "getitem"}
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether `node`'s result may share memory with its first input (then a change of one changes both)."""
+    if node.op == "call_method":
+        return str(node.target) in _VIEWS
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "") in _VIEWS
+    return False
+
+
+def _in_place(module: nn.Module, node: fx.Node) -> fx.Node | None:
+    """The tensor an operation changes in place (`x.relu_()`, `x += y`, `F.relu(x, inplace=True)`,
+    `nn.ReLU(inplace=True)`, `x[...] = v`), or None."""
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if first is None:
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        return first if name.endswith("_") and not name.startswith("__") else None
+    if node.op == "call_module":
+        try:
+            m = module.get_submodule(str(node.target))
+        except AttributeError:
+            return None
+        return first if getattr(m, "inplace", False) is True else None
+    if node.op != "call_function":
+        return None
+    name = getattr(node.target, "__name__", "")
+    if node.target in (operator.setitem,) or (name.startswith("i") and getattr(operator, name, None) is node.target
+                                               and name not in ("index", "is_", "is_not", "inv", "invert")):
+        return first
+    if name.endswith("_") and not name.startswith("_"):
+        return first
+    if node.kwargs.get("inplace") is True:
+        return first
+    try:
+        import inspect
+
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "inplace" in params and params.index("inplace") < len(node.args) and node.args[params.index("inplace")] is True:
+        return first
+    return None
+
+
+def _mutations(module: nn.Module, graph: fx.Graph) -> dict[fx.Node, list[int]]:
+    """For every tensor changed in place: the positions (graph order) of the changes. A change of a
+    view changes what it views and every other view of it, so each alias is listed too."""
+    out: dict[fx.Node, list[int]] = {}
+    for i, node in enumerate(graph.nodes):
+        target = _in_place(module, node)
+        if target is None:
+            continue
+        base = target
+        while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+            base = base.args[0]
+        seen, todo = set(), [base, target, node]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            out.setdefault(n, []).append(i)
+            todo.extend(u for u in n.users if _is_view(u) or _in_place(module, u) is n)
+    return out
+
+
+def _uses(node: fx.Node) -> int:
+    """How many times `node`'s values are read (cat([y, y]) reads y twice; x.shape reads no value)."""
+    return sum(_count_in(user, node) for user in node.users if not _meta_read(user))
+
+
+_META_ATTRS = {"shape": "shape", "ndim": "rank", "dtype": "rank", "device": "rank", "is_cuda": "rank"}
+_META_METHODS = {"size": "shape", "dim": "rank", "get_device": "rank"}
+
+
+def _meta_read(node: fx.Node) -> str | None:
+    """'rank' or 'shape' if `node` reads only its tensor's metadata (x.ndim, x.dim(), x.dtype: 'rank';
+    x.shape, x.size(...): 'shape'), else None."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return _META_ATTRS.get(node.args[1])
+    if node.op == "call_method":
+        return _META_METHODS.get(str(node.target))
+    return None
+
+
+def _count_in(user: fx.Node, node: fx.Node) -> int:
+    found = []
+    fx.node.map_arg((user.args, user.kwargs), lambda n: found.append(n) if n is node else None)
+    return len(found)
+
+
+_SAME_RANK_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                      nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Linear,
+                      nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd,
+                      nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                      nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+                      nn.modules.padding._ReplicationPadNd, nn.Upsample)
+_SAME_RANK_FUNCTIONS = {F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu,
+                        F.elu, F.mish, F.dropout, torch.relu, torch.sigmoid, torch.tanh, F.batch_norm, F.layer_norm,
+                        F.linear, F.pad, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d,
+                        F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                        operator.neg, torch.neg, torch.cat}
+_BROADCAST = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+              operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
+_SAME_RANK_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "float", "double", "half", "to", "type_as",
+                      "clone", "detach", "neg", "add", "add_", "mul", "mul_", "sub", "div", "clamp", "abs"}
+
+
+def _rank(plan: "_Analysis", node: fx.Node) -> int | None:
+    """The rank (number of dims) of `node`'s tensor where the code says it for every input, else None.
+    Structural only (the same on meta skeletons): the rank given for the module's input, convs
+    (n + 2 dims: a batch), flatten(1), view/reshape with every size, and ops that keep the rank."""
+    def r(arg: Any) -> int | None:
+        if isinstance(arg, fx.Node):
+            if arg in plan.consts and isinstance(plan.consts[arg], torch.Tensor):
+                return plan.consts[arg].dim()
+            return plan.rank.get(arg)
+        return None
+
+    first = node.args[0] if node.args else None
+    if node.op == "placeholder":
+        return plan.input_rank if next(iter(plan.order)) is node else None
+    if node.op == "get_attr":
+        value = plan.consts.get(node)
+        return value.dim() if isinstance(value, torch.Tensor) else None
+    if node.op == "call_module":
+        try:
+            m = plan.module.get_submodule(str(node.target))
+        except AttributeError:
+            return None
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return r(first) or len(m.kernel_size) + 2
+        if isinstance(m, nn.Flatten):
+            if m.start_dim == 1 and m.end_dim == -1:
+                return 2
+            return None
+        if isinstance(m, _SAME_RANK_MODULES) or type(m).__module__ == "torch.nn.modules.activation" \
+                or bn_kind(m) == "frozen":
+            return r(first)
+        return None
+    if node.op == "call_function":
+        if node.target in _CONV_FN:
+            return r(first) or _CONV_FN[node.target] + 2
+        if node.target is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return 2 if start == 1 and end == -1 else (1 if start == 0 and end == -1 else None)
+        if node.target is torch.cat:
+            tensors = first if isinstance(first, (list, tuple)) else node.kwargs.get("tensors", ())
+            return r(tensors[0]) if tensors else None
+        if node.target in _BROADCAST:
+            ranks = [r(a) if isinstance(a, fx.Node) else 0 for a in node.args[:2]]
+            return None if any(x is None for x in ranks) else max(ranks)
+        if node.target in _SAME_RANK_FUNCTIONS:
+            return r(first)
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        if name in ("view", "reshape"):
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+                sizes = sizes[0]
+            return len(sizes) if sizes else None
+        if name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return 2 if start == 1 and end == -1 else (1 if start == 0 and end == -1 else None)
+        if name in _SAME_RANK_METHODS:
+            if name in ("add", "add_", "mul", "mul_", "sub", "div") and len(node.args) > 1:
+                ranks = [r(a) if isinstance(a, fx.Node) else 0 for a in node.args[:2]]
+                return None if any(x is None for x in ranks) else max(ranks)
+            return r(first)
+    return None
 
 
 # --------------------------------------------------------------------------- the pass
 
+class WrongFold(ReparamError):
+    """A fold the pass made does not compute what the layers it replaces compute (a bug: never written)."""
+
+
 class _Pass:
-    def __init__(self, opaque: set[int]):
+    def __init__(self, opaque: set[int], check: bool = True):
         self.opaque = opaque
+        self.check = check              # the float64 check of every fused region
         self.regions: list[FusedRegion] = []
         self.remaining: list[Remaining] = []
         self.untraceable: list[str] = []
         self.bn_reasons: dict[str, str] = {}
+        self.kept: dict[str, str] = {}  # BatchNorm path -> why it stays (nothing to gain)
+        self.ranks: dict[int, int] = {}  # module -> the rank of its input, as its parent's code says
         self.failed: set[int] = set()   # modules that cannot be traced (opaque to their parents)
         self.done: set[int] = set()     # modules already processed
+        self.path_of: dict[int, str] = {}
 
     def process(self, m: nn.Module, path: str, verify_path: str) -> nn.Module:
-        if id(m) in self.opaque or id(m) in self.done or id(m) in self.failed or _is_builtin_leaf(m):
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and id(m) not in self.opaque:
+            self._descend(m, path, verify_path)  # containers without a forward: their modules are called
             return m
+        if id(m) in self.opaque or id(m) in self.done or id(m) in self.failed or _is_builtin_leaf(m) \
+                or bn_kind(m) == "frozen":
+            return m
+        try:
+            return self._process(m, path, verify_path)
+        except WrongFold:
+            raise
+        except Exception as exc:  # no module makes the pass fail: it is left as it is, with the reason
+            self.remaining.append(Remaining(path, "unfoldable", f"the graph pass stopped here: {describe(exc)}"))
+            self.failed.add(id(m))
+            self._descend(m, path, verify_path)
+            return m
+
+    def _analyse(self, m: nn.Module, graph: fx.Graph, shapes_only: bool) -> _Analysis:
+        """The analysis of `graph`; where a region through a merge (add / cat) would cost more than
+        what it replaces, that merge is not made and the analysis repeated, so each branch folds on
+        its own (the latest merges first, so the largest folds that do not cost more are kept)."""
+        split: dict[fx.Node, str] = {}
+        rank = self.ranks.get(id(m))
+        for _ in range(16):
+            plan = _Analysis(m, graph, shapes_only=shapes_only, opaque=self.opaque, input_rank=rank, split=split)
+            new: dict[fx.Node, str] = {}
+            for v in plan.outputs:
+                val = plan.vals[v]
+                problem = _cost_problem(val) if plan.worth(v) else None
+                if v in plan.unsafe:
+                    problem = f"the branches read {val.root.name} before and after an in-place change of it"
+                if problem:
+                    merges = [n for n in val.nodes if n in plan.merges and n not in split]
+                    if merges:
+                        new[max(merges, key=plan.order.__getitem__)] = problem.removeprefix("-> ")
+            if not new:
+                break
+            split.update(new)
+        for node in graph.nodes:  # what this module's code says about its children's input
+            if node.op == "call_module" and "." not in str(node.target) and node.args \
+                    and isinstance(node.args[0], fx.Node) and plan.rank.get(node.args[0]) is not None:
+                child = getattr(m, str(node.target), None)
+                if isinstance(child, nn.Module):
+                    self.ranks[id(child)] = plan.rank[node.args[0]]
+        for v in plan.outputs:
+            if v not in plan.unsafe and _lone(plan.vals[v]):
+                for n in plan.vals[v].nodes:
+                    if (bn := _bn_path(m, n)) is not None:
+                        self.kept[_join(self.path_of[id(m)], bn)] = (
+                            "a lone BatchNorm: as a 1x1 depthwise conv it would have the same parameters and "
+                            "multiply-adds, so it stays (nothing to gain)")
+        return plan
+
+    def _process(self, m: nn.Module, path: str, verify_path: str) -> nn.Module:
+        self.path_of[id(m)] = path
         leaves = self.opaque
         try:
             graph = _trace(m, leaves)
@@ -621,12 +1161,12 @@ class _Pass:
         # Verification runs a block on the one input it captured: a module with several inputs
         # reports its regions at the nearest ancestor that has a single one.
         here = path if single or not path else verify_path
-        plan = _Analysis(m, graph, shapes_only=True, opaque=self.opaque)
-        own = [v for v in plan.outputs if _worth(plan.vals[v]) and not _owner(plan.vals[v].nodes)]
+        plan = self._analyse(m, graph, shapes_only=True)
+        own = [v for v in plan.outputs if plan.worth(v) and not _owner(plan.vals[v].nodes)]
         if not own:
             for node, reason in plan.refusals:  # those across this module's children (the rest: below)
                 if not _owner(plan.involved.get(node, [node])):
-                    self._refuse(path, node, reason)
+                    self._refuse(path, node, reason, node in plan.cost_refused)
             self._descend(m, path, here)
             self.done.add(id(m))
             return m
@@ -636,7 +1176,7 @@ class _Pass:
                 m._modules[name] = self.process(child, _join(path, name), here)
         leaves = leaves | {id(c) for name, c in m._modules.items() if c is not None and name not in entangled}
         graph = _trace(m, leaves)
-        result = self._rewrite(m, graph, _Analysis(m, graph, opaque=self.opaque), path, here)
+        result = self._rewrite(m, graph, self._analyse(m, graph, shapes_only=False), path, here)
         self.done.add(id(result))
         return result
 
@@ -645,53 +1185,60 @@ class _Pass:
             if child is not None:
                 m._modules[name] = self.process(child, _join(path, name), verify_path)
 
-    def _refuse(self, path: str, node: fx.Node, reason: str) -> None:
+    def _refuse(self, path: str, node: fx.Node, reason: str, cost: bool = False) -> None:
         where = _join(path, ".".join(_scope(node)[-1:]) or "")
         if node.op == "call_module":
             where = _join(path, str(node.target))
-        self.remaining.append(Remaining(where, "unfoldable", reason))
+        self.remaining.append(Remaining(where, "kept" if cost else "unfoldable", reason))
 
     def _rewrite(self, m: nn.Module, graph: fx.Graph, plan: _Analysis, path: str, verify_path: str) -> nn.Module:
         for node, reason in plan.refusals:
-            self._refuse(path, node, reason)
+            self._refuse(path, node, reason, node in plan.cost_refused)
         calls = {}
         for n in graph.nodes:
             if n.op == "call_module":
                 calls[n.target] = calls.get(n.target, 0) + 1
         fused: dict[str, nn.Module] = {}
         absorbed: set[fx.Node] = set()
+        read = {n for n in graph.nodes if n.users}  # parameters read before: those read no more leave the model
         replaced: dict[fx.Node, fx.Node] = {}
         regions: list[FusedRegion] = []
         for v in plan.outputs:
             val = plan.vals[v]
-            if not _worth(val):
+            if not plan.worth(v):
                 continue
             k: A.Kernel = val.lin  # type: ignore[assignment]
             before = ", ".join(_branch_text(val.branches))
             try:
-                if _cost(k) > val.cost * (1 + 1e-9):
-                    raise NotEquivalent(f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the "
-                                        "branches it replaces (FLOP rule)")
-                layer = A.to_module(k, dtype=val.dtype or torch.float32)
+                problem = _cost_problem(val)
+                if problem:
+                    raise _CostRule(problem)
+                layer = A.to_module(k, dtype=val.dtype or plan.dtype)
             except NotEquivalent as exc:
                 reason = f"{before} {exc.message}" if exc.message.startswith("->") else f"{before}: {exc.message}"
-                self._refuse(path, v, reason)
+                self._refuse(path, v, reason, isinstance(exc, _CostRule))
                 for n in val.nodes:  # the BatchNorms this region would have folded stay, for this reason
-                    if n.op == "call_module" and isinstance(m.get_submodule(str(n.target)),
-                                                            nn.modules.batchnorm._BatchNorm):
-                        self.bn_reasons[_join(path, str(n.target))] = reason
+                    if (bn := _bn_path(m, n)) is not None:
+                        self.bn_reasons[_join(path, bn)] = reason
                 continue
+            if self.check and not k.weight.is_meta:
+                _check_region(m, plan, v, val, k, _join(path, before), replaced.get(val.root))
             name = self._name(m, val, calls, fused)
             fused[name] = layer
-            with graph.inserting_before(v):
-                # The input may itself be a region output replaced above: read the fused one.
+            with graph.inserting_before(min(val.nodes, key=plan.order.__getitem__)):
+                # Where the region first read its input (an in-place change may follow), and the
+                # input may itself be a region output replaced above: read the fused one.
                 new = graph.call_module(name, (replaced.get(val.root, val.root),))
             v.replace_all_uses_with(new)
+            for n in val.nodes:  # shape checks of absorbed layers read the fused output (same rank/shape)
+                for u in list(n.users):
+                    if _meta_read(u):
+                        u.replace_input_with(n, new)
             replaced[v] = new
             absorbed.update(val.nodes)
             regions.append(FusedRegion(verify_path, _join(path, name), before, _kernel_desc(k)))
         for node in reversed(list(graph.nodes)):  # drop the absorbed nodes (and weight transforms) nobody reads
-            if not node.users and (node in absorbed or (node in plan.consts and node.op != "get_attr")):
+            if not node.users and (node in absorbed or (node in plan.consts and node in read)):
                 graph.erase_node(node)
         stale = [n for n in graph.nodes if n.op == "call_module" and n.target in fused and n not in replaced.values()]
         if stale:  # a reused layer name still called by an unfused node would run the fused layer there
@@ -712,6 +1259,77 @@ class _Pass:
         while name in taken or name in calls:
             name, i = f"{base}_{i}", i + 1
         return name
+
+
+def _bn_path(m: nn.Module, node: fx.Node) -> str | None:
+    """The BatchNorm module (path relative to `m`) that `node` runs, if it runs one: a call of a
+    BatchNorm module, or the F.batch_norm inside a BatchNorm subclass's own forward."""
+    if node.op == "call_module":
+        try:
+            return str(node.target) if bn_kind(m.get_submodule(str(node.target))) else None
+        except AttributeError:
+            return None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        scope = _scope(node)
+        return scope[-1] if scope else None
+    return None
+
+
+def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Kernel, where: str,
+                  fused_root: fx.Node | None = None) -> None:
+    """The independent check of one fold, run with or without verification: the region's own
+    operations (copied out of the traced graph) and the fused layer, both in float64, on one small
+    random input of the region's rank; a relative difference above 1e-7 is a WrongFold (the
+    float64 rounding floor is ~1e-15, a wrong axis, alias or kernel gives O(1))."""
+    import copy
+
+    sub = fx.Graph()
+    env: dict[fx.Node, Any] = {val.root: sub.placeholder("x")}
+    if fused_root is not None:  # the input is a region output fused just before: its readers read that
+        env[fused_root] = env[val.root]
+    root: dict[str, Any] = {}
+
+    def copy_node(n: fx.Node) -> Any:
+        if n not in env:
+            if n in plan.consts:  # a parameter or weight transform: the value the analysis used
+                value = plan.consts[n]
+                if isinstance(value, torch.Tensor):
+                    root[f"_c{len(root)}"] = value.detach().clone()
+                    env[n] = sub.get_attr(f"_c{len(root) - 1}")
+                else:
+                    env[n] = value
+            else:
+                for inp in n.all_input_nodes:
+                    copy_node(inp)
+                env[n] = sub.node_copy(n, lambda a: env[a])
+                if n.op == "call_module":
+                    root[str(n.target)] = m.get_submodule(str(n.target))
+        return env[n]
+
+    try:
+        sub.output(copy_node(v))
+        original = copy.deepcopy(fx.GraphModule(root, sub)).double().eval()
+    except Exception as exc:
+        raise WrongFold(f"graph pass: the fold of {where} could not be checked ({describe(exc)})",
+                        hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
+    g = torch.Generator().manual_seed(0)
+    if k.ndim == 0:
+        rank = plan.rank.get(val.root) or 2
+        shape = (2, *([3] * (rank - 2)), k.in_channels)
+    else:
+        extent = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
+        shape = (1, k.in_channels, *[max(8, 2 * e + max(k.stride)) for e in extent])
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(k.weight.device)
+    with torch.no_grad():
+        ref = original(x)
+        out = A.to_module(k, dtype=torch.float64)(x)
+    scale = ref.abs().max().clamp_min(1e-30)
+    err = float("inf") if out.shape != ref.shape else float(((out - ref).abs().max() / scale))
+    if not err <= 1e-7:
+        raise WrongFold(f"graph pass: the fold of {where} -> {_kernel_desc(k)} does not compute what its layers "
+                        f"compute (float64 check on input {tuple(shape)}: "
+                        f"{'shapes ' + str(tuple(out.shape)) + ' vs ' + str(tuple(ref.shape)) if out.shape != ref.shape else f'relative error {err:.2g}'})",
+                        hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it")
 
 
 def _owner(nodes: list[fx.Node]) -> list[str]:
@@ -739,7 +1357,7 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
             if target in fused:
                 root[target] = fused[target]
             else:
-                root[target] = _fetch(m, target)
+                root[target] = _fetch(m, target, getattr(graph, "constants", None))
                 if node.op == "get_attr" and isinstance(root[target], torch.Tensor) \
                         and not isinstance(root[target], nn.Parameter):
                     buffers[target] = root[target]
@@ -756,33 +1374,43 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
     return gm
 
 
-def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = ()) -> tuple[nn.Module, list[FusedRegion],
-                                                                             list[Remaining], dict[str, str]]:
+def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool = True) \
+        -> tuple[nn.Module, list[FusedRegion], list[Remaining], dict[str, str]]:
     """Fold every exactly-foldable linear region of `model` (see the module doc).
 
     `model` is modified (its children replaced): pass a copy (the engine passes its fresh deploy
     tree). `opaque` modules (recipe / native products) are never traced into or changed.
     Returns (model or the GraphModule replacing it, the fused regions, what was left: refusals
     and untraceable modules, {BatchNorm path: why its region was not folded}; `leftovers` adds
-    the BatchNorms and native methods still present).
+    the BatchNorms and native methods still present). The BatchNorm reasons include, with kind
+    'kept', the lone BatchNorms that stay because folding them gains nothing (`leftovers` reports
+    those as kind 'kept', not as something left).
+
+    `check` (default): every fold is checked on its own in float64 (`_check_region`, a few ms per
+    region, also when the caller does not verify); a wrong fold raises WrongFold.
     """
-    work = _Pass({id(m) for m in opaque})
+    work = _Pass({id(m) for m in opaque}, check=check)
     was_training = model.training
     # Traced in eval mode, what a deploy model runs (and the same on a meta skeleton in any mode).
     model.eval()
     with torch.no_grad():
         result = work.process(model, "", "")
     result.train(was_training)
-    return result, work.regions, work.remaining, work.bn_reasons
+    reasons = dict(work.bn_reasons)
+    for bn, why in work.kept.items():
+        reasons.setdefault(bn, KEPT + why)
+    return result, work.regions, work.remaining, reasons
+
+
+KEPT = "kept: "  # a BatchNorm reason that marks it as kept on purpose (no gain), not left
 
 
 def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Iterable[Remaining] = (),
               graph: bool = True, bn_reasons: dict[str, str] | None = None) -> list[Remaining]:
     """What a deploy model still has that a conversion could fold: BatchNorm layers (with the reason
     found in `remaining`, else why not) and modules with a native deploy method that was not called.
-    Modules inside `opaque` products (already converted) are not looked into."""
-    from reparam_cli.convert.native import native_method
-
+    Modules inside `opaque` products (already converted) are not looked into. A BatchNorm kept on
+    purpose (a lone one: folding it gains nothing) has kind 'kept': information, not something left."""
     skip = {id(m) for m in opaque}
     remaining = list(remaining)
     untraceable = [r.path for r in remaining if r.kind == "untraceable"]
@@ -793,8 +1421,12 @@ def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Ite
     def walk(m: nn.Module, path: str) -> None:
         if id(m) in skip:
             return
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            found.append(Remaining(path, "batchnorm", _bn_reason(path, reasons, untraceable, graph)))
+        if bn_kind(m) is not None:
+            why = _bn_reason(path, reasons, untraceable, graph)
+            if why.startswith(KEPT):
+                found.append(Remaining(path, "kept", why.removeprefix(KEPT)))
+            else:
+                found.append(Remaining(path, "batchnorm", why))
             return
         method = native_method(m)
         if method is not None and path:

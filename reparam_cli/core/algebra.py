@@ -157,9 +157,14 @@ def from_module(layer: nn.Module, dtype: torch.dtype | None = None) -> Kernel:
 def _string_padding(conv: nn.modules.conv._ConvNd) -> Ints:
     if conv.padding == "valid":
         return (0,) * len(conv.kernel_size)
-    # padding="same": torch pads (total // 2) before and the rest after; only symmetric fits a Kernel.
+    return same_padding(conv.kernel_size, conv.dilation)
+
+
+def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> Ints:
+    """padding='same' (stride 1) as per-dim symmetric padding: d * (k - 1) / 2. torch pads
+    (total // 2) before and the rest after, so an odd total (even effective kernel) has no Kernel."""
     pads = []
-    for k, d in zip(conv.kernel_size, conv.dilation):
+    for k, d in zip(kernel_size, dilation):
         total = d * (k - 1)
         if total % 2:
             raise NotEquivalent("padding='same' with an even effective kernel pads asymmetrically; not supported")

@@ -117,7 +117,8 @@ def convert_checkpoint(
     `graph` (default) also folds every linear region outside known blocks (`reparam_cli.graph`);
     the report lists them (`regions`) and what is left (`remaining`, `completeness`). `strict`
     makes anything left an error (Incomplete, exit 1, nothing written). A model in which nothing
-    was converted or folded raises ReparamError naming what was looked at and why nothing folded.
+    was converted or folded is written as it is (verified as usual) with the note "nothing to fold:
+    N modules looked at"; with the graph pass off (`graph=False`) that raises ReparamError.
     `equalize` applies cross-layer equalization (`reparam_cli.quantize.equalize`) to the deploy
     model before it is verified (report key `equalization`; recorded in the deploy file, whose
     blocks are then compared end to end only).
@@ -150,11 +151,13 @@ def convert_checkpoint(
     deploy.eval()
     if out_dtype is not None and out_dtype != ckpt.dtype:
         deploy = deploy.to(out_dtype)
-    if not conv_report.changed:
-        looked = "no linear region the graph pass can fold" if o.graph else "the graph pass is off"
+    if not conv_report.changed and not o.graph:
         raise ReparamError(f"the model built from spec {spec.name!r} has nothing to convert: no block with a recipe "
-                           f"or a native method, and {looked} ({conv_report.summary()})",
-                           hint="see `reparam inspect --spec` for what is left" if o.graph else "drop --no-graph")
+                           f"or a native method, and the graph pass is off ({conv_report.summary()})",
+                           hint="drop --no-graph")
+    if not conv_report.changed:  # nothing foldable is no error: the same function is written, verified as usual
+        conv_report.notes.append(f"nothing to fold: {sum(1 for _ in train.modules())} modules looked at "
+                                 f"({conv_report.summary()})")
     equalization = None
     if o.equalize:
         deploy, equalization = _equalize(deploy, spec, opts)

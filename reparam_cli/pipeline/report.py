@@ -65,6 +65,7 @@ def completeness_dict(conv_report: ConversionReport) -> dict:
         "regions": [{"path": r.path, "layer": r.layer, "before": r.before, "after": r.after}
                     for r in conv_report.regions],
         "remaining": [{"path": r.path, "kind": r.kind, "reason": r.reason} for r in conv_report.remaining],
+        "kept": [{"path": r.path, "reason": r.reason} for r in conv_report.kept],
         "completeness": conv_report.summary(),
     }
 
