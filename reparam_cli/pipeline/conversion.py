@@ -32,7 +32,7 @@ from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, fuse
 from reparam_cli.pipeline.options import ConvertOptions, Progress, VerifyOptions, no_progress
 from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _native_blocks, _verification_dict,
                                          completeness_dict, finite_figures)
-from reparam_cli.pipeline.specs import SPECS_DIR, as_spec, builtin_names, load_spec
+from reparam_cli.pipeline.specs import as_spec, builtin_data, builtin_names, load_spec
 from reparam_cli.pipeline.training import read_training_model
 from reparam_cli.quantize.equalize import equalize
 from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_models,
@@ -356,15 +356,13 @@ def list_specs(params: bool = True) -> list[dict]:
     The family is the YAML's `family`, or else the families of the blocks a conversion finds. A spec
     that fails to build is listed with an `error` instead of stopping the listing.
     """
-    import yaml
-
 
     rows = []
     for name in builtin_names():
         row: dict = {"name": name}
         try:
             spec = load_spec(name)
-            raw = yaml.safe_load((SPECS_DIR / f"{name}.yaml").read_text()) or {}
+            raw = builtin_data(name)
             row.update(family=raw.get("family"), description=spec.description,
                        input_shape=list(spec.input_shape), builder=spec.builder)
             if params or not row["family"]:

@@ -51,6 +51,13 @@ _KNOWN_KEYS = {"name", "description", "builder", "args", "input_shape", "checkpo
                "inputs"}
 
 
+def builtin_data(name: str) -> dict:
+    """A built-in spec's YAML as data (for keys a ModelSpec does not carry, such as `family`)."""
+    import yaml
+
+    return yaml.safe_load((SPECS_DIR / f"{name}.yaml").read_text()) or {}
+
+
 def builtin_names() -> list[str]:
     """Names of the built-in specs (YAML files in model_specs/), sorted."""
     return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
