@@ -40,12 +40,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from plot_demo import cpu_name  # noqa: E402  (scripts/plot_demo.py)
 from reparam_cli.convert.engine import reparameterize  # noqa: E402
-from reparam_cli.pipeline.training import load_training_model
 from reparam_cli.core.tensors import randomize_batchnorm  # noqa: E402
-from reparam_cli.quantize.analysis import (activation_ranges, analyse, end_to_end_sqnr, quantizable_layers, reference, sqnr_db, top1_agreement, weight_stats)
 from reparam_cli.pipeline.quantization import equalize_verified  # noqa: E402
 from reparam_cli.pipeline.specs import load_spec  # noqa: E402
+from reparam_cli.pipeline.training import load_training_model  # noqa: E402
+from reparam_cli.quantize.analysis import (activation_ranges, analyse, end_to_end_sqnr,  # noqa: E402
+                                           quantizable_layers, reference, sqnr_db, top1_agreement, weight_stats)
 
 EXAMPLES = ROOT / "examples"
 
@@ -141,16 +143,6 @@ def random_case(name: str, spec_ref: str, shape: tuple, n: int) -> dict:
             "sqnr": figures, "layers": layers, "seconds": time.perf_counter() - t0}
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
-
-
 def _ort_version() -> str:
     import onnxruntime
 
@@ -173,7 +165,7 @@ def markdown(d: dict, cases: list[dict], seconds: float) -> str:
            "layer's input quantized per tensor (8-bit affine, min/max calibrated). The ONNX rows are real int8 "
            "models from ONNX Runtime's `quantize_static` (QDQ, per-channel int8 weights, int8 activations, "
            "min/max calibration) run in onnxruntime.", "",
-           f"Machine: {_cpu()}, {os.cpu_count()} cores; Python {platform.python_version()}, torch "
+           f"Machine: {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, torch "
            f"{torch.__version__}, onnxruntime {_ort_version()}, one torch thread; the whole script ran in "
            f"{seconds:.0f} s.", "",
            "## DigitsNet (trained demo, 8x8 digits)", "",
