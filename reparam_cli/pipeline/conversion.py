@@ -195,8 +195,10 @@ def convert_checkpoint(
         report["ok"] = False
         raise Incomplete(f"--strict: {conv_report.summary()}; nothing was written", finite_figures(report))
 
-    # The training model is not needed again: its blocks' tensors go before the file is loaded back.
+    # The training model is not needed again: its blocks' tensors go before the file is loaded back
+    # (the checkpoint's state dict holds them too).
     del train
+    ckpt.state = {}
     progress(f"writing {fmt}")
     metadata = {"version": __version__, "spec": spec.to_json(), "source": source_name or checkpoint.name,
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}

@@ -34,7 +34,7 @@ import copy
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -151,8 +151,58 @@ def _state_in(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     }
 
 
-def _float64_state(model: nn.Module) -> dict[str, Tensor]:
-    return _state_in(model, torch.float64)
+def _owns_floating(m: nn.Module) -> bool:
+    return any(t is not None and t.is_floating_point() for t in (*m._parameters.values(), *m._buffers.values()))
+
+
+@contextlib.contextmanager
+def cast_per_module(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """While inside, each module's own floating parameters and buffers are cast to `dtype` just before
+    its forward runs and put back right after: the model computes in `dtype` (upcasts are exact)
+    while at most the running modules' cast copies exist, not a copy of the whole model. A tensor
+    read outside its own module's forward keeps its dtype (promotion then computes in the wider
+    dtype, still exactly; a conv or matmul mixing dtypes raises, and the caller casts the whole
+    model instead). Everything is put back on exit, also after an exception."""
+    open_: dict[int, list[list[tuple[dict, str, Tensor]]]] = {}
+
+    def cast(m: nn.Module, args) -> None:
+        saved = []
+        for store in (m._parameters, m._buffers):
+            for name, t in list(store.items()):
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    saved.append((store, name, t))
+                    store[name] = t.detach().to(dtype)
+        open_.setdefault(id(m), []).append(saved)
+
+    def put_back(m: nn.Module, args, out) -> None:
+        for store, name, t in open_[id(m)].pop():
+            store[name] = t
+
+    handles = []
+    for m in model.modules():
+        if _owns_floating(m):
+            handles += [m.register_forward_pre_hook(cast), m.register_forward_hook(put_back)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for stack in open_.values():  # modules whose forward raised
+            for saved in reversed(stack):
+                for store, name, t in saved:
+                    store[name] = t
+
+
+def _run_in(model: nn.Module, dtype: torch.dtype, call: Call, stage: str, snapshot: AttributeSnapshot):
+    """`model` run in `dtype` (its floating tensors upcast, exactly): module by module where the
+    model allows it (bounded memory), else on a cast copy of its whole state."""
+    try:
+        with _stage(stage, snapshot), cast_per_module(model, dtype):
+            return _call(model, None, call)
+    except PassFailed:
+        pass  # a tensor used outside its module's forward (or a real failure, raised again below)
+    with _stage(stage, snapshot):
+        return _call(model, _state_in(model, dtype), call)
 
 
 def _is_module_of_tensors(model: nn.Module) -> bool:
@@ -464,13 +514,13 @@ def verify(
     train_model.eval()
     deploy_model.eval()
     snapshot = AttributeSnapshot(train_model, deploy_model)
-    state64 = _float64_state(train_model)
     gen = torch.Generator().manual_seed(seed)
     worst_abs = worst_rel = 0.0
     worst_cos = 1.0
     train_rel = 0.0
     ok = True
     block_errors: dict[str, BlockError] = {}
+    block_results: dict[str, tuple[Comparison, BlockError]] = {}  # filled by the capture hooks
     flops: tuple[int | None, int | None] = (None, None)
     worst_output = "output"
     nonfinite: str | None = None
@@ -479,17 +529,36 @@ def verify(
         with torch.no_grad():
             for i in range(samples):
                 call64 = make_call(make_inputs, input_shape, gen)
-                captured: dict[str, tuple[Call, Any]] = {}
+                block_failures: dict[str, BaseException] = {}
+                running: set[str] = set()
                 hooks = []
-                if i == 0:  # per-block figures from the first sample keep memory bounded
-                    for path, _ in blocks:
-                        def hook(_m, args, kwargs, out, path=path):
-                            # Copies: later in-place ops (timm's `x += shortcut`) would change them.
-                            captured[path] = ((_clone_leaves(args), _clone_leaves(kwargs)), _clone_leaves(out))
+                if i == 0:  # per-block figures from the first sample
+                    for path, block_type in blocks:
+                        def hook(_m, args, kwargs, out, path=path, block_type=block_type):
+                            # Compared as the block's float64 output appears, then dropped: memory stays
+                            # one block's activations, not every block's. (Its inputs are copied for the
+                            # deploy block, which may change them in place.)
+                            if path in running:  # the deploy block shares this module: its own call
+                                return
+                            deploy_block = deploy_model.get_submodule(path)
+                            block_snapshot = AttributeSnapshot(deploy_block)
+                            running.add(path)
+                            try:
+                                block_call = (_clone_leaves(args), _clone_leaves(kwargs))
+                                block_out = _call(deploy_block, _substate(deploy_state, path),
+                                                  cast_floating(block_call, deploy_run))
+                            except Exception as exc:  # raised below as this block's failure, not the pass's
+                                block_failures[path] = exc
+                                return
+                            finally:
+                                running.discard(path)
+                                block_snapshot.restore()
+                            bc = compare_outputs(block_out, out, rtol, atol, f"deploy block {path}")
+                            block_results[path] = (bc, BlockError(path, block_type, bc.max_rel_err, bc.ok))
                         hooks.append(train_model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
                 try:
-                    with _stage("the training model's float64 reference pass", snapshot):
-                        ref = functional_call(train_model, state64, *call64)
+                    ref = _run_in(train_model, torch.float64, call64, "the training model's float64 reference pass",
+                                  snapshot)
                 finally:
                     for h in hooks:
                         h.remove()
@@ -518,17 +587,12 @@ def verify(
                     worst_output = c.worst_path
                 worst_abs, worst_rel = _worse(c.max_abs_err, worst_abs), _worse(c.max_rel_err, worst_rel)
                 worst_cos = c.cosine if math.isnan(c.cosine) or math.isnan(worst_cos) else min(worst_cos, c.cosine)
-                for path, block_type in blocks:
-                    if path not in captured:
-                        continue
-                    block_call, block_ref = captured[path]
-                    with _stage(f"deploy block {path}", snapshot):
-                        block_out = _call(deploy_model.get_submodule(path), _substate(deploy_state, path),
-                                          cast_floating(block_call, deploy_run))
-                    bc = compare_outputs(block_out, block_ref, rtol, atol, f"deploy block {path}")
+                for path, exc in block_failures.items():
+                    raise PassFailed(f"deploy block {path}", exc) from exc
+                for path, (bc, error) in block_results.items():
                     ok &= bc.ok
                     nonfinite = nonfinite or bc.nonfinite
-                    block_errors[path] = BlockError(path, block_type, bc.max_rel_err, bc.ok)
+                    block_errors[path] = error
     finally:
         snapshot.restore()
         train_model.train(was_training)
