@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from reparam_cli._version import __version__
 from reparam_cli.commands import batch, convert, init, inspect, quantize, specs, verify
 from reparam_cli.commands.common import EXIT_BAD_INPUT, EXIT_OK
+from reparam_cli.core.machine import share_the_machine
 from reparam_cli.core.messages import one_line
 from reparam_cli.io.signals import Interrupted, interrupts_as_exceptions
 
@@ -129,6 +130,7 @@ def main() -> None:
     # Fusion allocates large float64 buffers; backing them with transparent huge pages cuts the
     # page-fault cost of each allocation 2-3x (read by torch's CPU allocator, so set before import).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    share_the_machine()
     _hold_stdout()
     try:
         # SIGTERM (job schedulers) and SIGHUP (a closed terminal) stop a command as Ctrl-C does:

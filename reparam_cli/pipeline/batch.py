@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from reparam_cli.core.machine import cpu_count
 from reparam_cli.core.messages import describe
 from reparam_cli.core.spec import ModelSpec
 from reparam_cli.errors import OutputError, ReparamError, VerificationFailed
@@ -302,14 +303,6 @@ def convert_one(task: Task, spec: ModelSpec, options: ConvertOptions) -> Entry:
         entry["seconds"] = round(time.perf_counter() - start, 3)
         entry["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return entry
-
-
-def cpu_count() -> int:
-    """CPU cores this process may use (the affinity mask under Slurm/cgroups, not the whole machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 _PR_SET_PDEATHSIG = 1

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from reparam_cli.core.machine import cpu_count
 from reparam_cli.core.messages import quiet_logger
 from reparam_cli.errors import OutputError, ReparamError
 from reparam_cli.extras import install_hint
@@ -65,7 +66,7 @@ def _session(path: Path, optimize: bool = True):
     options = ort.SessionOptions()
     if not optimize:  # QDQ pairs run as float ops: the quantized model's semantics, not this CPU's kernels
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
+    options.intra_op_num_threads = min(4, cpu_count())
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
