@@ -15,6 +15,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def release_tensors(model: nn.Module) -> None:
+    """Drop every parameter and buffer of `model` (the modules stay), so their memory can go: for a
+    model whose tensors are no longer needed (written to a file). The model is unusable afterwards."""
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for name in store:
+                store[name] = None
+
+
 def has_submodule(model: nn.Module, path: str) -> bool:
     """Whether `model.get_submodule(path)` finds a module."""
     try:

@@ -85,18 +85,25 @@ def _serialize_safetensors(f, state: dict[str, Tensor], metadata: dict[str, str]
 
 def write_safetensors(path: str | Path, model: nn.Module, metadata: dict[str, object],
                       check: Check | None = None, *, overwrite: bool = False) -> None:
-    """Write the model's state dict and reparam's metadata (spec, version, checksums, figures)."""
-    write_state_safetensors(path, model.state_dict(), metadata, check, overwrite=overwrite)
+    """Write the model's state dict and reparam's metadata (spec, version, checksums, figures).
+
+    No reference to the model's tensors is held here while `check` runs: a caller that drops the
+    model's tensors in its check (once written) lets their memory go before the file is read back."""
+    _write(path, model.state_dict, metadata, check, overwrite)
 
 
 def write_state_safetensors(path: str | Path, state: dict[str, Tensor], metadata: dict[str, object] | None = None,
                             check: Check | None = None, *, overwrite: bool = False) -> None:
     """Write a state dict (and reparam metadata, if any) as safetensors, atomically and reproducibly."""
-    state = _contiguous_unshared(state)
+    _write(path, lambda: state, metadata, check, overwrite)
+
+
+def _write(path: str | Path, tensors: Callable[[], dict[str, Tensor]], metadata: dict[str, object] | None,
+           check: Check | None, overwrite: bool) -> None:
     meta = safetensors_bytes_metadata({"format": "pt", **(metadata or {})})
     with atomic_output(path, overwrite) as tmp:
         with open(tmp, "wb") as f:
-            _serialize_safetensors(f, state, meta)
+            _serialize_safetensors(f, _contiguous_unshared(tensors()), meta)
         if check is not None:
             check(tmp)
 

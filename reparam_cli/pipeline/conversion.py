@@ -19,7 +19,7 @@ from torch import nn
 from reparam_cli._version import __version__
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
-from reparam_cli.core.tensors import count_parameters, randomize_batchnorm
+from reparam_cli.core.tensors import count_parameters, randomize_batchnorm, release_tensors
 from reparam_cli.errors import Incomplete, OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
 from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
@@ -35,8 +35,8 @@ from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _n
 from reparam_cli.pipeline.specs import as_spec, builtin_data, builtin_names, load_spec
 from reparam_cli.pipeline.training import read_training_model
 from reparam_cli.quantize.equalize import equalize
-from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_models,
-                                                  make_call, model_dtype, verify)
+from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_outputs,
+                                                  make_call, model_dtype, run_model, verify)
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -232,7 +232,8 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
     """Write `deploy` in `fmt` atomically. When verification ran, the written file is first loaded back
     the way a user loads it (`load_deploy` for safetensors, its runtime for TorchScript, pt2 and ONNX)
     and compared with the deploy model on the verification input: its figures go into `report`
-    (`export_*`), and a mismatch raises VerificationFailed with nothing written."""
+    (`export_*`), and a mismatch raises VerificationFailed with nothing written. A safetensors
+    write consumes `deploy`: its tensors are released once in the file (the caller uses it no more)."""
     dtype = model_dtype(deploy)
     try:
         call64 = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
@@ -244,18 +245,24 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
         finite_figures(report)
         if not figures["ok"]:
             report["ok"] = False
-            overflow = _low_precision_notes(result, deploy, deploy)
-            where += f" ({overflow[0]})" if overflow and fmt != "safetensors" else ""
+            overflow = _low_precision_notes(result, deploy, deploy) if fmt != "safetensors" else []
+            where += f" ({overflow[0]})" if overflow else ""
             raise VerificationFailed(f"the {fmt} file does not match the deploy model {where}; nothing was written",
                                      report)
 
     if fmt == "safetensors":
+        # The deploy model's output is taken before writing; once written, its tensors are released
+        # (they are in the file), so loading the file back does not need a second copy in memory.
+        expected = run_model(deploy, call64, "the verified deploy model") if result is not None else None
+
         def check_safetensors(tmp: Path) -> None:
             from reparam_cli.pipeline.deploy import load_deploy
 
+            release_tensors(deploy)
             loaded = load_deploy(tmp, spec)
             try:
-                c = compare_models(loaded, deploy, call64, result.rtol, result.atol, "the deploy file loaded back")
+                c = compare_outputs(run_model(loaded, call64, "the deploy file loaded back"), expected,
+                                    result.rtol, result.atol, "the deploy file loaded back")
             except PassFailed as exc:
                 raise _pass_error(exc, _shape(spec, opts)) from exc.exc
             figures = {"runtime": "load_deploy", "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
@@ -344,7 +351,6 @@ def init_checkpoint(spec: ModelSpec | str, output: str | Path, *, seed: int = 0,
     if output.suffix == ".safetensors":
         write_state_safetensors(output, state, overwrite=overwrite)
     else:
-
         with atomic_output(output, overwrite) as tmp, guarded_writer(tmp) as f:
             torch.save(state, f)
     return {"ok": True, "output": str(output), "spec": spec.name, "params": count_parameters(model),
