@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import NotEquivalent, ReparamError
-from .graph import FusedRegion, Remaining, fuse_graph, leftovers
+from .graph import FusedRegion, Remaining, fuse_graph, leftovers, unparametrized
 from .recipes import Recipe, recipe_for
 from .shapeonly import on_meta, shape_only
 
@@ -229,6 +229,7 @@ def reparameterize(
             report.converted.append(ConvertedBlock(path, "Linear", "linear-as-conv"))
             products.append(linear_to_pointwise(module))
             return products[-1]
+        module = unparametrized(module)  # a parametrized weight, evaluated once
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:

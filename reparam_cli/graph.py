@@ -180,6 +180,11 @@ class _Tracer(fx.Tracer):
             return super().to_bool(obj)
         value = self.decisions[len(self.made)] if len(self.made) < len(self.decisions) else False
         self.made.append(value)
+        # The condition stays in the graph as a check: an input the original code refuses is refused.
+        cond = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (cond, "the input's shape takes a path the traced code "
+                                                                   "does not (the original module raises or branches "
+                                                                   "here)"), {})
         return value
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -260,6 +265,33 @@ def _top(node: fx.Node) -> str | None:
         return str(node.target).split(".")[0]
     scope = _scope(node)
     return scope[0].split(".")[0] if scope else None
+
+
+def unparametrized(module: nn.Module) -> nn.Module:
+    """`module` itself, or, when it is parametrized (torch.nn.utils.parametrizations: weight_norm,
+    orthogonal, spectral_norm, ...), a plain module of its own class holding each parametrized tensor
+    evaluated once (its parametrizations gone, the rest shared). A deploy model needs the weight, not
+    the recipe for it; and a parametrized module can be neither copied nor traced as a leaf."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module):
+        return module
+    cls = next(c for c in type(module).__mro__[1:] if not getattr(c, "__module__", "").endswith("parametrize"))
+    new = cls.__new__(cls)
+    new.__dict__ = dict(module.__dict__)
+    new._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    for name, plist in module.parametrizations.items():
+        try:
+            with torch.no_grad():
+                value = getattr(module, name)
+        except Exception:  # shape only (meta) where a parametrization cannot run: its original's shape
+            ref = getattr(plist, "original", None)
+            ref = ref if ref is not None else plist.original1
+            value = torch.empty_like(ref)
+        new._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=False)
+    return new
 
 
 # --------------------------------------------------------------------------- what counts as a BatchNorm
@@ -1060,6 +1092,14 @@ def _rank(plan: "_Analysis", node: fx.Node) -> int | None:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return 2 if start == 1 and end == -1 else (1 if start == 0 and end == -1 else None)
+        if name in ("mean", "sum", "amax", "amin") and r(first) is not None:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            if isinstance(dims, int):
+                dims = (dims,)
+            if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims) and isinstance(keep, bool):
+                return r(first) if keep else r(first) - len(set(d % r(first) for d in dims))
+            return None
         if name in _SAME_RANK_METHODS:
             if name in ("add", "add_", "mul", "mul_", "sub", "div") and len(node.args) > 1:
                 ranks = [r(a) if isinstance(a, fx.Node) else 0 for a in node.args[:2]]
