@@ -17,11 +17,31 @@ not known yet). Linear operations compose that function with the paradigms of `a
     F.conv2d(x, W(params))  a weight computed from parameters only (RefConv, weight norm) is
                             evaluated once into a constant kernel
 
+    BatchNorm kinds         `bn_kind`: the one rule for what is a BatchNorm (torch's, SyncBatchNorm,
+                            FrozenBatchNorm, subclasses with their own forward such as timm's
+                            BatchNormAct2d: their F.batch_norm folds, the activation stays)
+
 A tensor becomes a region *output* (materialized) where a non-linear or unknown operation reads
-it, where it fans out to several consumers (never duplicated work), where the model returns it,
-or where the next linear operation cannot be composed exactly (then that refusal is reported).
-Each region output with something worth folding (a BatchNorm, or a conv with anything else)
-becomes one conv / linear module applied to the region input.
+it, where it fans out to several consumers (never duplicated work: cat([y, y]) reads y once),
+where the model returns it, or where the next linear operation cannot be composed exactly (then
+that refusal is reported). Reads of a tensor's shape or rank (shape checks) are no reads.
+
+Exact by construction: every value's rank is followed where the code says it (`_rank`: convs,
+flatten, view, reductions; the rank of a module's input comes from its parent's graph), so an
+operation on dim 1 (BatchNorm1d, F.batch_norm) composes with a linear layer (last dim) only on a
+2-d tensor; a tensor changed in place (`_mutations`, views included) may not be read by one
+region before and after the change; `.item()` values are never constants (a meta skeleton has no
+values). Each fold is checked on its own in float64 (`_check_region`): a wrong one is WrongFold.
+
+Cost: a region is folded only when it gains (`_worth`: a lone BatchNorm stays, `kept`) and never
+when its layer would have more parameters or multiply-adds than what it replaces (`_cost_problem`;
+merges that would are split, each branch folding on its own; those refusals are `kept`, not left).
+Each region output worth folding becomes one conv / linear module applied to the region input.
+
+Tracing: conditions on shapes only (`if x.shape[1] != C: raise`) are traced both ways and the one
+path that runs is kept (with the condition as an assertion); tensor constants fx creates
+(`_tensor_constant0`) are kept with the graph; parametrized modules are evaluated once
+(`unparametrized`, called by the engine).
 
 Modules: a module is replaced by an `fx.GraphModule` (same path, same class name, surviving
 layers keep their names, e.g. `conv1` holds the fused conv and `bn1` is gone) only when a region
@@ -863,7 +883,8 @@ class _Analysis:
                 except NotEquivalent as exc:
                     self.refusals.append((node, f"conv: {exc.message}"))
                     return False
-            k = A.Kernel(self._t(weight), self._t(bias), tup(bound.get("stride"), 1), tup(padding, 0), tup(bound.get("dilation"), 1),
+            k = A.Kernel(self._t(weight), self._t(bias), tup(bound.get("stride"), 1), tup(padding, 0),
+                         tup(bound.get("dilation"), 1),
                          int(bound.get("groups") or 1))
         return self._apply(node, src, _Op(_kernel_desc(k), lambda prev: A.sequential(prev, k), k.in_channels,
                                           k.ndim, alone=lambda: k, numel=k.weight.numel(), weighted=True,
@@ -909,7 +930,8 @@ def _cost_problem(val: _Val) -> str | None:
     """Why the region's fused layer would cost more than what it replaces (None: it does not)."""
     k: A.Kernel = val.lin  # type: ignore[assignment]
     if _cost(k) > val.cost * (1 + 1e-9):
-        return f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the branches it replaces (FLOP rule)"
+        return (f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the branches it replaces "
+                "(FLOP rule)")
     if _params(k) > val.params:
         return (f"-> {_kernel_desc(k)}: the fused layer has more parameters ({_params(k)}) than the layers it "
                 f"replaces ({int(val.params)})")
@@ -1367,12 +1389,14 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
     with torch.no_grad():
         ref = original(x)
         out = A.to_module(k, dtype=torch.float64)(x)
-    scale = ref.abs().max().clamp_min(1e-30)
-    err = float("inf") if out.shape != ref.shape else float(((out - ref).abs().max() / scale))
-    if not err <= 1e-7:
+    if out.shape != ref.shape:
+        found = f"output shape {tuple(out.shape)} instead of {tuple(ref.shape)}"
+    else:
+        err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        found = None if err <= 1e-7 else f"relative error {err:.2g}"
+    if found:
         raise WrongFold(f"graph pass: the fold of {where} -> {_kernel_desc(k)} does not compute what its layers "
-                        f"compute (float64 check on input {tuple(shape)}: "
-                        f"{'shapes ' + str(tuple(out.shape)) + ' vs ' + str(tuple(ref.shape)) if out.shape != ref.shape else f'relative error {err:.2g}'})",
+                        f"compute (float64 check on input {tuple(shape)}: {found})",
                         hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it")
 
 
