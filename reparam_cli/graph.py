@@ -294,6 +294,9 @@ def unparametrized(module: nn.Module) -> nn.Module:
     the recipe for it; and a parametrized module can be neither copied nor traced as a leaf."""
     from torch.nn.utils import parametrize
 
+    hooked = _hooked_weights(module)
+    if hooked:
+        return hooked
     if not parametrize.is_parametrized(module):
         return module
     cls = next(c for c in type(module).__mro__[1:] if not getattr(c, "__module__", "").endswith("parametrize"))
@@ -311,6 +314,42 @@ def unparametrized(module: nn.Module) -> nn.Module:
             ref = ref if ref is not None else plist.original1
             value = torch.empty_like(ref)
         new._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=False)
+    return new
+
+
+def _hooked_weights(module: nn.Module) -> nn.Module | None:
+    """The hook-based `torch.nn.utils.weight_norm` / `spectral_norm` (deprecated, still common):
+    `module.weight` is recomputed by a forward pre-hook, so before a forward it may be stale. A
+    shallow copy with each such weight computed now (spectral norm without a power iteration, as
+    in eval), its `_g`/`_v` (`_orig`/`_u`/`_v`) tensors and hook gone; None if there is none."""
+    import copy
+
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = {k: h for k, h in module._forward_pre_hooks.items() if isinstance(h, (WeightNorm, SpectralNorm))}
+    if not hooks:
+        return None
+    new = copy.copy(module)
+    new.__dict__ = dict(module.__dict__)
+    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    new._forward_pre_hooks = type(module._forward_pre_hooks)(
+        (k, h) for k, h in module._forward_pre_hooks.items() if k not in hooks)
+    new._state_dict_pre_hooks = type(module._state_dict_pre_hooks)()
+    new._load_state_dict_pre_hooks = type(module._load_state_dict_pre_hooks)()
+    for hook in hooks.values():
+        with torch.no_grad():
+            if isinstance(hook, SpectralNorm):
+                weight = hook.compute_weight(module, do_power_iteration=False)
+                extra = ("_orig", "_u", "_v")
+            else:
+                weight = hook.compute_weight(module)
+                extra = ("_g", "_v")
+        for suffix in extra:
+            new._parameters.pop(hook.name + suffix, None)
+            new._buffers.pop(hook.name + suffix, None)
+        new.__dict__.pop(hook.name, None)
+        new._parameters[hook.name] = nn.Parameter(weight.detach().clone(), requires_grad=False)
     return new
 
 

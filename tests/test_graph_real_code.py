@@ -178,3 +178,29 @@ def test_a_dilated_branch_folds_into_the_larger_kernel():
     assert [r.after for r in report.regions] == ["conv7x7/g4"] and batchnorms(deploy) == []
     convs = [m for m in deploy.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 and convs[0].dilation == (1, 1)
+
+
+def test_hook_based_weight_norm_and_spectral_norm_fold_the_current_weight():
+    """torch.nn.utils.weight_norm / spectral_norm recompute `.weight` in a forward pre-hook: after
+    a change of weight_g the stored `.weight` is stale until the next forward. The fold uses the
+    weight the next forward would use."""
+    import warnings
+
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return nn.Sequential(nn.utils.weight_norm(nn.Conv2d(4, 4, 3, padding=1)), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.utils.spectral_norm(nn.Conv2d(4, 4, 1)), nn.BatchNorm2d(4))
+
+    model = randomized(build()).eval()
+    with torch.no_grad():
+        model[0].weight_g.mul_(3.0)  # `.weight` is now stale
+    deploy, report = reparameterize(model)
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)  # (its pre-hook recomputes the weight)
+        assert ((deploy(x) - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert len(report.regions) == 2 and list(deploy.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    with torch.device("meta"):
+        skeleton, _ = reparameterize(build().eval())
+    assert list(skeleton.state_dict()) == list(deploy.state_dict())
