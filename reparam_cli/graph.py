@@ -1425,9 +1425,14 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
         extent = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
         shape = (1, k.in_channels, *[e + max(k.stride) + 1 for e in extent])  # every border case, few positions
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(k.weight.device)
-    with torch.no_grad():
-        ref = original(x)
-        out = A.to_module(k, dtype=torch.float64)(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs: one thread is fastest (and several can wait on a busy machine)
+    try:
+        with torch.no_grad():
+            ref = original(x)
+            out = A.to_module(k, dtype=torch.float64)(x)
+    finally:
+        torch.set_num_threads(threads)
     if out.shape != ref.shape:
         found = f"output shape {tuple(out.shape)} instead of {tuple(ref.shape)}"
     else:
