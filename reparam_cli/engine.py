@@ -171,7 +171,9 @@ def reparameterize(
     graph (default): then fold every exactly-foldable linear region left between the converted
     blocks (conv+BN, parallel branches, identities, ... of any network; `reparam_cli.graph`),
     recorded in `report.regions`; converted blocks are never traced into. `report.remaining`
-    lists what is left either way (BatchNorms, untraceable modules, refusals, native methods).
+    lists what is left either way (BatchNorms, untraceable modules, refusals, native methods);
+    `report.kept` what stays because folding it gains nothing (lone BatchNorms, folds the cost
+    rules refuse). A fold that does not compute what its layers compute raises `graph.WrongFold`.
     """
     import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 

@@ -2,7 +2,8 @@
 
 A property test over random programs in five layouts (token tensors (N, L, C) with L == C so that
 a wrong axis runs and gives a wrong number instead of an error, (N, C), conv1d/2d/3d) with
-in-place ops, self-concatenation, fan-out, Linear/BatchNorm1d/2d/3d mixes and F.batch_norm: the
+in-place ops, self-concatenation, fan-out, Linear/BatchNorm1d/2d/3d mixes (a Linear over the last
+dim of a conv's output too) and F.batch_norm: the
 float64 deploy model equals the float64 training model to a relative 1e-9 (a wrong fold is O(1)),
 every BatchNorm left or kept is named, and the meta skeleton has the same state-dict keys. Then the
 cases that used to build wrong models, each with its refusal, and the float64 per-region check
@@ -31,7 +32,7 @@ LAYOUTS = {  # input shape, conv dims (0: linear on the last dim), BatchNorm cla
     "conv2d": ((2, C, 6, 6), 2, nn.BatchNorm2d),
     "conv3d": ((1, C, 4, 4, 4), 3, nn.BatchNorm3d),
 }
-OPS = ("wide", "pw", "bn", "fbn", "relu", "relu_", "add", "add_", "cat", "selfcat", "scale", "neg")
+OPS = ("wide", "pw", "bn", "fbn", "relu", "relu_", "add", "add_", "cat", "selfcat", "scale", "neg", "last")
 
 
 def _layer(n: int, cin: int, cout: int, k: int) -> nn.Module:
@@ -55,6 +56,8 @@ class RandomNet(nn.Module):
                 self.layers.append(_layer(n, 2 * C if op != "pw" else C, C, 1))
             elif op in ("bn", "fbn"):
                 self.layers.append(bn(C))
+            elif op == "last":  # a Linear over the last dim: the channels only for (N, C) and (N, L, C)
+                self.layers.append(nn.Linear(shape[-1], shape[-1]))
             else:
                 self.layers.append(nn.Identity())
         channel_shape = (C,) if n == 0 else (C,) + (1,) * n
