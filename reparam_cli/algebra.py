@@ -442,9 +442,10 @@ def add(*kernels: Kernel | ScaledKernel, dtype: torch.dtype | None = None) -> Ke
 
     Kernels of different sizes are zero-padded to the largest window (centred, see `_align`);
     kernels of different dilations are first written out undilated (`undilate`: a k x k kernel with
-    dilation d is a (d(k-1)+1)-kernel with zeros between its taps); different group counts are brought to their greatest common divisor. The sum is taken in
-    float64 and the result has `dtype` (default: the first kernel's). Recipes pass the checkpoint's
-    dtype: the float64 sum is then formed a few output channels at a time and written straight into
+    dilation d is a (d(k-1)+1)-kernel with zeros between its taps); different group counts are
+    brought to their greatest common divisor. The sum is taken in float64 and the result has
+    `dtype` (default: the first kernel's). Recipes pass the checkpoint's dtype: the float64 sum is
+    then formed a few output channels at a time and written straight into
     the result, so no full-size float64 accumulator is allocated (it would be the largest buffer of
     a conversion). Branches may be `ScaledKernel`s (from `fuse_bn_lazy`): their BN scale is applied
     in the same chunks, so their weights are never copied whole either.
