@@ -1036,8 +1036,8 @@ def _mutations(module: nn.Module, graph: fx.Graph) -> dict[fx.Node, list[int]]:
         target = _in_place(module, node)
         if target is None:
             continue
-        base = target
-        while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = target  # back to the tensor whose memory it is: through views and earlier in-place results
+        while base.args and isinstance(base.args[0], fx.Node) and (_is_view(base) or _in_place(module, base) is not None):
             base = base.args[0]
         seen, todo = set(), [base, target, node]
         while todo:
