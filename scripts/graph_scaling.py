@@ -1,5 +1,6 @@
 """How conversion cost grows with the network: `reparam convert --no-verify` (recipes + graph pass)
-against the floor of reading the same checkpoint and writing its tensors, for torchvision
+against the floor of reading the same checkpoint and writing its tensors (with the model built from
+the same spec, as any conversion must, and loaded), for torchvision
 ResNet-18/50/101/152 and DenseNet-121 (random weights and BatchNorm statistics: no download).
 
     PYTHONPATH=. python scripts/graph_scaling.py [--models resnet18,resnet50,...] [--out DIR]
@@ -33,13 +34,19 @@ def build_model():
 """
 
 FLOOR = """
+import importlib.util
 import sys
 import torch
 from safetensors.torch import save_file
 from reparam_cli.checkpoint import read_raw
 
+spec = importlib.util.spec_from_file_location("spec", sys.argv[3])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+model = module.build_model()  # any conversion builds the model: its imports and construction count
 state = read_raw(sys.argv[1], False)
-save_file({{k: v.contiguous() for k, v in state.items()}}, sys.argv[2])
+model.load_state_dict(state)
+save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, sys.argv[2])
 """
 
 
@@ -88,7 +95,7 @@ def main() -> None:
             ckpt, spec = checkpoint(name, folder)
             size = ckpt.stat().st_size / 1e6
             floor_out = folder / f"{name}.floor.safetensors"
-            floor_s, floor_mb = run([sys.executable, str(floor_py), str(ckpt), str(floor_out)])
+            floor_s, floor_mb = run([sys.executable, str(floor_py), str(ckpt), str(floor_out), str(spec)])
             conv_s, conv_mb = run([sys.executable, "-m", "reparam_cli", "convert", str(ckpt), "--spec", str(spec),
                                    "-o", str(folder / f"{name}.deploy.safetensors"), "--no-verify", "--overwrite"])
             print(f"{name:12} {size:6.0f} {floor_s:8.2f} {conv_s:10.2f} {conv_s / floor_s:5.2f} {floor_mb:10.0f} "
