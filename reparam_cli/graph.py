@@ -1386,7 +1386,6 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
     operations (copied out of the traced graph) and the fused layer, both in float64, on one small
     random input of the region's rank; a relative difference above 1e-7 is a WrongFold (the
     float64 rounding floor is ~1e-15, a wrong axis, alias or kernel gives O(1))."""
-    import copy
 
     sub = fx.Graph()
     env: dict[fx.Node, Any] = {val.root: sub.placeholder("x")}
@@ -1399,7 +1398,7 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
             if n in plan.consts:  # a parameter or weight transform: the value the analysis used
                 value = plan.consts[n]
                 if isinstance(value, torch.Tensor):
-                    root[f"_c{len(root)}"] = value.detach().clone()
+                    root[f"_c{len(root)}"] = value.detach().to(torch.float64, copy=True)
                     env[n] = sub.get_attr(f"_c{len(root) - 1}")
                 else:
                     env[n] = value
@@ -1413,7 +1412,9 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
 
     try:
         sub.output(copy_node(v))
-        original = copy.deepcopy(fx.GraphModule(root, sub)).double().eval()
+        original = fx.GraphModule(root, sub)  # the region's own layers (run with float64 copies of their tensors)
+        state = {k: v.detach().double() if v.is_floating_point() else v
+                 for k, v in (*original.named_parameters(), *original.named_buffers())}
     except Exception as exc:
         raise WrongFold(f"graph pass: the fold of {where} could not be checked ({_first_line(exc)})",
                         hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
@@ -1429,7 +1430,7 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
     torch.set_num_threads(1)  # tiny inputs: one thread is fastest (and several can wait on a busy machine)
     try:
         with torch.no_grad():
-            ref = original(x)
+            ref = torch.func.functional_call(original, state, (x,))
             out = A.to_module(k, dtype=torch.float64)(x)
     finally:
         torch.set_num_threads(threads)
