@@ -302,8 +302,7 @@ def test_random_dags_fold_to_an_equal_network_or_say_why_not(program, seed):
         ref, out = model(x), deploy(x)
     assert ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item() < 1e-9
     left = {r.path for r in report.remaining if r.kind == "batchnorm"}
-    # every BatchNorm left (or kept: also a region the cost rules refused is kept) is named ...
-    assert left <= set(batchnorms(deploy)) <= left | {r.path for r in report.kept}
+    assert left <= set(batchnorms(deploy)) <= left | {r.path for r in report.kept}  # every BatchNorm is named ...
     assert all(r.reason for r in report.remaining)               # ... with a reason
     with torch.device("meta"):
         skeleton, _ = reparameterize(RandomDAG(program).double())

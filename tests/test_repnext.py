@@ -140,8 +140,11 @@ def test_repnext_tiny_spec_end_to_end(tmp_path):
     assert report["max_rel_err"] <= max(10 * report["train_rel_err"], 1e-6)
     with torch.device("meta"):
         model = RepNeXt(depths=(2, 2, 4, 2), dims=(32, 64, 128, 256))
-    # The downsampling layers' BatchNorms fold into the convs beside them (the graph pass; exact borders).
-    untouched = count_parameters(reparameterize(model.downsample_layers)[0]) + count_parameters(model.head)
+    # The graph pass folds each downsample layer's BatchNorm into its conv (conv4x4+BN; BN before an
+    # unpadded 2x2/s2 conv is exact): fewer parameters than the training downsample layers.
+    folded = count_parameters(reparameterize(model.downsample_layers)[0])
+    assert folded < count_parameters(model.downsample_layers)
+    untouched = folded + count_parameters(model.head)
     expected = untouched + sum(_deploy_params(m.dim, 4 * m.dim, (7, 7), passes=1)
                                for m in model.modules() if isinstance(m, RepNeXtBlock))
     assert report["params_after"] == expected

@@ -21,7 +21,7 @@ import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 from reparam_cli import ecosystems
 from reparam_cli.blocks.linear_conv import linear_to_pointwise
 from reparam_cli.blocks.registry import Fuse, Recipe, recipe_for
-from reparam_cli.convert.graph import FusedRegion, Remaining, fuse_graph, leftovers
+from reparam_cli.convert.graph import FusedRegion, Remaining, fuse_graph, leftovers, unparametrized
 from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 from reparam_cli.core.shapeonly import on_meta, shape_only
 from reparam_cli.core.tensors import all_finite, has_submodule
@@ -164,9 +164,11 @@ def reparameterize(
     registry and are reported with family "user". Nothing is registered.
 
     graph (default): then fold every exactly-foldable linear region left between the converted
-    blocks (conv+BN, parallel branches, identities, ... of any network; `reparam_cli.graph`),
+    blocks (conv+BN, parallel branches, identities, ... of any network; `reparam_cli.convert.graph`),
     recorded in `report.regions`; converted blocks are never traced into. `report.remaining`
-    lists what is left either way (BatchNorms, untraceable modules, refusals, native methods).
+    lists what is left either way (BatchNorms, untraceable modules, refusals, native methods);
+    `report.kept` what stays because folding it gains nothing (lone BatchNorms, folds the cost
+    rules refuse). A fold that does not compute what its layers compute raises `graph.WrongFold`.
     """
     ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
@@ -218,6 +220,7 @@ def reparameterize(
             report.converted.append(ConvertedBlock(path, "Linear", "linear-as-conv"))
             products.append(linear_to_pointwise(module))
             return products[-1]
+        module = unparametrized(module)  # a parametrized weight, evaluated once
         new = _shallow_clone(module)
         for name, child in module._modules.items():
             if child is not None:

@@ -17,11 +17,31 @@ not known yet). Linear operations compose that function with the paradigms of `a
     F.conv2d(x, W(params))  a weight computed from parameters only (RefConv, weight norm) is
                             evaluated once into a constant kernel
 
+    BatchNorm kinds         `bn_kind`: the one rule for what is a BatchNorm (torch's, SyncBatchNorm,
+                            FrozenBatchNorm, subclasses with their own forward such as timm's
+                            BatchNormAct2d: their F.batch_norm folds, the activation stays)
+
 A tensor becomes a region *output* (materialized) where a non-linear or unknown operation reads
-it, where it fans out to several consumers (never duplicated work), where the model returns it,
-or where the next linear operation cannot be composed exactly (then that refusal is reported).
-Each region output with something worth folding (a BatchNorm, or a conv with anything else)
-becomes one conv / linear module applied to the region input.
+it, where it fans out to several consumers (never duplicated work: cat([y, y]) reads y once),
+where the model returns it, or where the next linear operation cannot be composed exactly (then
+that refusal is reported). Reads of a tensor's shape or rank (shape checks) are no reads.
+
+Exact by construction: every value's rank is followed where the code says it (`_rank`: convs,
+flatten, view, reductions; the rank of a module's input comes from its parent's graph), so an
+operation on dim 1 (BatchNorm1d, F.batch_norm) composes with a linear layer (last dim) only on a
+2-d tensor; a tensor changed in place (`_mutations`, views included) may not be read by one
+region before and after the change; `.item()` values are never constants (a meta skeleton has no
+values). Each fold is checked on its own in float64 (`_check_region`): a wrong one is WrongFold.
+
+Cost: a region is folded only when it gains (`_worth`: a lone BatchNorm stays, `kept`) and never
+when its layer would have more parameters or multiply-adds than what it replaces (`_cost_problem`;
+merges that would are split, each branch folding on its own; those refusals are `kept`, not left).
+Each region output worth folding becomes one conv / linear module applied to the region input.
+
+Tracing: conditions on shapes only (`if x.shape[1] != C: raise`) are traced both ways and the one
+path that runs is kept (with the condition as an assertion); tensor constants fx creates
+(`_tensor_constant0`) are kept with the graph; parametrized modules are evaluated once
+(`unparametrized`, called by the engine).
 
 Modules: a module is replaced by an `fx.GraphModule` (same path, same class name, surviving
 layers keep their names, e.g. `conv1` holds the fused conv and `bn1` is gone) only when a region
@@ -183,6 +203,11 @@ class _Tracer(fx.Tracer):
             return super().to_bool(obj)
         value = self.decisions[len(self.made)] if len(self.made) < len(self.decisions) else False
         self.made.append(value)
+        # The condition stays in the graph as a check: an input the original code refuses is refused.
+        cond = obj if value else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (cond, "the input's shape takes a path the traced code "
+                                                                   "does not (the original module raises or branches "
+                                                                   "here)"), {})
         return value
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -256,6 +281,72 @@ def _top(node: fx.Node) -> str | None:
         return str(node.target).split(".")[0]
     scope = _scope(node)
     return scope[0].split(".")[0] if scope else None
+
+
+def unparametrized(module: nn.Module) -> nn.Module:
+    """`module` itself, or, when it is parametrized (torch.nn.utils.parametrizations: weight_norm,
+    orthogonal, spectral_norm, ...), a plain module of its own class holding each parametrized tensor
+    evaluated once (its parametrizations gone, the rest shared). A deploy model needs the weight, not
+    the recipe for it; and a parametrized module can be neither copied nor traced as a leaf."""
+    from torch.nn.utils import parametrize
+
+    hooked = _hooked_weights(module)
+    if hooked:
+        return hooked
+    if not parametrize.is_parametrized(module):
+        return module
+    cls = next(c for c in type(module).__mro__[1:] if not getattr(c, "__module__", "").endswith("parametrize"))
+    new = cls.__new__(cls)
+    new.__dict__ = dict(module.__dict__)
+    new._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    for name, plist in module.parametrizations.items():
+        try:
+            with torch.no_grad():
+                value = getattr(module, name)
+        except Exception:  # shape only (meta) where a parametrization cannot run: its original's shape
+            ref = getattr(plist, "original", None)
+            ref = ref if ref is not None else plist.original1
+            value = torch.empty_like(ref)
+        new._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=False)
+    return new
+
+
+def _hooked_weights(module: nn.Module) -> nn.Module | None:
+    """The hook-based `torch.nn.utils.weight_norm` / `spectral_norm` (deprecated, still common):
+    `module.weight` is recomputed by a forward pre-hook, so before a forward it may be stale. A
+    shallow copy with each such weight computed now (spectral norm without a power iteration, as
+    in eval), its `_g`/`_v` (`_orig`/`_u`/`_v`) tensors and hook gone; None if there is none."""
+    import copy
+
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = {k: h for k, h in module._forward_pre_hooks.items() if isinstance(h, (WeightNorm, SpectralNorm))}
+    if not hooks:
+        return None
+    new = copy.copy(module)
+    new.__dict__ = dict(module.__dict__)
+    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    new._forward_pre_hooks = type(module._forward_pre_hooks)(
+        (k, h) for k, h in module._forward_pre_hooks.items() if k not in hooks)
+    new._state_dict_pre_hooks = type(module._state_dict_pre_hooks)()
+    new._load_state_dict_pre_hooks = type(module._load_state_dict_pre_hooks)()
+    for hook in hooks.values():
+        with torch.no_grad():
+            if isinstance(hook, SpectralNorm):
+                weight = hook.compute_weight(module, do_power_iteration=False)
+                extra = ("_orig", "_u", "_v")
+            else:
+                weight = hook.compute_weight(module)
+                extra = ("_g", "_v")
+        for suffix in extra:
+            new._parameters.pop(hook.name + suffix, None)
+            new._buffers.pop(hook.name + suffix, None)
+        new.__dict__.pop(hook.name, None)
+        new._parameters[hook.name] = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return new
 
 
 # --------------------------------------------------------------------------- what counts as a BatchNorm
@@ -827,7 +918,8 @@ class _Analysis:
                 except NotEquivalent as exc:
                     self.refusals.append((node, f"conv: {exc.message}"))
                     return False
-            k = A.Kernel(self._t(weight), self._t(bias), tup(bound.get("stride"), 1), tup(padding, 0), tup(bound.get("dilation"), 1),
+            k = A.Kernel(self._t(weight), self._t(bias), tup(bound.get("stride"), 1), tup(padding, 0),
+                         tup(bound.get("dilation"), 1),
                          int(bound.get("groups") or 1))
         return self._apply(node, src, _Op(_kernel_desc(k), lambda prev: A.sequential(prev, k), k.in_channels,
                                           k.ndim, alone=lambda: k, numel=k.weight.numel(), weighted=True,
@@ -873,7 +965,8 @@ def _cost_problem(val: _Val) -> str | None:
     """Why the region's fused layer would cost more than what it replaces (None: it does not)."""
     k: A.Kernel = val.lin  # type: ignore[assignment]
     if _cost(k) > val.cost * (1 + 1e-9):
-        return f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the branches it replaces (FLOP rule)"
+        return (f"-> {_kernel_desc(k)}: the fused layer costs more multiply-adds than the branches it replaces "
+                "(FLOP rule)")
     if _params(k) > val.params:
         return (f"-> {_kernel_desc(k)}: the fused layer has more parameters ({_params(k)}) than the layers it "
                 f"replaces ({int(val.params)})")
@@ -939,8 +1032,8 @@ def _mutations(module: nn.Module, graph: fx.Graph) -> dict[fx.Node, list[int]]:
         target = _in_place(module, node)
         if target is None:
             continue
-        base = target
-        while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = target  # back to the tensor whose memory it is: through views and earlier in-place results
+        while base.args and isinstance(base.args[0], fx.Node) and (_is_view(base) or _in_place(module, base) is not None):
             base = base.args[0]
         seen, todo = set(), [base, target, node]
         while todo:
@@ -1056,6 +1149,14 @@ def _rank(plan: "_Analysis", node: fx.Node) -> int | None:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return 2 if start == 1 and end == -1 else (1 if start == 0 and end == -1 else None)
+        if name in ("mean", "sum", "amax", "amin") and r(first) is not None:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            if isinstance(dims, int):
+                dims = (dims,)
+            if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims) and isinstance(keep, bool):
+                return r(first) if keep else r(first) - len(set(d % r(first) for d in dims))
+            return None
         if name in _SAME_RANK_METHODS:
             if name in ("add", "add_", "mul", "mul_", "sub", "div") and len(node.args) > 1:
                 ranks = [r(a) if isinstance(a, fx.Node) else 0 for a in node.args[:2]]
@@ -1281,7 +1382,6 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
     operations (copied out of the traced graph) and the fused layer, both in float64, on one small
     random input of the region's rank; a relative difference above 1e-7 is a WrongFold (the
     float64 rounding floor is ~1e-15, a wrong axis, alias or kernel gives O(1))."""
-    import copy
 
     sub = fx.Graph()
     env: dict[fx.Node, Any] = {val.root: sub.placeholder("x")}
@@ -1294,7 +1394,7 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
             if n in plan.consts:  # a parameter or weight transform: the value the analysis used
                 value = plan.consts[n]
                 if isinstance(value, torch.Tensor):
-                    root[f"_c{len(root)}"] = value.detach().clone()
+                    root[f"_c{len(root)}"] = value.detach().to(torch.float64, copy=True)
                     env[n] = sub.get_attr(f"_c{len(root) - 1}")
                 else:
                     env[n] = value
@@ -1308,7 +1408,9 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
 
     try:
         sub.output(copy_node(v))
-        original = copy.deepcopy(fx.GraphModule(root, sub)).double().eval()
+        original = fx.GraphModule(root, sub)  # the region's own layers (run with float64 copies of their tensors)
+        state = {k: v.detach().double() if v.is_floating_point() else v
+                 for k, v in (*original.named_parameters(), *original.named_buffers())}
     except Exception as exc:
         raise WrongFold(f"graph pass: the fold of {where} could not be checked ({describe(exc)})",
                         hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
@@ -1318,17 +1420,24 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
         shape = (2, *([3] * (rank - 2)), k.in_channels)
     else:
         extent = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
-        shape = (1, k.in_channels, *[max(8, 2 * e + max(k.stride)) for e in extent])
+        shape = (1, k.in_channels, *[e + max(k.stride) + 1 for e in extent])  # every border case, few positions
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(k.weight.device)
-    with torch.no_grad():
-        ref = original(x)
-        out = A.to_module(k, dtype=torch.float64)(x)
-    scale = ref.abs().max().clamp_min(1e-30)
-    err = float("inf") if out.shape != ref.shape else float(((out - ref).abs().max() / scale))
-    if not err <= 1e-7:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs: one thread is fastest (and several can wait on a busy machine)
+    try:
+        with torch.no_grad():
+            ref = torch.func.functional_call(original, state, (x,))
+            out = A.to_module(k, dtype=torch.float64)(x)
+    finally:
+        torch.set_num_threads(threads)
+    if out.shape != ref.shape:
+        found = f"output shape {tuple(out.shape)} instead of {tuple(ref.shape)}"
+    else:
+        err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        found = None if err <= 1e-7 else f"relative error {err:.2g}"
+    if found:
         raise WrongFold(f"graph pass: the fold of {where} -> {_kernel_desc(k)} does not compute what its layers "
-                        f"compute (float64 check on input {tuple(shape)}: "
-                        f"{'shapes ' + str(tuple(out.shape)) + ' vs ' + str(tuple(ref.shape)) if out.shape != ref.shape else f'relative error {err:.2g}'})",
+                        f"compute (float64 check on input {tuple(shape)}: {found})",
                         hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it")
 
 

@@ -441,9 +441,11 @@ def add(*kernels: Kernel | ScaledKernel, dtype: torch.dtype | None = None) -> Ke
     """P2/P4: parallel branches whose outputs are summed, as one layer.
 
     Kernels of different sizes are zero-padded to the largest window (centred, see `_align`);
-    different group counts are brought to their greatest common divisor. The sum is taken in
-    float64 and the result has `dtype` (default: the first kernel's). Recipes pass the checkpoint's
-    dtype: the float64 sum is then formed a few output channels at a time and written straight into
+    kernels of different dilations are first written out undilated (`undilate`: a k x k kernel with
+    dilation d is a (d(k-1)+1)-kernel with zeros between its taps); different group counts are
+    brought to their greatest common divisor. The sum is taken in float64 and the result has
+    `dtype` (default: the first kernel's). Recipes pass the checkpoint's dtype: the float64 sum is
+    then formed a few output channels at a time and written straight into
     the result, so no full-size float64 accumulator is allocated (it would be the largest buffer of
     a conversion). Branches may be `ScaledKernel`s (from `fuse_bn_lazy`): their BN scale is applied
     in the same chunks, so their weights are never copied whole either.
@@ -452,6 +454,10 @@ def add(*kernels: Kernel | ScaledKernel, dtype: torch.dtype | None = None) -> Ke
         raise NotEquivalent("add() needs at least one kernel")
     scales = [k.scale if isinstance(k, ScaledKernel) else None for k in kernels]
     plain = [k.kernel if isinstance(k, ScaledKernel) else k for k in kernels]
+    if len({k.dilation for k in plain if not _is_pointwise(k)}) > 1:
+        # Branches with different dilations (UniRepLKNet's dilated re-parameterization): each dilated
+        # kernel is the larger undilated one with zeros between its taps, then they add as usual (P4).
+        plain = [k if _is_pointwise(k) else undilate(k) for k in plain]
     outs = {k.out_channels for k in plain}
     if len(outs) > 1:
         raise NotEquivalent(f"cannot add branches with {sorted(outs)} output channels")
