@@ -30,6 +30,7 @@ whose activations would overflow the low-precision range is named (`overflow`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import math
 import re
@@ -155,6 +156,20 @@ def _owns_floating(m: nn.Module) -> bool:
     return any(t is not None and t.is_floating_point() for t in (*m._parameters.values(), *m._buffers.values()))
 
 
+_CASTING_PAUSED = contextvars.ContextVar("reparam_casting_paused", default=False)
+
+
+@contextlib.contextmanager
+def casting_paused() -> Iterator[None]:
+    """Inside `cast_per_module`, run other code (a deploy block sharing modules with the training
+    model) with every module's tensors as they are."""
+    token = _CASTING_PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _CASTING_PAUSED.reset(token)
+
+
 @contextlib.contextmanager
 def cast_per_module(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """While inside, each module's own floating parameters and buffers are cast to `dtype` just before
@@ -167,7 +182,7 @@ def cast_per_module(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
     def cast(m: nn.Module, args) -> None:
         saved = []
-        for store in (m._parameters, m._buffers):
+        for store in () if _CASTING_PAUSED.get() else (m._parameters, m._buffers):
             for name, t in list(store.items()):
                 if t is not None and t.is_floating_point() and t.dtype != dtype:
                     saved.append((store, name, t))
@@ -545,8 +560,9 @@ def verify(
                             running.add(path)
                             try:
                                 block_call = (_clone_leaves(args), _clone_leaves(kwargs))
-                                block_out = _call(deploy_block, _substate(deploy_state, path),
-                                                  cast_floating(block_call, deploy_run))
+                                with casting_paused():  # its modules shared with the training model too
+                                    block_out = _call(deploy_block, _substate(deploy_state, path),
+                                                      cast_floating(block_call, deploy_run))
                             except Exception as exc:  # raised below as this block's failure, not the pass's
                                 block_failures[path] = exc
                                 return
