@@ -339,7 +339,8 @@ def verify_checkpoint(
     equalized = fmt == "safetensors" and read_metadata(deployed).get("equalized") is True  # blocks rescaled
     if (fmt == "safetensors" and not equalized) or (fmt == "state_dict" and not is_checkpoint_spec(spec)):
         skeleton_spec = stored_spec(read_metadata(deployed)) if is_checkpoint_spec(spec) else spec
-        report = deploy_skeleton(skeleton_spec, fuse_options_of(deployed))[1]
+        fuse = fuse_options_of(deployed)  # None: a plain state dict, whose layout its keys tell
+        report = deploy_skeleton(skeleton_spec, fuse, state=deploy.state_dict() if fuse is None else None)[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
