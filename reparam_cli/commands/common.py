@@ -69,6 +69,8 @@ def stderr_console():
 
 
 def fmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, int):
@@ -104,6 +106,7 @@ def summary_table(title: str, report: dict, rows: list[tuple[str, str]]) -> None
 CONVERT_ROWS = [
     ("input", "input"), ("output", "output"), ("spec", "spec"), ("format", "format"), ("dtype", "dtype"),
     ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"), ("layout", "layout"),
+    ("reference layout", "reference_layout"),
     ("params before", "params_before"), ("params after", "params_after"),
     ("params, reference layout", "params_reference"), ("FLOPs before", "flops_before"), ("FLOPs after", "flops_after"),
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("cosine", "cosine"),
