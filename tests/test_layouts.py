@@ -549,3 +549,10 @@ def test_layout_option_is_stored_and_checked(tiny, tmp_path):
     assert fuse_options_of(out) == ref and isinstance(load_deploy(out), nn.Module)
     result = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "x.safetensors", "--layout", "paper")
     assert result.exit_code == 2 and "unknown layout" in result.output
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "a.pth").write_bytes(ckpt.read_bytes())
+    result = run_cli("batch", runs, "--spec", spec, "-o", tmp_path / "deploy", "--layout", "reference")
+    assert result.exit_code == 0, result.output
+    assert fuse_options_of(tmp_path / "deploy" / "a.deploy.safetensors") == ref
