@@ -332,7 +332,10 @@ def test_mobilenetv3_refconv_small_converts_verified(tmp_path):
                              verify_options=small)["ok"]
     info = inspect_checkpoint(saved, "mobilenetv3-refconv-s")
     assert info["kind"] == "deploy" and info["layout"] == "reference" and info["params_after"] == 2_938_368
-    assert inspect_checkpoint(tmp_path / "tsl.deploy.safetensors", "mobilenetv3-refconv-s")["layout"] == "default"
+    info = inspect_checkpoint(tmp_path / "tsl.deploy.safetensors", "mobilenetv3-refconv-s")
+    assert info["layout"] == "default" and not info["reference_layout"]
+    info = inspect_checkpoint(out)
+    assert info["layout"] == "reference" and info["reference_layout"] and info["params_after"] == 2_938_368
     assert inspect_checkpoint(saved)["kind"] == "deploy?" and inspect_checkpoint(ckpt)["kind"] == "training"
     result = run_cli("inspect", saved)
     assert result.exit_code == 0 and "deploy form (reference layout?)" in " ".join(result.stderr.split())

@@ -18,7 +18,7 @@ SHORT_HELP = 'Show what a checkpoint holds and what converting it would do.'
 INSPECT_ROWS = [
     ("input", "input"), ("format", "format"), ("kind", "kind"), ("size (bytes)", "size_bytes"),
     ("tensors", "tensors"), ("dtypes", "dtypes"), ("parameters", "parameters"), ("spec", "spec"),
-    ("layout", "layout"), ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"),
+    ("layout", "layout"), ("reference layout", "reference_layout"), ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"),
     ("params before", "params_before"), ("params after", "params_after"),
 ]
 

@@ -119,9 +119,11 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
         fuse = FuseOptions.from_stored(reparam_meta.get("options")) if reparam_file else None
         deploy, conv = deploy_skeleton(spec, fuse, state=shapes, training=train)
         load_into(deploy, shapes, what="deploy file")
-        # the layout the file has: the reference one when nothing beyond the recipes was folded
-        report["layout"] = fuse.layout if fuse is not None and fuse.layout != "default" else \
-            ("reference" if not conv.regions and not (fuse and fuse.linear_as_conv) else "default")
+        # As `convert` reports it: the layout asked for (reparam's files record it; a plain state dict is
+        # named by the skeleton its keys fit), and whether the file has the reference layout.
+        same = not conv.regions and not (fuse is not None and fuse.linear_as_conv)
+        report["layout"] = fuse.layout if fuse is not None else ("reference" if same else "default")
+        report["reference_layout"] = same
     else:
         train = load_into(train, shapes)
         deploy, conv = reparameterize(train)
