@@ -86,8 +86,9 @@ def load_deploy(path: str | Path, spec: ModelSpec | str | None = None, *, trust_
     (see `load_deploy_state_dict`).
     A stored spec is rebuilt only when it names a built-in or timm builder with plain arguments;
     one naming other code (a module:function, a .py file) raises SpecError unless `trust_spec`.
-    The training model is built on the meta device and converted shape-only, then the file's
-    tensors are assigned to the resulting skeleton. Non-persistent buffers, which the file does
+    The training model is built on the meta device and converted shape-only (in the layout the file
+    records, `--layout` / `--no-graph`; a file without reparam's metadata in the one its keys fit),
+    then the file's tensors are assigned to the resulting skeleton. Non-persistent buffers, which the file does
     not hold, are computed as the model's constructor computes them (`ModelSpec.build_meta`).
     """
     spec = as_spec(spec) if spec is not None else None
