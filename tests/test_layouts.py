@@ -559,3 +559,18 @@ def test_layout_option_is_stored_and_checked(tiny, tmp_path):
     result = run_cli("batch", runs, "--spec", spec, "-o", tmp_path / "deploy", "--layout", "reference")
     assert result.exit_code == 0, result.output
     assert fuse_options_of(tmp_path / "deploy" / "a.deploy.safetensors") == ref
+
+
+def test_training_branch_keys_tell_training_from_deploy_checkpoints():
+    """inspect without --spec: every built-in family's training keys name a training branch, and
+    neither deploy layout keeps one (all 30 built-ins checked when this was written; one per family here)."""
+    from reparam_cli.pipeline.deploy import deploy_skeleton
+    from reparam_cli.pipeline.options import FuseOptions
+    from reparam_cli.pipeline.specs import training_branch_key
+
+    for name in ("repvgg-a0", "mobileone-s0", "resnet18-acb", "mobilenetv1-dbb", "repmlpnet-t224", "repnext-m0",
+                 "repnext-tiny", "mobilenetv3-refconv-s"):
+        spec = load_spec(name)
+        assert training_branch_key(spec.build(device="meta").state_dict()) is not None, name
+        for fuse in (None, FuseOptions(layout="reference")):
+            assert training_branch_key(deploy_skeleton(spec, fuse)[0].state_dict()) is None, (name, fuse)
