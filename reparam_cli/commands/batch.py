@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from reparam_cli.commands.common import (AtolOpt, DynamicShapesOpt, EXIT_MISMATCH, EXIT_OK, NoGraphOpt,
+from reparam_cli.commands.common import (AtolOpt, DynamicShapesOpt, EXIT_MISMATCH, EXIT_OK, LayoutOpt, NoGraphOpt,
                                          NoVerifyOpt, RtolOpt, SamplesOpt, SeedOpt, ShapeOpt, SpecOpt, TrustOpt,
                                          echo_json, guarded, precheck, stderr_console, verify_options)
 
@@ -44,6 +44,7 @@ def batch(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with every manifest line) on stdout."),
     dynamic_shapes: str = DynamicShapesOpt,
     no_graph: bool = NoGraphOpt,
+    layout: str = LayoutOpt,
     strict: bool = typer.Option(False, "--strict", help="Count a checkpoint as failed (nothing written for it) when "
                                 "anything foldable is left in it: BatchNorms, untraceable modules, unfoldable regions."),
 ) -> None:
@@ -72,10 +73,10 @@ def batch(
 
         with stdout_to_stderr():  # a Python spec may print on import: stdout is for --json
             spec_ = load_spec(spec)
-        options = ConvertOptions(fmt=fmt, verify=not no_verify,
-                                 verify_options=verify_options(samples, seed, rtol, atol, input_shape),
-                                 overwrite=overwrite, trust_pickle=trust_pickle, dynamic_shapes=dynamic_shapes,
-                                 graph=not no_graph, strict=strict)
+        options = ConvertOptions.of(fmt=fmt, verify=not no_verify,
+                                    verify_options=verify_options(samples, seed, rtol, atol, input_shape),
+                                    overwrite=overwrite, trust_pickle=trust_pickle, dynamic_shapes=dynamic_shapes,
+                                    graph=not no_graph, layout=layout, strict=strict)
         shard_ = Shard.parse(shard)
         reporter = None if as_json else Reporter(console)
         try:

@@ -54,6 +54,10 @@ LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Lin
                                                                "(1x1) conv modules (paradigm 9).")
 NoGraphOpt = typer.Option(False, "--no-graph", help="Convert only blocks with a recipe or a native method; do not "
                                                     "fold the other linear regions (conv+BN, branch sums, ...).")
+LayoutOpt = typer.Option("default", "--layout", metavar="LAYOUT", help="Deploy layout: default (recipes, native "
+                         "methods, then the graph pass wherever a fold gains something) or reference (the papers' "
+                         "deploy models key for key: recipes and native methods only, as --no-graph). Recorded in "
+                         "the deploy file; the report says when the default differs from the reference.")
 StrictOpt = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) when anything foldable is left: "
                                                  "BatchNorms, untraceable modules, unfoldable regions.")
 
@@ -65,6 +69,8 @@ def stderr_console():
 
 
 def fmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, int):
@@ -99,8 +105,10 @@ def summary_table(title: str, report: dict, rows: list[tuple[str, str]]) -> None
 
 CONVERT_ROWS = [
     ("input", "input"), ("output", "output"), ("spec", "spec"), ("format", "format"), ("dtype", "dtype"),
-    ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"),
-    ("params before", "params_before"), ("params after", "params_after"), ("FLOPs before", "flops_before"), ("FLOPs after", "flops_after"),
+    ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"), ("layout", "layout"),
+    ("reference layout", "reference_layout"),
+    ("params before", "params_before"), ("params after", "params_after"),
+    ("params, reference layout", "params_reference"), ("FLOPs before", "flops_before"), ("FLOPs after", "flops_after"),
     ("max abs err", "max_abs_err"), ("max rel err", "max_rel_err"), ("cosine", "cosine"),
     ("training-model rel err (float floor)", "train_rel_err"), ("tolerance rtol/atol", "tolerance"),
     ("checkpoint dtype", "checkpoint_dtype"), ("native blocks", "native_blocks"),

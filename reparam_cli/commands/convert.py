@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from reparam_cli.commands.common import (AtolOpt, CONVERT_ROWS, DtypeOpt, DynamicShapesOpt, EmaOpt, FormatOpt,
-                                         JsonOpt, LinearAsConvOpt, NoGraphOpt, NoVerifyOpt, RtolOpt, SamplesOpt,
+                                         JsonOpt, LayoutOpt, LinearAsConvOpt, NoGraphOpt, NoVerifyOpt, RtolOpt, SamplesOpt,
                                          SeedOpt, ShapeOpt, SpecOpt, StrictOpt, TrustOpt, fail, precheck,
                                          refuse_json_on_stdout, run_action, verify_options)
 
@@ -39,6 +39,7 @@ def convert(
     linear_as_conv: bool = LinearAsConvOpt,
     dynamic_shapes: str = DynamicShapesOpt,
     no_graph: bool = NoGraphOpt,
+    layout: str = LayoutOpt,
     strict: bool = StrictOpt,
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also draw the per-block errors against the tolerance "
                                         "to this PNG, even when verification fails (needs the plot extra)."),
@@ -58,6 +59,7 @@ def convert(
       reparam convert a0.pth --spec repvgg-a0 -f onnx -o a0.onnx
       reparam convert best.pth --spec 'repvgg-a0?num_classes=10'
       reparam convert a0.pth --spec repvgg-a0 --input-shape 1,3,64,64
+      reparam convert tsl.pth --spec mobilenetv3-refconv-l --layout reference
       reparam convert last.pth.tar --spec timm:mobileone_s0 --ema --plot err.png
     """
     refuse_json_on_stdout(output, as_json)
@@ -78,7 +80,7 @@ def convert(
                                     verify_options=verify_options(samples, seed, rtol, atol, input_shape),
                                     overwrite=overwrite, trust_pickle=trust_pickle, linear_as_conv=linear_as_conv,
                                     dtype=dtype, ema=ema, dynamic_shapes=dynamic_shapes, graph=not no_graph,
-                                    strict=strict, equalize=equalize)
+                                    layout=layout, strict=strict, equalize=equalize)
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
         with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
             try:

@@ -18,7 +18,7 @@ SHORT_HELP = 'Show what a checkpoint holds and what converting it would do.'
 INSPECT_ROWS = [
     ("input", "input"), ("format", "format"), ("kind", "kind"), ("size (bytes)", "size_bytes"),
     ("tensors", "tensors"), ("dtypes", "dtypes"), ("parameters", "parameters"), ("spec", "spec"),
-    ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"),
+    ("layout", "layout"), ("reference layout", "reference_layout"), ("blocks", "blocks"), ("graph regions", "graph_regions"), ("completeness", "completeness"),
     ("params before", "params_before"), ("params after", "params_after"),
 ]
 
@@ -31,7 +31,9 @@ def _inspect_tables(report: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     for label, key in INSPECT_ROWS:
-        if report.get(key) is not None:
+        if key == "kind" and report.get("kind_detail"):  # "deploy form (reference layout?): ..."
+            table.add_row(label, report["kind_detail"])
+        elif report.get(key) is not None:
             table.add_row(label, fmt_value(report[key]))
     for key, value in (report.get("reparam") or {}).items():
         if value is not None:
@@ -68,7 +70,10 @@ def inspect(
     as_json: bool = JsonOpt,
 ) -> None:
     """Show what a checkpoint holds (format, dtypes, tensors, parameters) and, with --spec, what
-    converting it would do. A reparam deploy file is recognised and its stored spec used.
+    converting it would do. A reparam deploy file is recognised and its stored spec used; a plain
+    state dict of a fused model (a reference implementation's deploy layout, or reparam's) is
+    recognised with --spec, and without it called "deploy form (reference layout?)" when none of
+    its keys names a training branch.
 
     Shape-only: nothing is computed or written. The tables go to stderr (--json: one JSON object
     on stdout).
@@ -78,6 +83,7 @@ def inspect(
     
       reparam inspect a0.pth --spec repvgg-a0
       reparam inspect a0.deploy.safetensors --json
+      reparam inspect m0_fused.pth.tar --spec repnext-m0
     """
 
     precheck(as_json, spec, (checkpoint,))

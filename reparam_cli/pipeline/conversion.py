@@ -29,7 +29,7 @@ from reparam_cli.io.safetensors import read_metadata, write_safetensors, write_s
 from reparam_cli.io.sniff import deploy_format_of
 from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, fuse_options_of, load_deployed_any,
                                          stored_spec)
-from reparam_cli.pipeline.options import ConvertOptions, Progress, VerifyOptions, no_progress
+from reparam_cli.pipeline.options import ConvertOptions, FuseOptions, Progress, VerifyOptions, no_progress
 from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _native_blocks, _verification_dict,
                                          completeness_dict, finite_figures)
 from reparam_cli.pipeline.specs import as_spec, builtin_data, builtin_names, load_spec
@@ -119,6 +119,10 @@ def convert_checkpoint(
     makes anything left an error (Incomplete, exit 1, nothing written). A model in which nothing
     was converted or folded is written as it is (verified as usual) with the note "nothing to fold:
     N modules looked at"; with the graph pass off (`graph=False`) that raises ReparamError.
+    `layout` ("default", or "reference": the papers' deploy models key for key, recipes and native
+    methods only, as graph=False; recorded in the deploy file): the report says which (`layout`),
+    whether the result has the reference layout (`reference_layout`) and, when the graph pass made it
+    differ, that layout's parameter count (`params_reference`) and a note.
     `equalize` applies cross-layer equalization (`reparam_cli.quantize.equalize`) to the deploy
     model before it is verified (report key `equalization`; recorded in the deploy file, whose
     blocks are then compared end to end only).
@@ -154,7 +158,7 @@ def convert_checkpoint(
     if not conv_report.changed and not o.graph:
         raise ReparamError(f"the model built from spec {spec.name!r} has nothing to convert: no block with a recipe "
                            f"or a native method, and the graph pass is off ({conv_report.summary()})",
-                           hint="drop --no-graph")
+                           hint="drop --layout reference" if o.layout == "reference" else "drop --no-graph")
     if not conv_report.changed:  # nothing foldable is no error: the same function is written, verified as usual
         conv_report.notes.append(f"nothing to fold: {sum(1 for _ in train.modules())} modules looked at "
                                  f"({conv_report.summary()})")
@@ -174,6 +178,7 @@ def convert_checkpoint(
         "blocks": conv_report.blocks, "native_blocks": _native_blocks(conv_report),
         **completeness_dict(conv_report),
         "params_before": params_before, "params_after": count_parameters(deploy),
+        **_layout_figures(o, conv_report, spec),
         "flops_before": result.flops_train if result else None,
         "flops_after": result.flops_deploy if result else None,
         **_verification_dict(result),
@@ -210,6 +215,30 @@ def convert_checkpoint(
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=o.dynamic_shapes,
                  overwrite=o.overwrite)
     return finite_figures(report)
+
+
+def _layout_figures(o: ConvertOptions, conv_report: ConversionReport, spec: ModelSpec) -> dict:
+    """The report's layout keys: `layout` (as asked) and `reference_layout`, whether the deploy model
+    has the reference layout (the blocks' own deploy forms, i.e. the papers' deploy models key for
+    key: nothing folded beyond the recipes and native methods). When the graph pass made it differ,
+    `params_reference` (that layout's parameter count, from a shape-only rebuild) and a note saying
+    that --layout reference writes the reference layout."""
+    same = o.layout == "reference" or not (conv_report.regions or o.linear_as_conv)
+    figures: dict = {"layout": o.layout, "reference_layout": same}
+    if same or not conv_report.regions:
+        return figures
+    if not is_checkpoint_spec(spec):
+        try:
+            figures["params_reference"] = count_parameters(deploy_skeleton(spec, FuseOptions(layout="reference"))[0])
+        except ReparamError:  # a figure only: a spec that cannot be rebuilt shape-only goes without it
+            pass
+    n = len(conv_report.regions)
+    examples = ", ".join(f"{r.layer or r.path or '<root>'}: {r.before} -> {r.after}" for r in conv_report.regions[:2])
+    conv_report.notes.append(
+        f"layout: the graph pass folded {n} region{'s' if n != 1 else ''} that the reference layout keeps "
+        f"({examples}{', ...' if n > 2 else ''}), so this file does not load into the reference deploy model (the paper's); "
+        "--layout reference (or --no-graph) writes the reference layout")
+    return figures
 
 
 def _equalize(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions) -> tuple[nn.Module, dict]:
@@ -319,7 +348,8 @@ def verify_checkpoint(
     equalized = fmt == "safetensors" and read_metadata(deployed).get("equalized") is True  # blocks rescaled
     if (fmt == "safetensors" and not equalized) or (fmt == "state_dict" and not is_checkpoint_spec(spec)):
         skeleton_spec = stored_spec(read_metadata(deployed)) if is_checkpoint_spec(spec) else spec
-        report = deploy_skeleton(skeleton_spec, fuse_options_of(deployed))[1]
+        fuse = fuse_options_of(deployed)  # None: a plain state dict, whose layout its keys tell
+        report = deploy_skeleton(skeleton_spec, fuse, state=deploy.state_dict() if fuse is None else None)[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)

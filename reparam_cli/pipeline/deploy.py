@@ -20,6 +20,7 @@ from reparam_cli.core.spec import ModelSpec
 from reparam_cli.errors import CheckpointError, OutputError
 from reparam_cli.io.checkpoint import extract_checkpoint, fit_problems, load_into, read_raw
 from reparam_cli.io.runtimes import RUNTIME, load_exported
+from reparam_cli.io.metadata import is_deploy_metadata
 from reparam_cli.io.safetensors import read_metadata, read_tensors
 from reparam_cli.io.sniff import deploy_format_of
 from reparam_cli.pipeline.options import FuseOptions
@@ -45,10 +46,12 @@ def stored_spec_data(meta: dict[str, object]) -> ModelSpec:
 
 def fuse_options_of(path: str | Path) -> FuseOptions | None:
     """How a reparam safetensors deploy file was fused (its `options` metadata); None for any other
-    file, which carries no such record."""
+    file (a plain state dict, or safetensors without reparam's metadata), which carries no such
+    record: its layout is told from its keys (`deploy_skeleton(spec, state=...)`)."""
     if deploy_format_of(path) != "safetensors":
         return None
-    return FuseOptions.from_stored(read_metadata(path).get("options"))
+    meta = read_metadata(path)
+    return FuseOptions.from_stored(meta.get("options")) if is_deploy_metadata(meta) else None
 
 
 def deploy_skeleton(spec: ModelSpec, fuse: FuseOptions | None = None, *, state: dict | None = None,
@@ -58,7 +61,8 @@ def deploy_skeleton(spec: ModelSpec, fuse: FuseOptions | None = None, *, state: 
 
     `fuse`: how the file was fused (`fuse_options_of`). A plain state dict (`state`, a reference
     implementation's layout) carries no such record: the default fusion is used when the state fits
-    it, else the one without the graph pass (which keeps conv+BN pairs outside known blocks).
+    it, else the reference layout (`--layout reference`: no graph pass, so the conv+BN pairs and
+    BatchNorms outside known blocks stay, as in the papers' deploy models).
     `training`: the spec's training model on meta, when the caller has built it already (it is
     converted in place). Non-persistent buffers are real (`ModelSpec.build_meta`).
     """
@@ -68,7 +72,7 @@ def deploy_skeleton(spec: ModelSpec, fuse: FuseOptions | None = None, *, state: 
 
     skeleton = build(fuse or FuseOptions())
     if fuse is None and state is not None and fit_problems(skeleton[0], state):
-        plain = build(FuseOptions(graph=False))
+        plain = build(FuseOptions(layout="reference"))
         if not fit_problems(plain[0], state):
             return plain
     return skeleton
@@ -82,8 +86,9 @@ def load_deploy(path: str | Path, spec: ModelSpec | str | None = None, *, trust_
     (see `load_deploy_state_dict`).
     A stored spec is rebuilt only when it names a built-in or timm builder with plain arguments;
     one naming other code (a module:function, a .py file) raises SpecError unless `trust_spec`.
-    The training model is built on the meta device and converted shape-only, then the file's
-    tensors are assigned to the resulting skeleton. Non-persistent buffers, which the file does
+    The training model is built on the meta device and converted shape-only (in the layout the file
+    records, `--layout` / `--no-graph`; a file without reparam's metadata in the one its keys fit),
+    then the file's tensors are assigned to the resulting skeleton. Non-persistent buffers, which the file does
     not hold, are computed as the model's constructor computes them (`ModelSpec.build_meta`).
     """
     spec = as_spec(spec) if spec is not None else None
@@ -93,8 +98,9 @@ def load_deploy(path: str | Path, spec: ModelSpec | str | None = None, *, trust_
         spec = stored_spec(read_metadata(path), trust=trust_spec)
         if spec is None:
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
-    skeleton, _ = deploy_skeleton(spec, fuse_options_of(path))
-    return load_into(skeleton, read_tensors(path), what="deploy file").eval()
+    fuse, tensors = fuse_options_of(path), read_tensors(path)
+    skeleton, _ = deploy_skeleton(spec, fuse, state=tensors if fuse is None else None)  # no record: as the keys fit
+    return load_into(skeleton, tensors, what="deploy file").eval()
 
 
 def load_deploy_state_dict(path: str | Path, spec: ModelSpec | str | None) -> nn.Module:

@@ -22,7 +22,7 @@ from reparam_cli.io.sniff import sniff_format
 from reparam_cli.pipeline.deploy import deploy_skeleton, is_deploy_state, stored_spec
 from reparam_cli.pipeline.options import FuseOptions, Progress, no_progress
 from reparam_cli.pipeline.report import completeness_dict
-from reparam_cli.pipeline.specs import as_spec
+from reparam_cli.pipeline.specs import as_spec, training_branch_key
 from reparam_cli.pipeline.stdio import is_stdio, spooled_stdin
 
 # BatchNorm bookkeeping: buffers, not parameters (what `parameters` counts without a spec).
@@ -71,7 +71,8 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
         reparam_meta = decode_metadata(header_meta)
     else:
         raw = read_raw(path, trust_pickle, mmap=_is_zip(path))  # only shapes are needed: map, do not read
-    deploy_file = is_deploy_metadata(reparam_meta)
+    reparam_file = is_deploy_metadata(reparam_meta)  # a deploy file written by reparam
+    deploy_file = reparam_file
     spec = as_spec(spec) if spec is not None else None
     if spec is None and deploy_file:
         spec = stored_spec(reparam_meta, trust=trust_spec)
@@ -80,20 +81,29 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     if spec is not None:
         progress("building the model on the meta device")
         train = spec.build(device="meta").eval()
-        if not deploy_file and fmt == "torch":
-            # a plain state dict of the fused model (reference layout)?
+        if not deploy_file:
+            # a plain state dict (torch or safetensors) of the fused model, a reference layout?
             deploy_file = is_deploy_state(spec, state, training=train)
     dtypes: dict[str, int] = {}
     for t in state.values():
         name = str(t.dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + 1
+    kind = "deploy" if deploy_file else "training"
+    branch = None if deploy_file or spec is not None else training_branch_key(state)
+    if not deploy_file and spec is None and branch is None:
+        kind = "deploy?"  # no reparam metadata, and no key of a training branch: told apart only with --spec
     report: dict[str, Any] = {
-        "ok": True, "input": str(path), "format": fmt, "kind": "deploy" if deploy_file else "training",
+        "ok": True, "input": str(path), "format": fmt, "kind": kind,
         "size_bytes": path.stat().st_size, "tensors": len(state), "dtypes": dict(sorted(dtypes.items())),
         "parameters": sum(t.numel() for k, t in state.items() if not k.endswith(_BUFFER_SUFFIXES)),
         "elements": sum(t.numel() for t in state.values()),
     }
-    if deploy_file:
+    if kind == "deploy?":
+        report["kind_detail"] = ("deploy form (reference layout?): no key of a training branch and no reparam "
+                                 "metadata; pass --spec to check it against the architecture")
+    elif branch is not None:
+        report["kind_detail"] = f"training form: {branch} is a training branch"
+    if reparam_file:
         verification = reparam_meta.get("verification") or {}
         report["reparam"] = {
             "version": reparam_meta.get("version"), "source": reparam_meta.get("source"),
@@ -106,9 +116,14 @@ def inspect_checkpoint(checkpoint: str | Path, spec: ModelSpec | str | None = No
     # Only shapes matter: meta tensors keep the fit check and the conversion free of real work.
     shapes = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items()}
     if deploy_file:  # reparam's own (fused as its metadata says) or a reference layout (as its keys fit)
-        deploy, conv = deploy_skeleton(spec, FuseOptions.from_stored(reparam_meta.get("options")) if reparam_meta
-                                       else None, state=shapes, training=train)
+        fuse = FuseOptions.from_stored(reparam_meta.get("options")) if reparam_file else None
+        deploy, conv = deploy_skeleton(spec, fuse, state=shapes, training=train)
         load_into(deploy, shapes, what="deploy file")
+        # As `convert` reports it: the layout asked for (reparam's files record it; a plain state dict is
+        # named by the skeleton its keys fit), and whether the file has the reference layout.
+        same = not conv.regions and not (fuse is not None and fuse.linear_as_conv)
+        report["layout"] = fuse.layout if fuse is not None else ("reference" if same else "default")
+        report["reference_layout"] = same
     else:
         train = load_into(train, shapes)
         deploy, conv = reparameterize(train)

@@ -32,30 +32,62 @@ class VerifyOptions:
     input_shape: tuple[int, ...] | None = None
 
 
+# Deploy layouts (--layout). "default": the recipes and native methods, then the graph pass wherever a
+# fold gains something (fewer parameters, FLOPs or layers). "reference": the layout of the blocks'
+# own deploy forms, i.e. the papers' (and libraries') deploy models key for key: recipes and native
+# methods only, so the conv-BN pairs and BatchNorms those models keep stay (what --no-graph gives).
+LAYOUTS = ("default", "reference")
+
+
+def check_layout(layout: str) -> None:
+    """Raise ReparamError for a layout name that is not one of LAYOUTS."""
+    if layout not in LAYOUTS:
+        raise ReparamError(f"unknown layout {layout!r}", hint=f"choose one of {', '.join(LAYOUTS)}")
+
+
 @dataclass(frozen=True)
 class FuseOptions:
     """How `reparameterize` fuses beyond the recipes. Stored in every deploy file (`stored()`), so a
-    rebuild of the deploy skeleton fuses exactly as the conversion did."""
+    rebuild of the deploy skeleton fuses exactly as the conversion did.
+
+    `layout="reference"` is the named form of the papers' deploy layout: it implies `graph=False`
+    (set here, whatever was passed) and excludes `linear_as_conv`, which changes the layout."""
 
     graph: bool = True  # fold linear regions outside known blocks (--no-graph: False)
     linear_as_conv: bool = False  # nn.Linear -> pointwise conv (paradigm 9)
+    layout: str = "default"  # LAYOUTS (--layout)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
+        if self.layout == "reference":
+            if self.linear_as_conv:
+                raise ReparamError("--linear-as-conv changes the deploy layout: it cannot be combined with "
+                                   "--layout reference", hint="drop one of them")
+            object.__setattr__(self, "graph", False)
 
     def kwargs(self) -> dict[str, bool]:
         """Keyword arguments for `reparameterize`."""
         return {"graph": self.graph, "linear_as_conv": self.linear_as_conv}
 
-    def stored(self) -> dict[str, bool]:
-        """The deploy file's `options` metadata (`linear_as_conv` only when set, as always stored)."""
-        options: dict[str, bool] = {"linear_as_conv": True} if self.linear_as_conv else {}
+    def stored(self) -> dict[str, bool | str]:
+        """The deploy file's `options` metadata (`linear_as_conv` and `layout` only when set, so files
+        read by older versions rebuild the same skeleton from `graph`)."""
+        options: dict[str, bool | str] = {"linear_as_conv": True} if self.linear_as_conv else {}
         options["graph"] = self.graph
+        if self.layout != "default":
+            options["layout"] = self.layout
         return options
 
     @classmethod
     def from_stored(cls, options: Any) -> "FuseOptions":
         """The options a deploy file's metadata records. Files written before the graph pass existed
-        store no `graph` option: their skeleton has none."""
+        store no `graph` option: their skeleton has none. An unknown layout (a newer version's) is
+        rebuilt from `graph` alone."""
         options = options if isinstance(options, dict) else {}
-        return cls(graph=options.get("graph", False) is True, linear_as_conv=bool(options.get("linear_as_conv")))
+        layout = options.get("layout") if options.get("layout") in LAYOUTS else "default"
+        linear_as_conv = bool(options.get("linear_as_conv"))
+        return cls(graph=options.get("graph", False) is True, linear_as_conv=linear_as_conv,
+                   layout="default" if linear_as_conv else layout)
 
 
 @dataclass
@@ -75,10 +107,15 @@ class ConvertOptions:
     graph: bool = True  # the graph pass; batch records it per manifest line, resume compares it
     strict: bool = False  # anything foldable left: fail, nothing written
     equalize: bool = False  # cross-layer equalization of the deploy model (for int8), verified end to end
+    layout: str = "default"  # LAYOUTS; "reference" implies graph=False (set here)
+
+    def __post_init__(self) -> None:
+        if self.layout == "reference":
+            self.graph = False  # so batch manifests and resume see what is done
 
     @property
     def fuse(self) -> FuseOptions:
-        return FuseOptions(graph=self.graph, linear_as_conv=self.linear_as_conv)
+        return FuseOptions(graph=self.graph, linear_as_conv=self.linear_as_conv, layout=self.layout)
 
     @classmethod
     def of(cls, options: "ConvertOptions | None" = None, **changes: Any) -> "ConvertOptions":
@@ -102,3 +139,4 @@ class ConvertOptions:
                                      ("--dynamic-shapes mode", self.dynamic_shapes, DYNAMIC_SHAPES)):
             if value is not None and value not in choices:
                 raise ReparamError(f"unknown {name} {value!r}", hint=f"choose one of {', '.join(choices)}")
+        self.fuse  # noqa: B018  (the layout, and --linear-as-conv with --layout reference)

@@ -261,6 +261,26 @@ _REFERENCE_FAMILIES = {"rbr_dense": "repvgg", "rbr_conv": "mobileone", "square_c
                        "dbb_origin": "dbb"}
 
 
+# Module names of training-time branches, which a deploy form (reparam's or a reference's) never keeps:
+# the built-in families' (the papers' key names) and timm's / mmpretrain's re-parameterizable blocks.
+_TRAINING_BRANCH = re.compile(
+    r"rbr_dense|rbr_1x1|rbr_identity|rbr_conv|rbr_scale|rbr_skip"  # RepVGG, MobileOne
+    r"|square_conv|ver_conv|hor_conv|dbb_origin|dbb_avg|dbb_1x1|dbb_1x1_kxk"  # ACNet, DBB
+    r"|convmap|fc3_bn|repconv\d+|dwconv\d+"  # RefConv, RepMLP, RepNeXt (shortcut)
+    r"|conv_[2357]_[2357whl]|head_dist"  # RepNeXt-M's RepDWConvS/M, its distillation head
+    r"|conv_kxk|conv_scale|branch_3x3|branch_1x1|branch_norm")  # timm byobnet, mmpretrain
+
+
+def training_branch_key(keys) -> str | None:
+    """The first key naming a training-time branch of a re-parameterizable block (RepVGG's
+    `rbr_dense`, DBB's `dbb_avg`, RefConv's `convmap`, ...), or None: then the keys are those of a
+    deploy form (or of a network without such blocks), e.g. a reference implementation's fused model."""
+    for key in keys:
+        if any(_TRAINING_BRANCH.fullmatch(part) for part in key.split(".")):
+            return key
+    return None
+
+
 def layout_hint(state: dict[str, Any], model: Any, spec: ModelSpec) -> str | None:
     """When a checkpoint's keys do not fit `model` (built from `spec`), what would fit, if it can be told
     from the key names and shapes: an ultralytics or timm layout (-> that --spec), the papers'
