@@ -26,11 +26,23 @@ SpecOpt = typer.Option(..., "--spec", "-s", metavar="SPEC", help="Model spec: a 
                                                  "a Python file exposing build_model() (file.py[:function]), or "
                                                  "timm:MODEL[?arg=value&...] (needs the timm extra).")
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout instead of a table on stderr.")
+def _finite_tolerance(value: Optional[float]) -> Optional[float]:
+    """--rtol/--atol: NaN or infinity would make every comparison pass or fail: a usage error."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 RtolOpt = typer.Option(None, "--rtol", metavar="X", help="Relative tolerance, scaled by the output's magnitude "
-                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
+                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0,
+                       callback=_finite_tolerance)
 AtolOpt = typer.Option(None, "--atol", metavar="X", help="Absolute tolerance added to rtol * max|output| [default: 1e-6 for float32].",
-                       min=0.0)
-SeedOpt = typer.Option(0, "--seed", metavar="N", help="Seed of the random verification inputs.")
+                       min=0.0, callback=_finite_tolerance)
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; negative seeds are not reproducible across versions
+SeedOpt = typer.Option(0, "--seed", metavar="N", help="Seed of the random verification inputs (0 to 2**63-1).",
+                       min=0, max=SEED_MAX)
 SamplesOpt = typer.Option(1, "--samples", metavar="N", help="Number of random batches to verify on.", min=1)
 ShapeOpt = typer.Option(None, "--input-shape", metavar="N,C,H,W", help="Verification input shape, e.g. 2,3,64,64 "
                                                     "[default: the spec's input_shape].")
