@@ -66,6 +66,8 @@ LinearAsConvOpt = typer.Option(False, "--linear-as-conv", help="Also turn nn.Lin
                                                                "(1x1) conv modules (paradigm 9).")
 NoGraphOpt = typer.Option(False, "--no-graph", help="Convert only blocks with a recipe or a native method; do not "
                                                     "fold the other linear regions (conv+BN, branch sums, ...).")
+AllowNonfiniteOpt = typer.Option(False, "--allow-nonfinite", help="Convert a checkpoint holding NaN or infinite "
+                                 "values (by default an error naming the first such tensor, --no-verify too).")
 StrictOpt = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) when anything foldable is left: "
                                                  "BatchNorms, untraceable modules, unfoldable regions.")
 

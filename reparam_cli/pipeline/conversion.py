@@ -19,8 +19,8 @@ from torch import nn
 from reparam_cli._version import __version__
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
-from reparam_cli.core.tensors import count_parameters, randomize_batchnorm
-from reparam_cli.errors import Incomplete, OutputError, ReparamError, VerificationFailed
+from reparam_cli.core.tensors import count_parameters, nonfinite_key, randomize_batchnorm
+from reparam_cli.errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
 from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
 from reparam_cli.io.formats import SUFFIX
@@ -139,6 +139,10 @@ def convert_checkpoint(
     hasher.shutdown(wait=False)
     progress("reading checkpoint")
     train, ckpt = read_training_model(checkpoint, spec, trust_pickle=o.trust_pickle, ema=o.ema)
+    bad = None if o.allow_nonfinite else nonfinite_key(ckpt.state)
+    if bad is not None:
+        raise CheckpointError(f"{checkpoint}: tensor {bad} holds NaN or infinite values; nothing was written",
+                              hint="pass --allow-nonfinite to convert it anyway")
     named = spec.name
     spec = ckpt.rebuild_spec or spec  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
     if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:

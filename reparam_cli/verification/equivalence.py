@@ -42,7 +42,8 @@ from torch.func import functional_call
 
 from reparam_cli.convert.engine import reparameterize
 from reparam_cli.core.stats import FlopCounter
-from reparam_cli.core.tensors import AttributeSnapshot, all_finite
+from reparam_cli.core.tensors import AttributeSnapshot, TensorGuard, all_finite
+from reparam_cli.errors import ReparamError
 from reparam_cli.io.runtimes import ExportedProgramModule, OnnxModule
 
 # Defaults per checkpoint dtype: well above the rounding floor, well below what a wrong kernel gives.
@@ -329,9 +330,22 @@ def _within(abs_err: float, ref: Tensor, rtol: float, atol: float) -> bool:
 # --- leaving models as they were found --------------------------------------------------------------
 
 
+class WeightsChanged(ReparamError):
+    """A forward pass changed the model's own parameters or buffers: what would be written is not the checkpoint."""
+
+
+def _check_weights(guard: TensorGuard | None, name: str, contents: bool = False) -> None:
+    what = guard.changed(contents) if guard is not None else None
+    if what:
+        raise WeightsChanged(f"{name} changed the {what}; nothing was written",
+                             hint="a model's forward must not modify its parameters or buffers (a training-only "
+                                  "update belongs under `if self.training:`)")
+
+
 @contextlib.contextmanager
-def _stage(name: str, snapshot: AttributeSnapshot):
-    """One forward pass: its failure is a PassFailed naming it; afterwards the models are as found."""
+def _stage(name: str, snapshot: AttributeSnapshot, guard: TensorGuard | None = None):
+    """One forward pass: its failure is a PassFailed naming it; afterwards the models are as found,
+    and their parameters and buffers untouched (WeightsChanged otherwise)."""
     try:
         yield
     except PassFailed:
@@ -340,6 +354,7 @@ def _stage(name: str, snapshot: AttributeSnapshot):
         raise PassFailed(name, exc) from exc
     finally:
         snapshot.restore()
+    _check_weights(guard, name)
 
 
 def _call(model: nn.Module, state: dict[str, Tensor] | None, call: Call):
@@ -464,6 +479,7 @@ def verify(
     train_model.eval()
     deploy_model.eval()
     snapshot = AttributeSnapshot(train_model, deploy_model)
+    guard = TensorGuard(("training model's", train_model), ("deploy model's", deploy_model))
     state64 = _float64_state(train_model)
     gen = torch.Generator().manual_seed(seed)
     worst_abs = worst_rel = 0.0
@@ -488,7 +504,7 @@ def verify(
                             captured[path] = ((_clone_leaves(args), _clone_leaves(kwargs)), _clone_leaves(out))
                         hooks.append(train_model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
                 try:
-                    with _stage("the training model's float64 reference pass", snapshot):
+                    with _stage("the training model's float64 reference pass", snapshot, guard):
                         ref = functional_call(train_model, state64, *call64)
                 finally:
                     for h in hooks:
@@ -498,13 +514,13 @@ def verify(
                 countable = i == 0 and not isinstance(deploy_model, torch.jit.ScriptModule)
                 watch = _overflow_hooks(deploy_model, low, overflow, [p for p, _ in blocks]) if i == 0 and low and upcast_deploy else []
                 try:
-                    with _stage("the deploy model's pass", snapshot), \
+                    with _stage("the deploy model's pass", snapshot, guard), \
                             count_deploy.attach(deploy_model) if countable else contextlib.nullcontext():
                         out = _call(deploy_model, deploy_state, cast_floating(call64, deploy_run))
                 finally:
                     for h in watch:
                         h.remove()
-                with _stage(f"the training model's {str(train_run).removeprefix('torch.')} pass", snapshot), \
+                with _stage(f"the training model's {str(train_run).removeprefix('torch.')} pass", snapshot, guard), \
                         count_train.attach(train_model) if countable else contextlib.nullcontext():
                     own = _call(train_model, train_state, cast_floating(call64, train_run))
                 if countable:
@@ -522,7 +538,7 @@ def verify(
                     if path not in captured:
                         continue
                     block_call, block_ref = captured[path]
-                    with _stage(f"deploy block {path}", snapshot):
+                    with _stage(f"deploy block {path}", snapshot, guard):
                         block_out = _call(deploy_model.get_submodule(path), _substate(deploy_state, path),
                                           cast_floating(block_call, deploy_run))
                     bc = compare_outputs(block_out, block_ref, rtol, atol, f"deploy block {path}")
@@ -532,6 +548,7 @@ def verify(
     finally:
         snapshot.restore()
         train_model.train(was_training)
+    _check_weights(guard, "verification", contents=True)
     rounding = weight_rounding_error(train_model, deploy_model, blocks) if low and upcast_deploy else None
     return VerifyResult(
         ok=bool(ok) and nonfinite is None, max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos,
@@ -549,8 +566,11 @@ def run_model(model: nn.Module, call: Call, what: str):
     dtype = model_dtype(model)
     run = compute_dtype(dtype) if _is_module_of_tensors(model) else dtype
     state = _state_in(model, run) if run != dtype else None
-    with torch.no_grad(), _stage(what, AttributeSnapshot(model)):
-        return _call(model, state, cast_floating(call, run))
+    guard = TensorGuard(("model's", model))
+    with torch.no_grad(), _stage(what, AttributeSnapshot(model), guard):
+        out = _call(model, state, cast_floating(call, run))
+    _check_weights(guard, what, contents=True)
+    return out
 
 
 def compare_models(model: nn.Module, reference: nn.Module, call: Call, rtol: float, atol: float,
