@@ -91,7 +91,7 @@ class Shard:
 
     def takes(self, relpath: str) -> bool:
         """Whether this shard owns `relpath` (POSIX, relative to the input folder)."""
-        digest = hashlib.sha256(relpath.encode("utf-8")).digest()
+        digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).digest()
         return int.from_bytes(digest[:8], "big") % self.count == self.index
 
     @property
@@ -111,7 +111,7 @@ def _is_deploy_output(path: Path) -> bool:
             if not 2 <= size < 1 << 26:
                 return False
             header = json.loads(f.read(size))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False  # unreadable: let the conversion report it
 
     meta = header.get("__metadata__") if isinstance(header, dict) else None
