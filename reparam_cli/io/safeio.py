@@ -289,6 +289,8 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_target(path, overwrite)
     fd = _open_unnamed(path.parent)
     if fd is not None:
+        if overwrite:  # the replace step names a hidden temporary: a run killed there leaves it for this one
+            clean_stale_temps(path.parent)
         tmp = Path(f"/proc/self/fd/{fd}")
     else:  # only here can earlier runs have left named temporaries (a listing per output costs)
         clean_stale_temps(path.parent)

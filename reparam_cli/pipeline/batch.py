@@ -365,7 +365,7 @@ class Manifest:
 
     def _open_locked(self):
         for _ in range(5):
-            f = open(self.partial, "a+", encoding="utf-8")
+            f = _open_regular(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND)
             try:
                 import fcntl
             except ImportError:  # not POSIX: no lock
@@ -378,7 +378,7 @@ class Manifest:
                                  hint="wait for it, or give this run its own --output-dir or --shard") from None
             # The holder may have renamed the file into place between our open and our lock.
             try:
-                if os.stat(self.partial).st_ino == os.fstat(f.fileno()).st_ino:
+                if os.lstat(self.partial).st_ino == os.fstat(f.fileno()).st_ino:
                     return f
             except FileNotFoundError:
                 pass
@@ -451,11 +451,36 @@ def _usable(e: Any) -> bool:
             and (e.get("format") is None or isinstance(e.get("format"), str)))
 
 
-def _manifest_lines(path: Path, junk: list[str]) -> list[Any]:
-    """The parsed lines of one manifest file; a line that is not a JSON object is counted in `junk`."""
+def _open_regular(path: Path, flags: int):
+    """A text file object on the regular file `path` (opened with `flags`), never through a symlink
+    (O_NOFOLLOW: a link planted as the manifest or its partial file is refused, not followed) and
+    never a FIFO or device (O_NONBLOCK, then checked)."""
+    import stat
+
     try:
-        data = path.read_bytes()
-    except OSError:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BatchError(f"{path} is a symbolic link: reparam does not follow links in its output folder",
+                             hint="remove it") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BatchError(f"{path} is not a regular file", hint="remove it")
+        os.set_blocking(fd, True)
+        return open(fd, "a+" if flags & os.O_APPEND else "r", encoding="utf-8", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _manifest_lines(path: Path, junk: list[str]) -> list[Any]:
+    """The parsed lines of one manifest file; a line that is not a JSON object is counted in `junk`.
+    A symlink, FIFO or device in its place is not read."""
+    try:
+        with _open_regular(path, os.O_RDONLY) as f:
+            data = f.buffer.read()
+    except (OSError, BatchError):
         return []
     lines = []
     for raw in data.splitlines():
