@@ -24,7 +24,7 @@ from reparam_cli.commands.common import EXIT_BAD_INPUT, EXIT_OK
 from reparam_cli.core.messages import one_line
 from reparam_cli.io.signals import Interrupted, interrupts_as_exceptions
 
-# click's exceptions, wherever this Typer takes click from (recent Typers vendor it as typer._click)
+# click's exceptions, wherever this Typer takes click from (recent Typers vendor their own copy)
 _click = importlib.import_module(typer.BadParameter.__module__)
 
 

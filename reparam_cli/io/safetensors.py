@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from reparam_cli.errors import CheckpointError, OutputError
@@ -193,12 +193,11 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
 
 
 def read_metadata(path: str | Path) -> dict[str, object]:
-    """reparam's metadata from a safetensors deploy file (JSON values decoded)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+    """reparam's metadata from a safetensors deploy file (JSON values decoded), from its header alone
+    (any file name: the library's own reader refuses names that are not UTF-8)."""
+    _, raw = read_header(Path(path))
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise CheckpointError(f"cannot read {path} as safetensors: its metadata is not a mapping of strings")
     return decode_metadata(raw)
 
 

@@ -91,6 +91,11 @@ def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: Co
         raise _pass_error(exc, shape) from exc.exc
 
 
+def _printable(name: str) -> str:
+    """A file name as valid UTF-8 text (bytes that are not UTF-8 as \\xNN): what file metadata can hold."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def convert_checkpoint(
     checkpoint: str | Path,
     spec: ModelSpec | str,
@@ -202,7 +207,7 @@ def convert_checkpoint(
     # The training model is not needed again: its blocks' tensors go before the file is loaded back.
     del train
     progress(f"writing {fmt}")
-    metadata = {"version": __version__, "spec": spec.to_json(), "source": source_name or checkpoint.name,
+    metadata = {"version": __version__, "spec": spec.to_json(), "source": _printable(source_name or checkpoint.name),
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()
