@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from reparam_cli.errors import CheckpointError, OutputError
