@@ -375,3 +375,37 @@ def test_corpus_on_other_typer():
     r = subprocess.run(["bash", str(ROOT / "scripts" / "corpus_other_typer.sh"), os.environ["REPARAM_OTHER_TYPER_PYTHON"]],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# --- third-party droppings --------------------------------------------------------------------------------
+
+def test_exporters_leave_nothing_in_tmpdir(inputs, tmp_path, monkeypatch):
+    """onnxruntime writes `.ses` and torch its inductor cache into $TMPDIR: a private folder, removed."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import tempfile
+
+    tt = tmp_path / "tt"
+    tt.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tt))
+    monkeypatch.setattr(tempfile, "tempdir", str(tt))
+    d = inputs["dir"]
+    result = run_cli("convert", d / "t.pth", "-s", d / "tiny.yaml", "-o", tmp_path / "o.onnx", "-f", "onnx")
+    assert result.exit_code == 0, result.stderr
+    assert os.listdir(tt) == []
+
+
+def test_private_tmpdir_of_a_killed_run_is_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    from reparam_cli.io.safeio import _HOST, private_tmpdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".reparam-private-{_HOST}-{dead.pid}-0123abcd"
+    (stale / "sub").mkdir(parents=True)
+    with private_tmpdir() as folder:
+        assert tempfile.gettempdir() == str(folder) and os.environ["TMPDIR"] == str(folder)
+        (folder / ".ses").write_text("x")
+    assert os.listdir(tmp_path) == []

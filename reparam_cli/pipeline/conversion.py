@@ -24,7 +24,7 @@ from reparam_cli.errors import CheckpointError, Incomplete, OutputError, Reparam
 from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
 from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
 from reparam_cli.io.formats import SUFFIX
-from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer
+from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer, private_tmpdir
 from reparam_cli.io.safetensors import read_metadata, write_safetensors, write_state_safetensors
 from reparam_cli.io.sniff import deploy_format_of
 from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, fuse_options_of, load_deployed_any,
@@ -275,6 +275,11 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                           overwrite=overwrite)
         return
 
+    with private_tmpdir():  # exporters and onnxruntime drop files into $TMPDIR: a folder reparam removes
+        _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite)
+
+
+def _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite) -> None:
     args, kwargs = cast_floating(call64, dtype)
     if kwargs:
         raise OutputError(f"the spec's input hook passes keyword arguments, which a {fmt} file cannot take",
@@ -293,6 +298,7 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                                            overwrite=overwrite)
 
 
+@private_tmpdir()  # onnxruntime and torch.export drop files into $TMPDIR
 def verify_checkpoint(
     checkpoint: str | Path,
     deployed: str | Path,
