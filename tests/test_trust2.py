@@ -333,13 +333,13 @@ def _reparam(*args: str, stdout=subprocess.PIPE, **kw) -> subprocess.CompletedPr
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_stdout_is_one_line():
     with open("/dev/full", "w") as full:
-        r = _reparam("specs", "--json", stdout=full)
+        r = _reparam("specs", "--json", "--no-params", stdout=full)
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1 and "cannot write to stdout" in err, err
 
 
 def test_closed_stdout_is_one_line():
-    r = _reparam("specs", "--json", stdout=None, stdin=subprocess.DEVNULL, pass_fds=(),
+    r = _reparam("specs", "--json", "--no-params", stdout=None, stdin=subprocess.DEVNULL, pass_fds=(),
                  preexec_fn=lambda: os.close(1))
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1 and "stdout" in err and "Traceback" not in err, err
@@ -353,7 +353,7 @@ def test_escaped_exception_is_one_line(monkeypatch):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(specs, "echo_json", broken)
-    result = run_cli("specs", "--json")
+    result = run_cli("specs", "--json", "--no-params")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
@@ -409,3 +409,14 @@ def test_private_tmpdir_of_a_killed_run_is_removed(tmp_path, monkeypatch):
         assert tempfile.gettempdir() == str(folder) and os.environ["TMPDIR"] == str(folder)
         (folder / ".ses").write_text("x")
     assert os.listdir(tmp_path) == []
+
+
+def test_batch_output_names_injective_after_unicode_normalisation():
+    import unicodedata
+
+    from reparam_cli.pipeline.batch import output_names
+
+    nfc, nfd = unicodedata.normalize("NFC", "café.pth"), unicodedata.normalize("NFD", "café.pth")
+    names = output_names([nfc, nfd], "safetensors")
+    folded = {unicodedata.normalize("NFC", n).casefold() for n in names.values()}
+    assert nfc != nfd and len(folded) == 2

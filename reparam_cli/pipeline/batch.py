@@ -210,13 +210,18 @@ def output_names(relpaths: list[str], fmt: str) -> dict[str, str]:
             base += "." + hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         return (p.parent / f"{base}.deploy{suffix}").as_posix()
 
+    import unicodedata
+
+    def fold(name: str) -> str:  # what case-insensitive, normalising filesystems (APFS, NTFS) compare
+        return unicodedata.normalize("NFC", name).casefold()
+
     rels = sorted(set(relpaths))
-    folders = {parent.as_posix().casefold() for rel in rels for parent in Path(rel).parents if parent != Path(".")}
+    folders = {fold(parent.as_posix()) for rel in rels for parent in Path(rel).parents if parent != Path(".")}
     level = {rel: 0 for rel in rels}
     while True:  # each round raises a level, so this ends (at most 2 rounds per input)
         owners: dict[str, list[str]] = {}
         for rel in rels:
-            owners.setdefault(candidate(rel, level[rel]).casefold(), []).append(rel)
+            owners.setdefault(fold(candidate(rel, level[rel])), []).append(rel)
         moved = False
         for key, group in owners.items():
             if len(group) == 1 and key not in folders:
@@ -231,7 +236,7 @@ def output_names(relpaths: list[str], fmt: str) -> dict[str, str]:
         if not moved:
             break
     out = {rel: candidate(rel, level[rel]) for rel in rels}
-    keys = [name.casefold() for name in out.values()]
+    keys = [fold(name) for name in out.values()]
     if len(set(keys)) != len(keys) or folders & set(keys):
         raise BatchError("cannot give every input its own output name", hint="rename inputs that differ only in case")
     return {rel: out[rel] for rel in relpaths}
