@@ -59,6 +59,30 @@ class Tied(nn.Module):
         return self.head(self.emb(self.bn(self.conv(x)).mean((2, 3))))
 
 
+class Returns(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.kind = kind
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return {"none": None, "str": "hello", "gen": (t for t in [y])}[self.kind]
+
+
+def build_none():
+    return Returns("none")
+
+
+def build_str():
+    return Returns("str")
+
+
+def build_gen():
+    return Returns("gen")
+
+
 def build_model():
     return Net("none")
 
@@ -99,6 +123,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     init_checkpoint(str(d / "tiny.yaml"), d / "t.pth", seed=0)
     (d / "net.py").write_text(MUTATING_SPEC)
     init_checkpoint(f"{d / 'net.py'}:build_model", d / "net.pth", seed=0)
+    init_checkpoint(f"{d / 'net.py'}:build_none", d / "ret.pth", seed=0)
     state = torch.load(d / "net.pth", weights_only=True)
     state["conv.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, d / "nan.pth")
@@ -165,6 +190,8 @@ CASES = [
      "--allow-nonfinite"),
     ("inf-checkpoint-no-verify", "convert {in}/inf.pth -s {in}/net.py -o {out}/o.safetensors --no-verify", 2,
      "conv.weight"),
+    *[(f"forward-returns-{k}", f"convert {{in}}/ret.pth -s {{in}}/net.py:build_{k} -o {{out}}/o.safetensors "
+       "--input-shape 1,3,8,8", 2, "holds no tensor to compare") for k in ("none", "str", "gen")],
     ("deep-safetensors-convert", "convert {in}/deep.safetensors -s {in}/net.py -o {out}/o.safetensors", 2,
      "nests deeper"),
     ("deep-safetensors-inspect", "inspect {in}/deep.safetensors", 2, "nests deeper"),

@@ -228,10 +228,15 @@ def _first_tensor(out) -> Tensor:
     return leaves[0][1]
 
 
+class OutputNotComparable(ReparamError, ValueError):
+    """A model's forward returned something without tensors (None, a string, a generator)."""
+
+
 def _leaves(out, what: str) -> list[tuple[str, Tensor]]:
     leaves = tensor_leaves(out)
     if not leaves:
-        raise ValueError(f"the {what} output (a {type(out).__name__}) holds no tensor to compare")
+        raise OutputNotComparable(f"the {what} output (a {type(out).__name__}) holds no tensor to compare",
+                                  hint="the model's forward must return tensors (or tuples, lists, dicts of them)")
     return leaves
 
 
