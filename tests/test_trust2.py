@@ -447,3 +447,19 @@ def test_batch_output_names_injective_after_unicode_normalisation():
     names = output_names([nfc, nfd], "safetensors")
     folded = {unicodedata.normalize("NFC", n).casefold() for n in names.values()}
     assert nfc != nfd and len(folded) == 2
+
+
+def test_error_after_a_signal_keeps_the_signals_exit_code(monkeypatch):
+    """SIGTERM cut an import in half and was swallowed; the import failing again afterwards
+    ("cannot load module more than once per process") is still exit 143, not exit 2."""
+    from reparam_cli.commands.common import guarded
+    from reparam_cli.io import signals
+
+    monkeypatch.setattr(signals, "RECEIVED", [15])
+
+    def action():
+        raise ImportError("cannot load module more than once per process")
+
+    with pytest.raises(Exception) as info:  # typer.Exit (click's Exit, vendored or not)
+        guarded(action, as_json=False)
+    assert info.value.exit_code == 143

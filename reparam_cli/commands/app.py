@@ -59,6 +59,11 @@ class _ReparamGroup(TyperGroup):
                 _last_line("interrupted", 130)
             if not isinstance(exc, Exception) or os.environ.get("REPARAM_DEBUG"):
                 raise
+            from reparam_cli.io.signals import received
+
+            signalled = received()
+            if signalled is not None:  # a signal came first: its exit code, whatever error followed
+                _last_line(str(signalled), signalled.exit_code)
             _last_line(*unclassified(exc))
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 

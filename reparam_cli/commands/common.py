@@ -148,6 +148,10 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
     except SystemExit as exc:
         fail(f"code run for the spec called sys.exit({exc.code!r})", as_json)
     except Exception as exc:
+        from reparam_cli.io.signals import received
+
+        if received() is not None:  # a signal came first (and was swallowed, e.g. inside an import)
+            interrupted(received(), as_json)
         if os.environ.get("REPARAM_DEBUG"):
             raise
         fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
