@@ -463,3 +463,9 @@ def test_error_after_a_signal_keeps_the_signals_exit_code(monkeypatch):
     with pytest.raises(Exception) as info:  # typer.Exit (click's Exit, vendored or not)
         guarded(action, as_json=False)
     assert info.value.exit_code == 143
+
+
+def test_closed_stdin_is_one_line():
+    r = _reparam("inspect", "-", stdin=None, preexec_fn=lambda: os.close(0))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "stdin is closed" in err, err
