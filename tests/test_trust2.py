@@ -407,7 +407,8 @@ def test_corpus_on_other_typer():
 # --- third-party droppings --------------------------------------------------------------------------------
 
 def test_exporters_leave_nothing_in_tmpdir(inputs, tmp_path, monkeypatch):
-    """onnxruntime writes `.ses` and torch its inductor cache into $TMPDIR: a private folder, removed."""
+    """onnxruntime writes `.ses` and torch its inductor cache into $TMPDIR: a private folder, removed
+    (also for `reparam verify` of the ONNX file)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import tempfile
@@ -418,6 +419,9 @@ def test_exporters_leave_nothing_in_tmpdir(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tt))
     d = inputs["dir"]
     result = run_cli("convert", d / "t.pth", "-s", d / "tiny.yaml", "-o", tmp_path / "o.onnx", "-f", "onnx")
+    assert result.exit_code == 0, result.stderr
+    assert os.listdir(tt) == []
+    result = run_cli("verify", d / "t.pth", tmp_path / "o.onnx", "-s", d / "tiny.yaml")
     assert result.exit_code == 0, result.stderr
     assert os.listdir(tt) == []
 

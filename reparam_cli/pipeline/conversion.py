@@ -10,6 +10,8 @@ Pipes (`-` for stdin/stdout) live in pipes.py, `reparam inspect` in inspection.p
 
 from __future__ import annotations
 
+import contextlib
+
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -275,7 +277,8 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                           overwrite=overwrite)
         return
 
-    with private_tmpdir():  # exporters and onnxruntime drop files into $TMPDIR: a folder reparam removes
+    # torch.onnx and onnxruntime drop files into $TMPDIR (.ses, torchinductor_*): a folder reparam removes
+    with private_tmpdir() if fmt == "onnx" else contextlib.nullcontext():
         _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite)
 
 
@@ -298,7 +301,6 @@ def _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, 
                                            overwrite=overwrite)
 
 
-@private_tmpdir()  # onnxruntime and torch.export drop files into $TMPDIR
 def verify_checkpoint(
     checkpoint: str | Path,
     deployed: str | Path,
@@ -310,6 +312,16 @@ def verify_checkpoint(
     ema: bool = False,
 ) -> dict:
     """Compare a training checkpoint with a deploy file (reparam safetensors, TorchScript, pt2 or ONNX)."""
+    try:
+        onnx = deploy_format_of(deployed) == "onnx"
+    except Exception:  # noqa: BLE001 - reported with its own sentence below
+        onnx = False
+    with private_tmpdir() if onnx else contextlib.nullcontext():  # onnxruntime drops .ses into $TMPDIR
+        return _verify_checkpoint(checkpoint, deployed, spec, verify_options=verify_options,
+                                  trust_pickle=trust_pickle, progress=progress, ema=ema)
+
+
+def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pickle, progress, ema) -> dict:
     spec = as_spec(spec)
     opts = verify_options or VerifyOptions()
     progress("reading checkpoint")
