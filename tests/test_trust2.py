@@ -397,10 +397,11 @@ def test_no_vendored_click_internals():
 
 
 @pytest.mark.skipif(not os.environ.get("REPARAM_OTHER_TYPER_PYTHON"),
-                    reason="set REPARAM_OTHER_TYPER_PYTHON to a python with another typer (scripts/corpus_other_typer.sh)")
+                    reason="set REPARAM_OTHER_TYPER_PYTHON (and REPARAM_OTHER_TYPER_DIR, a pip --target folder "
+                           "with another typer): see scripts/corpus_other_typer.sh")
 def test_corpus_on_other_typer():
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "corpus_other_typer.sh"), os.environ["REPARAM_OTHER_TYPER_PYTHON"]],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "corpus_other_typer.sh"), os.environ["REPARAM_OTHER_TYPER_PYTHON"],
+                        os.environ.get("REPARAM_OTHER_TYPER_DIR", "")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
