@@ -41,11 +41,15 @@ def assert_equivalent(model: nn.Module, input_shape, rtol: float = 1e-5, dtype=t
 
 def run_cli(*args, stdin: bytes | None = None):
     """Invoke the `reparam` CLI in-process; the result has exit_code, stdout and stderr."""
+    import inspect
+
     from typer.testing import CliRunner
 
     from reparam_cli.commands.app import app
 
-    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+    # click < 8.2 (under the oldest typer allowed) mixes stderr into stdout unless told not to
+    separate = {"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters else {}
+    return CliRunner(**separate).invoke(app, [str(a) for a in args], input=stdin)
 
 
 # A tiny RepVGG (five RepVGGBlocks, 32x32 inputs): converts in well under a second.

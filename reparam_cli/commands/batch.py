@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from reparam_cli.commands.common import (AtolOpt, DynamicShapesOpt, EXIT_MISMATCH, EXIT_OK, LayoutOpt, NoGraphOpt,
+from reparam_cli.commands.common import (AtolOpt, DynamicShapesOpt, EXIT_MISMATCH, EXIT_OK, LayoutOpt, AllowNonfiniteOpt, NoGraphOpt,
                                          NoVerifyOpt, RtolOpt, SamplesOpt, SeedOpt, ShapeOpt, SpecOpt, TrustOpt,
                                          echo_json, guarded, precheck, stderr_console, verify_options)
 
@@ -41,6 +41,7 @@ def batch(
     input_shape: Optional[str] = ShapeOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     trust_pickle: bool = TrustOpt,
+    allow_nonfinite: bool = AllowNonfiniteOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary (with every manifest line) on stdout."),
     dynamic_shapes: str = DynamicShapesOpt,
     no_graph: bool = NoGraphOpt,
@@ -76,7 +77,8 @@ def batch(
         options = ConvertOptions.of(fmt=fmt, verify=not no_verify,
                                     verify_options=verify_options(samples, seed, rtol, atol, input_shape),
                                     overwrite=overwrite, trust_pickle=trust_pickle, dynamic_shapes=dynamic_shapes,
-                                    graph=not no_graph, layout=layout, strict=strict)
+                                    graph=not no_graph, layout=layout, strict=strict,
+                                    allow_nonfinite=allow_nonfinite)
         shard_ = Shard.parse(shard)
         reporter = None if as_json else Reporter(console)
         try:

@@ -26,11 +26,23 @@ SpecOpt = typer.Option(..., "--spec", "-s", metavar="SPEC", help="Model spec: a 
                                                  "a Python file exposing build_model() (file.py[:function]), or "
                                                  "timm:MODEL[?arg=value&...] (needs the timm extra).")
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON object on stdout instead of a table on stderr.")
+def _finite_tolerance(value: Optional[float]) -> Optional[float]:
+    """--rtol/--atol: NaN or infinity would make every comparison pass or fail: a usage error."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 RtolOpt = typer.Option(None, "--rtol", metavar="X", help="Relative tolerance, scaled by the output's magnitude "
-                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0)
+                                            "[default: 1e-4 for float32, 2e-2 for float16].", min=0.0,
+                       callback=_finite_tolerance)
 AtolOpt = typer.Option(None, "--atol", metavar="X", help="Absolute tolerance added to rtol * max|output| [default: 1e-6 for float32].",
-                       min=0.0)
-SeedOpt = typer.Option(0, "--seed", metavar="N", help="Seed of the random verification inputs.")
+                       min=0.0, callback=_finite_tolerance)
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; negative seeds are not reproducible across versions
+SeedOpt = typer.Option(0, "--seed", metavar="N", help="Seed of the random verification inputs (0 to 2**63-1).",
+                       min=0, max=SEED_MAX)
 SamplesOpt = typer.Option(1, "--samples", metavar="N", help="Number of random batches to verify on.", min=1)
 ShapeOpt = typer.Option(None, "--input-shape", metavar="N,C,H,W", help="Verification input shape, e.g. 2,3,64,64 "
                                                     "[default: the spec's input_shape].")
@@ -58,6 +70,8 @@ LayoutOpt = typer.Option("default", "--layout", metavar="LAYOUT", help="Deploy l
                          "methods, then the graph pass wherever a fold gains something) or reference (the papers' "
                          "deploy models key for key: recipes and native methods only, as --no-graph). Recorded in "
                          "the deploy file; the report says when the default differs from the reference.")
+AllowNonfiniteOpt = typer.Option(False, "--allow-nonfinite", help="Convert a checkpoint holding NaN or infinite "
+                                 "values (by default an error naming the first such tensor, --no-verify too).")
 StrictOpt = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) when anything foldable is left: "
                                                  "BatchNorms, untraceable modules, unfoldable regions.")
 
@@ -142,6 +156,10 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
     except SystemExit as exc:
         fail(f"code run for the spec called sys.exit({exc.code!r})", as_json)
     except Exception as exc:
+        from reparam_cli.io.signals import received
+
+        if received() is not None:  # a signal came first (and was swallowed, e.g. inside an import)
+            interrupted(received(), as_json)
         if os.environ.get("REPARAM_DEBUG"):
             raise
         fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "

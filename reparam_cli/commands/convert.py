@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from reparam_cli.commands.common import (AtolOpt, CONVERT_ROWS, DtypeOpt, DynamicShapesOpt, EmaOpt, FormatOpt,
+from reparam_cli.commands.common import (AllowNonfiniteOpt, AtolOpt, CONVERT_ROWS, DtypeOpt, DynamicShapesOpt, EmaOpt, FormatOpt,
                                          JsonOpt, LayoutOpt, LinearAsConvOpt, NoGraphOpt, NoVerifyOpt, RtolOpt, SamplesOpt,
                                          SeedOpt, ShapeOpt, SpecOpt, StrictOpt, TrustOpt, fail, precheck,
                                          refuse_json_on_stdout, run_action, verify_options)
@@ -35,6 +35,7 @@ def convert(
     input_shape: Optional[str] = ShapeOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     trust_pickle: bool = TrustOpt,
+    allow_nonfinite: bool = AllowNonfiniteOpt,
     as_json: bool = JsonOpt,
     linear_as_conv: bool = LinearAsConvOpt,
     dynamic_shapes: str = DynamicShapesOpt,
@@ -78,7 +79,7 @@ def convert(
 
         options = ConvertOptions.of(fmt=fmt, verify=not no_verify,
                                     verify_options=verify_options(samples, seed, rtol, atol, input_shape),
-                                    overwrite=overwrite, trust_pickle=trust_pickle, linear_as_conv=linear_as_conv,
+                                    overwrite=overwrite, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite, linear_as_conv=linear_as_conv,
                                     dtype=dtype, ema=ema, dynamic_shapes=dynamic_shapes, graph=not no_graph,
                                     layout=layout, strict=strict, equalize=equalize)
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)

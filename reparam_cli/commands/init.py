@@ -17,7 +17,8 @@ def init(
     spec: str = typer.Argument(..., metavar="SPEC", help="Model spec: built-in name, YAML file or Python file."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Checkpoint to write (.pth or "
                                 ".safetensors)."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for the random weights and BatchNorm statistics."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for the random weights and BatchNorm statistics (0 to 2**63-1).",
+                             min=0, max=2**63 - 1),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     as_json: bool = JsonOpt,
 ) -> None:

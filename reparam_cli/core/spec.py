@@ -208,6 +208,66 @@ TIMM_BUILDERS = ("timm:create_model", "timm.models:create_model")
 _BUILDER_ALIASES = {name: "reparam_cli.ecosystems.timm:timm_create_model" for name in TIMM_BUILDERS}
 
 
+# A spec is a few lines: these bounds stop a hostile YAML file (alias bombs, deep nesting) early.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_NODES = 100_000  # nodes after alias expansion
+YAML_MAX_EXPANSION = 10  # expanded nodes / distinct nodes
+
+
+def _expanded_size(root) -> tuple[int, int]:
+    """(distinct nodes, nodes after expanding every alias) of a composed YAML node graph, each node
+    visited once (memoised), without recursion."""
+    import yaml
+
+    size: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        if done:
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+    return len(size), size[id(root)]
+
+
+def load_yaml(text: str, what: str):
+    """YAML text as data (safe types only) within a budget: at most YAML_MAX_BYTES, and aliases may
+    expand the document to at most YAML_MAX_EXPANSION times its distinct nodes (and YAML_MAX_NODES).
+    SpecError otherwise, or when it does not parse."""
+    import yaml
+
+    if len(text) > YAML_MAX_BYTES:
+        raise SpecError(f"{what} is larger than {YAML_MAX_BYTES >> 20} MiB: not a spec")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        distinct, expanded = _expanded_size(node)
+        if expanded > YAML_MAX_NODES or expanded > YAML_MAX_EXPANSION * distinct + 1000:
+            raise SpecError(f"{what}: its aliases expand {distinct:,} YAML nodes to {expanded:,} "
+                            "(an alias bomb?)", hint="write the values out, without anchors and aliases")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise SpecError(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise SpecError(f"{what}: {first_line(str(exc))}") from None
+    finally:
+        loader.dispose()
+
+
+QUERY_MAX_CHARS = 4096  # a spec reference's `?key=value&...`: keyword arguments, not data
+
+
 def parse_query(query: str, ref: str) -> dict[str, Any]:
     """`key=value&key=value` (the part of a spec reference after `?`) -> keyword arguments, values
     parsed as YAML scalars or lists (`nc=3` -> 3, `depths=[1,2]` -> [1, 2])."""
@@ -216,13 +276,20 @@ def parse_query(query: str, ref: str) -> dict[str, Any]:
     import yaml
 
     args: dict[str, Any] = {}
+    if len(query) > QUERY_MAX_CHARS:
+        raise SpecError(f"spec {ref[:60]!r}...: its ?key=value arguments are longer than {QUERY_MAX_CHARS} characters")
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise SpecError(f"spec {ref!r}: arguments must look like ?key=value&key=value") from None
     for key, value in pairs:
+        if not key.isidentifier():
+            raise SpecError(f"spec {ref!r}: argument name {key!r} is not a keyword argument name",
+                            hint="arguments look like ?key=value&key=value, each key a Python identifier")
         try:
-            args[key] = yaml.safe_load(value) if value else None
+            args[key] = load_yaml(value, f"argument {key!r} of spec {ref!r}") if value else None
+            if isinstance(args[key], int) and not isinstance(args[key], bool) and abs(args[key]) >= 1 << 63:
+                raise SpecError(f"spec {ref!r}: argument {key} is out of range (more than 64 bits)")
         except yaml.YAMLError:
             args[key] = value
     return args

@@ -98,6 +98,61 @@ class AttributeSnapshot:
                     _put_back(value, contents)
 
 
+def nonfinite_key(state: dict[str, Any]) -> str | None:
+    """The first key of a state dict whose tensor holds a NaN or an infinity, else None."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.device.type != "meta" and not all_finite(value):
+            return key
+    return None
+
+
+def _fingerprint(t: Tensor) -> float | None:
+    """A cheap content check of a tensor (its float64 sum), None on the meta device."""
+    if t.device.type == "meta":
+        return None
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    with torch.no_grad():
+        return float(t.detach().sum(dtype=torch.float64)) if t.numel() else 0.0
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a == b or (a is not None and b is not None and a != a and b != b)
+
+
+class TensorGuard:
+    """The parameters and buffers of some models, checked after forward passes: none may have been
+    replaced or changed in place (version counters, a pass over nothing), and `check_contents`
+    compares a float64 sum of each (which also catches writes through `.data`). A forward that
+    changes its own weights would otherwise change what is verified and written."""
+
+    def __init__(self, *models: tuple[str, nn.Module], contents: bool = True):
+        self.entries: list[tuple[str, dict, str, Tensor, int, float | None]] = []
+        seen: set[int] = set()
+        for label, model in models:
+            if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+                continue
+            for prefix, m in model.named_modules(remove_duplicate=False):
+                for table in (m._parameters, m._buffers):
+                    for name, t in table.items():
+                        if t is None or (id(table), name) in seen:
+                            continue
+                        seen.add((id(table), name))
+                        self.entries.append((f"{label} tensor {prefix + '.' if prefix else ''}{name}", table, name, t,
+                                             t._version, _fingerprint(t) if contents else None))
+
+    def changed(self, contents: bool = False) -> str | None:
+        """What was changed (the model and the tensor's path, and how), else None."""
+        for label, table, name, t, version, fingerprint in self.entries:
+            if table.get(name) is not t:
+                return f"{label} (replaced it)"
+            if t._version != version:
+                return f"{label} in place"
+            if contents and not _same(_fingerprint(t), fingerprint):
+                return f"{label} (through .data)"
+        return None
+
+
 def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
     """Move every BatchNorm's statistics and affine parameters away from their defaults, so a fused
     model is tested on non-trivial BN folding (defaults make BN nearly the identity)."""

@@ -51,7 +51,7 @@ from reparam_cli.blocks.common import conv_bn_kernel, conv_bn_lazy
 from reparam_cli.blocks.registry import recipe
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import quiet_logger
-from reparam_cli.core.spec import ModelSpec, library_ref
+from reparam_cli.core.spec import ModelSpec, library_ref, load_yaml
 from reparam_cli.errors import NotEquivalent, SpecError
 
 FAMILY = "ultralytics"
@@ -288,8 +288,8 @@ def _own_yaml(cfg: str) -> str | dict:
     import yaml
 
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        config = load_yaml(path.read_text(), f"ultralytics model configuration {cfg}")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SpecError(f"cannot read ultralytics model configuration {cfg}: {exc}") from None
     if not isinstance(config, dict):
         raise SpecError(f"ultralytics model configuration {cfg} is not a mapping")

@@ -18,7 +18,7 @@ def decode_metadata(raw: dict[str, str]) -> dict[str, object]:
             continue
         try:
             meta[k[len(META_PREFIX):]] = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             meta[k[len(META_PREFIX):]] = v
     return meta
 

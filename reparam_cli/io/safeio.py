@@ -289,6 +289,8 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_target(path, overwrite)
     fd = _open_unnamed(path.parent)
     if fd is not None:
+        if overwrite:  # the replace step names a hidden temporary: a run killed there leaves it for this one
+            clean_stale_temps(path.parent)
         tmp = Path(f"/proc/self/fd/{fd}")
     else:  # only here can earlier runs have left named temporaries (a listing per output costs)
         clean_stale_temps(path.parent)
@@ -409,3 +411,42 @@ def check_input_file(path: str | Path, what: str = "checkpoint") -> os.stat_resu
         raise CheckpointError(f"{path} is a sparse file ({st.st_size:,} bytes, {allocated:,} of them on disk), "
                               f"not a {what}")
     return st
+
+
+_PRIVATE = re.compile(r"^\.reparam-private-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+@contextlib.contextmanager
+def private_tmpdir() -> Iterator[Path]:
+    """Within the block, $TMPDIR (TMP, TEMP, tempfile.tempdir) and torch's compile cache point at a
+    private folder that is removed afterwards: what exporters and runtimes drop there (onnxruntime's
+    `.ses`, torch inductor's cache) does not outlive the run. Folders of killed runs of this host are
+    removed by the next one."""
+    import shutil
+    import tempfile
+
+    base = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            m = _PRIVATE.match(entry.name)
+            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    folder = Path(base) / f".reparam-private-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(mode=0o700)
+    keys = ("TMPDIR", "TMP", "TEMP", "TORCHINDUCTOR_CACHE_DIR")
+    saved_env, saved_dir = {k: os.environ.get(k) for k in keys}, tempfile.tempdir
+    try:
+        for k in keys[:3]:
+            os.environ[k] = str(folder)
+        if saved_env["TORCHINDUCTOR_CACHE_DIR"] is None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+        tempfile.tempdir = str(folder)
+        yield folder
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tempfile.tempdir = saved_dir
+        shutil.rmtree(folder, ignore_errors=True)

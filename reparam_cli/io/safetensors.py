@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from reparam_cli.errors import CheckpointError, OutputError
@@ -108,23 +107,103 @@ def _write(path: str | Path, tensors: Callable[[], dict[str, Tensor]], metadata:
             check(tmp)
 
 
+HEADER_MAX_BYTES = 100 << 20  # the format's own limit
+JSON_MAX_DEPTH = 64  # nesting in a header (tensor entries are 3 deep; reparam's metadata values a few more)
+
+
+def _json_depth(text: bytes | str, limit: int = JSON_MAX_DEPTH) -> bool:
+    """Whether JSON text nests no deeper than `limit` (brackets outside strings), without recursion."""
+    import re
+
+    depth = 0
+    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]' if isinstance(text, bytes) else r'"(?:[^"\\]|\\.)*"|[\[\]{}]',
+                             text):
+        c = token.group()[:1]
+        if c in (b"[", b"{", "[", "{"):
+            depth += 1
+            if depth > limit:
+                return False
+        elif c in (b"]", b"}", "]", "}"):
+            depth -= 1
+    return True
+
+
+def load_json(text: bytes | str, what: str) -> object:
+    """JSON from a file's header or metadata, nested at most JSON_MAX_DEPTH deep (CheckpointError otherwise)."""
+    if not _json_depth(text):
+        raise CheckpointError(f"{what}: its JSON nests deeper than {JSON_MAX_DEPTH} levels: not a file reparam reads")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{what}: bad JSON ({type(exc).__name__})") from None
+
+
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file (one line for a file that is not valid safetensors)."""
-    from safetensors.torch import load_file
+    """Every tensor of a safetensors file (one line for a file that is not valid safetensors).
+
+    The file is read into memory (never memory-mapped: a file truncated while mapped would kill
+    the process with SIGBUS) and each tensor is a view of that one buffer after the header is
+    checked as the format requires (known dtypes, offsets inside the file, sizes matching shapes)."""
+    import math
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"cannot read {path} as safetensors: {why}")
 
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size <= 0 or size > HEADER_MAX_BYTES:
+                raise bad("header size out of range")
+            raw_header = f.read(size)
+            if len(raw_header) != size:
+                raise bad("file ends inside its header")
+            header = load_json(raw_header, f"cannot read {path} as safetensors")
+            if not isinstance(header, dict):
+                raise bad("header is not a JSON object")
+            header.pop("__metadata__", None)
+            entries = []
+            end_max = 0
+            for name, info in header.items():
+                if not isinstance(info, dict) or info.get("dtype") not in DTYPE_NAMES:
+                    raise bad(f"tensor {name!r} has no known dtype")
+                shape, offsets = info.get("shape"), info.get("data_offsets")
+                if (not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape)
+                        or not isinstance(offsets, list) or len(offsets) != 2
+                        or not all(isinstance(n, int) for n in offsets) or not 0 <= offsets[0] <= offsets[1]):
+                    raise bad(f"tensor {name!r} has a bad shape or offsets")
+                dtype = _torch_dtype(info["dtype"])
+                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                if offsets[1] - offsets[0] != nbytes:
+                    raise bad(f"tensor {name!r}: its offsets do not match its shape")
+                entries.append((name, dtype, shape, offsets))
+                end_max = max(end_max, offsets[1])
+            data = bytearray(end_max)
+            got = f.readinto(memoryview(data)) if end_max else 0
+            if got != end_max:
+                raise bad(f"file ends {end_max - got:,} bytes early (truncated?)")
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, OverflowError, MemoryError) as exc:
+        raise bad(f"{type(exc).__name__}: {exc}") from None
+    out: dict[str, Tensor] = {}
+    for name, dtype, shape, (begin, end) in entries:
+        if begin == end:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin)
+        itemsize = raw.new_empty((), dtype=dtype).element_size()
+        if begin % itemsize:
+            raw = raw.clone()  # unaligned: a copy of its own
+        out[name] = raw.view(dtype).view(shape)
+    return out
 
 
 def read_metadata(path: str | Path) -> dict[str, object]:
-    """reparam's metadata from a safetensors deploy file (JSON values decoded)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+    """reparam's metadata from a safetensors deploy file (JSON values decoded), from its header alone
+    (any file name: the library's own reader refuses names that are not UTF-8)."""
+    _, raw = read_header(Path(path))
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise CheckpointError(f"cannot read {path} as safetensors: its metadata is not a mapping of strings")
     return decode_metadata(raw)
 
 
@@ -133,13 +212,15 @@ def read_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+            header = load_json(f.read(size), f"cannot read {path} as safetensors")
         metadata = header.pop("__metadata__", None) or {}
         tensors = {
             name: torch.empty(info["shape"], device="meta",
                               dtype=_torch_dtype(info["dtype"]))
             for name, info in header.items()
         }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, MemoryError) as exc:
         raise CheckpointError(f"cannot read {path} as safetensors: bad header ({type(exc).__name__})") from None
     return tensors, metadata

@@ -45,7 +45,17 @@ class Interrupted(BaseException):
 CLEANUP_SECONDS = 10.0  # how long the cleanup may take before the process is ended anyway
 
 
+RECEIVED: list[int] = []  # the signal that raised Interrupted, once one has
+
+
+def received() -> "Interrupted | None":
+    """The interruption that already happened, if any: an error that follows it (an import cut in half
+    that fails again: "cannot load module more than once per process") is that interruption."""
+    return Interrupted(RECEIVED[0]) if RECEIVED else None
+
+
 def _raise(signum: int, frame) -> None:
+    RECEIVED.append(signum)
     for sig in HANDLED:  # no second interruption in the middle of the cleanup
         signal.signal(sig, signal.SIG_IGN)
     # The exception may land where it is swallowed (a __del__, a library's bare `except:`): then the
@@ -72,6 +82,7 @@ def interrupts_as_exceptions() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    RECEIVED.clear()
     old = {sig: signal.getsignal(sig) for sig in HANDLED}
     for sig, handler in old.items():
         if handler is not signal.SIG_IGN:

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from reparam_cli.errors import CheckpointError
+
 
 class Placeholder:
     """An object of a class that was not loaded. `_pickled` holds what the pickle gave it:
@@ -119,20 +121,39 @@ def restricted_load(path: str | Path, *, mmap: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle, mmap=mmap)
 
 
+WALK_BUDGET = 1_000_000  # containers and values a walk of a loaded checkpoint looks at, at most
+
+
 def placeholders(obj: Any, where: str = "", depth: int = 0) -> list[tuple[str, str]]:
     """(location, "module.Class") of each placeholder in `obj`, searching dicts, lists and tuples
-    (not inside placeholders, not deeper than 6 levels). A location is a dotted key path."""
-    if isinstance(obj, Placeholder):
-        return [(where or "<root>", obj.qualified_name())]
-    if depth >= 6:
-        return []
+    (not inside placeholders, not deeper than 6 levels). A location is a dotted key path (the first
+    one found: every object is visited once, so shared references cost nothing; a walk of more than
+    WALK_BUDGET objects raises CheckpointError)."""
     found: list[tuple[str, str]] = []
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            found += placeholders(value, f"{where}.{key}" if where else str(key), depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            found += placeholders(value, f"{where}[{i}]", depth + 1)
+    seen: set[int] = set()
+    stack = [(obj, where, depth)]
+    visited = 0
+    while stack:
+        value, path, level = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        visited += 1
+        if visited > WALK_BUDGET:
+            raise CheckpointError(f"the checkpoint's pickle holds more than {WALK_BUDGET:,} objects outside its "
+                                  "tensors: not a checkpoint reparam reads")
+        if isinstance(value, Placeholder):
+            found.append((path or "<root>", value.qualified_name()))
+            continue
+        if level >= 6:
+            continue
+        if isinstance(value, Mapping):
+            children = [(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            children = [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend((v, p, level + 1) for v, p in reversed(children))
     return found
 
 
@@ -152,14 +173,21 @@ def is_module_placeholder(obj: Any) -> bool:
     return _module_state(obj) is not None
 
 
-def module_state_dict(obj: Any, prefix: str = "", _ancestors: frozenset[int] = frozenset()) -> dict[str, Tensor]:
+def module_state_dict(obj: Any, prefix: str = "", _ancestors: frozenset[int] = frozenset(),
+                      _budget: list[int] | None = None) -> dict[str, Tensor]:
     """The flat state dict of a pickled module read as placeholders: parameters and persistent
     buffers of it and its submodules, keyed as `nn.Module.state_dict()` keys them. Entries that are
-    not what a module pickles (crafted files) are passed over, and so is a module inside itself."""
+    not what a module pickles (crafted files) are passed over, and so is a module inside itself; a
+    module shared by many parents is listed under each name, within WALK_BUDGET entries in all."""
     state = _module_state(obj)
     if state is None:
         raise TypeError(f"{obj!r} is not a pickled nn.Module")
     ancestors = _ancestors | {id(obj)}
+    budget = _budget if _budget is not None else [WALK_BUDGET]
+    budget[0] -= 1
+    if budget[0] < 0 or len(ancestors) > 1000:
+        raise CheckpointError(f"the pickled model's submodules unfold into more than {WALK_BUDGET:,} entries "
+                              "(or nest deeper than 1000): not a model reparam reads")
 
     def entries(key: str) -> list[tuple[str, Any]]:
         value = state.get(key)
@@ -176,7 +204,7 @@ def module_state_dict(obj: Any, prefix: str = "", _ancestors: frozenset[int] = f
             out[prefix + name] = value
     for name, child in entries("_modules"):
         if is_module_placeholder(child) and id(child) not in ancestors:
-            out.update(module_state_dict(child, f"{prefix}{name}.", ancestors))
+            out.update(module_state_dict(child, f"{prefix}{name}.", ancestors, budget))
         elif isinstance(child, torch.nn.Module):
             out.update({f"{prefix}{name}.{k}": v for k, v in child.state_dict().items()})
     return out

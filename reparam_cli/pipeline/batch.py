@@ -92,7 +92,7 @@ class Shard:
 
     def takes(self, relpath: str) -> bool:
         """Whether this shard owns `relpath` (POSIX, relative to the input folder)."""
-        digest = hashlib.sha256(relpath.encode("utf-8")).digest()
+        digest = hashlib.sha256(relpath.encode("utf-8", "surrogateescape")).digest()
         return int.from_bytes(digest[:8], "big") % self.count == self.index
 
     @property
@@ -112,7 +112,7 @@ def _is_deploy_output(path: Path) -> bool:
             if not 2 <= size < 1 << 26:
                 return False
             header = json.loads(f.read(size))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False  # unreadable: let the conversion report it
 
     meta = header.get("__metadata__") if isinstance(header, dict) else None
@@ -211,13 +211,18 @@ def output_names(relpaths: list[str], fmt: str) -> dict[str, str]:
             base += "." + hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         return (p.parent / f"{base}.deploy{suffix}").as_posix()
 
+    import unicodedata
+
+    def fold(name: str) -> str:  # what case-insensitive, normalising filesystems (APFS, NTFS) compare
+        return unicodedata.normalize("NFC", name).casefold()
+
     rels = sorted(set(relpaths))
-    folders = {parent.as_posix().casefold() for rel in rels for parent in Path(rel).parents if parent != Path(".")}
+    folders = {fold(parent.as_posix()) for rel in rels for parent in Path(rel).parents if parent != Path(".")}
     level = {rel: 0 for rel in rels}
     while True:  # each round raises a level, so this ends (at most 2 rounds per input)
         owners: dict[str, list[str]] = {}
         for rel in rels:
-            owners.setdefault(candidate(rel, level[rel]).casefold(), []).append(rel)
+            owners.setdefault(fold(candidate(rel, level[rel])), []).append(rel)
         moved = False
         for key, group in owners.items():
             if len(group) == 1 and key not in folders:
@@ -232,7 +237,7 @@ def output_names(relpaths: list[str], fmt: str) -> dict[str, str]:
         if not moved:
             break
     out = {rel: candidate(rel, level[rel]) for rel in rels}
-    keys = [name.casefold() for name in out.values()]
+    keys = [fold(name) for name in out.values()]
     if len(set(keys)) != len(keys) or folders & set(keys):
         raise BatchError("cannot give every input its own output name", hint="rename inputs that differ only in case")
     return {rel: out[rel] for rel in relpaths}
@@ -358,7 +363,7 @@ class Manifest:
 
     def _open_locked(self):
         for _ in range(5):
-            f = open(self.partial, "a+", encoding="utf-8")
+            f = _open_regular(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND)
             try:
                 import fcntl
             except ImportError:  # not POSIX: no lock
@@ -371,7 +376,7 @@ class Manifest:
                                  hint="wait for it, or give this run its own --output-dir or --shard") from None
             # The holder may have renamed the file into place between our open and our lock.
             try:
-                if os.stat(self.partial).st_ino == os.fstat(f.fileno()).st_ino:
+                if os.lstat(self.partial).st_ino == os.fstat(f.fileno()).st_ino:
                     return f
             except FileNotFoundError:
                 pass
@@ -444,11 +449,36 @@ def _usable(e: Any) -> bool:
             and (e.get("format") is None or isinstance(e.get("format"), str)))
 
 
-def _manifest_lines(path: Path, junk: list[str]) -> list[Any]:
-    """The parsed lines of one manifest file; a line that is not a JSON object is counted in `junk`."""
+def _open_regular(path: Path, flags: int):
+    """A text file object on the regular file `path` (opened with `flags`), never through a symlink
+    (O_NOFOLLOW: a link planted as the manifest or its partial file is refused, not followed) and
+    never a FIFO or device (O_NONBLOCK, then checked)."""
+    import stat
+
     try:
-        data = path.read_bytes()
-    except OSError:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BatchError(f"{path} is a symbolic link: reparam does not follow links in its output folder",
+                             hint="remove it") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BatchError(f"{path} is not a regular file", hint="remove it")
+        os.set_blocking(fd, True)
+        return open(fd, "a+" if flags & os.O_APPEND else "r", encoding="utf-8", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _manifest_lines(path: Path, junk: list[str]) -> list[Any]:
+    """The parsed lines of one manifest file; a line that is not a JSON object is counted in `junk`.
+    A symlink, FIFO or device in its place is not read."""
+    try:
+        with _open_regular(path, os.O_RDONLY) as f:
+            data = f.buffer.read()
+    except (OSError, BatchError):
         return []
     lines = []
     for raw in data.splitlines():

@@ -10,6 +10,8 @@ Pipes (`-` for stdin/stdout) live in pipes.py, `reparam inspect` in inspection.p
 
 from __future__ import annotations
 
+import contextlib
+
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,12 +21,12 @@ from torch import nn
 from reparam_cli._version import __version__
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
-from reparam_cli.core.tensors import count_parameters, randomize_batchnorm, release_tensors
-from reparam_cli.errors import Incomplete, OutputError, ReparamError, VerificationFailed
+from reparam_cli.core.tensors import count_parameters, nonfinite_key, randomize_batchnorm, release_tensors
+from reparam_cli.errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
 from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
 from reparam_cli.io.formats import SUFFIX
-from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer
+from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer, private_tmpdir
 from reparam_cli.io.safetensors import read_metadata, write_safetensors, write_state_safetensors
 from reparam_cli.io.sniff import deploy_format_of
 from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, fuse_options_of, load_deployed_any,
@@ -91,6 +93,11 @@ def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: Co
         raise _pass_error(exc, shape) from exc.exc
 
 
+def _printable(name: str) -> str:
+    """A file name as valid UTF-8 text (bytes that are not UTF-8 as \\xNN): what file metadata can hold."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def convert_checkpoint(
     checkpoint: str | Path,
     spec: ModelSpec | str,
@@ -143,6 +150,10 @@ def convert_checkpoint(
     hasher.shutdown(wait=False)
     progress("reading checkpoint")
     train, ckpt = read_training_model(checkpoint, spec, trust_pickle=o.trust_pickle, ema=o.ema)
+    bad = None if o.allow_nonfinite else nonfinite_key(ckpt.state)
+    if bad is not None:
+        raise CheckpointError(f"{checkpoint}: tensor {bad} holds NaN or infinite values; nothing was written",
+                              hint="pass --allow-nonfinite to convert it anyway")
     named = spec.name
     spec = ckpt.rebuild_spec or spec  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
     if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
@@ -205,7 +216,7 @@ def convert_checkpoint(
     del train
     ckpt.state = {}
     progress(f"writing {fmt}")
-    metadata = {"version": __version__, "spec": spec.to_json(), "source": source_name or checkpoint.name,
+    metadata = {"version": __version__, "spec": spec.to_json(), "source": _printable(source_name or checkpoint.name),
                 "blocks": conv_report.blocks, "dtype": report["dtype"], "verification": _verification_dict(result)}
     if source_sha256 is not None:
         metadata["source_sha256"] = source_sha256.result()
@@ -304,6 +315,12 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                           overwrite=overwrite)
         return
 
+    # torch.onnx and onnxruntime drop files into $TMPDIR (.ses, torchinductor_*): a folder reparam removes
+    with private_tmpdir() if fmt == "onnx" else contextlib.nullcontext():
+        _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite)
+
+
+def _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite) -> None:
     args, kwargs = cast_floating(call64, dtype)
     if kwargs:
         raise OutputError(f"the spec's input hook passes keyword arguments, which a {fmt} file cannot take",
@@ -333,6 +350,16 @@ def verify_checkpoint(
     ema: bool = False,
 ) -> dict:
     """Compare a training checkpoint with a deploy file (reparam safetensors, TorchScript, pt2 or ONNX)."""
+    try:
+        onnx = deploy_format_of(deployed) == "onnx"
+    except Exception:  # noqa: BLE001 - reported with its own sentence below
+        onnx = False
+    with private_tmpdir() if onnx else contextlib.nullcontext():  # onnxruntime drops .ses into $TMPDIR
+        return _verify_checkpoint(checkpoint, deployed, spec, verify_options=verify_options,
+                                  trust_pickle=trust_pickle, progress=progress, ema=ema)
+
+
+def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pickle, progress, ema) -> dict:
     spec = as_spec(spec)
     opts = verify_options or VerifyOptions()
     progress("reading checkpoint")

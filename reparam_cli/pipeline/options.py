@@ -107,6 +107,7 @@ class ConvertOptions:
     graph: bool = True  # the graph pass; batch records it per manifest line, resume compares it
     strict: bool = False  # anything foldable left: fail, nothing written
     equalize: bool = False  # cross-layer equalization of the deploy model (for int8), verified end to end
+    allow_nonfinite: bool = False  # NaN/Inf in the checkpoint: an error unless allowed (--allow-nonfinite)
     layout: str = "default"  # LAYOUTS; "reference" implies graph=False (set here)
 
     def __post_init__(self) -> None:

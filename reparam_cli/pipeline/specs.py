@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reparam_cli.core.spec import (CHECKPOINT_SPEC, DEFAULT_INPUT_SHAPE, ModelSpec, TIMM_BUILDERS, TIMM_PREFIX,
-                                   _import_file, _shape, checkpoint_spec, parse_query)
+                                   _import_file, _shape, checkpoint_spec, load_yaml, parse_query)
 from reparam_cli.errors import SpecError
 from reparam_cli.extras import EXTRAS, require_extra
 
@@ -51,11 +51,27 @@ _KNOWN_KEYS = {"name", "description", "builder", "args", "input_shape", "checkpo
                "inputs"}
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+
+
+def is_builtin_name(name: str) -> bool:
+    """Whether `name` is a built-in spec's name: a plain name (no path separator, no `..`, nothing
+    hidden) that is in the catalogue. A name is never read as a path."""
+    return bool(_NAME.fullmatch(name)) and ".." not in name and name in builtin_names()
+
+
+def builtin_path(name: str) -> Path:
+    """The YAML file of built-in spec `name`; SpecError when the name is not in the catalogue."""
+    if not is_builtin_name(name):
+        raise SpecError(f"unknown spec {name!r}", hint=suggest_spec_names(name))
+    return SPECS_DIR / f"{name}.yaml"
+
+
 def builtin_data(name: str) -> dict:
     """A built-in spec's YAML as data (for keys a ModelSpec does not carry, such as `family`)."""
-    import yaml
+    return load_yaml(builtin_path(name).read_text(), f"spec {name}") or {}
 
-    return yaml.safe_load((SPECS_DIR / f"{name}.yaml").read_text()) or {}
+
 
 
 def builtin_names() -> list[str]:
@@ -86,7 +102,7 @@ def load_spec(ref: str) -> ModelSpec:
         spec = _yaml_spec(path, source=str(path.resolve()))
     else:
         check_spec_ref(ref)  # unknown names: suggestions
-        spec = _yaml_spec(SPECS_DIR / f"{base}.yaml", source=base)
+        spec = _yaml_spec(builtin_path(base), source=base)
     if args:  # `repvgg-a0?num_classes=10`: override the builder's keyword arguments
         spec.args = {**spec.args, **args}
         spec.name, spec.source = f"{spec.name}?{query}", f"{spec.source}?{query}"
@@ -122,8 +138,10 @@ def check_spec_ref(ref: str) -> None:
         if not Path(base).is_file():
             raise SpecError(f"spec file not found: {base}")
         return
-    if ":" in base or base in _NAMED_REFS or (SPECS_DIR / f"{base}.yaml").is_file():
-        return  # an ecosystem prefix (resolved by load_spec) or a built-in
+    if base in _NAMED_REFS or is_builtin_name(base):
+        return  # a built-in
+    if ":" in base and "/" not in base.partition(":")[0] and ".." not in base.partition(":")[0]:
+        return  # an ecosystem prefix (resolved by load_spec)
     raise SpecError(f"unknown spec {base!r}", hint=suggest_spec_names(base))
 
 
@@ -151,8 +169,8 @@ def _yaml_spec(path: Path, source: str) -> ModelSpec:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = load_yaml(path.read_text(), f"spec {path}")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SpecError(f"cannot read spec {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or "builder" not in data:
         raise SpecError(f"spec {path} must be a mapping with at least a 'builder' key")

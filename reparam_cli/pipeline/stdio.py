@@ -36,6 +36,8 @@ def is_stdio(path: str | Path | None) -> bool:
 def _stdin_head(stdin=None):
     """(stream, its first 16 bytes, their format): refuses a terminal and what is not a checkpoint."""
 
+    if stdin is None and (sys.stdin is None or getattr(sys.stdin, "closed", False)):
+        raise CheckpointError("stdin is closed: no checkpoint to read", hint="pipe one in, e.g. `< model.pth`")
     stream = stdin if stdin is not None else sys.stdin.buffer
     if stdin is None and sys.stdin.isatty():
         raise CheckpointError("no checkpoint on stdin", hint="pipe one in, e.g. `< model.pth`")

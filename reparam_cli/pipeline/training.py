@@ -56,9 +56,24 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
     model = spec.build_meta()
     ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
     ckpt.notes.extend(n for n in spec.notes if n not in ckpt.notes)  # e.g. "built on cpu: ..."
+    _fill_tied(model, ckpt)
     if fit_problems(model, ckpt.state):
         _refuse_deploy_form(raw, checkpoint, spec, ema)
     return load_into(model, ckpt.state, hint=lambda: layout_hint(ckpt.state, model, spec)).eval(), ckpt
+
+
+def _fill_tied(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Tied tensors (one parameter under several names, as a weight-tied head): a checkpoint that
+    stores it under one of its names only (safetensors' save_model drops the others) fits; the other
+    names get the same tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(t), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in ckpt.state]
+        if len(names) > 1 and present:
+            for n in names:
+                ckpt.state.setdefault(n, ckpt.state[present[0]])
 
 
 def _pickled_model(checkpoint: Path, trust_pickle: bool, ema: bool) -> tuple[nn.Module, Checkpoint]:

@@ -43,7 +43,8 @@ from torch.func import functional_call
 
 from reparam_cli.convert.engine import reparameterize
 from reparam_cli.core.stats import FlopCounter
-from reparam_cli.core.tensors import AttributeSnapshot, all_finite
+from reparam_cli.core.tensors import AttributeSnapshot, TensorGuard, all_finite
+from reparam_cli.errors import ReparamError
 from reparam_cli.io.runtimes import ExportedProgramModule, OnnxModule
 
 # Defaults per checkpoint dtype: well above the rounding floor, well below what a wrong kernel gives.
@@ -208,15 +209,16 @@ def cast_per_module(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
                     store[name] = t
 
 
-def _run_in(model: nn.Module, dtype: torch.dtype, call: Call, stage: str, snapshot: AttributeSnapshot):
+def _run_in(model: nn.Module, dtype: torch.dtype, call: Call, stage: str, snapshot: AttributeSnapshot,
+            guard: TensorGuard | None = None):
     """`model` run in `dtype` (its floating tensors upcast, exactly): module by module where the
     model allows it (bounded memory), else on a cast copy of its whole state."""
     try:
-        with _stage(stage, snapshot), cast_per_module(model, dtype):
+        with _stage(stage, snapshot, guard), cast_per_module(model, dtype):
             return _call(model, None, call)
     except PassFailed:
         pass  # a tensor used outside its module's forward (or a real failure, raised again below)
-    with _stage(stage, snapshot):
+    with _stage(stage, snapshot, guard):
         return _call(model, _state_in(model, dtype), call)
 
 
@@ -292,10 +294,15 @@ def _first_tensor(out) -> Tensor:
     return leaves[0][1]
 
 
+class OutputNotComparable(ReparamError, ValueError):
+    """A model's forward returned something without tensors (None, a string, a generator)."""
+
+
 def _leaves(out, what: str) -> list[tuple[str, Tensor]]:
     leaves = tensor_leaves(out)
     if not leaves:
-        raise ValueError(f"the {what} output (a {type(out).__name__}) holds no tensor to compare")
+        raise OutputNotComparable(f"the {what} output (a {type(out).__name__}) holds no tensor to compare",
+                                  hint="the model's forward must return tensors (or tuples, lists, dicts of them)")
     return leaves
 
 
@@ -394,9 +401,22 @@ def _within(abs_err: float, ref: Tensor, rtol: float, atol: float) -> bool:
 # --- leaving models as they were found --------------------------------------------------------------
 
 
+class WeightsChanged(ReparamError):
+    """A forward pass changed the model's own parameters or buffers: what would be written is not the checkpoint."""
+
+
+def _check_weights(guard: TensorGuard | None, name: str, contents: bool = False) -> None:
+    what = guard.changed(contents) if guard is not None else None
+    if what:
+        raise WeightsChanged(f"{name} changed the {what}; nothing was written",
+                             hint="a model's forward must not modify its parameters or buffers (a training-only "
+                                  "update belongs under `if self.training:`)")
+
+
 @contextlib.contextmanager
-def _stage(name: str, snapshot: AttributeSnapshot):
-    """One forward pass: its failure is a PassFailed naming it; afterwards the models are as found."""
+def _stage(name: str, snapshot: AttributeSnapshot, guard: TensorGuard | None = None):
+    """One forward pass: its failure is a PassFailed naming it; afterwards the models are as found,
+    and their parameters and buffers untouched (WeightsChanged otherwise)."""
     try:
         yield
     except PassFailed:
@@ -405,6 +425,7 @@ def _stage(name: str, snapshot: AttributeSnapshot):
         raise PassFailed(name, exc) from exc
     finally:
         snapshot.restore()
+    _check_weights(guard, name)
 
 
 def _call(model: nn.Module, state: dict[str, Tensor] | None, call: Call):
@@ -529,6 +550,7 @@ def verify(
     train_model.eval()
     deploy_model.eval()
     snapshot = AttributeSnapshot(train_model, deploy_model)
+    guard = TensorGuard(("training model's", train_model), ("deploy model's", deploy_model))
     gen = torch.Generator().manual_seed(seed)
     worst_abs = worst_rel = 0.0
     worst_cos = 1.0
@@ -574,7 +596,7 @@ def verify(
                         hooks.append(train_model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
                 try:
                     ref = _run_in(train_model, torch.float64, call64, "the training model's float64 reference pass",
-                                  snapshot)
+                                  snapshot, guard)
                 finally:
                     for h in hooks:
                         h.remove()
@@ -583,13 +605,13 @@ def verify(
                 countable = i == 0 and not isinstance(deploy_model, torch.jit.ScriptModule)
                 watch = _overflow_hooks(deploy_model, low, overflow, [p for p, _ in blocks]) if i == 0 and low and upcast_deploy else []
                 try:
-                    with _stage("the deploy model's pass", snapshot), \
+                    with _stage("the deploy model's pass", snapshot, guard), \
                             count_deploy.attach(deploy_model) if countable else contextlib.nullcontext():
                         out = _call(deploy_model, deploy_state, cast_floating(call64, deploy_run))
                 finally:
                     for h in watch:
                         h.remove()
-                with _stage(f"the training model's {str(train_run).removeprefix('torch.')} pass", snapshot), \
+                with _stage(f"the training model's {str(train_run).removeprefix('torch.')} pass", snapshot, guard), \
                         count_train.attach(train_model) if countable else contextlib.nullcontext():
                     own = _call(train_model, train_state, cast_floating(call64, train_run))
                 if countable:
@@ -612,6 +634,7 @@ def verify(
     finally:
         snapshot.restore()
         train_model.train(was_training)
+    _check_weights(guard, "verification", contents=True)
     rounding = weight_rounding_error(train_model, deploy_model, blocks) if low and upcast_deploy else None
     return VerifyResult(
         ok=bool(ok) and nonfinite is None, max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos,
@@ -629,8 +652,11 @@ def run_model(model: nn.Module, call: Call, what: str):
     dtype = model_dtype(model)
     run = compute_dtype(dtype) if _is_module_of_tensors(model) else dtype
     state = _state_in(model, run) if run != dtype else None
-    with torch.no_grad(), _stage(what, AttributeSnapshot(model)):
-        return _call(model, state, cast_floating(call, run))
+    guard = TensorGuard(("model's", model))
+    with torch.no_grad(), _stage(what, AttributeSnapshot(model), guard):
+        out = _call(model, state, cast_floating(call, run))
+    _check_weights(guard, what, contents=True)
+    return out
 
 
 def compare_models(model: nn.Module, reference: nn.Module, call: Call, rtol: float, atol: float,
