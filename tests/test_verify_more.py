@@ -14,7 +14,7 @@ from torch import nn
 
 from reparam_cli.blocks.repvgg import RepVGGBlock
 from reparam_cli.convert.engine import reparameterize
-from reparam_cli.errors import ReparamError, VerificationFailed
+from reparam_cli.errors import CheckpointError, ReparamError, VerificationFailed
 from reparam_cli.pipeline.conversion import convert_checkpoint
 from reparam_cli.core.spec import ModelSpec
 from reparam_cli.pipeline.specs import load_spec
@@ -241,8 +241,10 @@ def test_nan_weights_fail_verification_with_nan_reported_as_null(tmp_path):
 
     ckpt = _checkpoint(tmp_path, model)
     out = tmp_path / "out.safetensors"
-    with pytest.raises(VerificationFailed) as info:
+    with pytest.raises(CheckpointError, match="rbr_1x1.conv.weight holds NaN"):  # refused before any work
         convert_checkpoint(ckpt, spec, out)
+    with pytest.raises(VerificationFailed) as info:  # allowed: verification reports it
+        convert_checkpoint(ckpt, spec, out, allow_nonfinite=True)
     report = info.value.report
     assert report["ok"] is False and report["max_abs_err"] is None and report["max_rel_err"] is None
     assert report["nonfinite_values"]["max_abs_err"] == "NaN" and "NaN in the reference" in report["nonfinite"]
