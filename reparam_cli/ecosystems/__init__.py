@@ -1,4 +1,5 @@
-"""Library conventions: one file per library whose models reparam converts (ultralytics, timm, mmpretrain).
+"""Library conventions: one file per library whose models reparam converts (ultralytics, timm, mmpretrain,
+torchvision, transformers).
 
 Each file holds everything specific to its library: recipes for the library's own block types,
 a spec prefix (`ultralytics:yolov8n.yaml`), model-level steps the library's own fuse does beyond
@@ -15,7 +16,10 @@ generic and reaches these files only through the functions below:
 * `adopt(module)`: a whole model read from a checkpoint (`--spec checkpoint`) prepared as its
   library loads it, with a spec that rebuilds it from the library's code.
 
-A library file may define any of `spec(ref)`, `finish(model, deployed)` and `adopt(module)`;
+* `prepare(model)`: a built training model set as its library deploys it, also when the user's own
+  spec built it (the conventions follow the model, not the spec string).
+
+A library file may define any of `spec(ref)`, `prepare(model)`, `finish(model, deployed)` and `adopt(module)`;
 importing it registers its recipes (`@recipe(BlockType, family=...)`), so it may import its library.
 """
 
@@ -33,13 +37,16 @@ from reparam_cli.extras import install_hint
 
 # library package name -> reparam's file of its conventions
 ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics", "timm": "reparam_cli.ecosystems.timm",
-              "mmpretrain": "reparam_cli.ecosystems.mmpretrain"}
+              "mmpretrain": "reparam_cli.ecosystems.mmpretrain", "torchvision": "reparam_cli.ecosystems.torchvision",
+              "transformers": "reparam_cli.ecosystems.transformers"}
 # library -> the builder its specs store in deploy files. It builds from data alone (a YAML
 # configuration of the library's own modules, no user code), so a stored spec naming it may be
 # rebuilt like a built-in one.
 # (mmpretrain: a model-zoo name, from mmpretrain's own configs; a config .py path is not plain data.)
 STORED_BUILDERS = {"ultralytics": "reparam_cli.ecosystems.ultralytics:build_model",
-                   "mmpretrain": "reparam_cli.ecosystems.mmpretrain:build_model"}
+                   "mmpretrain": "reparam_cli.ecosystems.mmpretrain:build_model",
+                   "torchvision": "reparam_cli.ecosystems.torchvision:build_model",
+                   "transformers": "reparam_cli.ecosystems.transformers:build_model"}
 
 
 def library_of_builder(builder: str) -> str | None:
@@ -69,6 +76,17 @@ def spec_for(ref: str):
                                 hint=install_hint(package)) from None
             return eco.spec(ref)
     return None
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """A built training model set up as its library deploys it, whoever built it (a `<library>:` spec
+    or the user's own spec.py): each active library's `prepare(model)` (ultralytics: heads in export
+    mode). Changes `model` in place and returns it."""
+    for eco in _active():
+        step = getattr(eco, "prepare", None)
+        if step is not None:
+            model = step(model)
+    return model
 
 
 def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -307,6 +307,7 @@ def extract_checkpoint(obj: Any, key: str | None = None, strip_prefix: str | Non
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {_type_name(obj)} object, not a state dict",
                               hint=_TRUST_HINT if _is_placeholder(obj) else None)
+    metadata = getattr(obj, "_metadata", None)
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         foreign = [f"{k} ({_type_name(v)})" for k, v in obj.items() if _is_placeholder(v)]
@@ -320,7 +321,29 @@ def extract_checkpoint(obj: Any, key: str | None = None, strip_prefix: str | Non
     expected_set = set(expected) if expected is not None else None
     tensors, more = _fit_prefix(tensors, expected_set, notes)
     dtype = _unify_dtype(tensors, notes)
-    return Checkpoint(tensors, dtype, wrappers, removed + more, notes)
+    return Checkpoint(with_metadata(tensors, metadata, removed + more), dtype, wrappers, removed + more, notes)
+
+
+def with_metadata(state: dict[str, Tensor], metadata: Any, removed: str = "") -> dict[str, Tensor]:
+    """`state` as an OrderedDict carrying a state dict's `_metadata` (module path -> {"version": N}),
+    which `load_state_dict` hands to each module's `_load_from_state_dict`: layers that check their
+    version (torchvision's MNASNet, BatchNorm's num_batches_tracked) load as they would from the
+    original state dict. `removed` (a key prefix taken off the tensors) is taken off its paths too."""
+    if not isinstance(metadata, Mapping):
+        return state
+    prefix = removed.rstrip(".")
+    kept = OrderedDict()
+    for path, value in metadata.items():
+        if not isinstance(path, str) or not isinstance(value, Mapping):
+            continue
+        if prefix:
+            if path != prefix and not path.startswith(prefix + "."):
+                continue
+            path = path[len(prefix) + 1:]
+        kept[path] = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, (int, str))}
+    out = OrderedDict(state)
+    out._metadata = kept  # type: ignore[attr-defined]
+    return out
 
 
 def extract_state_dict(obj: Any, key: str | None = None, strip_prefix: str | None = None,
@@ -395,7 +418,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "c
         raise CheckpointError(f"the {what} does not fit the model: " + "; ".join(problems),
                               hint=(hint and hint()) or "is this the right --spec for it?")
     expected = model.state_dict(keep_vars=True)
-    state = dict(state_dict)
+    state = with_metadata(dict(state_dict), getattr(state_dict, "_metadata", None))
     for k in expected:
         if k not in state:  # a missing num_batches_tracked
             state[k] = torch.zeros((), dtype=torch.long)

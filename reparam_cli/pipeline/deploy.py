@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from reparam_cli import ecosystems
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.messages import describe
 from reparam_cli.core.spec import ModelSpec
 from reparam_cli.errors import CheckpointError, OutputError
-from reparam_cli.io.checkpoint import extract_checkpoint, fit_problems, load_into, read_raw
+from reparam_cli.io.checkpoint import extract_checkpoint, fit_problems, load_into, read_raw, with_metadata
 from reparam_cli.io.runtimes import RUNTIME, load_exported
 from reparam_cli.io.safetensors import read_metadata, read_tensors
 from reparam_cli.io.sniff import deploy_format_of
@@ -63,7 +64,7 @@ def deploy_skeleton(spec: ModelSpec, fuse: FuseOptions | None = None, *, state: 
     converted in place). Non-persistent buffers are real (`ModelSpec.build_meta`).
     """
     def build(options: FuseOptions) -> tuple[nn.Module, ConversionReport]:
-        model = training if training is not None else spec.build_meta()
+        model = training if training is not None else ecosystems.prepare(spec.build_meta())
         return reparameterize(model.eval(), **options.kwargs())
 
     skeleton = build(fuse or FuseOptions())
@@ -94,7 +95,10 @@ def load_deploy(path: str | Path, spec: ModelSpec | str | None = None, *, trust_
         if spec is None:
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
     skeleton, _ = deploy_skeleton(spec, fuse_options_of(path))
-    return load_into(skeleton, read_tensors(path), what="deploy file").eval()
+    # safetensors holds no state-dict `_metadata` (module versions): the file was written from a
+    # model of this code, so the skeleton's own versions are the file's (MNASNet checks them).
+    state = with_metadata(read_tensors(path), getattr(skeleton.state_dict(), "_metadata", None))
+    return load_into(skeleton, state, what="deploy file").eval()
 
 
 def load_deploy_state_dict(path: str | Path, spec: ModelSpec | str | None) -> nn.Module:
