@@ -81,3 +81,73 @@ def test_torchvision_reference_script_checkpoint_keeps_metadata(tmp_path):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.modules())
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(deploy(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_ultralytics_model_from_a_users_spec_converts_as_through_the_prefix(tmp_path, monkeypatch):
+    """A DetectionModel built in the user's own spec.py (YOLOv10: end-to-end head) is put in
+    ultralytics' export mode like `ultralytics:` models, so the fused head's output matches."""
+    pytest.importorskip("ultralytics")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "yolo"))
+    spec = tmp_path / "yolo_spec.py"
+    spec.write_text('"""YOLOv10n from user code."""\nfrom ultralytics.nn.tasks import DetectionModel\n'
+                    "INPUT_SHAPE = (1, 3, 64, 64)\n"
+                    "def build_model():\n    return DetectionModel('yolov10n.yaml', nc=2, verbose=False)\n")
+    from reparam_cli.pipeline.specs import _python_spec
+
+    model = _python_spec(spec, "build_model").build()
+    ckpt = tmp_path / "y10.pth"
+    torch.save(model.state_dict(), ckpt)
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "y10.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["ok"]
+
+
+transformers = pytest.importorskip("transformers")
+
+HF_SMALL = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 16, 16], embedding_size=8, num_labels=3, image_size=32)
+
+
+def _hf_resnet():
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(**HF_SMALL)).eval()
+    with torch.no_grad():
+        _randomize_bn(model)
+    return model
+
+
+def test_transformers_model_type_and_class_specs():
+    spec = load_spec("transformers:resnet?num_labels=3&depths=[1,1,1,1]&image_size=32")
+    assert spec.builder == "reparam_cli.ecosystems.transformers:build_model"
+    assert spec.input_shape == (1, 3, 32, 32)
+    assert type(spec.build(device="meta")).__name__ == "ResNetForImageClassification"
+    assert type(load_spec("transformers:ResNetModel?depths=[1,1,1,1]").build(device="meta")).__name__ == "ResNetModel"
+    with pytest.raises(SpecError) as exc:
+        load_spec("transformers:resnett")
+    assert "transformers:resnet" in str(exc.value.hint)
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "trainer-bin"])
+def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
+    """save_pretrained folders (one safetensors file, shards with their index) and a Trainer
+    checkpoint-N/ folder with pytorch_model.bin: the folder is the checkpoint and the spec."""
+    model = _hf_resnet()
+    folder = tmp_path / ("run/checkpoint-500" if layout == "trainer-bin" else "model")
+    if layout == "sharded":
+        model.save_pretrained(folder, max_shard_size="4KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+    else:
+        model.save_pretrained(folder)
+    if layout == "trainer-bin":
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "optimizer.pt").write_bytes(b"")  # what Trainer writes beside it, not read
+    out = tmp_path / "deploy.safetensors"
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["worst_output"].startswith("output['logits']")
+    deploy = load_deploy(out)  # from the configuration stored in the file
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(deploy(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+    if layout == "trainer-bin":  # the run folder itself: pointed at its checkpoints
+        res = run_cli("convert", tmp_path / "run", "--spec", f"transformers:{folder}", "-o", tmp_path / "x.safetensors")
+        assert res.exit_code == 2 and "checkpoint-500" in res.output

@@ -19,7 +19,7 @@ SHORT_HELP = 'Fuse, verify and write the deploy model of a checkpoint.'
 
 
 def convert(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors), "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors, a save_pretrained or Trainer checkpoint-N/ folder), "
                                                 "or - for stdin."),
     spec: str = SpecOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Deploy file to write, or - for stdout [default: "

@@ -77,7 +77,7 @@ def check_checkpoint_file(path: str | Path) -> None:
     a torch checkpoint. (.onnx files pass: `read_raw` says they are deploy files.)"""
     path = Path(path)
     check_input_file(path)
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx" or path.name.endswith(".index.json"):  # a sharded model's index: read_raw checks it
         return
     try:
         with open(path, "rb") as f:
@@ -89,11 +89,62 @@ def check_checkpoint_file(path: str | Path) -> None:
                               "it is neither a safetensors file nor a torch checkpoint (by its first bytes)"))
 
 
+# What a Hugging Face `save_pretrained` / `Trainer` folder (checkpoint-N/) holds its weights in, preferred first.
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+
+
+def weights_in_folder(path: str | Path) -> Path:
+    """`path` itself for a file; for a save_pretrained or Trainer `checkpoint-N/` folder, the file holding
+    its weights (FOLDER_WEIGHTS: one safetensors file, a sharded model's index, or pytorch_model.bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in FOLDER_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    runs = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()),
+                  key=lambda p: int(p.name.rpartition("-")[2]) if p.name.rpartition("-")[2].isdigit() else -1)
+    hint = (f"a Trainer output folder: pass one of its checkpoints, e.g. {runs[-1]}" if runs else
+            f"a model folder holds {' or '.join(FOLDER_WEIGHTS[::2])} (what save_pretrained writes)")
+    raise CheckpointError(f"checkpoint {path} is a folder without model weights", hint=hint)
+
+
+def _read_sharded(index: Path, trust_pickle: bool, mmap: bool) -> dict:
+    """A sharded model (`model.safetensors.index.json` + `model-0000x-of-0000y.safetensors`, or the
+    pytorch_model.bin equivalent): every shard the index's `weight_map` names, merged."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({str(f) for f in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read the shard index {index}: {exc}") from None
+    merged: dict = {}
+    for name in shards:
+        shard = index.parent / name
+        if Path(name).name != name:  # the index names files beside it, nothing else
+            raise CheckpointError(f"the shard index {index} names {name!r}, not a file beside it")
+        part = read_raw(shard, trust_pickle, mmap=mmap)
+        part = _as_mapping(part)
+        if not isinstance(part, Mapping):
+            raise CheckpointError(f"shard {shard} holds no state dict")
+        merged.update(part)
+    missing = set(weight_map) - set(merged)
+    if missing:
+        raise CheckpointError(f"the shards of {index} lack {len(missing)} tensors the index names (e.g. {min(missing)})")
+    return merged
+
+
 def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False) -> Any:
     """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files.
+    A model folder (save_pretrained, a Trainer checkpoint-N/) is read from its weights file(s)
+    (`weights_in_folder`; shards merged).
 
     `mmap` maps a torch zip file's tensors instead of reading them (for shape-only work like inspect)."""
-    path = Path(path)
+    path = weights_in_folder(path)
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path, trust_pickle, mmap)
     check_input_file(path)
     if path.suffix == ".safetensors" or looks_like_safetensors(path):
         return read_tensors(path)

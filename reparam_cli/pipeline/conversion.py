@@ -21,7 +21,7 @@ from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
 from reparam_cli.core.tensors import count_parameters, randomize_batchnorm
 from reparam_cli.errors import Incomplete, OutputError, ReparamError, VerificationFailed
-from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
+from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file, weights_in_folder
 from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
 from reparam_cli.io.formats import SUFFIX
 from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer
@@ -129,6 +129,7 @@ def convert_checkpoint(
     checkpoint = Path(checkpoint)
     spec = as_spec(spec)
     output = Path(output) if output else default_output(checkpoint, fmt)
+    checkpoint = weights_in_folder(checkpoint)  # a save_pretrained / Trainer checkpoint-N folder: its weights
     _check_output(checkpoint, output, o.overwrite)
 
     # The input's checksum (for the metadata) is computed on the other core while we fuse, once its
