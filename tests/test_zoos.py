@@ -97,9 +97,13 @@ def test_ultralytics_model_from_a_users_spec_converts_as_through_the_prefix(tmp_
     model = _python_spec(spec, "build_model").build()
     ckpt = tmp_path / "y10.pth"
     torch.save(model.state_dict(), ckpt)
-    res = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "y10.safetensors", "--json")
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "y10.safetensors", "--json", "--strict")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["ok"]
+    report = json.loads(res.stdout)
+    # Fully fused: the untraceable C2f/PSA modules hold nothing left, the head's own fuse() ran.
+    assert report["ok"] and report["completeness"] == "complete" and report["remaining"] == []
+    kinds = {r["kind"] for r in report["skipped"]}
+    assert "native-method-ran" in kinds and "untraceable" in kinds
 
 
 transformers = pytest.importorskip("transformers")

@@ -16,6 +16,7 @@ generic and reaches these files only through the functions below:
 * `adopt(module)`: a whole model read from a checkpoint (`--spec checkpoint`) prepared as its
   library loads it, with a spec that rebuilds it from the library's code.
 
+* `ran_natively(module)`: why a module's own deploy method already ran (in `finish`), or None;
 * `prepare(model)`: a built training model set as its library deploys it, also when the user's own
   spec built it (the conventions follow the model, not the spec string).
 
@@ -101,6 +102,19 @@ def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:
             deployed = step(model, deployed)
             report.converted = [b for b in report.converted if has_submodule(deployed, b.path)]
     return deployed
+
+
+def ran_natively(module: nn.Module | None) -> str | None:
+    """Why `module`'s own deploy method needs no call, when a library's finish step already ran it
+    (ultralytics' Detect.fuse()): the sentence for the report, else None."""
+    if module is None:
+        return None
+    for eco in _active():
+        check = getattr(eco, "ran_natively", None)
+        why = check(module) if check is not None else None
+        if why:
+            return why
+    return None
 
 
 def adopt(module: nn.Module) -> tuple[nn.Module, object, list[str]]:
