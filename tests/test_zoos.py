@@ -155,3 +155,19 @@ def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
     if layout == "trainer-bin":  # the run folder itself: pointed at its checkpoints
         res = run_cli("convert", tmp_path / "run", "--spec", f"transformers:{folder}", "-o", tmp_path / "x.safetensors")
         assert res.exit_code == 2 and "checkpoint-500" in res.output
+
+
+def test_reparam_debug_prints_the_traceback_and_keeps_the_exit_code(tmp_path, monkeypatch):
+    import reparam_cli.pipeline.stdio as stdio
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal slip")
+
+    monkeypatch.setattr(stdio, "convert_stdio", broken)
+    ckpt = tmp_path / "x.pth"
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    plain = run_cli("convert", ckpt, "--spec", "repvgg-a0", "-o", tmp_path / "o.safetensors")
+    monkeypatch.setenv("REPARAM_DEBUG", "1")
+    debug = run_cli("convert", ckpt, "--spec", "repvgg-a0", "-o", tmp_path / "o.safetensors")
+    assert plain.exit_code == debug.exit_code == 2
+    assert "Traceback" in debug.stderr and "an internal slip" in debug.stderr and "Traceback" not in plain.stderr
