@@ -63,6 +63,23 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
 
 
+def list_builtin() -> list[dict]:
+    """Every built-in spec as its YAML says (name, family, description, input shape, builder), read
+    without torch or building anything: what `reparam specs` lists unless asked for --params. A file
+    that cannot be read is listed with an `error`."""
+    rows = []
+    for name in builtin_names():
+        row: dict = {"name": name}
+        try:
+            spec = _yaml_spec(SPECS_DIR / f"{name}.yaml", source=name)
+            row.update(family=builtin_data(name).get("family"), description=spec.description,
+                       input_shape=list(spec.input_shape), builder=spec.builder)
+        except SpecError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return rows
+
+
 def load_spec(ref: str) -> ModelSpec:
     """Resolve a `--spec` reference (built-in name, YAML path, or Python file[:function])."""
     if not ref:
