@@ -171,3 +171,22 @@ def test_reparam_debug_prints_the_traceback_and_keeps_the_exit_code(tmp_path, mo
     debug = run_cli("convert", ckpt, "--spec", "repvgg-a0", "-o", tmp_path / "o.safetensors")
     assert plain.exit_code == debug.exit_code == 2
     assert "Traceback" in debug.stderr and "an internal slip" in debug.stderr and "Traceback" not in plain.stderr
+
+
+def test_float16_checkpoint_fused_from_exact_values_with_dtype_float32(tmp_path):
+    """A float16 checkpoint converted with --dtype float32 is fused from its exact (widened) values
+    and rounded once: exact to float32 rounding, not to float16's."""
+    from reparam_cli.pipeline.specs import load_spec as load
+
+    from .helpers import TINY_REPVGG_YAML, randomized
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_REPVGG_YAML)
+    model = randomized(load(str(spec)).build()).eval()
+    ckpt = tmp_path / "half.pth"
+    torch.save(model.half().state_dict(), ckpt)
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "f32.safetensors", "--dtype", "float32", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["dtype"] == "float32" and report["checkpoint_dtype"] == "float16"
+    assert report["max_rel_err"] < 1e-5  # float16 rounding of fused weights alone would be ~1e-3

@@ -39,6 +39,24 @@ from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast
                                                   make_call, model_dtype, verify)
 
 
+def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether every `than` value is exact in `dtype` and `dtype` has more mantissa bits (float16 -> float32)."""
+    if not (dtype.is_floating_point and than.is_floating_point):
+        return False
+    return torch.finfo(dtype).eps < torch.finfo(than).eps and torch.finfo(dtype).max >= torch.finfo(than).max
+
+
+def _low_precision_limit(result: VerifyResult, dtype: torch.dtype) -> str:
+    """For a failed float16/bfloat16 deploy model: the fused weights' own rounding error against the
+    tolerance, and what to do, when that rounding is what limits it."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ""
+    rounding = result.weight_rounding_rel_err
+    figure = f"the fused weights' rounding to {str(dtype).removeprefix('torch.')} alone is {rounding:.2g} " \
+        f"(relative) against rtol {result.rtol:.2g}; " if rounding is not None else ""
+    return f"; {figure}the {str(dtype).removeprefix('torch.')} deploy model itself is the limit: use --dtype float32"
+
+
 def default_output(checkpoint: Path, fmt: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.deploy{SUFFIX[fmt]}")
 
@@ -146,6 +164,10 @@ def convert_checkpoint(
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
                           "verified", hint="pass --dtype float16 or float32, or --no-verify")
     params_before = count_parameters(train)
+    if out_dtype is not None and _wider(out_dtype, ckpt.dtype):
+        # float16/bfloat16 weights widen exactly: fused from those exact values (in float64, by the
+        # recipes) and rounded once, to --dtype, rather than rounded to the checkpoint's dtype first.
+        train = train.to(out_dtype)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
     deploy, conv_report = reparameterize(train, consume=not verify_output, **o.fuse.kwargs())
@@ -190,6 +212,7 @@ def convert_checkpoint(
     finite_figures(report)
     if result is not None and not result.ok:
         why = f" ({result.nonfinite})" if result.nonfinite else ""
+        why += _low_precision_limit(result, model_dtype(deploy))
         raise VerificationFailed(f"the deploy model does not match the training model{why}; nothing was written",
                                  report)
     if o.strict and not conv_report.complete:
