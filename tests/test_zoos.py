@@ -190,3 +190,47 @@ def test_float16_checkpoint_fused_from_exact_values_with_dtype_float32(tmp_path)
     report = json.loads(res.stdout)
     assert report["dtype"] == "float32" and report["checkpoint_dtype"] == "float16"
     assert report["max_rel_err"] < 1e-5  # float16 rounding of fused weights alone would be ~1e-3
+
+
+AUX_SPEC = '''
+import torch
+from torch import nn
+
+INPUT_SHAPE = (1, 3, 16, 16)
+
+
+class WithAux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.training:
+            return self.head(x), self.aux(x)
+        return self.head(x)
+
+
+def build_model():
+    return WithAux()
+'''
+
+
+def test_unused_modules_are_dropped_unless_keep_unused(tmp_path):
+    spec = tmp_path / "aux.py"
+    spec.write_text(AUX_SPEC)
+    ckpt = tmp_path / "aux.pth"
+    assert run_cli("init", spec, "-o", ckpt).exit_code == 0
+    out = tmp_path / "dropped.safetensors"
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["dropped"] == ["aux"] and any("--keep-unused" in n for n in report["notes"])
+    deploy = load_deploy(out, spec=str(spec))  # the skeleton drops the same modules
+    assert deploy.aux is None and report["params_after"] == sum(p.numel() for p in deploy.parameters())
+    kept = tmp_path / "kept.safetensors"
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", kept, "--json", "--keep-unused")
+    assert res.exit_code == 0 and "dropped" not in json.loads(res.stdout)
+    assert load_deploy(kept, spec=str(spec)).aux is not None

@@ -11,6 +11,7 @@ Pipes (`-` for stdin/stdout) live in pipes.py, `reparam inspect` in inspection.p
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from reparam_cli.pipeline.specs import as_spec, builtin_data, builtin_names, loa
 from reparam_cli.pipeline.training import read_training_model
 from reparam_cli.quantize.equalize import equalize
 from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_models,
-                                                  make_call, model_dtype, verify)
+                                                  make_call, model_dtype, run_model, verify)
 
 
 def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
@@ -184,6 +185,13 @@ def convert_checkpoint(
     equalization = None
     if o.equalize:
         deploy, equalization = _equalize(deploy, spec, opts)
+    unused: list[str] = []
+    if verify_output and not o.keep_unused:
+        unused, dropped_params = _drop_unused(deploy, spec, opts, conv_report)
+        if unused:
+            conv_report.notes.append(
+                f"dropped {len(unused)} modules ({dropped_params:,} parameters) the deploy model's eval forward "
+                f"never calls: {', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''} (--keep-unused keeps them)")
     result = None
     if verify_output:
         progress("verifying on random inputs")
@@ -202,6 +210,8 @@ def convert_checkpoint(
         **_verification_dict(result),
         "block_errors": _block_errors(result),
     }
+    if unused:
+        report["dropped"] = unused
     if equalization is not None:
         report["equalization"] = equalization
         conv_report.notes.append("--equalize rescales the outputs of blocks (not the model's): verified end to end, "
@@ -228,10 +238,42 @@ def convert_checkpoint(
         metadata["source_sha256"] = source_sha256.result()
     if o.equalize:  # block outputs are rescaled: `reparam verify` compares the model end to end only
         metadata["equalized"] = True
-    metadata["options"] = o.fuse.stored()
+    metadata["options"] = replace(o.fuse, unused=tuple(unused)).stored()
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=o.dynamic_shapes,
                  overwrite=o.overwrite)
     return finite_figures(report)
+
+
+def _drop_unused(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
+                 conv_report: ConversionReport) -> tuple[list[str], int]:
+    """Drop (in place) the modules one eval forward of `deploy` on the verification input never
+    calls (GoogLeNet's and Inception's auxiliary heads): (their paths, their parameter count).
+    Verification then runs on the model without them, so what is written is what was verified.
+    A model that no longer runs without them (code that reads them without calling them) keeps them."""
+    from reparam_cli.pipeline.deploy import drop_modules, unused_modules
+
+    try:
+        call = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+        found = unused_modules(deploy, call)
+    except PassFailed:
+        return [], 0  # verification says why the model does not run
+    if not found:
+        return [], 0
+    kept = {p: deploy.get_submodule(p) for p in found}
+    count = sum(p.numel() for m in kept.values() for p in m.parameters())
+    saved = (list(conv_report.converted), list(conv_report.regions), list(conv_report.remaining),
+             list(conv_report.kept), list(conv_report.skipped))
+    drop_modules(deploy, found, conv_report)
+    try:
+        run_model(deploy, call, "the deploy model without its unused modules")
+    except PassFailed:  # restore them
+        for path, module in kept.items():
+            parent, _, name = path.rpartition(".")
+            deploy.get_submodule(parent)._modules[name] = module
+        (conv_report.converted, conv_report.regions, conv_report.remaining, conv_report.kept,
+         conv_report.skipped) = saved
+        return [], 0
+    return found, count
 
 
 def _equalize(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions) -> tuple[nn.Module, dict]:

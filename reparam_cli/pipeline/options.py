@@ -39,6 +39,8 @@ class FuseOptions:
 
     graph: bool = True  # fold linear regions outside known blocks (--no-graph: False)
     linear_as_conv: bool = False  # nn.Linear -> pointwise conv (paradigm 9)
+    # modules the deploy model's eval forward never calls, dropped from the file (--keep-unused: none)
+    unused: tuple[str, ...] = ()
 
     def kwargs(self) -> dict[str, bool]:
         """Keyword arguments for `reparameterize`."""
@@ -48,6 +50,8 @@ class FuseOptions:
         """The deploy file's `options` metadata (`linear_as_conv` only when set, as always stored)."""
         options: dict[str, bool] = {"linear_as_conv": True} if self.linear_as_conv else {}
         options["graph"] = self.graph
+        if self.unused:
+            options["unused"] = list(self.unused)
         return options
 
     @classmethod
@@ -55,7 +59,10 @@ class FuseOptions:
         """The options a deploy file's metadata records. Files written before the graph pass existed
         store no `graph` option: their skeleton has none."""
         options = options if isinstance(options, dict) else {}
-        return cls(graph=options.get("graph", False) is True, linear_as_conv=bool(options.get("linear_as_conv")))
+        unused = options.get("unused") or []
+        unused = tuple(str(p) for p in unused) if isinstance(unused, list) else ()
+        return cls(graph=options.get("graph", False) is True, linear_as_conv=bool(options.get("linear_as_conv")),
+                   unused=unused)
 
 
 @dataclass
@@ -75,6 +82,7 @@ class ConvertOptions:
     graph: bool = True  # the graph pass; batch records it per manifest line, resume compares it
     strict: bool = False  # anything foldable left: fail, nothing written
     equalize: bool = False  # cross-layer equalization of the deploy model (for int8), verified end to end
+    keep_unused: bool = False  # keep modules the eval forward never calls (default: dropped, named in the report)
 
     @property
     def fuse(self) -> FuseOptions:
