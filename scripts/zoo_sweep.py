@@ -46,19 +46,20 @@ from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TORCHVISION = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
-               "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
-               "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_1",
-               "swin_t", "vgg11_bn", "vit_b_16", "wide_resnet50_2"]
+# smallest first, so a time budget (--budget) covers as many families as it can
+TORCHVISION = ["squeezenet1_1", "mnasnet0_5", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf",
+               "regnet_y_400mf", "mobilenet_v2", "resnet18", "googlenet", "alexnet", "efficientnet_b0", "densenet121",
+               "vgg11_bn", "resnet50", "inception_v3", "convnext_tiny", "resnext50_32x4d", "swin_t", "maxvit_t",
+               "efficientnet_v2_s", "vit_b_16", "wide_resnet50_2"]
 # model type -> config overrides that keep it small (CPU, 2 cores)
 TRANSFORMERS = {
     "resnet": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128], "embedding_size": 32},
     "regnet": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128], "embedding_size": 32, "groups_width": 16},
-    "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.25, "hidden_dim": 256},
+    "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.25},
     "mobilenet_v1": {"depth_multiplier": 0.25},
     "mobilenet_v2": {"depth_multiplier": 0.35},
     "convnext": {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64]},
-    "bit": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128], "embedding_size": 32},
+    "bit": {"depths": [1, 1, 1, 1], "hidden_sizes": [128, 128, 256, 256], "embedding_size": 64},
     "levit": {},
     "mobilevit": {"hidden_sizes": [32, 48, 64], "neck_hidden_sizes": [8, 8, 16, 16, 24, 32, 128]},
     "poolformer": {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64]},
