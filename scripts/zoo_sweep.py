@@ -55,7 +55,7 @@ TORCHVISION = ["squeezenet1_1", "mnasnet0_5", "mobilenet_v3_small", "shufflenet_
 TRANSFORMERS = {
     "resnet": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128], "embedding_size": 32},
     "regnet": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128], "embedding_size": 32, "groups_width": 16},
-    "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.25},
+    "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.25, "hidden_dim": 320},
     "mobilenet_v1": {"depth_multiplier": 0.25},
     "mobilenet_v2": {"depth_multiplier": 0.35},
     "convnext": {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64]},
