@@ -19,6 +19,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "ultralytics": ("ultralytics",),
     "mmpretrain": ("mmpretrain", "mmengine", "mmcv"),
+    "torchvision": ("torchvision",),
+    "transformers": ("transformers",),
 }
 
 

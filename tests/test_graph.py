@@ -166,13 +166,15 @@ def test_home_made_blocks_fold_with_regions_and_a_report():
     assert any(t.startswith("7: ") and t.endswith("-> conv3x3") for t in texts)           # weight transform
     assert "8: identity, conv3x3+bn+scale -> conv3x3" in texts                           # LayerScale + shortcut
     assert "9.body: conv3x3+bn -> conv3x3" in texts                                      # inside the untraceable
-    # Only the untraceable module itself and the inexact border are left; every BatchNorm is folded.
+    # Only the inexact border is left; every BatchNorm is folded. The untraceable module holds nothing
+    # left to fold (its body was folded inside it): information, not left.
     assert batchnorms(deploy) == []
     # The root is traced with its untraceable child opaque, so only that child is listed.
-    assert {(r.path, r.kind) for r in report.remaining} == {("9", "untraceable"), ("4.b.0", "unfoldable")}
+    assert {(r.path, r.kind) for r in report.remaining} == {("4.b.0", "unfoldable")}
+    assert [(r.path, r.kind) for r in report.skipped] == [("9", "untraceable")]
     inexact = [r for r in report.remaining if r.kind == "unfoldable"][0]
     assert inexact.reason.startswith("conv1x1+bn -> conv3x3: a bias before a zero-padded conv")
-    assert not report.complete and report.summary().startswith("2 left")
+    assert not report.complete and report.summary().startswith("1 left")
     # Each region's module computes the same function on its own in both models (what verification does).
     assert {p for p, _ in report.verify_blocks} >= {"2", "3", "5", "6", "7", "8", "9.body"}
     # Fewer layers: one conv per block where exact.
@@ -389,12 +391,13 @@ def test_no_graph_strict_and_nothing_to_convert(tmp_path):
     result = run_cli("convert", ckpt, "--spec", spec, "-o", out, "--input-shape", "2,3,8,8", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["graph_regions"] == 2 and report["completeness"].startswith("1 left")
-    assert report["remaining"] == [{"path": "3", "kind": "untraceable", "reason": report["remaining"][0]["reason"]}]
-    # --strict: the untraceable gate is something left: exit 1, nothing written.
+    # The untraceable gate holds nothing to fold: information (`skipped`), not left, so the
+    # conversion is complete and --strict passes.
+    assert report["graph_regions"] == 2 and report["completeness"] == "complete" and report["remaining"] == []
+    assert [(r["path"], r["kind"]) for r in report["skipped"]] == [("3", "untraceable")]
     strict = tmp_path / "strict.safetensors"
     result = run_cli("convert", ckpt, "--spec", spec, "-o", strict, "--input-shape", "2,3,8,8", "--strict")
-    assert result.exit_code == 1 and not strict.exists() and "--strict: 1 left" in result.output
+    assert result.exit_code == 0 and strict.exists(), result.output
     # --no-graph: no recipe block, no native method: an error that says what is left, nothing written.
     result = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "off.safetensors", "--no-graph")
     assert result.exit_code == 2 and "nothing to convert" in result.stderr and "batchnorm" in result.stderr
@@ -403,7 +406,7 @@ def test_no_graph_strict_and_nothing_to_convert(tmp_path):
     result = run_cli("inspect", ckpt, "--spec", spec, "--json")
     info = json.loads(result.stdout)
     assert [r["before"] for r in info["regions"]] == ["conv3x3+bn", "conv3x3+bn, conv1x1+bn, bn(identity)"]
-    assert info["remaining"][0]["kind"] == "untraceable"
+    assert info["remaining"] == [] and info["skipped"][0]["kind"] == "untraceable"
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2", "onnx"])
@@ -452,14 +455,20 @@ def test_deploy_files_from_before_the_graph_pass_still_load(resnet, tmp_path):
 
 def test_batch_strict_fails_files_with_something_left(tmp_path):
     spec = tmp_path / "home.py"
-    spec.write_text(HOME_SPEC)
+    # A gate whose untraceable code holds a BatchNorm: something left (an empty gate is information).
+    spec.write_text(HOME_SPEC.replace(
+        "    class Gate(nn.Module):\n        def forward(self, x):\n            return x if x.mean() > -1e9 else -x",
+        "    class Gate(nn.Module):\n        def __init__(self):\n            super().__init__()\n"
+        "            self.bn = nn.BatchNorm2d(4)\n\n        def forward(self, x):\n"
+        "            return self.bn(x) if x.mean() > -1e9 else -x"))
+    assert "self.bn(x)" in spec.read_text()
     runs = tmp_path / "runs"
     runs.mkdir()
     assert run_cli("init", spec, "-o", runs / "home.pth").exit_code == 0
     result = run_cli("batch", runs, "--spec", spec, "-o", tmp_path / "strict", "--input-shape", "2,3,8,8",
                      "--strict", "--json")
     entry = json.loads(result.stdout)["files"][0]
-    assert result.exit_code == 1 and entry["status"] == "failed" and "--strict: 1 left" in entry["error"]
+    assert result.exit_code == 1 and entry["status"] == "failed" and "--strict: 2 left" in entry["error"]
     assert not list((tmp_path / "strict").glob("*.safetensors"))
     result = run_cli("batch", runs, "--spec", spec, "-o", tmp_path / "plain", "--input-shape", "2,3,8,8", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["converted"] == 1

@@ -32,7 +32,7 @@ def test_every_spec_file_is_complete():
 
 
 def test_specs_json(rows):
-    result = CliRunner().invoke(app, ["specs", "--json"])
+    result = CliRunner().invoke(app, ["specs", "--json", "--params"])
     assert result.exit_code == 0, result.stderr
     listed = json.loads(result.stdout)  # exactly one JSON object
     assert listed["ok"] and listed["specs"] == rows
@@ -53,6 +53,12 @@ def test_specs_table_without_params():
         assert name in result.stdout
     rows = list_specs(params=False)
     assert all("params_before" not in r and r["family"] for r in rows)
+    # The default listing reads the files alone (no torch, no builds): the same rows.
+    from reparam_cli.pipeline.specs import list_builtin
+
+    assert list_builtin() == rows
+    listed = json.loads(CliRunner().invoke(app, ["specs", "--json"]).stdout)["specs"]
+    assert listed == rows
 
 
 def test_spec_table_script(rows, capsys):

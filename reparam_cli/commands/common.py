@@ -160,10 +160,13 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
 
         if received() is not None:  # a signal came first (and was swallowed, e.g. inside an import)
             interrupted(received(), as_json)
-        if os.environ.get("REPARAM_DEBUG"):
-            raise
-        fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
-              "(set REPARAM_DEBUG=1 for a traceback)", as_json)
+        debug = bool(os.environ.get("REPARAM_DEBUG"))
+        if debug:  # the traceback, then the same error line and exit code as without it
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+             + ("" if debug else " (set REPARAM_DEBUG=1 for a traceback)"), as_json)
 
 
 def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows=(),

@@ -19,7 +19,7 @@ SHORT_HELP = 'Fuse, verify and write the deploy model of a checkpoint.'
 
 
 def convert(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors), "
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Training checkpoint (.pth/.pt/.bin, Lightning .ckpt, .safetensors, a save_pretrained or Trainer checkpoint-N/ folder), "
                                                 "or - for stdin."),
     spec: str = SpecOpt,
     output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="Deploy file to write, or - for stdout [default: "
@@ -46,6 +46,9 @@ def convert(
                                         "to this PNG, even when verification fails (needs the plot extra)."),
     equalize: bool = typer.Option(False, "--equalize", help="Also apply exact cross-layer equalization (evens out "
                                   "per-channel weight ranges for int8; see `reparam quantize`)."),
+    keep_unused: bool = typer.Option(False, "--keep-unused", help="Keep modules the deploy model's eval forward never "
+                                     "calls (auxiliary heads); by default they are dropped from the file and named "
+                                     "in the report."),
 ) -> None:
     """Fuse every re-parameterizable block, verify the result, and write the deploy model.
 
@@ -81,7 +84,7 @@ def convert(
                                     verify_options=verify_options(samples, seed, rtol, atol, input_shape),
                                     overwrite=overwrite, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite, linear_as_conv=linear_as_conv,
                                     dtype=dtype, ema=ema, dynamic_shapes=dynamic_shapes, graph=not no_graph,
-                                    layout=layout, strict=strict, equalize=equalize)
+                                    layout=layout, strict=strict, equalize=equalize, keep_unused=keep_unused)
         # stdout is for the JSON report: no stray prints (with -o -, convert_stdio guards the file itself)
         with contextlib.nullcontext() if is_stdio(output) else stdout_to_stderr():
             try:

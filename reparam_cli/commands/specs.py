@@ -13,10 +13,13 @@ SHORT_HELP = 'List the built-in model specs (on stdout).'
 
 def specs(
     as_json: bool = JsonOpt,
-    params: bool = typer.Option(True, "--params/--no-params", help="Count parameters before and after conversion "
-                                                                   "(models built on the meta device, without data: fast)."),
+    params: bool = typer.Option(False, "--params/--no-params", help="Count parameters before and after conversion "
+                                                                    "(models built on the meta device, without data: "
+                                                                    "a few seconds, torch imported); without it the "
+                                                                    "listing reads the spec files alone (well under a "
+                                                                    "second)."),
 ) -> None:
-    """List the built-in model specs: name, family, description and parameters before -> after conversion.
+    """List the built-in model specs: name, family, description (and, with --params, parameters before -> after conversion).
 
     The listing is this command's product, so the table goes to stdout (like --json).
 
@@ -24,11 +27,16 @@ def specs(
 
     
       reparam specs
-      reparam specs --json --no-params
+      reparam specs --params --json
     """
-    from reparam_cli.pipeline.conversion import list_specs
+    if params:
+        from reparam_cli.pipeline.conversion import list_specs
 
-    rows = list_specs(params=params)
+        rows = list_specs(params=True)
+    else:  # torch-free: the spec files' own data
+        from reparam_cli.pipeline.specs import list_builtin
+
+        rows = list_builtin()
     if as_json:
         echo_json({"ok": True, "specs": rows})
         return

@@ -45,6 +45,9 @@ class ConversionReport:
     regions: list[FusedRegion] = field(default_factory=list)
     remaining: list[Remaining] = field(default_factory=list)
     kept: list[Remaining] = field(default_factory=list)  # BatchNorms kept on purpose (folding gains nothing)
+    # Information, not left (see `_nothing_left_in`): untraceable modules holding nothing foldable,
+    # native methods that already ran (a library's finish step).
+    skipped: list[Remaining] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -132,6 +135,48 @@ def _release(block: nn.Module, deployed: nn.Module) -> None:
         for store in (m._parameters, m._buffers):
             for name in store:
                 store[name] = None
+
+
+# What the graph pass says when it gave up on a module's code (an exception inside its trace).
+_STOPPED = "the graph pass stopped here"
+
+
+def _inside(path: str, where: str) -> bool:
+    return not where or path == where or path.startswith(where + ".")
+
+
+def _split_information(deployed: nn.Module, remaining: list[Remaining]) -> tuple[list[Remaining], list[Remaining]]:
+    """(what is left, information) from the leftovers: left are BatchNorms, refusals and native
+    methods not called; information are modules the graph pass could not trace (or stopped in)
+    that hold nothing left to fold (no BatchNorm or uncalled native method inside them: every block
+    in them was converted by its recipe or method), and native methods the library's own finish
+    step already ran (ultralytics' Detect.fuse())."""
+    foldable = [r.path for r in remaining if r.kind in ("batchnorm", "native-method")]
+    left: list[Remaining] = []
+    info: list[Remaining] = []
+    for r in remaining:
+        if r.kind == "native-method":
+            ran = ecosystems.ran_natively(_module_at(deployed, r.path))
+            if ran:
+                info.append(Remaining(r.path, "native-method-ran", ran))
+                foldable.remove(r.path)
+                continue
+        left.append(r)
+    kept: list[Remaining] = []
+    for r in left:
+        opaque = r.kind == "untraceable" or (r.kind == "unfoldable" and r.reason.startswith(_STOPPED))
+        if opaque and not any(_inside(p, r.path) for p in foldable):
+            info.append(Remaining(r.path, r.kind, f"{r.reason} (nothing left to fold inside it)"))
+        else:
+            kept.append(r)
+    return kept, info
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def reparameterize(
@@ -246,6 +291,7 @@ def reparameterize(
         found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
         report.remaining = [r for r in found if r.kind != "kept"]
         report.kept = [r for r in found if r.kind == "kept"]  # no gain in folding: information, not left
+        report.remaining, report.skipped = _split_information(deployed, report.remaining)
     if any(m.training for m in model.modules()):
         import warnings
 

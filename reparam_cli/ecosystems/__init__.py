@@ -1,4 +1,5 @@
-"""Library conventions: one file per library whose models reparam converts (ultralytics, timm, mmpretrain).
+"""Library conventions: one file per library whose models reparam converts (ultralytics, timm, mmpretrain,
+torchvision, transformers).
 
 Each file holds everything specific to its library: recipes for the library's own block types,
 a spec prefix (`ultralytics:yolov8n.yaml`), model-level steps the library's own fuse does beyond
@@ -15,7 +16,11 @@ generic and reaches these files only through the functions below:
 * `adopt(module)`: a whole model read from a checkpoint (`--spec checkpoint`) prepared as its
   library loads it, with a spec that rebuilds it from the library's code.
 
-A library file may define any of `spec(ref)`, `finish(model, deployed)` and `adopt(module)`;
+* `ran_natively(module)`: why a module's own deploy method already ran (in `finish`), or None;
+* `prepare(model)`: a built training model set as its library deploys it, also when the user's own
+  spec built it (the conventions follow the model, not the spec string).
+
+A library file may define any of `spec(ref)`, `prepare(model)`, `finish(model, deployed)` and `adopt(module)`;
 importing it registers its recipes (`@recipe(BlockType, family=...)`), so it may import its library.
 """
 
@@ -33,13 +38,16 @@ from reparam_cli.extras import install_hint
 
 # library package name -> reparam's file of its conventions
 ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics", "timm": "reparam_cli.ecosystems.timm",
-              "mmpretrain": "reparam_cli.ecosystems.mmpretrain"}
+              "mmpretrain": "reparam_cli.ecosystems.mmpretrain", "torchvision": "reparam_cli.ecosystems.torchvision",
+              "transformers": "reparam_cli.ecosystems.transformers"}
 # library -> the builder its specs store in deploy files. It builds from data alone (a YAML
 # configuration of the library's own modules, no user code), so a stored spec naming it may be
 # rebuilt like a built-in one.
 # (mmpretrain: a model-zoo name, from mmpretrain's own configs; a config .py path is not plain data.)
 STORED_BUILDERS = {"ultralytics": "reparam_cli.ecosystems.ultralytics:build_model",
-                   "mmpretrain": "reparam_cli.ecosystems.mmpretrain:build_model"}
+                   "mmpretrain": "reparam_cli.ecosystems.mmpretrain:build_model",
+                   "torchvision": "reparam_cli.ecosystems.torchvision:build_model",
+                   "transformers": "reparam_cli.ecosystems.transformers:build_model"}
 
 
 def library_of_builder(builder: str) -> str | None:
@@ -71,6 +79,17 @@ def spec_for(ref: str):
     return None
 
 
+def prepare(model: nn.Module) -> nn.Module:
+    """A built training model set up as its library deploys it, whoever built it (a `<library>:` spec
+    or the user's own spec.py): each active library's `prepare(model)` (ultralytics: heads in export
+    mode). Changes `model` in place and returns it."""
+    for eco in _active():
+        step = getattr(eco, "prepare", None)
+        if step is not None:
+            model = step(model)
+    return model
+
+
 def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:
     """Apply each active library's model-level deploy steps to `deployed` (`model` is not modified).
 
@@ -83,6 +102,19 @@ def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:
             deployed = step(model, deployed)
             report.converted = [b for b in report.converted if has_submodule(deployed, b.path)]
     return deployed
+
+
+def ran_natively(module: nn.Module | None) -> str | None:
+    """Why `module`'s own deploy method needs no call, when a library's finish step already ran it
+    (ultralytics' Detect.fuse()): the sentence for the report, else None."""
+    if module is None:
+        return None
+    for eco in _active():
+        check = getattr(eco, "ran_natively", None)
+        why = check(module) if check is not None else None
+        if why:
+            return why
+    return None
 
 
 def adopt(module: nn.Module) -> tuple[nn.Module, object, list[str]]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,16 @@ def _fold_sequential_conv_bn(seq: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(conv)
 
 
+_FUSED_HEADS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # heads whose own fuse() `finish` ran
+
+
+def ran_natively(module: nn.Module) -> str | None:
+    """The report's sentence for a detection head whose own fuse() `finish` ran, else None."""
+    if module in _FUSED_HEADS:
+        return f"its own fuse() ran ({type(module).__name__}.fuse(), as ultralytics' model.fuse() does)"
+    return None
+
+
 def finish(model: nn.Module, deployed: nn.Module) -> nn.Module:
     """What ultralytics' fuse() does beyond its blocks, on the deploy model (never on `model`):
     each detection head's own `fuse()` (end-to-end heads drop their unused one-to-many branch),
@@ -166,6 +177,7 @@ def finish(model: nn.Module, deployed: nn.Module) -> nn.Module:
             continue
         if isinstance(m, Detect):
             m.fuse()
+            _FUSED_HEADS.add(m)
         elif isinstance(m, RTDETRDecoder):
             m.input_proj = nn.ModuleList(
                 _fold_sequential_conv_bn(p) if len(p) == 2 and isinstance(p[1], nn.BatchNorm2d) else p

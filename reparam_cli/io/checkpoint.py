@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -77,7 +77,7 @@ def check_checkpoint_file(path: str | Path) -> None:
     a torch checkpoint. (.onnx files pass: `read_raw` says they are deploy files.)"""
     path = Path(path)
     check_input_file(path)
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx" or path.name.endswith(".index.json"):  # a sharded model's index: read_raw checks it
         return
     try:
         with open(path, "rb") as f:
@@ -89,11 +89,62 @@ def check_checkpoint_file(path: str | Path) -> None:
                               "it is neither a safetensors file nor a torch checkpoint (by its first bytes)"))
 
 
+# What a Hugging Face `save_pretrained` / `Trainer` folder (checkpoint-N/) holds its weights in, preferred first.
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
+
+
+def weights_in_folder(path: str | Path) -> Path:
+    """`path` itself for a file; for a save_pretrained or Trainer `checkpoint-N/` folder, the file holding
+    its weights (FOLDER_WEIGHTS: one safetensors file, a sharded model's index, or pytorch_model.bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in FOLDER_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    runs = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()),
+                  key=lambda p: int(p.name.rpartition("-")[2]) if p.name.rpartition("-")[2].isdigit() else -1)
+    hint = (f"a Trainer output folder: pass one of its checkpoints, e.g. {runs[-1]}" if runs else
+            f"a model folder holds {' or '.join(FOLDER_WEIGHTS[::2])} (what save_pretrained writes)")
+    raise CheckpointError(f"checkpoint {path} is a folder without model weights", hint=hint)
+
+
+def _read_sharded(index: Path, trust_pickle: bool, mmap: bool) -> dict:
+    """A sharded model (`model.safetensors.index.json` + `model-0000x-of-0000y.safetensors`, or the
+    pytorch_model.bin equivalent): every shard the index's `weight_map` names, merged."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({str(f) for f in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read the shard index {index}: {exc}") from None
+    merged: dict = {}
+    for name in shards:
+        shard = index.parent / name
+        if Path(name).name != name:  # the index names files beside it, nothing else
+            raise CheckpointError(f"the shard index {index} names {name!r}, not a file beside it")
+        part = read_raw(shard, trust_pickle, mmap=mmap)
+        part = _as_mapping(part)
+        if not isinstance(part, Mapping):
+            raise CheckpointError(f"shard {shard} holds no state dict")
+        merged.update(part)
+    missing = set(weight_map) - set(merged)
+    if missing:
+        raise CheckpointError(f"the shards of {index} lack {len(missing)} tensors the index names (e.g. {min(missing)})")
+    return merged
+
+
 def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False) -> Any:
     """The object stored in a checkpoint file: a dict of tensors for safetensors, any pickle for torch files.
+    A model folder (save_pretrained, a Trainer checkpoint-N/) is read from its weights file(s)
+    (`weights_in_folder`; shards merged).
 
     `mmap` maps a torch zip file's tensors instead of reading them (for shape-only work like inspect)."""
-    path = Path(path)
+    path = weights_in_folder(path)
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path, trust_pickle, mmap)
     check_input_file(path)
     if path.suffix == ".safetensors" or looks_like_safetensors(path):
         return read_tensors(path)
@@ -307,6 +358,7 @@ def extract_checkpoint(obj: Any, key: str | None = None, strip_prefix: str | Non
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {_type_name(obj)} object, not a state dict",
                               hint=_TRUST_HINT if _is_placeholder(obj) else None)
+    metadata = getattr(obj, "_metadata", None)
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         foreign = [f"{k} ({_type_name(v)})" for k, v in obj.items() if _is_placeholder(v)]
@@ -320,7 +372,29 @@ def extract_checkpoint(obj: Any, key: str | None = None, strip_prefix: str | Non
     expected_set = set(expected) if expected is not None else None
     tensors, more = _fit_prefix(tensors, expected_set, notes)
     dtype = _unify_dtype(tensors, notes)
-    return Checkpoint(tensors, dtype, wrappers, removed + more, notes)
+    return Checkpoint(with_metadata(tensors, metadata, removed + more), dtype, wrappers, removed + more, notes)
+
+
+def with_metadata(state: dict[str, Tensor], metadata: Any, removed: str = "") -> dict[str, Tensor]:
+    """`state` as an OrderedDict carrying a state dict's `_metadata` (module path -> {"version": N}),
+    which `load_state_dict` hands to each module's `_load_from_state_dict`: layers that check their
+    version (torchvision's MNASNet, BatchNorm's num_batches_tracked) load as they would from the
+    original state dict. `removed` (a key prefix taken off the tensors) is taken off its paths too."""
+    if not isinstance(metadata, Mapping):
+        return state
+    prefix = removed.rstrip(".")
+    kept = OrderedDict()
+    for path, value in metadata.items():
+        if not isinstance(path, str) or not isinstance(value, Mapping):
+            continue
+        if prefix:
+            if path != prefix and not path.startswith(prefix + "."):
+                continue
+            path = path[len(prefix) + 1:]
+        kept[path] = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, (int, str))}
+    out = OrderedDict(state)
+    out._metadata = kept  # type: ignore[attr-defined]
+    return out
 
 
 def extract_state_dict(obj: Any, key: str | None = None, strip_prefix: str | None = None,
@@ -395,7 +469,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str = "c
         raise CheckpointError(f"the {what} does not fit the model: " + "; ".join(problems),
                               hint=(hint and hint()) or "is this the right --spec for it?")
     expected = model.state_dict(keep_vars=True)
-    state = dict(state_dict)
+    state = with_metadata(dict(state_dict), getattr(state_dict, "_metadata", None))
     for k in expected:
         if k not in state:  # a missing num_batches_tracked
             state[k] = torch.zeros((), dtype=torch.long)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
 from reparam_cli.core.tensors import count_parameters, nonfinite_key, randomize_batchnorm, release_tensors
 from reparam_cli.errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
-from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file
+from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file, weights_in_folder
 from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
 from reparam_cli.io.formats import SUFFIX
 from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer, private_tmpdir
@@ -39,6 +40,24 @@ from reparam_cli.pipeline.training import read_training_model
 from reparam_cli.quantize.equalize import equalize
 from reparam_cli.verification.equivalence import (PassFailed, VerifyResult, cast_floating, compare_outputs,
                                                   make_call, model_dtype, run_model, verify)
+
+
+def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether every `than` value is exact in `dtype` and `dtype` has more mantissa bits (float16 -> float32)."""
+    if not (dtype.is_floating_point and than.is_floating_point):
+        return False
+    return torch.finfo(dtype).eps < torch.finfo(than).eps and torch.finfo(dtype).max >= torch.finfo(than).max
+
+
+def _low_precision_limit(result: VerifyResult, dtype: torch.dtype) -> str:
+    """For a failed float16/bfloat16 deploy model: the fused weights' own rounding error against the
+    tolerance, and what to do, when that rounding is what limits it."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ""
+    rounding = result.weight_rounding_rel_err
+    figure = f"the fused weights' rounding to {str(dtype).removeprefix('torch.')} alone is {rounding:.2g} " \
+        f"(relative) against rtol {result.rtol:.2g}; " if rounding is not None else ""
+    return f"; {figure}the {str(dtype).removeprefix('torch.')} deploy model itself is the limit: use --dtype float32"
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -140,6 +159,7 @@ def convert_checkpoint(
     checkpoint = Path(checkpoint)
     spec = as_spec(spec)
     output = Path(output) if output else default_output(checkpoint, fmt)
+    checkpoint = weights_in_folder(checkpoint)  # a save_pretrained / Trainer checkpoint-N folder: its weights
     _check_output(checkpoint, output, o.overwrite)
 
     # The input's checksum (for the metadata) is computed on the other core while we fuse, once its
@@ -160,6 +180,10 @@ def convert_checkpoint(
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
                           "verified", hint="pass --dtype float16 or float32, or --no-verify")
     params_before = count_parameters(train)
+    if out_dtype is not None and _wider(out_dtype, ckpt.dtype):
+        # float16/bfloat16 weights widen exactly: fused from those exact values (in float64, by the
+        # recipes) and rounded once, to --dtype, rather than rounded to the checkpoint's dtype first.
+        train = train.to(out_dtype)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
     deploy, conv_report = reparameterize(train, consume=not verify_output, **o.fuse.kwargs())
@@ -176,6 +200,13 @@ def convert_checkpoint(
     equalization = None
     if o.equalize:
         deploy, equalization = _equalize(deploy, spec, opts)
+    unused: list[str] = []
+    if verify_output and not o.keep_unused:
+        unused, dropped_params = _drop_unused(deploy, spec, opts, conv_report)
+        if unused:
+            conv_report.notes.append(
+                f"dropped {len(unused)} modules ({dropped_params:,} parameters) the deploy model's eval forward "
+                f"never calls: {', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''} (--keep-unused keeps them)")
     result = None
     if verify_output:
         progress("verifying on random inputs")
@@ -195,6 +226,8 @@ def convert_checkpoint(
         **_verification_dict(result),
         "block_errors": _block_errors(result),
     }
+    if unused:
+        report["dropped"] = unused
     if equalization is not None:
         report["equalization"] = equalization
         conv_report.notes.append("--equalize rescales the outputs of blocks (not the model's): verified end to end, "
@@ -205,6 +238,7 @@ def convert_checkpoint(
     finite_figures(report)
     if result is not None and not result.ok:
         why = f" ({result.nonfinite})" if result.nonfinite else ""
+        why += _low_precision_limit(result, model_dtype(deploy))
         raise VerificationFailed(f"the deploy model does not match the training model{why}; nothing was written",
                                  report)
     if o.strict and not conv_report.complete:
@@ -222,7 +256,7 @@ def convert_checkpoint(
         metadata["source_sha256"] = source_sha256.result()
     if o.equalize:  # block outputs are rescaled: `reparam verify` compares the model end to end only
         metadata["equalized"] = True
-    metadata["options"] = o.fuse.stored()
+    metadata["options"] = replace(o.fuse, unused=tuple(unused)).stored()
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=o.dynamic_shapes,
                  overwrite=o.overwrite)
     return finite_figures(report)
@@ -250,6 +284,38 @@ def _layout_figures(o: ConvertOptions, conv_report: ConversionReport, spec: Mode
         f"({examples}{', ...' if n > 2 else ''}), so this file does not load into the reference deploy model (the paper's); "
         "--layout reference (or --no-graph) writes the reference layout")
     return figures
+
+
+def _drop_unused(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
+                 conv_report: ConversionReport) -> tuple[list[str], int]:
+    """Drop (in place) the modules one eval forward of `deploy` on the verification input never
+    calls (GoogLeNet's and Inception's auxiliary heads): (their paths, their parameter count).
+    Verification then runs on the model without them, so what is written is what was verified.
+    A model that no longer runs without them (code that reads them without calling them) keeps them."""
+    from reparam_cli.pipeline.deploy import drop_modules, unused_modules
+
+    try:
+        call = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+        found = unused_modules(deploy, call)
+    except PassFailed:
+        return [], 0  # verification says why the model does not run
+    if not found:
+        return [], 0
+    kept = {p: deploy.get_submodule(p) for p in found}
+    count = sum(p.numel() for m in kept.values() for p in m.parameters())
+    saved = (list(conv_report.converted), list(conv_report.regions), list(conv_report.remaining),
+             list(conv_report.kept), list(conv_report.skipped))
+    drop_modules(deploy, found, conv_report)
+    try:
+        run_model(deploy, call, "the deploy model without its unused modules")
+    except PassFailed:  # restore them
+        for path, module in kept.items():
+            parent, _, name = path.rpartition(".")
+            deploy.get_submodule(parent)._modules[name] = module
+        (conv_report.converted, conv_report.regions, conv_report.remaining, conv_report.kept,
+         conv_report.skipped) = saved
+        return [], 0
+    return found, count
 
 
 def _equalize(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions) -> tuple[nn.Module, dict]:

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from reparam_cli import ecosystems
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.messages import describe
 from reparam_cli.core.spec import ModelSpec
 from reparam_cli.errors import CheckpointError, OutputError
-from reparam_cli.io.checkpoint import extract_checkpoint, fit_problems, load_into, read_raw
+from reparam_cli.io.checkpoint import extract_checkpoint, fit_problems, load_into, read_raw, with_metadata
 from reparam_cli.io.runtimes import RUNTIME, load_exported
 from reparam_cli.io.metadata import is_deploy_metadata
 from reparam_cli.io.safetensors import read_metadata, read_tensors
@@ -54,6 +55,59 @@ def fuse_options_of(path: str | Path) -> FuseOptions | None:
     return FuseOptions.from_stored(meta.get("options")) if is_deploy_metadata(meta) else None
 
 
+def unused_modules(model: nn.Module, call) -> list[str]:
+    """The modules holding tensors that one eval-mode forward of `model` on `call` = (args, kwargs)
+    never calls (auxiliary heads, training-only branches): the outermost such paths, in model order.
+    Modules reached without being called (a parameter read directly) hold tensors that are used: a
+    module is unused only when neither it nor anything inside it is called and its tensors are not
+    read elsewhere (shared with a called module)."""
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: called.add(id(mod))) for m in model.modules()]
+    try:
+        run_model(model, call, "the deploy model (looking for modules it never calls)")
+    finally:
+        for h in hooks:
+            h.remove()
+    used_tensors = {id(t) for m in model.modules() if id(m) in called
+                    for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    found: list[str] = []
+
+    def walk(m: nn.Module, path: str) -> None:
+        for name, child in m.named_children():
+            sub = f"{path}.{name}" if path else name
+            inner = list(child.modules())
+            tensors = [t for c in inner for t in (*c.parameters(recurse=False), *c.buffers(recurse=False))]
+            if not any(id(c) in called for c in inner) and tensors and not any(id(t) in used_tensors for t in tensors):
+                found.append(sub)
+            else:
+                walk(child, sub)
+
+    walk(model, "")
+    return found
+
+
+def drop_modules(model: nn.Module, paths, report: ConversionReport | None = None) -> nn.Module:
+    """`model` with the modules at `paths` set to None (in place), and `report`'s entries inside them removed."""
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        try:
+            owner = model.get_submodule(parent)
+        except AttributeError:
+            continue
+        if name in owner._modules:
+            owner._modules[name] = None
+    if report is not None and paths:
+        def inside(p: str) -> bool:
+            return any(p == d or p.startswith(d + ".") for d in paths)
+
+        report.converted = [b for b in report.converted if not inside(b.path)]
+        report.regions = [r for r in report.regions if not inside(r.path)]
+        report.remaining = [r for r in report.remaining if not inside(r.path)]
+        report.kept = [r for r in report.kept if not inside(r.path)]
+        report.skipped = [r for r in report.skipped if not inside(r.path)]
+    return model
+
+
 def deploy_skeleton(spec: ModelSpec, fuse: FuseOptions | None = None, *, state: dict | None = None,
                     training: nn.Module | None = None) -> tuple[nn.Module, ConversionReport]:
     """The spec's deploy model on the meta device (shapes only), and the conversion's report: the one
@@ -67,8 +121,9 @@ def deploy_skeleton(spec: ModelSpec, fuse: FuseOptions | None = None, *, state: 
     converted in place). Non-persistent buffers are real (`ModelSpec.build_meta`).
     """
     def build(options: FuseOptions) -> tuple[nn.Module, ConversionReport]:
-        model = training if training is not None else spec.build_meta()
-        return reparameterize(model.eval(), **options.kwargs())
+        model = training if training is not None else ecosystems.prepare(spec.build_meta())
+        deploy, report = reparameterize(model.eval(), **options.kwargs())
+        return drop_modules(deploy, options.unused, report), report
 
     skeleton = build(fuse or FuseOptions())
     if fuse is None and state is not None and fit_problems(skeleton[0], state):
@@ -100,7 +155,10 @@ def load_deploy(path: str | Path, spec: ModelSpec | str | None = None, *, trust_
             raise CheckpointError(f"{path} carries no reparam spec metadata", hint="pass --spec to rebuild it")
     fuse, tensors = fuse_options_of(path), read_tensors(path)
     skeleton, _ = deploy_skeleton(spec, fuse, state=tensors if fuse is None else None)  # no record: as the keys fit
-    return load_into(skeleton, tensors, what="deploy file").eval()
+    # safetensors holds no state-dict `_metadata` (module versions): the file was written from a
+    # model of this code, so the skeleton's own versions are the file's (MNASNet checks them).
+    state = with_metadata(tensors, getattr(skeleton.state_dict(), "_metadata", None))
+    return load_into(skeleton, state, what="deploy file").eval()
 
 
 def load_deploy_state_dict(path: str | Path, spec: ModelSpec | str | None) -> nn.Module:

@@ -55,6 +55,8 @@ class FuseOptions:
 
     graph: bool = True  # fold linear regions outside known blocks (--no-graph: False)
     linear_as_conv: bool = False  # nn.Linear -> pointwise conv (paradigm 9)
+    # modules the deploy model's eval forward never calls, dropped from the file (--keep-unused: none)
+    unused: tuple[str, ...] = ()
     layout: str = "default"  # LAYOUTS (--layout)
 
     def __post_init__(self) -> None:
@@ -76,6 +78,8 @@ class FuseOptions:
         options["graph"] = self.graph
         if self.layout != "default":
             options["layout"] = self.layout
+        if self.unused:
+            options["unused"] = list(self.unused)
         return options
 
     @classmethod
@@ -86,8 +90,10 @@ class FuseOptions:
         options = options if isinstance(options, dict) else {}
         layout = options.get("layout") if options.get("layout") in LAYOUTS else "default"
         linear_as_conv = bool(options.get("linear_as_conv"))
+        unused = options.get("unused") or []
+        unused = tuple(str(p) for p in unused) if isinstance(unused, list) else ()
         return cls(graph=options.get("graph", False) is True, linear_as_conv=linear_as_conv,
-                   layout="default" if linear_as_conv else layout)
+                   layout="default" if linear_as_conv else layout, unused=unused)
 
 
 @dataclass
@@ -107,6 +113,7 @@ class ConvertOptions:
     graph: bool = True  # the graph pass; batch records it per manifest line, resume compares it
     strict: bool = False  # anything foldable left: fail, nothing written
     equalize: bool = False  # cross-layer equalization of the deploy model (for int8), verified end to end
+    keep_unused: bool = False  # keep modules the eval forward never calls (default: dropped, named in the report)
     allow_nonfinite: bool = False  # NaN/Inf in the checkpoint: an error unless allowed (--allow-nonfinite)
     layout: str = "default"  # LAYOUTS; "reference" implies graph=False (set here)
 

@@ -66,6 +66,8 @@ def completeness_dict(conv_report: ConversionReport) -> dict:
                     for r in conv_report.regions],
         "remaining": [{"path": r.path, "kind": r.kind, "reason": r.reason} for r in conv_report.remaining],
         "kept": [{"path": r.path, "reason": r.reason} for r in conv_report.kept],
+        # information, not left: untraceable modules holding nothing foldable, native methods that ran
+        "skipped": [{"path": r.path, "kind": r.kind, "reason": r.reason} for r in conv_report.skipped],
         "completeness": conv_report.summary(),
     }
 

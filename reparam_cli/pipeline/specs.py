@@ -79,6 +79,23 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
 
 
+def list_builtin() -> list[dict]:
+    """Every built-in spec as its YAML says (name, family, description, input shape, builder), read
+    without torch or building anything: what `reparam specs` lists unless asked for --params. A file
+    that cannot be read is listed with an `error`."""
+    rows = []
+    for name in builtin_names():
+        row: dict = {"name": name}
+        try:
+            spec = _yaml_spec(SPECS_DIR / f"{name}.yaml", source=name)
+            row.update(family=builtin_data(name).get("family"), description=spec.description,
+                       input_shape=list(spec.input_shape), builder=spec.builder)
+        except SpecError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return rows
+
+
 def load_spec(ref: str) -> ModelSpec:
     """Resolve a `--spec` reference (built-in name, YAML path, or Python file[:function])."""
     if not ref:
@@ -96,6 +113,8 @@ def load_spec(ref: str) -> ModelSpec:
     base, _, query = ref.partition("?")
     args = parse_query(query, ref)
     path = Path(base)
+    if ":" in base and path.suffix not in (".yaml", ".yml") and not path.exists():
+        return _callable_spec(ref, base, args)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise SpecError(f"spec file not found: {base}")
@@ -165,6 +184,44 @@ def suggest_spec_names(name: str) -> str:
     return "run `reparam specs` to list the built-in specs, or pass a YAML or Python spec file"
 
 
+def routes() -> list[str]:
+    """The library routes a `--spec prefix:...` reference may take (one per ecosystems/ file)."""
+    from reparam_cli.ecosystems import ECOSYSTEMS
+
+    return sorted(f"{ours.rsplit('.', 1)[1]}:" for ours in ECOSYSTEMS.values())
+
+
+def _callable_spec(ref: str, base: str, args: dict[str, Any]) -> ModelSpec:
+    """`package.module:callable[?key=value]` (a builder in the user's importable code) as a spec; any
+    other `prefix:...` answers with the routes that exist and how to write a spec.py."""
+    import importlib.util
+
+    module, _, func = base.partition(":")
+    found = None
+    if module and all(part.isidentifier() for part in module.split(".")) and func.isidentifier():
+        import sys
+
+        added = os.getcwd() not in sys.path
+        if added:  # the user's package, imported as their training script run from here imports it
+            sys.path.insert(0, os.getcwd())
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+    if found is None:
+        import difflib
+
+        close = difflib.get_close_matches(module + ":", routes(), n=1, cutoff=0.6)
+        guess = f"did you mean {close[0]}? " if close else ""
+        raise SpecError(f"unknown spec route {module + ':'!r} in {ref!r}: {guess}reparam's routes are "
+                        f"{', '.join(routes())} (e.g. torchvision:resnet18), a built-in name, a YAML file, "
+                        "`package.module:callable` or a spec.py",
+                        hint="for your own model write spec.py with `def build_model(): return MyNet(...)` "
+                             "and pass --spec spec.py")
+    return ModelSpec(name=ref, builder=base, args=args, input_shape=DEFAULT_INPUT_SHAPE,
+                     description=f"{func}() from {module}", source=ref)
+
+
 def _yaml_spec(path: Path, source: str) -> ModelSpec:
     import yaml
 
@@ -218,6 +275,10 @@ SAFE_SPEC_KINDS: dict[str, Callable[[str], bool]] = {
     "ultralytics": lambda builder: _library_of_builder(builder) == "ultralytics",
     # mmpretrain builds a model-zoo name from its own configs (a config .py path is not plain data).
     "mmpretrain": lambda builder: _library_of_builder(builder) == "mmpretrain",
+    # torchvision builds a builder name from torchvision.models, always without weights.
+    "torchvision": lambda builder: _library_of_builder(builder) == "torchvision",
+    # transformers builds a model type's config (plain overrides) with from_config: no hub, no files.
+    "transformers": lambda builder: _library_of_builder(builder) == "transformers",
 }
 
 

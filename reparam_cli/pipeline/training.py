@@ -53,7 +53,7 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
         return _pickled_model(checkpoint, trust_pickle, ema)
     raw = read_raw(checkpoint, trust_pickle)
     key, strip = spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix")
-    model = spec.build_meta()
+    model = ecosystems.prepare(spec.build_meta())
     ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
     ckpt.notes.extend(n for n in spec.notes if n not in ckpt.notes)  # e.g. "built on cpu: ..."
     _fill_tied(model, ckpt)

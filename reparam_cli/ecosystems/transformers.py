@@ -1,0 +1,153 @@
+"""Hugging Face transformers: `--spec transformers:<model type or class>[?config overrides]` and
+`--spec transformers:<save_pretrained folder>`.
+
+Models are built from a configuration with the library's own classes, never `from_pretrained` of a
+hub name: nothing is downloaded, the weights come from the checkpoint.
+
+* `transformers:resnet?num_labels=10&depths=[1,1,1,1]`: a model type (`AutoConfig.for_model`),
+  built as its image classifier (`AutoModelForImageClassification`) when it has one, else as its
+  base model (`AutoModel`); the query sets configuration fields (values parsed as YAML);
+* `transformers:ResNetForImageClassification?num_labels=10`: that model class, with its
+  configuration class's defaults and the overrides;
+* `transformers:path/to/folder` (what `save_pretrained` or the `Trainer` writes: `config.json`
+  beside `model.safetensors`, sharded `model-0000x-of-0000y.safetensors` with their index, or
+  `pytorch_model.bin`): the class its config's `architectures` names, built from that config. Pass
+  the folder (or a Trainer `checkpoint-N/` folder) as the checkpoint too: the weights are read from it.
+
+The verification input is the model's main input, `pixel_values` of (1, num_channels, image_size,
+image_size) from the configuration (224 without one); outputs (`ModelOutput`) are compared leaf by
+leaf. A stored spec keeps the configuration as data (`config`, a JSON mapping), so a deploy file
+rebuilds without the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from reparam_cli.core.spec import ModelSpec, _shape, library_ref
+from reparam_cli.errors import SpecError
+from reparam_cli.extras import install_hint
+
+PREFIX = "transformers:"
+BUILDER = f"{__name__}:build_model"  # as in ecosystems.STORED_BUILDERS
+# Config fields that name files or the hub: not needed to build, and not data a deploy file keeps.
+_DROPPED = ("_name_or_path", "_commit_hash", "auto_map")
+
+
+def import_transformers():
+    """`import transformers`, or a SpecError saying how to install it."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise SpecError(f"transformers specs need the transformers package, which cannot be imported ({exc})",
+                        hint=install_hint("transformers")) from None
+    return transformers
+
+
+def _model_types() -> list[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return sorted(CONFIG_MAPPING_NAMES)
+
+
+def _class_for(model_type: str, class_name: str | None):
+    """The model class: `class_name` from transformers, else the model type's image classifier or base model."""
+    transformers = import_transformers()
+    if class_name:
+        cls = getattr(transformers, class_name, None)
+        if cls is None or not hasattr(cls, "config_class"):
+            raise SpecError(f"transformers has no model class {class_name!r}",
+                            hint="name a class such as ResNetForImageClassification, or a model type such as resnet")
+        return cls
+    from transformers.models.auto import modeling_auto as auto
+
+    for mapping in ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES"):
+        name = getattr(auto, mapping, {}).get(model_type)
+        if isinstance(name, (tuple, list)):
+            name = name[0]
+        if name and getattr(transformers, name, None) is not None:
+            return getattr(transformers, name)
+    raise SpecError(f"transformers model type {model_type!r} has no model class reparam can build",
+                    hint="name the class: transformers:<ModelClass>?...")
+
+
+def build_model(model_type: str | None = None, model_class: str | None = None, config: dict | None = None,
+                **overrides: Any):
+    """A transformers model built from a configuration (see the module doc), in eval mode, without
+    any download. `config`: a full configuration mapping (a config.json); `overrides`: fields set on it."""
+    transformers = import_transformers()
+    data = {k: v for k, v in (config or {}).items() if k not in _DROPPED}
+    data.update(overrides)
+    model_type = model_type or data.get("model_type")
+    if model_class is None and config is not None:
+        arch = data.get("architectures") or []
+        model_class = arch[0] if arch and hasattr(transformers, arch[0]) else None
+    if model_class:
+        cls = _class_for("", model_class)
+        conf_cls = cls.config_class
+        data.pop("model_type", None)
+        conf = conf_cls.from_dict(data) if config is not None else conf_cls(**data)
+    else:
+        if model_type not in _model_types():
+            import difflib
+
+            close = difflib.get_close_matches(str(model_type), _model_types(), n=4, cutoff=0.6)
+            raise SpecError(f"transformers has no model type {model_type!r}",
+                            hint=f"did you mean {', '.join('transformers:' + c for c in close)}?" if close
+                            else "name a model type (resnet, convnext, ...) or a model class")
+        data.pop("model_type", None)
+        conf = transformers.AutoConfig.for_model(model_type, **data)
+        cls = _class_for(model_type, None)
+    model = cls(conf)  # from a configuration: random weights, replaced by the checkpoint's
+    return model.eval()
+
+
+def _config_file(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"cannot read {path}: {exc}",
+                        hint="a transformers folder is what save_pretrained writes (config.json + weights)") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path} is not a JSON mapping")
+    return data
+
+
+def _input_shape(conf: dict) -> tuple[int, ...]:
+    size = conf.get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        h, w = (int(size[0]), int(size[-1]))
+    else:
+        h = w = int(size or 224)
+    return (1, int(conf.get("num_channels", 3) or 3), h, w)
+
+
+def spec(ref: str) -> ModelSpec:
+    """`transformers:<model type | class | folder>[?overrides]` -> a spec building that model."""
+    name, args = library_ref(ref, PREFIX, "transformers", "transformers:resnet?num_labels=10")
+    shape = args.pop("input_shape", None)
+    folder = Path(name)
+    if folder.is_dir() or name.endswith("config.json"):
+        folder = folder if folder.is_dir() else folder.parent
+        conf = {k: v for k, v in _config_file(folder).items() if k not in _DROPPED}
+        conf.update(args)
+        build_args: dict[str, Any] = {"config": conf}
+        desc = f"transformers model from {folder}"
+        info = conf
+    else:
+        import_transformers()
+        if name[:1].isupper():
+            build_args = {"model_class": name, **args}
+            cls = _class_for("", name)
+            info = {**cls.config_class().to_dict(), **args}
+        else:
+            build_args = {"model_type": name, **args}
+            if name not in _model_types():
+                build_model(model_type=name)  # raises with the closest names
+            info = {**import_transformers().AutoConfig.for_model(name).to_dict(), **args}
+        desc = f"transformers model {name}"
+    return ModelSpec(name=ref, builder=BUILDER, args=build_args,
+                     input_shape=_shape(shape or _input_shape(info), ref), description=desc, source=ref)

@@ -1,0 +1,348 @@
+"""Sweep a model zoo: build each model of a list, save it as that zoo's users save it, convert it
+with reparam's CLI pipeline, rebuild the written file, and compare with the library's own fuse.
+Writes docs/sweep-<zoo>.md.
+
+    PYTHONPATH=. python scripts/zoo_sweep.py torchvision            # one model per family (default list)
+    PYTHONPATH=. python scripts/zoo_sweep.py torchvision --all      # every classification builder (slow)
+    PYTHONPATH=. python scripts/zoo_sweep.py transformers
+    PYTHONPATH=. python scripts/zoo_sweep.py ultralytics --only yolo11n.yaml --print
+
+Per model:
+1. Build with the library (no weights: torchvision `weights=None`, transformers from a config,
+   ultralytics from its YAML), randomise BatchNorm statistics, save as the zoo saves it:
+   torchvision's reference-script checkpoint (`{"model", "optimizer", "lr_scheduler", "epoch",
+   "args"}` with an argparse Namespace), a transformers `save_pretrained` folder, an ultralytics
+   `.pt` (the whole model pickled in float16 under `model`, read with --trust-pickle --spec checkpoint).
+2. Convert through `convert_checkpoint` (what `reparam convert` runs) with the zoo's route
+   (`torchvision:<name>`, `transformers:<folder>`), on a small input (`--size`, default 64; 128
+   for ultralytics), verified against a float64 reference; the written file is rebuilt with
+   `load_deploy` and compared with the float64 reference.
+3. The library's own fuse on the same model, where one exists: `torch.fx.experimental.optimization.fuse`
+   (torchvision), ultralytics `model.fuse()`; transformers has none. Columns: BatchNorms left and
+   parameters, reparam's vs the library's, and errors relative to the float64 reference.
+
+Status `ok`: converted with exit 0, no more BatchNorms or parameters than the library's fuse, the
+rebuilt file within 1e-4 of the reference; otherwise what failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import argparse as _argparse
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# smallest first, so a time budget (--budget) covers as many families as it can
+TORCHVISION = ["squeezenet1_1", "mnasnet0_5", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf",
+               "regnet_y_400mf", "mobilenet_v2", "resnet18", "googlenet", "alexnet", "efficientnet_b0", "densenet121",
+               "vgg11_bn", "resnet50", "inception_v3", "convnext_tiny", "resnext50_32x4d", "swin_t", "maxvit_t",
+               "efficientnet_v2_s", "vit_b_16", "wide_resnet50_2"]
+# model type -> config overrides that keep it small (CPU, 2 cores)
+TRANSFORMERS = {
+    "resnet": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128], "embedding_size": 32},
+    "regnet": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128], "embedding_size": 32, "groups_width": 16},
+    "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.25, "hidden_dim": 320},
+    "mobilenet_v1": {"depth_multiplier": 0.25},
+    "mobilenet_v2": {"depth_multiplier": 0.35},
+    "convnext": {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64]},
+    "bit": {"depths": [1, 1, 1, 1], "hidden_sizes": [128, 128, 256, 256], "embedding_size": 64},
+    "levit": {},
+    "mobilevit": {"hidden_sizes": [32, 48, 64], "neck_hidden_sizes": [8, 8, 16, 16, 24, 32, 128]},
+    "poolformer": {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64]},
+    "swiftformer": {"depths": [1, 1, 1, 1], "embed_dims": [16, 32, 48, 64]},
+    "textnet": {},
+    "vit": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2},
+}
+ULTRALYTICS = ["yolov3-tinyu.yaml", "yolov5nu.yaml", "yolov6n.yaml", "yolov8n.yaml", "yolov8n-seg.yaml",
+               "yolov8n-pose.yaml", "yolov8n-obb.yaml", "yolov8n-cls.yaml", "yolov9t.yaml", "yolov10n.yaml",
+               "yolo11n.yaml", "yolo11n-seg.yaml", "yolo11n-pose.yaml", "yolo11n-obb.yaml", "yolo11n-cls.yaml",
+               "rtdetr-l.yaml"]
+
+
+@dataclass
+class Row:
+    model: str
+    status: str = "not run"
+    bn_before: int | None = None
+    bn_reparam: int | None = None
+    bn_library: int | None = None
+    params_before: int | None = None
+    params_reparam: int | None = None
+    params_library: int | None = None
+    rel_err: float | None = None
+    reload_rel_err: float | None = None
+    library_rel_err: float | None = None
+    completeness: str = ""
+    seconds: float = 0.0
+
+
+def batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+def _leaves(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _leaves(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _leaves(v)]
+    return []
+
+
+def _rel(out, ref) -> float:
+    a, b = _leaves(out), _leaves(ref)
+    if len(a) != len(b) or not a:
+        return float("nan")
+    worst = 0.0
+    for o, r in zip(a, b):
+        if o.shape != r.shape:
+            return float("nan")
+        worst = max(worst, ((o.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-12)).item())
+    return worst
+
+
+def _reference(model: nn.Module, x: torch.Tensor):
+    state = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        return torch.func.functional_call(model, state, (x.double(),))
+
+
+# --------------------------------------------------------------------------- zoos
+
+def torchvision_case(name: str, work: Path, size: int):
+    """(training model, checkpoint path, spec ref, input shape, library fuse or None)."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, **({"init_weights": True} if name in (
+        "googlenet", "inception_v3") else {})).eval()
+    randomize_bn(model)
+    ckpt = work / f"{name}.pth"  # references/classification/train.py's checkpoint
+    torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 0,
+                "args": _argparse.Namespace(model=name, lr=0.1)}, ckpt)
+    shape = (1, 3, size, size) if name not in ("maxvit_t", "vit_b_16", "swin_t", "inception_v3") else None
+
+    def fuse(m):
+        from torch.fx.experimental.optimization import fuse as fx_fuse
+
+        return fx_fuse(copy.deepcopy(m))
+
+    return model, ckpt, f"torchvision:{name}", shape, fuse
+
+
+def transformers_case(name: str, work: Path, size: int):
+    import transformers
+
+    from reparam_cli.ecosystems.transformers import build_model
+
+    overrides = {**TRANSFORMERS.get(name, {}), "num_labels": 10}
+    if name not in ("levit", "swiftformer", "textnet"):
+        overrides["image_size"] = size
+    model = build_model(model_type=name, **overrides).eval()
+    randomize_bn(model)
+    folder = work / name
+    model.save_pretrained(folder)
+    del transformers
+    return model, folder, f"transformers:{folder}", None, None
+
+
+def ultralytics_case(name: str, work: Path, size: int):
+    from reparam_cli.ecosystems.ultralytics import build_model
+
+    model = build_model(name).eval()
+    randomize_bn(model)
+    pt = work / f"{Path(name).stem}.pt"  # what ultralytics' trainer writes: the model pickled in float16
+    torch.save({"model": copy.deepcopy(model).half(), "ema": None, "epoch": -1, "train_args": {}}, pt)
+    model = model.half().float()  # what the checkpoint holds
+
+    def fuse(m):
+        return copy.deepcopy(m).fuse(verbose=False)
+
+    return model, pt, "checkpoint", (1, 3, size, size), fuse
+
+
+CASES = {"torchvision": torchvision_case, "transformers": transformers_case, "ultralytics": ultralytics_case}
+
+
+def names_for(zoo: str, all_models: bool) -> list[str]:
+    if zoo == "torchvision":
+        if all_models:
+            import torchvision
+
+            return sorted(torchvision.models.list_models(module=torchvision.models))
+        return TORCHVISION
+    if zoo == "transformers":
+        return list(TRANSFORMERS)
+    return ULTRALYTICS
+
+
+def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
+    from reparam_cli.errors import ReparamError
+    from reparam_cli.pipeline.conversion import convert_checkpoint
+    from reparam_cli.pipeline.deploy import load_deploy
+    from reparam_cli.pipeline.options import VerifyOptions
+    from reparam_cli.pipeline.specs import load_spec
+
+    row = Row(name)
+    start = time.perf_counter()
+    out = work / f"{Path(name).stem}.deploy.safetensors"
+    try:
+        model, ckpt, ref, shape, library_fuse = CASES[zoo](name, work, size)
+        spec = load_spec(ref) if ref != "checkpoint" else ref
+        shape = tuple(shape or load_spec(ref).input_shape)
+        row.bn_before, row.params_before = batchnorms(model), count_params(model)
+        try:
+            report = convert_checkpoint(ckpt, spec, out, overwrite=True, trust_pickle=(ref == "checkpoint"),
+                                        verify_options=VerifyOptions(input_shape=shape))
+        except ReparamError as exc:
+            row.status = f"reparam: {exc}"[:240]
+            rep = getattr(exc, "report", None) or {}
+            row.rel_err = rep.get("max_rel_err")
+            return row
+        row.rel_err, row.params_reparam = report["max_rel_err"], report["params_after"]
+        row.completeness = report["completeness"][:120]
+        deploy = load_deploy(out)
+        row.bn_reparam = batchnorms(deploy)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        from reparam_cli import ecosystems
+
+        ecosystems.prepare(model)
+        ref_out = _reference(model, x)
+        model.float()
+        with torch.no_grad():
+            row.reload_rel_err = _rel(deploy(x), ref_out)
+        theirs = None
+        if library_fuse is not None:
+            try:
+                theirs = library_fuse(model).eval()
+            except Exception as exc:  # noqa: BLE001 - e.g. torch.fx cannot trace it
+                row.library_rel_err = None
+                row.status = f"library fuse failed: {type(exc).__name__}"
+        if theirs is not None:
+            row.bn_library, row.params_library = batchnorms(theirs), count_params(theirs)
+            with torch.no_grad():
+                row.library_rel_err = _rel(theirs(x), ref_out)
+        problems = []
+        if row.bn_library is not None and row.bn_reparam > row.bn_library:
+            problems.append(f"keeps {row.bn_reparam - row.bn_library} BN the library's fuse removes")
+        if row.params_library is not None and row.params_reparam > row.params_library:
+            problems.append(f"{row.params_reparam - row.params_library} more params than the library's fuse")
+        if not math.isfinite(row.reload_rel_err) or row.reload_rel_err > 1e-4:
+            problems.append(f"rebuilt file differs ({row.reload_rel_err:.2g})")
+        row.status = "; ".join(problems) or ("ok" if row.status == "not run" else f"ok ({row.status})")
+    except Exception as exc:  # noqa: BLE001 - the sweep goes on; the row says what broke
+        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:240]
+    finally:
+        row.seconds = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _num(v, fmt: str = ",") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.1e}"
+    return format(v, fmt)
+
+
+def markdown(zoo: str, rows: list[Row], size: int, versions: str, left_out: list[str]) -> str:
+    ok = sum(r.status.startswith("ok") for r in rows)
+    library = {"torchvision": "torch.fx's fuser", "ultralytics": "ultralytics' `model.fuse()`",
+               "transformers": "(none: transformers has no fuse)"}[zoo]
+    lines = [f"# {zoo} sweep", "",
+             f"Generated by `scripts/zoo_sweep.py {zoo}` ({versions}); inputs 1x3x{size}x{size} where the model "
+             "takes them, else its default size. Each model built without weights, BatchNorm statistics randomised, "
+             "saved as its zoo saves it, converted by reparam's CLI pipeline, the written file rebuilt; compared "
+             f"with {library}. Errors are relative to a float64 reference.", "",
+             f"**{ok} of {len(rows)} ok.**", "",
+             "| model | status | BN before | BN reparam | BN library | params before | params reparam | "
+             "params library | reparam err | rebuilt err | library err | report | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.status.replace('|', '/')} | {_num(r.bn_before)} | {_num(r.bn_reparam)} | "
+                     f"{_num(r.bn_library)} | {_num(r.params_before)} | {_num(r.params_reparam)} | "
+                     f"{_num(r.params_library)} | {_num(r.rel_err)} | {_num(r.reload_rel_err)} | "
+                     f"{_num(r.library_rel_err)} | {r.completeness.replace('|', '/')} | {r.seconds} |")
+    if left_out:
+        lines += ["", "Not covered by this run: " + ", ".join(left_out) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("zoo", choices=sorted(CASES))
+    ap.add_argument("--all", action="store_true", help="every model of the zoo's list (torchvision: every builder)")
+    ap.add_argument("--only", default="", help="comma-separated model names")
+    ap.add_argument("--size", type=int, default=None, help="input size (default 64; ultralytics 128)")
+    ap.add_argument("--budget", type=float, default=0, help="stop starting new models after this many seconds")
+    ap.add_argument("--print", action="store_true", help="print the table instead of writing docs/sweep-<zoo>.md")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    size = args.size or (128 if args.zoo == "ultralytics" else 64)
+    names = [n for n in args.only.split(",") if n] or names_for(args.zoo, args.all)
+    rows: list[Row] = []
+    left_out: list[str] = []
+    begin = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            if args.budget and time.perf_counter() - begin > args.budget:
+                left_out.append(name)
+                continue
+            rows.append(sweep_one(args.zoo, name, Path(tmp), size))
+            r = rows[-1]
+            print(f"{name}: {r.status} ({r.seconds} s)", file=sys.stderr, flush=True)
+    import importlib.metadata as md
+
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("torch", args.zoo) if _has(p))
+    text = markdown(args.zoo, rows, size, versions, left_out)
+    if args.print:
+        print(text)
+    else:
+        (ROOT / "docs" / f"sweep-{args.zoo}.md").write_text(text)
+    return 0
+
+
+def _has(package: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(package)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

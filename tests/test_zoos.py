@@ -1,0 +1,236 @@
+"""Every model zoo's natural route (issue 17): `torchvision:<builder>`, `transformers:<model type>` and
+save_pretrained folders, unknown routes answered in one line, checkpoints as each zoo's trainers
+write them (torchvision's reference scripts with their `_metadata`), ultralytics models built in
+the user's own spec converting as through `ultralytics:`. Small models, small inputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from reparam_cli.errors import SpecError
+from reparam_cli.pipeline.deploy import load_deploy
+from reparam_cli.pipeline.specs import load_spec
+
+from .helpers import run_cli
+
+SMALL = ["--input-shape", "1,3,64,64"]
+
+
+def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def test_unknown_route_answers_with_the_routes(tmp_path):
+    with pytest.raises(SpecError) as exc:
+        load_spec("torchvison:resnet18")
+    text = str(exc.value) + str(exc.value.hint)
+    assert "did you mean torchvision:" in text and "timm:" in text and "build_model()" in text
+    assert "model_specs" not in text  # never an internal path
+
+
+def test_module_callable_spec(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text("from torch import nn\n"
+                                        "def small(width=4):\n"
+                                        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = load_spec("mynets:small?width=8")
+    assert spec.builder == "mynets:small" and spec.args == {"width": 8}
+    assert spec.build(device="meta")[0].out_channels == 8
+
+
+tv = pytest.importorskip("torchvision")
+
+
+def test_torchvision_spec_and_suggestions():
+    spec = load_spec("torchvision:resnet18?num_classes=10")
+    assert spec.builder == "reparam_cli.ecosystems.torchvision:build_model"
+    assert spec.args == {"name": "resnet18", "num_classes": 10} and spec.input_shape == (1, 3, 224, 224)
+    assert load_spec("torchvision:r3d_18").input_shape == (1, 3, 8, 112, 112)
+    with pytest.raises(SpecError) as exc:
+        load_spec("torchvision:resnet81")
+    assert "torchvision:resnet18" in str(exc.value.hint)
+    with pytest.raises(SpecError):
+        load_spec("torchvision:resnet18?weights=IMAGENET1K_V1").build(device="meta")
+
+
+def test_torchvision_reference_script_checkpoint_keeps_metadata(tmp_path):
+    """references/classification/train.py's checkpoint (argparse.Namespace inside) of MNASNet, whose
+    layers check the state dict's `_metadata` versions: read without --trust-pickle, converted,
+    the written file rebuilt."""
+    model = tv.models.mnasnet0_5(num_classes=10).eval()
+    with torch.no_grad():
+        _randomize_bn(model)
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 3,
+                "args": argparse.Namespace(lr=0.1, model="mnasnet0_5")}, ckpt)
+    out = tmp_path / "mnas.safetensors"
+    res = run_cli("convert", ckpt, "--spec", "torchvision:mnasnet0_5?num_classes=10", "-o", out, *SMALL, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["max_rel_err"] < 1e-4
+    deploy = load_deploy(out)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.modules())
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(deploy(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_ultralytics_model_from_a_users_spec_converts_as_through_the_prefix(tmp_path, monkeypatch):
+    """A DetectionModel built in the user's own spec.py (YOLOv10: end-to-end head) is put in
+    ultralytics' export mode like `ultralytics:` models, so the fused head's output matches."""
+    pytest.importorskip("ultralytics")
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "yolo"))
+    spec = tmp_path / "yolo_spec.py"
+    spec.write_text('"""YOLOv10n from user code."""\nfrom ultralytics.nn.tasks import DetectionModel\n'
+                    "INPUT_SHAPE = (1, 3, 64, 64)\n"
+                    "def build_model():\n    return DetectionModel('yolov10n.yaml', nc=2, verbose=False)\n")
+    from reparam_cli.pipeline.specs import _python_spec
+
+    model = _python_spec(spec, "build_model").build()
+    ckpt = tmp_path / "y10.pth"
+    torch.save(model.state_dict(), ckpt)
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "y10.safetensors", "--json", "--strict")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    # Fully fused: the untraceable C2f/PSA modules hold nothing left, the head's own fuse() ran.
+    assert report["ok"] and report["completeness"] == "complete" and report["remaining"] == []
+    kinds = {r["kind"] for r in report["skipped"]}
+    assert "native-method-ran" in kinds and "untraceable" in kinds
+
+
+transformers = pytest.importorskip("transformers")
+
+HF_SMALL = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 16, 16], embedding_size=8, num_labels=3, image_size=32)
+
+
+def _hf_resnet():
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(**HF_SMALL)).eval()
+    with torch.no_grad():
+        _randomize_bn(model)
+    return model
+
+
+def test_transformers_model_type_and_class_specs():
+    spec = load_spec("transformers:resnet?num_labels=3&depths=[1,1,1,1]&image_size=32")
+    assert spec.builder == "reparam_cli.ecosystems.transformers:build_model"
+    assert spec.input_shape == (1, 3, 32, 32)
+    assert type(spec.build(device="meta")).__name__ == "ResNetForImageClassification"
+    assert type(load_spec("transformers:ResNetModel?depths=[1,1,1,1]").build(device="meta")).__name__ == "ResNetModel"
+    with pytest.raises(SpecError) as exc:
+        load_spec("transformers:resnett")
+    assert "transformers:resnet" in str(exc.value.hint)
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "trainer-bin"])
+def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
+    """save_pretrained folders (one safetensors file, shards with their index) and a Trainer
+    checkpoint-N/ folder with pytorch_model.bin: the folder is the checkpoint and the spec."""
+    model = _hf_resnet()
+    folder = tmp_path / ("run/checkpoint-500" if layout == "trainer-bin" else "model")
+    if layout == "sharded":
+        model.save_pretrained(folder, max_shard_size="4KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+    else:
+        model.save_pretrained(folder)
+    if layout == "trainer-bin":
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "optimizer.pt").write_bytes(b"")  # what Trainer writes beside it, not read
+    out = tmp_path / "deploy.safetensors"
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["worst_output"].startswith("output['logits']")
+    deploy = load_deploy(out)  # from the configuration stored in the file
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(deploy(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+    if layout == "trainer-bin":  # the run folder itself: pointed at its checkpoints
+        res = run_cli("convert", tmp_path / "run", "--spec", f"transformers:{folder}", "-o", tmp_path / "x.safetensors")
+        assert res.exit_code == 2 and "checkpoint-500" in res.output
+
+
+def test_reparam_debug_prints_the_traceback_and_keeps_the_exit_code(tmp_path, monkeypatch):
+    import reparam_cli.pipeline.stdio as stdio
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal slip")
+
+    monkeypatch.setattr(stdio, "convert_stdio", broken)
+    ckpt = tmp_path / "x.pth"
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    plain = run_cli("convert", ckpt, "--spec", "repvgg-a0", "-o", tmp_path / "o.safetensors")
+    monkeypatch.setenv("REPARAM_DEBUG", "1")
+    debug = run_cli("convert", ckpt, "--spec", "repvgg-a0", "-o", tmp_path / "o.safetensors")
+    assert plain.exit_code == debug.exit_code == 2
+    assert "Traceback" in debug.stderr and "an internal slip" in debug.stderr and "Traceback" not in plain.stderr
+
+
+def test_float16_checkpoint_fused_from_exact_values_with_dtype_float32(tmp_path):
+    """A float16 checkpoint converted with --dtype float32 is fused from its exact (widened) values
+    and rounded once: exact to float32 rounding, not to float16's."""
+    from reparam_cli.pipeline.specs import load_spec as load
+
+    from .helpers import TINY_REPVGG_YAML, randomized
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_REPVGG_YAML)
+    model = randomized(load(str(spec)).build()).eval()
+    ckpt = tmp_path / "half.pth"
+    torch.save(model.half().state_dict(), ckpt)
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", tmp_path / "f32.safetensors", "--dtype", "float32", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["dtype"] == "float32" and report["checkpoint_dtype"] == "float16"
+    assert report["max_rel_err"] < 1e-5  # float16 rounding of fused weights alone would be ~1e-3
+
+
+AUX_SPEC = '''
+import torch
+from torch import nn
+
+INPUT_SHAPE = (1, 3, 16, 16)
+
+
+class WithAux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.training:
+            return self.head(x), self.aux(x)
+        return self.head(x)
+
+
+def build_model():
+    return WithAux()
+'''
+
+
+def test_unused_modules_are_dropped_unless_keep_unused(tmp_path):
+    spec = tmp_path / "aux.py"
+    spec.write_text(AUX_SPEC)
+    ckpt = tmp_path / "aux.pth"
+    assert run_cli("init", spec, "-o", ckpt).exit_code == 0
+    out = tmp_path / "dropped.safetensors"
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["dropped"] == ["aux"] and any("--keep-unused" in n for n in report["notes"])
+    deploy = load_deploy(out, spec=str(spec))  # the skeleton drops the same modules
+    assert deploy.aux is None and report["params_after"] == sum(p.numel() for p in deploy.parameters())
+    kept = tmp_path / "kept.safetensors"
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", kept, "--json", "--keep-unused")
+    assert res.exit_code == 0 and "dropped" not in json.loads(res.stdout)
+    assert load_deploy(kept, spec=str(spec)).aux is not None
