@@ -148,18 +148,19 @@ def test_wheel_installs_and_runs_outside_the_clone(tmp_path):
 
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert sum(n.startswith("reparam_cli/model_specs/") and n.endswith(".yaml") for n in names) >= 30
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REPARAM_SPECS_DIR")}
     env_dir = tmp_path / "env"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
+    # The wheel first (this environment's reparam_cli, seen through deps.pth, would count as installed).
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
+                    str(wheels[0])], check=True, capture_output=True, env=env)
     deps = [p for p in sys.path if p.endswith("site-packages")]
     Path(site, "deps.pth").write_text("\n".join(deps) + "\n")  # torch & co. from this environment
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheels[0])],
-                   check=True, capture_output=True)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REPARAM_SPECS_DIR")}
     reparam = [str(env_dir / "bin" / "reparam")]
 
     def run(*args):

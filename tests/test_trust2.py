@@ -199,9 +199,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("argv,code,expect", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_cli_bad_input(inputs, tmp_path, argv, code, expect):
+def test_cli_bad_input(inputs, tmp_path, monkeypatch, argv, code, expect):
     folder, out = inputs["dir"], tmp_path / "out"
     out.mkdir()
+    # A $TMPDIR of this test's own: another test process writing to the shared one is no leftover.
+    private = tmp_path / "tmpdir"
+    private.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private))
+    monkeypatch.setattr("tempfile.tempdir", None)
     before, tmp_before = _sha(folder), _tmp_entries()
     result = run_cli(*argv.format(**{"in": folder, "out": out}).split())
     err = result.stderr

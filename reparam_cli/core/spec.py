@@ -283,9 +283,9 @@ def parse_query(query: str, ref: str) -> dict[str, Any]:
     except ValueError:
         raise SpecError(f"spec {ref!r}: arguments must look like ?key=value&key=value") from None
     for key, value in pairs:
-        if not key.isidentifier():
+        if not all(part.isidentifier() for part in key.split(".")):  # dotted: a config override (mmpretrain)
             raise SpecError(f"spec {ref!r}: argument name {key!r} is not a keyword argument name",
-                            hint="arguments look like ?key=value&key=value, each key a Python identifier")
+                            hint="arguments look like ?key=value&key=value, each key a Python identifier (or dotted ones)")
         try:
             args[key] = load_yaml(value, f"argument {key!r} of spec {ref!r}") if value else None
             if isinstance(args[key], int) and not isinstance(args[key], bool) and abs(args[key]) >= 1 << 63:
