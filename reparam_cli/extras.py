@@ -50,6 +50,20 @@ def install_hint(extra: str) -> str:
     return hint
 
 
+def import_extra(module: str, extra: str, feature: str, error: type[ReparamError] = MissingExtra):
+    """`module` imported (e.g. "timm", "onnxruntime.quantization"), or `error` (a ReparamError class)
+    saying that `feature` needs `extra`, with the pip command that installs it. The one place that
+    turns a missing optional dependency into a message."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or module
+        raise error(f"{feature} needs the {extra} extra ({missing} cannot be imported: {exc})",
+                    hint=install_hint(extra)) from None
+
+
 def require_extra(extra: str, feature: str) -> None:
     """Raise MissingExtra when `feature` (e.g. "--format onnx") cannot run for lack of `extra`."""
     missing = missing_modules(extra)

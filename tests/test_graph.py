@@ -19,7 +19,7 @@ from torch import nn
 
 from reparam_cli.convert.engine import reparameterize
 
-from .helpers import randomized, run_cli
+from .helpers import assert_equivalent as check, randomized, run_cli
 
 
 def conv_bn(cin, cout, k, padding=None, stride=1, groups=1, bias=False):
@@ -130,20 +130,6 @@ def home_made(c=4):
 
 def batchnorms(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def check(model, shape, rtol=1e-5):
-    """Convert and compare the float32 deploy model with the float64 training model."""
-    model = model.float().eval()
-    deploy, report = reparameterize(model)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model.double()(x.double())
-        model.float()
-        out = deploy(x).double()
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
-    assert err < rtol, f"relative error {err:.3g}"
-    return deploy, report
 
 
 def same_skeleton(build, deploy):

@@ -21,20 +21,7 @@ from reparam_cli.core.tensors import count_parameters
 from reparam_cli.convert.engine import reparameterize
 from reparam_cli.convert.graph import bn_kind
 
-from .helpers import randomized, run_cli
-
-
-def check(model, shape, rtol=1e-5):
-    model = model.float().eval()
-    deploy, report = reparameterize(model)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model.double()(x.double())
-        model.float()
-        out = deploy(x).double()
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
-    assert err < rtol, f"relative error {err:.3g}"
-    return deploy, report
+from .helpers import assert_equivalent as check, randomized, run_cli
 
 
 def norms(model):

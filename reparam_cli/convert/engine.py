@@ -261,7 +261,6 @@ def reparameterize(
                 _release(module, deployed)
             return deployed
         if linear_as_conv and type(module) is nn.Linear:
-
             report.converted.append(ConvertedBlock(path, "Linear", "linear-as-conv"))
             products.append(linear_to_pointwise(module))
             return products[-1]

@@ -34,7 +34,7 @@ from torch import nn
 
 from reparam_cli.core.tensors import has_submodule
 from reparam_cli.errors import SpecError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 
 # library package name -> reparam's file of its conventions
 ECOSYSTEMS = {"ultralytics": "reparam_cli.ecosystems.ultralytics", "timm": "reparam_cli.ecosystems.timm",
@@ -69,13 +69,7 @@ def spec_for(ref: str):
     for package, ours in ECOSYSTEMS.items():
         prefix = ours.rsplit(".", 1)[1] + ":"
         if ref.startswith(prefix):
-            try:
-                eco = import_module(ours)
-            except ImportError as exc:
-
-                raise SpecError(f"spec {ref!r} needs the {package} package, which cannot be imported ({exc})",
-                                hint=install_hint(package)) from None
-            return eco.spec(ref)
+            return import_extra(ours, package, f"spec {ref!r}", SpecError).spec(ref)
     return None
 
 

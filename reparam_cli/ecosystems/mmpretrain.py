@@ -31,7 +31,7 @@ from typing import Any
 
 from reparam_cli.core.spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, library_ref
 from reparam_cli.errors import SpecError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 
 PREFIX = "mmpretrain:"
 
@@ -47,15 +47,9 @@ def _quiet():
 
 def import_mmpretrain():
     """`import mmpretrain` (quietly), or a SpecError saying how to install it."""
-    try:
-        with _quiet():
-            import mmpretrain
-            import mmpretrain.apis  # noqa: F401
-    except ImportError as exc:
-
-        raise SpecError(f"mmpretrain specs need mmpretrain, mmengine and mmcv-lite, which cannot be imported ({exc})",
-                        hint=install_hint("mmpretrain")) from None
-    return mmpretrain
+    with _quiet():
+        import_extra("mmpretrain.apis", "mmpretrain", "mmpretrain specs", SpecError)
+        return import_extra("mmpretrain", "mmpretrain", "mmpretrain specs", SpecError)
 
 
 def _override(config, key: str, value: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from reparam_cli.core.spec import DEFAULT_INPUT_SHAPE, ModelSpec, TIMM_BUILDERS, _shape, library_ref
 from reparam_cli.errors import SpecError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 
 PREFIX = "timm:"
 _REFUSED = {"pretrained": "weights come from the checkpoint, nothing is downloaded",
@@ -28,13 +28,7 @@ _REFUSED = {"pretrained": "weights come from the checkpoint, nothing is download
 
 def import_timm():
     """`import timm`, or a SpecError saying how to install it."""
-    try:
-        import timm
-    except ImportError as exc:
-
-        raise SpecError(f"timm specs need the timm package, which cannot be imported ({exc})",
-                        hint=install_hint("timm")) from None
-    return timm
+    return import_extra("timm", "timm", "timm specs", SpecError)
 
 
 def timm_create_model(model_name: str, **kwargs: Any):

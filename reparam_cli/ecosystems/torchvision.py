@@ -22,7 +22,7 @@ from typing import Any
 
 from reparam_cli.core.spec import ModelSpec, _shape, library_ref
 from reparam_cli.errors import SpecError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 
 PREFIX = "torchvision:"
 BUILDER = f"{__name__}:build_model"  # as in ecosystems.STORED_BUILDERS
@@ -33,12 +33,7 @@ _REFUSED = {"weights": "weights come from the checkpoint, nothing is downloaded"
 
 def import_models():
     """`torchvision.models`, or a SpecError saying how to install torchvision."""
-    try:
-        import torchvision.models as models
-    except ImportError as exc:
-        raise SpecError(f"torchvision specs need the torchvision package, which cannot be imported ({exc})",
-                        hint=install_hint("torchvision")) from None
-    return models
+    return import_extra("torchvision.models", "torchvision", "torchvision specs", SpecError)
 
 
 def builder_names() -> list[str]:

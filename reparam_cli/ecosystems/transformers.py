@@ -28,7 +28,7 @@ from typing import Any
 
 from reparam_cli.core.spec import ModelSpec, _shape, library_ref
 from reparam_cli.errors import SpecError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 
 PREFIX = "transformers:"
 BUILDER = f"{__name__}:build_model"  # as in ecosystems.STORED_BUILDERS
@@ -38,12 +38,7 @@ _DROPPED = ("_name_or_path", "_commit_hash", "auto_map")
 
 def import_transformers():
     """`import transformers`, or a SpecError saying how to install it."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise SpecError(f"transformers specs need the transformers package, which cannot be imported ({exc})",
-                        hint=install_hint("transformers")) from None
-    return transformers
+    return import_extra("transformers", "transformers", "transformers specs", SpecError)
 
 
 def _model_types() -> list[str]:

@@ -154,7 +154,6 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
         raise AlreadyDeployed(f"{path} is {article} deploy file, not a training checkpoint",
                               hint="convert the training checkpoint, or check this file with `reparam verify`")
     if mmap and not trust_pickle:
-
         # Shape-only reads: the restricted unpickler runs nothing either, and is C pickle (torch's
         # weights-only one is Python: 0.05 s for RepVGG-B3's 453 tensors). A file it cannot read
         # takes the usual path below, for the usual error.
@@ -170,7 +169,6 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         message = str(exc)
         if not trust_pickle and "Weights only load failed" in message:
-
             try:  # foreign classes: read again, turning them into inert placeholders
                 return restricted_load(path)
             except Exception:
@@ -194,14 +192,12 @@ def read_raw(path: str | Path, trust_pickle: bool = False, *, mmap: bool = False
 
 
 def _as_mapping(obj: Any) -> Any:
-
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     return module_state_dict(obj) if is_module_placeholder(obj) else obj
 
 
 def _is_wrapper(value: Any) -> bool:
-
     return isinstance(value, (Mapping, nn.Module)) or is_module_placeholder(value)
 
 
@@ -209,12 +205,10 @@ _TRUST_HINT = "only if you trust its origin, pass --trust-pickle to unpickle it 
 
 
 def _is_placeholder(obj: Any) -> bool:
-
     return isinstance(obj, Placeholder)
 
 
 def _type_name(obj: Any) -> str:
-
     return obj.qualified_name() if isinstance(obj, Placeholder) else type(obj).__name__
 
 

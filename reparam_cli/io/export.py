@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from reparam_cli.core.messages import describe, quiet_logger
 from reparam_cli.errors import OutputError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 from reparam_cli.io.formats import DTYPE_NAMES, DYNAMIC_SHAPES
 from reparam_cli.io.safeio import atomic_output, guarded_writer
 from reparam_cli.io.safetensors import Check
@@ -154,13 +154,8 @@ def write_pt2(path: str | Path, model: nn.Module, example: Tensor | tuple, check
 
 
 def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-
-        raise OutputError(f"ONNX export needs the onnx extra ({exc.name} is not installed)",
-                          hint=install_hint("onnx")) from None
+    for module in ("onnx", "onnxscript"):
+        import_extra(module, "onnx", "ONNX export", OutputError)
 
 
 def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,

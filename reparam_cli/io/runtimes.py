@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from reparam_cli.core.messages import describe
 from reparam_cli.errors import CheckpointError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 
 RUNTIME = {"torchscript": "torch.jit", "pt2": "torch.export", "onnx": "onnxruntime"}
 
@@ -26,12 +26,7 @@ class OnnxModule(nn.Module):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError:
-
-            raise CheckpointError("reading ONNX files needs onnxruntime, which is not installed",
-                                  hint=install_hint("onnx")) from None
+        ort = import_extra("onnxruntime", "onnx", "reading ONNX files", CheckpointError)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:

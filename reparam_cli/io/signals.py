@@ -67,7 +67,6 @@ def _raise(signum: int, frame) -> None:
 
 
 def _force_exit(signum: int) -> None:
-
     remove_live_temps()  # unnamed outputs need nothing: the kernel frees them with the process
     with contextlib.suppress(Exception):
         os.write(2, f"error: interrupted by {signal.Signals(signum).name}\n".encode())

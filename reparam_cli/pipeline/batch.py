@@ -421,7 +421,6 @@ class Manifest:
             self._file.close()
 
     def _write_final(self, entries: list[Entry], earlier: dict[str, Entry], planned: Iterable[str]) -> None:
-
         done = {e["relpath"] for e in entries}
         lines = []
         for e in entries:

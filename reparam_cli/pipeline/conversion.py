@@ -30,8 +30,8 @@ from reparam_cli.io.formats import SUFFIX
 from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer, private_tmpdir
 from reparam_cli.io.safetensors import read_metadata, write_safetensors, write_state_safetensors
 from reparam_cli.io.sniff import deploy_format_of
-from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, fuse_options_of, load_deployed_any,
-                                         stored_spec)
+from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, drop_modules, fuse_options_of,
+                                         load_deployed_any, stored_spec, unused_modules)
 from reparam_cli.pipeline.options import ConvertOptions, FuseOptions, Progress, VerifyOptions, no_progress
 from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _native_blocks, _verification_dict,
                                          completeness_dict, finite_figures)
@@ -65,7 +65,6 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
 
 
 def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
-
     if output.resolve() == checkpoint.resolve():
         raise OutputError(f"refusing to write the output over its input {checkpoint}", hint="pass another -o")
     check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
@@ -292,8 +291,6 @@ def _drop_unused(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
     calls (GoogLeNet's and Inception's auxiliary heads): (their paths, their parameter count).
     Verification then runs on the model without them, so what is written is what was verified.
     A model that no longer runs without them (code that reads them without calling them) keeps them."""
-    from reparam_cli.pipeline.deploy import drop_modules, unused_modules
-
     try:
         call = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
         found = unused_modules(deploy, call)

@@ -181,7 +181,6 @@ def quantize_checkpoint(checkpoint: str | Path, spec: str | None = None, output:
 def _node_names(model: nn.Module, calib: Sequence[tuple]) -> dict[str, str]:
     """Layer path -> ONNX node name from a float export (empty without the onnx extra)."""
     try:
-
         with private_tempdir() as tmp:
             write_onnx(tmp / "float.onnx", model, calib[0][0][:1], dynamic="batch")
             return layer_nodes(tmp / "float.onnx", [p for p, _ in quantizable_layers(model)])

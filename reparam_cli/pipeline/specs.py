@@ -138,7 +138,6 @@ def check_spec_ref(ref: str) -> None:
     model) or a timm spec without timm raise SpecError. References it cannot judge pass."""
     base = ref.partition("?")[0]
     if ref.startswith(TIMM_PREFIX):
-
         require_extra("timm", f"spec {ref.partition('?')[0]!r}")
         return
     py_path, _, func = ref.partition(".py:")

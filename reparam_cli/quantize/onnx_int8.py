@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from reparam_cli.core.machine import cpu_count
 from reparam_cli.core.messages import quiet_logger
 from reparam_cli.errors import OutputError, ReparamError
-from reparam_cli.extras import install_hint
+from reparam_cli.extras import import_extra
 from reparam_cli.io.export import write_onnx
 from reparam_cli.io.safeio import atomic_output, check_output_target
 from reparam_cli.quantize.analysis import sqnr_db, top1_agreement
@@ -122,11 +122,9 @@ def quantize_onnx(deploy: nn.Module, calib: Sequence[tuple], held_out: Sequence[
         raise ReparamError(f"unknown calibration method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
     if output is not None:
         check_output_target(Path(output), overwrite)
-    try:
-        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_static)
-    except ImportError:
-
-        raise OutputError("an int8 ONNX model needs onnxruntime (the onnx extra)", hint=install_hint("onnx")) from None
+    q = import_extra("onnxruntime.quantization", "onnx", "an int8 ONNX model", OutputError)
+    CalibrationMethod, QuantFormat, QuantType, quantize_static = (q.CalibrationMethod, q.QuantFormat, q.QuantType,
+                                                                  q.quantize_static)
     deploy = deploy.to(torch.float32).eval()
     with private_tempdir() as tmp:
         float_path, int8_path = tmp / "float.onnx", tmp / "int8.onnx"
