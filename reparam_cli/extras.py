@@ -59,8 +59,7 @@ def import_extra(module: str, extra: str, feature: str, error: type[ReparamError
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        missing = getattr(exc, "name", None) or module
-        raise error(f"{feature} needs the {extra} extra ({missing} cannot be imported: {exc})",
+        raise error(f"{feature} needs the {extra} package, which cannot be imported ({exc})",
                     hint=install_hint(extra)) from None
 
 

@@ -325,10 +325,16 @@ def test_ultralytics_spec_without_the_package(monkeypatch):
     """Without ultralytics installed, an `ultralytics:` spec is one clear error naming the extra."""
     from reparam_cli import ecosystems
 
-    def missing(name):
-        raise ModuleNotFoundError("No module named 'ultralytics'")
+    import importlib
 
-    monkeypatch.setattr(ecosystems, "import_module", missing)
+    real = importlib.import_module
+
+    def missing(name, *args, **kwargs):  # reparam's ultralytics file as if ultralytics were not installed
+        if name == "reparam_cli.ecosystems.ultralytics":
+            raise ModuleNotFoundError("No module named 'ultralytics'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(SpecError, match=r"needs the ultralytics package.*pip install ultralytics"):
         ecosystems.spec_for("ultralytics:yolov8n.yaml")
 
