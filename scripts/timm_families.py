@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from reparam_cli.convert.native import native_methods  # noqa: E402
+from reparam_cli.core.tensors import count_parameters  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "timm-families.md"
 SMALL = (1, 3, 64, 64)
@@ -77,10 +78,6 @@ def batchnorms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def candidate_models() -> list[str]:
     """timm's models whose file defines a native method or imports a timm model file that does
     (a source check: the other ~85% of timm cannot contain such a block, so need no meta build)."""
@@ -113,7 +110,7 @@ def scan(names: list[str] | None = None) -> tuple[list[Found], dict[str, str]]:
         blocks = sorted({type(m).__name__ for m in model.modules() if native_methods(m)})
         if blocks:
             family = type(model).__module__.rsplit(".", 1)[-1]
-            found.append(Found(name, family, blocks, count_params(model)))
+            found.append(Found(name, family, blocks, count_parameters(model)))
     return found, failed
 
 
@@ -164,7 +161,7 @@ def convert_one(f: Found, work: Path) -> Row:
         except Exception:  # noqa: BLE001 - fixed-resolution models (attention biases, RepMLP)
             shape = tuple(spec.input_shape)
         row.input_shape = list(shape)
-        row.bn_before, row.params_before = batchnorms(train), count_params(train)
+        row.bn_before, row.params_before = batchnorms(train), count_parameters(train)
         try:
             report = convert_checkpoint(ckpt, spec, out, overwrite=True,
                                         verify_options=VerifyOptions(input_shape=shape))
@@ -177,7 +174,7 @@ def convert_one(f: Found, work: Path) -> Row:
         deploy = load_deploy(out)
         row.bn_reparam = batchnorms(deploy)
         theirs = reparameterize_model(train).eval()
-        row.bn_timm, row.params_timm = batchnorms(theirs), count_params(theirs)
+        row.bn_timm, row.params_timm = batchnorms(theirs), count_parameters(theirs)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             ref = torch.func.functional_call(train, {k: v.double() if v.is_floating_point() else v
@@ -201,7 +198,8 @@ def convert_one(f: Found, work: Path) -> Row:
     return row
 
 
-def _num(v, fmt: str = ",") -> str:
+def number_cell(v, fmt: str = ",") -> str:
+    """A figure for a markdown table cell: '-' for none, floats as 1.2e-07."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -225,9 +223,9 @@ def markdown(rows: list[Row], found: list[Found], failed: dict[str, str], timm_v
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.family} | {_num(r.bn_before)} / {_num(r.bn_reparam)} / {_num(r.bn_timm)} "
-            f"| {_num(r.params_before)} / {_num(r.params_reparam)} / {_num(r.params_timm)} "
-            f"| {_num(r.rel_err)} / {_num(r.timm_rel_err)} / {_num(r.reload_rel_err)} "
+            f"| {r.model} | {r.family} | {number_cell(r.bn_before)} / {number_cell(r.bn_reparam)} / {number_cell(r.bn_timm)} "
+            f"| {number_cell(r.params_before)} / {number_cell(r.params_reparam)} / {number_cell(r.params_timm)} "
+            f"| {number_cell(r.rel_err)} / {number_cell(r.timm_rel_err)} / {number_cell(r.reload_rel_err)} "
             f"| {'x'.join(map(str, r.input_shape[2:])) or '-'} | {r.status.replace('|', '/')} |")
     lines += ["", "Every model found, by family (converted ones in bold):", ""]
     by_family: dict[str, list[str]] = {}

@@ -44,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from reparam_cli.core.tensors import count_parameters  # noqa: E402
+from timm_families import batchnorms, number_cell  # noqa: E402  (scripts/timm_families.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # smallest first, so a time budget (--budget) covers as many families as it can
@@ -88,14 +91,6 @@ class Row:
     library_rel_err: float | None = None
     completeness: str = ""
     seconds: float = 0.0
-
-
-def batchnorms(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:
@@ -220,7 +215,7 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
         model, ckpt, ref, shape, library_fuse = CASES[zoo](name, work, size)
         spec = load_spec(ref) if ref != "checkpoint" else ref
         shape = tuple(shape or load_spec(ref).input_shape)
-        row.bn_before, row.params_before = batchnorms(model), count_params(model)
+        row.bn_before, row.params_before = batchnorms(model), count_parameters(model)
         try:
             report = convert_checkpoint(ckpt, spec, out, overwrite=True, trust_pickle=(ref == "checkpoint"),
                                         verify_options=VerifyOptions(input_shape=shape))
@@ -249,7 +244,7 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
                 row.library_rel_err = None
                 row.status = f"library fuse failed: {type(exc).__name__}"
         if theirs is not None:
-            row.bn_library, row.params_library = batchnorms(theirs), count_params(theirs)
+            row.bn_library, row.params_library = batchnorms(theirs), count_parameters(theirs)
             with torch.no_grad():
                 row.library_rel_err = _rel(theirs(x), ref_out)
         problems = []
@@ -267,14 +262,6 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
     return row
 
 
-def _num(v, fmt: str = ",") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return "nan" if not math.isfinite(v) else f"{v:.1e}"
-    return format(v, fmt)
-
-
 def markdown(zoo: str, rows: list[Row], size: int, versions: str, left_out: list[str]) -> str:
     ok = sum(r.status.startswith("ok") for r in rows)
     library = {"torchvision": "torch.fx's fuser", "ultralytics": "ultralytics' `model.fuse()`",
@@ -289,10 +276,10 @@ def markdown(zoo: str, rows: list[Row], size: int, versions: str, left_out: list
              "params library | reparam err | rebuilt err | library err | report | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.model} | {r.status.replace('|', '/')} | {_num(r.bn_before)} | {_num(r.bn_reparam)} | "
-                     f"{_num(r.bn_library)} | {_num(r.params_before)} | {_num(r.params_reparam)} | "
-                     f"{_num(r.params_library)} | {_num(r.rel_err)} | {_num(r.reload_rel_err)} | "
-                     f"{_num(r.library_rel_err)} | {r.completeness.replace('|', '/')} | {r.seconds} |")
+        lines.append(f"| {r.model} | {r.status.replace('|', '/')} | {number_cell(r.bn_before)} | {number_cell(r.bn_reparam)} | "
+                     f"{number_cell(r.bn_library)} | {number_cell(r.params_before)} | {number_cell(r.params_reparam)} | "
+                     f"{number_cell(r.params_library)} | {number_cell(r.rel_err)} | {number_cell(r.reload_rel_err)} | "
+                     f"{number_cell(r.library_rel_err)} | {r.completeness.replace('|', '/')} | {r.seconds} |")
     if left_out:
         lines += ["", "Not covered by this run: " + ", ".join(left_out) + "."]
     return "\n".join(lines) + "\n"
