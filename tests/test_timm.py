@@ -1,5 +1,6 @@
-"""`--spec timm:<model>`: timm models built without downloading, converted through their own
-reparameterize()/fuse() (the native fallback), verified per block, rebuilt from the deploy file."""
+"""`--spec timm:<model>`: timm models built without downloading, converted through reparam's recipes
+for timm's RepVGG/MobileOne blocks or their own reparameterize()/fuse() (the native fallback),
+verified per block, rebuilt from the deploy file."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ timm = pytest.importorskip("timm")
 
 SMALL = ["--input-shape", "1,3,64,64"]
 
-# (spec, native block types expected in the report)
+# (spec, block types converted by their own method in the report, by reparam's timm recipes)
 MODELS = [
-    ("timm:repvgg_a0?num_classes=10", {"RepVggBlock"}),
-    ("timm:mobileone_s0?num_classes=10", {"MobileOneBlock"}),
-    ("timm:fastvit_t8?num_classes=10", {"MobileOneBlock", "RepMixer", "ReparamLargeKernelConv"}),
-    ("timm:repghostnet_050?num_classes=10", {"RepGhostModule"}),
+    ("timm:repvgg_a0?num_classes=10", set(), {"RepVggBlock"}),
+    ("timm:mobileone_s0?num_classes=10", set(), {"MobileOneBlock"}),
+    # fastvit's MobileOneBlock is its own class (timm.models.fastvit), fused by its own method
+    ("timm:fastvit_t8?num_classes=10", {"MobileOneBlock", "RepMixer", "ReparamLargeKernelConv"}, set()),
+    ("timm:repghostnet_050?num_classes=10", {"RepGhostModule"}, set()),
 ]
 
 
@@ -53,8 +55,8 @@ def test_missing_timm_is_a_clear_error(monkeypatch):
         load_spec("timm:repvgg_a0")
 
 
-@pytest.mark.parametrize("ref,native", MODELS, ids=[m[0].split(":")[1].split("?")[0] for m in MODELS])
-def test_timm_models_convert_verify_and_reload(tmp_path, ref, native):
+@pytest.mark.parametrize("ref,native,recipes", MODELS, ids=[m[0].split(":")[1].split("?")[0] for m in MODELS])
+def test_timm_models_convert_verify_and_reload(tmp_path, ref, native, recipes):
     ckpt = tmp_path / "train.pth"
     result = run("init", ref, "-o", ckpt, "--seed", "1")
     assert result.exit_code == 0, result.stderr
@@ -62,7 +64,7 @@ def test_timm_models_convert_verify_and_reload(tmp_path, ref, native):
     result = run("convert", ckpt, "--spec", ref, "-o", out, "--json", *SMALL)
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["blocks"]) == native and set(report["native_blocks"]) == native
+    assert set(report["blocks"]) == native | recipes and set(report["native_blocks"]) == native
     assert report["ok"] and report["max_rel_err"] < 1e-4 and report["params_after"] < report["params_before"]
     assert report["worst_block"] is not None  # per-block figures: each native block sits at its path
     # Rebuilt from the file's metadata alone (timm spec stored), and equal to the training model.
@@ -91,3 +93,55 @@ def test_yaml_spec_with_timm_builder_and_a_timm_style_checkpoint(tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["blocks"] == {"MobileOneBlock": 43} and report["export_ok"]
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s1", "repvgg_b1g4"])
+def test_timm_block_recipes_match_timms_own_reparameterize(name):
+    """reparam's recipes for timm's RepVggBlock / MobileOneBlock give timm's deploy layout key for key
+    (`reparam_conv`, branches gone), the same function in float64 within float32 rounding, and the
+    same weights as timm's own reparameterize() run in float64 (which reparam used before)."""
+    import copy
+
+    from timm.utils.model import reparameterize_model
+
+    from reparam_cli.convert.engine import reparameterize
+    from reparam_cli.core.tensors import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        randomize_batchnorm(model, torch.Generator().manual_seed(1))
+    deploy, report = reparameterize(model)
+    assert {b.family for b in report.converted} == {"timm"} and not report.remaining
+    theirs = reparameterize_model(copy.deepcopy(model).double())  # timm's own method, in float64
+    ours, want = deploy.state_dict(), theirs.state_dict()
+    assert list(ours) == list(want) or set(ours) == set(want)
+    for key, t in want.items():
+        assert ours[key].dtype == torch.float32
+        assert torch.allclose(ours[key].double(), t, rtol=1e-6, atol=1e-7), key
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.double()(x)
+        got = deploy.double()(x)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_timm_block_recipes_decline_what_they_do_not_know():
+    """A subclass of timm's RepVggBlock, or a branch whose BatchNorm holds a drop layer (DropBlock, an
+    identity in eval mode), is not what the recipe knows: the block's own reparameterize() converts
+    it (family 'native')."""
+    from timm.models.byobnet import RepVggBlock
+
+    from reparam_cli.convert.engine import reparameterize
+
+    class MyBlock(RepVggBlock):
+        pass
+
+    model = torch.nn.Sequential(RepVggBlock(8, 8), MyBlock(8, 8), RepVggBlock(8, 8)).eval()
+    model[2].conv_1x1.bn.drop = torch.nn.Dropout(0.5)  # not a plain conv-BN branch for the recipe
+    model.eval()
+    deploy, report = reparameterize(model)
+    assert [(b.path, b.family) for b in report.converted] == [("0", "timm"), ("1", "native"), ("2", "native")]
+    x = torch.randn(1, 8, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(deploy(x), model(x), rtol=1e-4, atol=1e-5)

@@ -4,6 +4,12 @@ A recipe is a function `fuse(block) -> nn.Module` that returns the deploy form o
 block. It reads the block's tensors (never writes them) and composes paradigms from `algebra`.
 Block families register their recipes with the `@recipe(BlockType, family=...)` decorator in
 their own file under `reparam_cli/blocks/`; importing `reparam_cli.blocks` registers them all.
+A library's file in `reparam_cli/ecosystems/` may register recipes for the library's own blocks
+with `replaces_native=True`: the recipe computes what the block's own deploy method computes, in
+the same layout (exactly, in float64), so an outer block whose own method fuses its children is
+still converted by that method; the recipe raises `Declined` for a block it does not know (a
+subclass, an unusual configuration, a block already in deploy form) and the block's own method
+is used instead.
 This module imports no block (a leaf, so every family can import it). A caller may also pass its
 own recipes for one call, as a mapping {BlockType: fuse} (`reparameterize(model, recipes=...)`).
 """
@@ -18,11 +24,16 @@ from torch import nn
 Fuse = Callable[[nn.Module], nn.Module]
 
 
+class Declined(Exception):
+    """Raised by a `replaces_native` recipe for a block it does not know: use the block's own method."""
+
+
 @dataclass(frozen=True)
 class Recipe:
     block_type: type
     family: str
     fuse: Fuse
+    replaces_native: bool = False
 
     @property
     def name(self) -> str:
@@ -32,13 +43,14 @@ class Recipe:
 _REGISTRY: dict[type, Recipe] = {}
 
 
-def recipe(block_type: type, family: str) -> Callable[[Fuse], Fuse]:
-    """Decorator: register `fuse` as the recipe that turns a `block_type` into its deploy form."""
+def recipe(block_type: type, family: str, replaces_native: bool = False) -> Callable[[Fuse], Fuse]:
+    """Decorator: register `fuse` as the recipe that turns a `block_type` into its deploy form
+    (`replaces_native`: see the module doc)."""
 
     def register(fuse: Fuse) -> Fuse:
         if block_type in _REGISTRY:
             raise ValueError(f"a recipe for {block_type.__name__} is already registered")
-        _REGISTRY[block_type] = Recipe(block_type, family, fuse)
+        _REGISTRY[block_type] = Recipe(block_type, family, fuse, replaces_native)
         return fuse
 
     return register

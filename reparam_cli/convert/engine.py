@@ -20,7 +20,7 @@ from torch import nn
 import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 from reparam_cli import ecosystems
 from reparam_cli.blocks.linear_conv import linear_to_pointwise
-from reparam_cli.blocks.registry import Fuse, Recipe, recipe_for
+from reparam_cli.blocks.registry import Declined, Fuse, Recipe, recipe_for
 from reparam_cli.convert.graph import FusedRegion, Remaining, fuse_graph, leftovers, unparametrized
 from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 from reparam_cli.core.shapeonly import on_meta, shape_only
@@ -229,10 +229,15 @@ def reparameterize(
         """
         found = recipe_for(module, recipes)
         if found is not None:
+            try:
+                deployed = _fuse(found, module, path)
+            except Declined:  # a library's recipe that does not know this block: its own method
+                found = None
+        if found is not None:
             report.converted.append(ConvertedBlock(path, found.name, found.family))
-            products.append(_fuse(found, module, path))
-            _check_finite(module, products[-1], path, found.name)
-            return products[-1]
+            products.append(deployed)
+            _check_finite(module, deployed, path, found.name)
+            return deployed
         if native and fuses_natively(module, is_root=not path):
             try:
                 deployed = native_fuse(module, path)

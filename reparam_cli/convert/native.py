@@ -18,7 +18,8 @@ Which modules get their method called (the engine decides, see `engine.reparamet
   visited: an outer method usually needs its children untouched (timm's `RepVggDw.fuse()` calls
   `fuse()` on its own `ConvNorm` children, `RepMixer.reparameterize()` on its MobileOne blocks);
 * except when something below it has a recipe: then the engine descends instead, so reparam's
-  own verified recipes handle what they know;
+  own verified recipes handle what they know (a library's recipe that `replaces_native` its
+  block's own method does not count: see `blocks.registry`);
 * and except the model itself (the root of the walk): a model-level `fuse()` or
   `reparameterize()` is typically a tree walk over the blocks (timm's `RepVit.fuse`), and
   converting block by block keeps per-block verification. The root's own method is used only
@@ -82,7 +83,8 @@ def fuses_natively(module: nn.Module, is_root: bool = False) -> bool:
 
     if is_root or native_method(module) is None:
         return False
-    return not any(recipe_for(m) is not None for m in module.modules())
+    recipes = (recipe_for(m) for m in module.modules())
+    return not any(r is not None and not r.replaces_native for r in recipes)
 
 
 def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -94,12 +96,22 @@ def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | No
     return torch.device("cpu"), None
 
 
+def _float64_copy(block: nn.Module) -> nn.Module:
+    """A deep copy of `block` whose floating-point parameters and buffers are float64 (what
+    `copy.deepcopy(block).to(torch.float64)` gives), each tensor read once: the deep copy takes the
+    float64 tensors made beforehand instead of copying the originals first."""
+    memo: dict[int, object] = {}
+    for t in (*block.parameters(), *block.buffers()):
+        if t.is_floating_point() and t.dtype != torch.float64:
+            wide = t.detach().to(torch.float64)
+            memo[id(t)] = nn.Parameter(wide, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else wide
+    return copy.deepcopy(block, memo)
+
+
 def _call(block: nn.Module, method: str, device: torch.device, dtype: torch.dtype | None, path: str):
     """Run `method` on a float64 eval-mode deep copy of `block`; returns (copy, what it returned)."""
-    work = copy.deepcopy(block)
+    work = _float64_copy(block)
     work.eval()  # not chained: mmpretrain backbones override train() and return None
-    if dtype is not None and dtype != torch.float64:
-        work = work.to(torch.float64)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:

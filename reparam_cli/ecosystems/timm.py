@@ -68,3 +68,90 @@ def timm_spec(ref: str) -> ModelSpec:
 
 
 spec = timm_spec  # the ecosystem file's spec resolver (see reparam_cli.ecosystems)
+
+
+# --------------------------------------------------------------------------- timm's own blocks
+# RepVGG and MobileOne blocks (timm.models.byobnet) fused by recipes composing `algebra` instead of
+# their own `reparameterize()`: the same deploy layout (`reparam_conv`, the branches gone), summed
+# in float64 and rounded once (timm sums in the weights' dtype), without a float64 copy of the
+# block. Anything the recipes do not know is `Declined`: the block's own method runs instead.
+
+try:
+    from timm.layers import BatchNormAct2d, ConvNormAct
+    from timm.models.byobnet import MobileOneBlock, RepVggBlock
+except ImportError:  # timm missing or changed: its blocks keep their own methods
+    RepVggBlock = MobileOneBlock = None
+else:
+    import copy
+
+    import torch
+    from torch import nn
+
+    from reparam_cli.blocks.common import conv_bn_lazy
+    from reparam_cli.blocks.registry import Declined, recipe
+    from reparam_cli.core import algebra as A
+
+    FAMILY = "timm"
+
+    def _plain_bn(bn: nn.Module) -> bool:
+        """A timm BatchNormAct2d that is only a BatchNorm in eval mode (no activation, no drop layer)."""
+        return (type(bn) is BatchNormAct2d and type(bn.act) is nn.Identity and type(bn.drop) is nn.Identity
+                and bn.track_running_stats and bn.running_mean is not None)
+
+    def _conv_bn(branch: nn.Module, kernel: int) -> bool:
+        conv = getattr(branch, "conv", None)
+        return (type(branch) is ConvNormAct and getattr(branch, "aa", None) is None and type(conv) is nn.Conv2d
+                and _plain_bn(branch.bn) and conv.kernel_size == (kernel, kernel) and conv.dilation == (1, 1)
+                and conv.padding == (kernel // 2, kernel // 2) and conv.padding_mode == "zeros")
+
+    def _deploy(block: nn.Module, branches: list, drop: tuple[str, ...], dtype: torch.dtype) -> nn.Module:
+        """timm's deploy form of `block`: `reparam_conv` = the sum of `branches`, the training branches
+        gone (as its `reparameterize()` leaves it). `block` is not modified."""
+        conv = A.to_module(A.add(*branches, dtype=dtype), dtype=dtype)
+        new = copy.copy(block)
+        new.__dict__ = dict(block.__dict__)
+        new._modules = {k: m for k, m in block._modules.items() if k not in drop}
+        new._parameters, new._buffers = dict(block._parameters), dict(block._buffers)
+        new.__dict__.pop("reparam_conv", None)
+        new.reparam_conv = conv
+        return new
+
+    def _identity(block: nn.Module) -> list:
+        if block.identity is None:
+            return []
+        if not _plain_bn(block.identity):
+            raise Declined
+        return [A.bn_as_conv(block.identity, groups=block.groups, dtype=torch.float64)]
+
+    def _common(block: nn.Module, base: type) -> None:
+        if type(block) is not base or block.reparam_conv is not None:
+            raise Declined  # a subclass, or already in deploy form
+
+    @recipe(RepVggBlock, family=FAMILY, replaces_native=True)
+    def fuse_repvgg_block(block: RepVggBlock) -> nn.Module:
+        """timm RepVggBlock: act(attn(conv_kxk(x) + conv_1x1(x) + identity(x))) -> act(attn(reparam_conv(x)))."""
+        _common(block, RepVggBlock)
+        k = block.conv_kxk.conv.kernel_size[0]
+        if not (_conv_bn(block.conv_kxk, k) and (block.conv_1x1 is None or _conv_bn(block.conv_1x1, 1))):
+            raise Declined
+        branches = [conv_bn_lazy(block.conv_kxk)]
+        if block.conv_1x1 is not None:
+            branches.append(conv_bn_lazy(block.conv_1x1))
+        return _deploy(block, branches + _identity(block), ("conv_kxk", "conv_1x1", "identity", "drop_path"),
+                       block.conv_kxk.conv.weight.dtype)
+
+    @recipe(MobileOneBlock, family=FAMILY, replaces_native=True)
+    def fuse_mobileone_block(block: MobileOneBlock) -> nn.Module:
+        """timm MobileOneBlock: act(attn(sum conv_kxk[i](x) + conv_scale(x) + identity(x))) -> act(attn(reparam_conv(x)))."""
+        _common(block, MobileOneBlock)
+        if not block.conv_kxk:
+            raise Declined
+        k = block.conv_kxk[0].conv.kernel_size[0]
+        if not (all(_conv_bn(b, k) for b in block.conv_kxk)
+                and (block.conv_scale is None or _conv_bn(block.conv_scale, 1))):
+            raise Declined
+        branches = [conv_bn_lazy(b) for b in block.conv_kxk]
+        if block.conv_scale is not None:
+            branches.append(conv_bn_lazy(block.conv_scale))
+        return _deploy(block, branches + _identity(block), ("conv_kxk", "conv_scale", "identity", "drop_path"),
+                       block.conv_kxk[0].conv.weight.dtype)
