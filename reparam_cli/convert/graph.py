@@ -43,6 +43,17 @@ path that runs is kept (with the condition as an assertion); tensor constants fx
 (`_tensor_constant0`) are kept with the graph; parametrized modules are evaluated once
 (`unparametrized`, called by the engine).
 
+Recorded dataflow (`fold_recorded`, after the traced pass, when the caller gives an input): where
+BatchNorms are left (modules fx cannot trace: `int()` of shape arithmetic, a `print`, a data-
+dependent `if`; reshapes the analysis cannot follow), the model runs once on that input with a
+dispatch mode and module hooks recording which tensor each conv / linear / BatchNorm call read and
+produced and every other read of those outputs. A pair folds when the BatchNorm reads exactly the
+layer's output (or reshapes of it that keep the channel axis: LeViT's bn(linear(x).flatten(0, 1)))
+and nothing else reads it, each runs once and neither is shared, the layer's forward is torch's
+own: the layer gets the fused weight and bias (`fuse_bn`), the BatchNorm's place an nn.Identity.
+A deploy file stores the pairs (FuseOptions.recorded): its meta skeleton replays exactly those
+folds without running anything, so values (or the recording rules) never make the two differ.
+
 Modules: a module is replaced by an `fx.GraphModule` (same path, same class name, surviving
 layers keep their names, e.g. `conv1` holds the fused conv and `bn1` is gone) only when a region
 needs its level; children that hold only their own regions are processed on their own first, so
@@ -1557,3 +1568,352 @@ def _bn_reason(path: str, reasons: dict[str, str], untraceable: list[str], graph
         where = max(inside, key=len)
         return f"inside {where or '<root>'}, which cannot be traced"
     return "its input or output is not a linear region the pass can fold"
+
+
+# --------------------------------------------------------------------------- recorded dataflow
+
+@dataclass
+class RecordedFolds:
+    """What `fold_recorded` folded: `pairs` [(conv/linear path, BatchNorm path)] in model order (a
+    deploy file stores them, so a skeleton replays exactly these folds), the regions for the report
+    and verification, and {BatchNorm path: why the recorded forward pass did not prove its pair}."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    regions: list[FusedRegion] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+_PLAIN_LAYER_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+_aten = torch.ops.aten
+# Reshapes (a logical row-major reinterpretation, whatever the strides) that may lie between a layer
+# and its BatchNorm when they keep the channel axis (LeViT's bn(linear(x).flatten(0, 1))).
+_RESHAPES = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.alias.default}
+
+
+def _plain_layer(m: nn.Module) -> bool:
+    """A conv / linear whose forward is torch's own (so its output is linear in weight rows and bias)."""
+    return type(m).forward in _PLAIN_LAYER_FORWARDS and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists and mappings (a Hugging Face ModelOutput too)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _as_call(example: Any) -> tuple[tuple, dict]:
+    if isinstance(example, tuple) and len(example) == 2 and isinstance(example[0], (tuple, list)) \
+            and isinstance(example[1], dict):
+        return tuple(example[0]), dict(example[1])
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    return (example,), {}
+
+
+class _Recorder:
+    """One forward pass recording, for every call of a conv / linear / BatchNorm leaf, which tensor
+    it read and produced, and how often anything else read each layer output (and the reshapes made
+    of it): every aten op outside those leaves is seen by a dispatch mode, every leaf call by hooks."""
+
+    def __init__(self, model: nn.Module, layers: dict[int, str], bns: dict[int, str]):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.model, self.layers, self.bns = model, layers, bns
+        self.depth = 0
+        self.calls: dict[int, int] = {}
+        self.stack: list[str] = []                     # paths of the modules running now
+        self.produced: dict[int, tuple[str, torch.Tensor, tuple, list[str]]] = {}  # output id -> (layer, out, in shape, stack)
+        self.alias: dict[int, int] = {}                # reshape output id -> the tensor it reshapes
+        self.reads: dict[int, int] = {}                # tracked tensor id -> reads outside the BatchNorm calls
+        self.bn_input: dict[str, tuple[torch.Tensor, list[str]]] = {}
+        self.keep: list[torch.Tensor] = []             # tracked tensors stay alive: their ids stay theirs
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                if recorder.depth == 0:
+                    recorder._op(func, args, kwargs, out)
+                return out
+
+        self.mode = Mode()
+
+    def _tracked(self, values: Any) -> list[torch.Tensor]:
+        return [t for t in _tensors(values) if id(t) in self.reads]
+
+    def _track(self, t: torch.Tensor) -> None:
+        self.keep.append(t)
+        self.reads[id(t)] = 0
+
+    def _op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        hits = self._tracked((args, kwargs))
+        for t in hits:
+            self.reads[id(t)] += 1
+        if func in _RESHAPES and len(hits) == 1 and args and args[0] is hits[0] and isinstance(out, torch.Tensor) \
+                and id(out) not in self.reads:
+            self._track(out)
+            self.alias[id(out)] = id(args[0])
+
+    def run(self, call: tuple[tuple, dict]) -> None:
+        hooks = []
+        names = {id(m): p for p, m in self.model.named_modules()}
+
+        def pre(m, args, kwargs):
+            path = names.get(id(m), "")
+            self.stack.append(path)
+            if id(m) not in self.layers and id(m) not in self.bns:
+                return
+            self.calls[id(m)] = self.calls.get(id(m), 0) + 1
+            if self.depth == 0:
+                for t in self._tracked((args, kwargs)):  # a layer reading a layer output: one more reader
+                    self.reads[id(t)] += 1
+                if id(m) in self.bns and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+                    if id(args[0]) in self.reads:
+                        self.reads[id(args[0])] -= 1  # the BatchNorm's own read: counted apart
+                    self.bn_input[self.bns[id(m)]] = (args[0], list(self.stack[:-1]))
+                self._in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+            self.depth += 1
+
+        def post(m, args, kwargs, out):
+            self.stack.pop()
+            if id(m) not in self.layers and id(m) not in self.bns:
+                return
+            self.depth -= 1
+            if self.depth == 0 and id(m) in self.layers and isinstance(out, torch.Tensor) and id(out) not in self.reads:
+                self._track(out)
+                self.produced[id(out)] = (self.layers[id(m)], out, self._in_shape, list(self.stack))
+
+        for m in self.model.modules():
+            hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(m.register_forward_hook(post, with_kwargs=True))
+        snapshot = AttributeSnapshot(self.model)
+        try:
+            with torch.no_grad(), self.mode:
+                out = self.model(*call[0], **call[1])
+            for t in self._tracked(out):  # what the model returns is read
+                self.reads[id(t)] += 1
+        finally:
+            for h in hooks:
+                h.remove()
+            snapshot.restore()
+
+
+def _record(model: nn.Module, call: tuple[tuple, dict], layers: dict[int, str], bns: dict[int, str]) \
+        -> tuple[list[tuple[str, str, str, tuple, tuple]], dict[str, str]]:
+    """[(layer path, BatchNorm path, owner path, layer input shape, BatchNorm input shape)] of the
+    pairs the recorded forward pass proves, and {BatchNorm path: why not} for the others."""
+    rec = _Recorder(model, layers, bns)
+    rec.run(call)
+    by_path = {p: i for i, p in {**layers, **bns}.items()}
+    pairs, why = [], {}
+    for bn_path, (y, stack) in rec.bn_input.items():
+        bn = model.get_submodule(bn_path)
+        chain = [id(y)]
+        while chain[-1] in rec.alias:
+            chain.append(rec.alias[chain[-1]])
+        source = rec.produced.get(chain[-1])
+        if source is None:
+            why[bn_path] = "the recorded forward pass shows that its input is no conv's or linear layer's output"
+            continue
+        layer_path, x, in_shape, layer_stack = source
+        layer = model.get_submodule(layer_path)
+        problem = None
+        if rec.calls.get(by_path[bn_path]) != 1 or rec.calls.get(by_path[layer_path]) != 1:
+            problem = "it or the layer before it runs more than once in the recorded forward pass"
+        elif rec.reads[chain[0]] or any(rec.reads[t] != 1 for t in chain[1:]):  # (each reshape reads one)
+            problem = f"the recorded forward pass shows that {layer_path}'s output is also read elsewhere"
+        else:
+            axis = x.dim() - 1 if isinstance(layer, nn.Linear) else 1
+            channels = layer.weight.shape[0]
+            if isinstance(layer, nn.modules.conv._ConvNd) and x.dim() != len(layer.kernel_size) + 2:
+                problem = "the conv runs on an unbatched input"
+            elif y.dim() < 2 or x.shape[axis] != channels or y.shape[1] != channels \
+                    or math.prod(x.shape[:axis]) != y.shape[0] or y.dtype != x.dtype:
+                problem = (f"it normalises dim 1 of a {tuple(y.shape)} tensor, not the channels of "
+                           f"{layer_path}'s {tuple(x.shape)} output")
+            elif getattr(bn, "num_features", channels) != channels:
+                problem = "its channel count is not the layer's"
+        if problem:
+            why[bn_path] = problem
+            continue
+        owner = _owner_path(stack, layer_stack)
+        pairs.append((layer_path, bn_path, owner, in_shape, None if y is x else tuple(y.shape)))
+    return pairs, why
+
+
+def _owner_path(a: list[str], b: list[str]) -> str:
+    """The deepest module running both calls (the paths of the modules running at each)."""
+    common = ""
+    for p, q in zip(a, b):
+        if p != q:
+            break
+        common = p
+    return common
+
+
+def _candidates(model: nn.Module, opaque: set[int]) -> tuple[dict[int, str], dict[int, str]]:
+    """({id: path} of plain conv / linear layers, {id: path} of foldable BatchNorms): outside
+    converted blocks, each module at one path only."""
+    count: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        count[id(m)] = count.get(id(m), 0) + 1
+    layers, bns = {}, {}
+
+    def walk(m: nn.Module, path: str) -> None:
+        if id(m) in opaque:
+            return
+        if count.get(id(m)) == 1:
+            if _plain_layer(m):
+                layers[id(m)] = path
+            elif bn_kind(m) in ("plain", "frozen") and not isinstance(bn_state(m), str):
+                bns[id(m)] = path
+        for name, child in m._modules.items():
+            if child is not None:
+                walk(child, _join(path, name))
+
+    walk(model, "")
+    return layers, bns
+
+
+def _fold_pair(model: nn.Module, layer_path: str, bn_path: str) -> tuple[nn.Module, A.Kernel]:
+    """Fold the BatchNorm at `bn_path` into the layer at `layer_path` (new weight and bias tensors,
+    nothing shared is changed); the BatchNorm's place holds an nn.Identity. Returns (the layer's
+    original in float64 for the check, the fused kernel)."""
+    layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)
+    if not _plain_layer(layer) or bn_kind(bn) not in ("plain", "frozen"):
+        raise ReparamError(f"recorded fold {layer_path} + {bn_path}: no conv/linear and BatchNorm there",
+                           hint="the deploy file was written by another version of the model code")
+    state = bn_state(bn)
+    if isinstance(state, str):
+        raise ReparamError(f"recorded fold {layer_path} + {bn_path}: {state}")
+    groups = getattr(layer, "groups", 1)
+    k = A.Kernel(layer.weight, layer.bias, groups=groups)
+    fused = A.fuse_bn(k, state, dtype=layer.weight.dtype)
+    layer.weight = nn.Parameter(fused.weight.detach(), requires_grad=layer.weight.requires_grad)
+    layer.bias = nn.Parameter(fused.bias.detach(), requires_grad=layer.weight.requires_grad)
+    parent, _, name = bn_path.rpartition(".")
+    model.get_submodule(parent)._modules[name] = nn.Identity()
+    return k, fused
+
+
+def _check_pair(layer: nn.Module, bn: nn.Module, k: A.Kernel, fused: A.Kernel, in_shape: tuple,
+                bn_shape: tuple | None, where: str) -> None:
+    """The float64 check of one recorded fold: the layer (its original kernel `k`) then the BatchNorm,
+    through the reshape between them, against the fused layer, on a random input of the layer's
+    captured input shape (batch 1; a conv's spatial extent cut to a few windows: a few ms).
+    `bn_shape`: the shape the BatchNorm read (a reshape of the layer's output), None: the output."""
+    import copy
+
+    def layer_with(kernel: A.Kernel) -> nn.Module:
+        new = copy.copy(layer)
+        new._parameters = dict(layer._parameters)
+        new.weight = nn.Parameter(kernel.weight.detach().double())
+        new.bias = None if kernel.bias is None else nn.Parameter(kernel.bias.detach().double())
+        return new
+
+    ref_bn = copy.deepcopy(bn).double().eval()
+    shape = list(in_shape)
+    if shape:
+        shape[0] = 1
+    if bn_shape is None and isinstance(layer, nn.modules.conv._ConvNd):
+        # conv -> BatchNorm: a few windows of each spatial dim hold every border case
+        for i, (ks, d, s) in enumerate(zip(layer.kernel_size, layer.dilation, layer.stride)):
+            shape[2 + i] = min(shape[2 + i], d * (ks - 1) + 1 + 2 * s + 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = layer_with(k)(x)
+            ref = ref_bn(out if bn_shape is None else out.reshape(-1, *bn_shape[1:])).reshape(out.shape)
+            got = layer_with(fused)(x)
+    finally:
+        torch.set_num_threads(threads)
+    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    if not err <= 1e-7:
+        raise WrongFold(f"graph pass: the recorded fold {where} does not compute what its layers compute "
+                        f"(float64 check on input {tuple(shape)}: relative error {err:.2g})",
+                        hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it")
+
+
+def fold_recorded(model: nn.Module, opaque: Iterable[nn.Module] = (), example: Any = None,
+                  pairs: Iterable[Iterable[str]] | None = None, check: bool = True,
+                  kept: Iterable[str] = ()) -> RecordedFolds:
+    """Fold the conv+BN-like pairs (also linear + BatchNorm1d) that the graph pass left, wherever a
+    recorded forward pass proves their dataflow: the BatchNorm reads exactly the layer's output (or
+    a reshape of it that keeps the channel axis) and nothing else reads that output, each runs once
+    and neither is shared. This reaches into modules fx cannot trace (shape arithmetic through
+    `int()`, a `print`, a data-dependent `if` elsewhere): their code runs as it is, on `example`
+    (a tensor, a tuple of arguments or (args, kwargs)), with the model's dtype and device.
+
+    `pairs` (as a deploy file stores them): fold exactly those, without recording (a shape-only
+    skeleton rebuilt on meta has no values to run on). Modified in place: pass the deploy tree.
+    Each fold is checked in float64 (`_check_pair`) when `check` and there are values. `kept`: the
+    BatchNorms the graph pass keeps on purpose (lone ones): with no other BatchNorm left, the model
+    is not run at all."""
+    done = RecordedFolds()
+    skip = set()
+    for m in opaque:
+        skip.update(id(c) for c in m.modules())
+    if pairs is not None:
+        for layer_path, bn_path in pairs:
+            _fold_pair(model, layer_path, bn_path)
+            done.pairs.append((layer_path, bn_path))
+            done.regions.append(_recorded_region(model, layer_path, bn_path, _common_prefix(layer_path, bn_path)))
+        return done
+    layers, bns = _candidates(model, skip)
+    kept = set(kept)
+    bns = {i: p for i, p in bns.items() if p not in kept}
+    if not bns or not layers or example is None:
+        return done
+    first = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    args, kwargs = _as_call(example)
+
+    def cast(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and first is not None:
+            return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
+        return t
+
+    call = torch.utils._pytree.tree_map(cast, (args, kwargs))
+    was_training = model.training
+    model.eval()
+    try:
+        found, done.reasons = _record(model, call, layers, bns)
+    except Exception as exc:  # a model that does not run on the example: nothing proven
+        reason = f"the recorded forward pass failed ({describe(exc)})"
+        done.reasons = {p: reason for p in bns.values()}
+        return done
+    finally:
+        model.train(was_training)
+    for layer_path, bn_path, owner, in_shape, bn_shape in found:
+        bn = model.get_submodule(bn_path)
+        k, fused = _fold_pair(model, layer_path, bn_path)
+        region = _recorded_region(model, layer_path, bn_path, owner)
+        if check and not fused.weight.is_meta:
+            _check_pair(model.get_submodule(layer_path), bn, k, fused, in_shape, bn_shape, region.text)
+        done.pairs.append((layer_path, bn_path))
+        done.regions.append(region)
+    return done
+
+
+def _common_prefix(a: str, b: str) -> str:
+    pa, pb = a.split("."), b.split(".")
+    common = []
+    for x, y in zip(pa[:-1], pb[:-1]):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _recorded_region(model: nn.Module, layer_path: str, bn_path: str, owner: str) -> FusedRegion:
+    layer = model.get_submodule(layer_path)
+    desc = "linear" if isinstance(layer, nn.Linear) else "conv" + "x".join(map(str, layer.kernel_size))
+    return FusedRegion(owner, layer_path, f"{desc}+bn", desc)

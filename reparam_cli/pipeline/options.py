@@ -58,6 +58,9 @@ class FuseOptions:
     # modules the deploy model's eval forward never calls, dropped from the file (--keep-unused: none)
     unused: tuple[str, ...] = ()
     layout: str = "default"  # LAYOUTS (--layout)
+    # (layer, BatchNorm) pairs folded on a recorded forward pass (`graph.fold_recorded`): a skeleton
+    # replays exactly these; None: the conversion records them itself when given an input
+    recorded: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
@@ -67,9 +70,12 @@ class FuseOptions:
                                    "--layout reference", hint="drop one of them")
             object.__setattr__(self, "graph", False)
 
-    def kwargs(self) -> dict[str, bool]:
+    def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `reparameterize`."""
-        return {"graph": self.graph, "linear_as_conv": self.linear_as_conv}
+        kwargs: dict[str, Any] = {"graph": self.graph, "linear_as_conv": self.linear_as_conv}
+        if self.recorded is not None:
+            kwargs["recorded"] = self.recorded
+        return kwargs
 
     def stored(self) -> dict[str, bool | str]:
         """The deploy file's `options` metadata (`linear_as_conv` and `layout` only when set, so files
@@ -80,6 +86,8 @@ class FuseOptions:
             options["layout"] = self.layout
         if self.unused:
             options["unused"] = list(self.unused)
+        if self.recorded:
+            options["recorded"] = [list(pair) for pair in self.recorded]
         return options
 
     @classmethod
@@ -92,8 +100,11 @@ class FuseOptions:
         linear_as_conv = bool(options.get("linear_as_conv"))
         unused = options.get("unused") or []
         unused = tuple(str(p) for p in unused) if isinstance(unused, list) else ()
+        recorded = options.get("recorded")
+        recorded = tuple((str(p[0]), str(p[1])) for p in recorded if isinstance(p, list) and len(p) == 2) \
+            if isinstance(recorded, list) else None
         return cls(graph=options.get("graph", False) is True, linear_as_conv=linear_as_conv,
-                   layout="default" if linear_as_conv else layout, unused=unused)
+                   layout="default" if linear_as_conv else layout, unused=unused, recorded=recorded or None)
 
 
 @dataclass
