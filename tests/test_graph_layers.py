@@ -91,6 +91,8 @@ def test_batchnorm_with_activation_frozen_and_sync_fold_and_batch_statistics_nev
     left = [r for r in report.remaining if r.kind == "batchnorm"]
     assert [r.path for r in left] == ["n4"] and "track_running_stats=False" in left[0].reason
     assert not report.complete
+    # ... listed once (as the BatchNorm it is), not also as a refusal
+    assert [r.path for r in report.remaining].count("n4") == 1
 
 
 def test_real_timm_batchnormact_and_torchvision_frozen_batchnorm():

@@ -311,6 +311,10 @@ def reparameterize(
         found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
         found = [Remaining(r.path, r.kind, f"{r.reason}; {recorded_reasons[r.path]}")
                  if r.kind == "batchnorm" and r.path in recorded_reasons else r for r in found]
+        # Each module once: a BatchNorm the pass refused (e.g. without running statistics) is listed
+        # as the BatchNorm it is, with that reason, not also as a refusal.
+        norms = {r.path for r in found if r.kind in ("batchnorm", "kept")}
+        found = [r for r in found if not (r.kind == "unfoldable" and r.path in norms)]
         report.remaining = [r for r in found if r.kind != "kept"]
         report.kept = [r for r in found if r.kind == "kept"]  # no gain in folding: information, not left
         report.remaining, report.skipped = _split_information(deployed, report.remaining)
