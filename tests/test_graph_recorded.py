@@ -1,5 +1,6 @@
 """Conv+BN pairs inside modules fx cannot trace, folded on a recorded forward pass (issue 16, item 3),
-with modules written here in Hugging Face's patterns: padding from `int()` of shape arithmetic
+and `groups=x.shape[1]` from the recorded channel count, with modules written here in Hugging Face's
+patterns: padding from `int()` of shape arithmetic
 (MobileNetV2's apply_tf_padding), a `print`, a data-dependent `if` on values, a linear layer with
 a BatchNorm1d on `flatten(0, 1)` of its (N, L, C) output then `reshape_as` (LeViT). Refused with
 a reason: an output read elsewhere too, an in-place change before the BatchNorm, a layer called
@@ -90,16 +91,30 @@ class TokenMlp(nn.Module):
         return hidden_state
 
 
+class FunctionalDepthwise(nn.Module):
+    """groups read from the input's channel count (traceable: fx keeps it a proxy until the pass
+    reads the recorded channel count)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, 1, 3, 3))
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.weight, padding=1, groups=x.shape[1]))
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = ConvLayer(3, 8, 3, stride=2)
+        self.mix = FunctionalDepthwise(8)
         self.block = InvertedResidual(8, 2)
         self.tokens = TokenMlp(8, 12)
         self.head = nn.Linear(12, 5)
 
     def forward(self, pixel_values):
-        features = self.block(self.stem(pixel_values))
+        features = self.block(self.mix(self.stem(pixel_values)))
         tokens = features.flatten(2).transpose(1, 2)
         return self.head(self.tokens(tokens).mean(1))
 
@@ -134,9 +149,11 @@ def test_untraceable_hugging_face_style_modules_fold_their_batchnorms(tmp_path, 
     model = randomized(build()).float()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     plain, plain_report = reparameterize(model)
-    assert len(batchnorms(plain)) == 5  # fx cannot trace int() of a proxy: every BatchNorm stays
+    # fx cannot trace int() of a proxy; groups=x.shape[1] of an input whose channels are unknown
+    assert len(batchnorms(plain)) == 6
     deploy, report = reparameterize(model, example_inputs=x)
     assert batchnorms(deploy) == [] and report.complete, report.summary()
+    assert report.inputs == [("mix", 4, 8)]  # the recorded channel count the depthwise fold used
     assert sorted(report.recorded) == sorted([
         ("stem.convolution", "stem.normalization"),
         ("block.expand_1x1.convolution", "block.expand_1x1.normalization"),
@@ -144,19 +161,21 @@ def test_untraceable_hugging_face_style_modules_fold_their_batchnorms(tmp_path, 
         ("block.reduce_1x1.convolution", "block.reduce_1x1.normalization"),
         ("tokens.linear", "tokens.batch_norm")])
     # each region is verified at the module that runs both layers
-    assert {r.path for r in report.regions} == {"stem", "block.expand_1x1", "block.conv_3x3", "block.reduce_1x1",
-                                                "tokens"}
+    assert {r.path for r in report.regions} == {"stem", "mix", "block.expand_1x1", "block.conv_3x3",
+                                                "block.reduce_1x1", "tokens"}
     assert rel_err(deploy, model, torch.randn(2, 3, 12, 20)) < 1e-5  # another input shape too
-    assert set(deploy.state_dict()) == {"stem.convolution.weight", "stem.convolution.bias",
+    assert set(deploy.state_dict()) == {"stem.convolution.weight", "stem.convolution.bias", "mix.bn.weight",
+                                        "mix.bn.bias",
                                         *(f"block.{n}.convolution.{t}" for n in ("expand_1x1", "conv_3x3",
                                                                                  "reduce_1x1")
                                           for t in ("weight", "bias")),
                                         "tokens.linear.weight", "tokens.linear.bias", "head.weight", "head.bias"}
     # the training model is untouched
-    assert len(batchnorms(model)) == 5 and model.stem.convolution.bias is None
-    # the shape-only skeleton replays the stored pairs: the same state-dict keys and shapes
+    assert len(batchnorms(model)) == 6 and model.stem.convolution.bias is None
+    # the shape-only skeleton replays the stored pairs and channel counts: the same keys and shapes
+    stored = FuseOptions.from_stored(FuseOptions(recorded=tuple(report.recorded), inputs=tuple(report.inputs)).stored())
     with torch.device("meta"):
-        meta, _ = reparameterize(build().eval(), **FuseOptions(recorded=tuple(report.recorded)).kwargs())
+        meta, _ = reparameterize(build().eval(), **stored.kwargs())
     assert [(k, tuple(v.shape)) for k, v in meta.state_dict().items()] == \
         [(k, tuple(v.shape)) for k, v in deploy.state_dict().items()]
     assert "tokens:" in capsys.readouterr().out  # the module's own print ran (it is not traced)

@@ -21,8 +21,8 @@ import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 from reparam_cli import ecosystems
 from reparam_cli.blocks.linear_conv import linear_to_pointwise
 from reparam_cli.blocks.registry import Fuse, Recipe, recipe_for
-from reparam_cli.convert.graph import (KEPT, FusedRegion, Remaining, fold_recorded, fuse_graph, leftovers,
-                                      unparametrized)
+from reparam_cli.convert.graph import (KEPT, FusedRegion, RecordedInputs, Remaining, fold_recorded, fuse_graph,
+                                      leftovers, unparametrized)
 from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 from reparam_cli.core.shapeonly import on_meta, shape_only
 from reparam_cli.core.tensors import all_finite, has_submodule
@@ -52,6 +52,9 @@ class ConversionReport:
     # (layer path, BatchNorm path) folded on a recorded forward pass (`graph.fold_recorded`): a deploy
     # file stores them (FuseOptions.recorded) so that its skeleton replays exactly these folds.
     recorded: list[tuple[str, str]] = field(default_factory=list)
+    # (module path, rank, channels) of recorded module inputs whose channel count a fold used
+    # (`groups=x.shape[1]`): stored with the pairs (FuseOptions.inputs)
+    inputs: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -186,7 +189,7 @@ def _module_at(model: nn.Module, path: str) -> nn.Module | None:
 def reparameterize(
     model: nn.Module, *, native: bool = True, linear_as_conv: bool = False, consume: bool = False,
     graph: bool = True, recipes: Mapping[type, Fuse] | None = None, example_inputs=None,
-    recorded: Sequence[Sequence[str]] | None = None,
+    recorded: Sequence[Sequence[str]] | None = None, recorded_inputs: Sequence[Sequence] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
@@ -225,6 +228,8 @@ def reparameterize(
     recorded and every conv/linear + BatchNorm pair whose dataflow it proves is folded too
     (`graph.fold_recorded`); `report.recorded` lists those pairs. `recorded`: fold exactly these
     pairs instead, without running the model (what a deploy file stored: its skeleton replays them).
+    The same input gives the channel counts code reads from a module's input (`groups=x.shape[1]`):
+    `report.inputs` lists those a fold used, `recorded_inputs` gives them back (a skeleton's).
     """
     ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
@@ -298,7 +303,10 @@ def reparameterize(
         bn_reasons: dict[str, str] = {}
         recorded_reasons: dict[str, str] = {}
         if graph:
-            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products)
+            inputs = RecordedInputs(example_inputs, recorded_inputs) \
+                if example_inputs is not None or recorded_inputs is not None else None
+            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products, inputs=inputs)
+            report.inputs = [(p, r, c) for p, (r, c) in sorted(inputs.used.items())] if inputs else []
             if recorded is not None or example_inputs is not None:
                 kept = {p for p, why in bn_reasons.items() if why.startswith(KEPT)}
                 folds = fold_recorded(deployed, products, example=example_inputs, pairs=recorded, kept=kept)

@@ -38,6 +38,11 @@ when its layer would have more parameters or multiply-adds than what it replaces
 merges that would are split, each branch folding on its own; those refusals are `kept`, not left).
 Each region output worth folding becomes one conv / linear module applied to the region input.
 
+Channel counts: a conv geometry argument the code reads from a tensor's channel dim (`groups=
+x.shape[1]`, `x.size(-3) // 2`) is a constant where that count is known: from the layer that made
+the tensor, or, for the module's input, from a recorded forward pass (`RecordedInputs`; a deploy
+file stores the counts a fold used). Spatial sizes are never folded in: they change with the input.
+
 Tracing: conditions on shapes only (`if x.shape[1] != C: raise`) are traced both ways and the one
 path that runs is kept (with the condition as an assertion); tensor constants fx creates
 (`_tensor_constant0`) are kept with the graph; parametrized modules are evaluated once
@@ -424,8 +429,12 @@ class _Analysis:
 
     def __init__(self, module: nn.Module, graph: fx.Graph, shapes_only: bool = False,
                  opaque: set[int] = frozenset(), input_rank: int | None = None,
-                 split: dict[fx.Node, str] | None = None):
+                 split: dict[fx.Node, str] | None = None,
+                 channels_in: Callable[[], tuple[int, int] | None] | None = None):
         self.module = module
+        # (rank, channel count) of the module's input as a recorded forward pass saw it (None: unknown)
+        self.channels_in = channels_in
+        self.shape_ranks: list[int | None] = []  # ranks of the tensors whose channel counts `_shape_int` read
         self.split = split or {}  # merges not made (a region through them would cost more): node -> why
         self.constants: dict[str, Any] = getattr(graph, "constants", {})
         self.input_rank = input_rank
@@ -708,6 +717,60 @@ class _Analysis:
             return self._pad(node, args[0], bound.get("pad"))
         return False
 
+    _INT_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, int}
+
+    def _shape_int(self, node: Any, depth: int = 0) -> int | None:
+        """The value of a number the code computes from a tensor's channel count (`x.shape[1]`,
+        `x.size(1) // 2`): structural like a weight's shape, so a fold may use it. Only channel
+        counts: the spatial sizes change with the input, and a fold must not bake them in."""
+        if not isinstance(node, fx.Node) or depth > 8:
+            return node if isinstance(node, int) and not isinstance(node, bool) else None
+        if node in self.consts:
+            value = self.consts[node]
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and not node.kwargs:
+            return self._channels(node.args[0], node.args[1])
+        if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 \
+                and isinstance(node.args[0], fx.Node) and _meta_read(node.args[0]) == "shape" \
+                and (node.args[0].target == "size" and len(node.args[0].args) == 1
+                     or node.args[0].args[1:] == ("shape",)):
+            return self._channels(node.args[0].args[0], node.args[1])
+        if node.op == "call_function" and node.target in self._INT_OPS and not node.kwargs:
+            args = [self._shape_int(a, depth + 1) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            value = node.target(*args)
+            return value if isinstance(value, int) else (int(value) if float(value).is_integer() else None)
+        return None
+
+    def _resolved(self, node: fx.Node) -> Any:
+        """`node`'s value if it is a channel count (`_shape_int`; kept as a constant, so the fold and its
+        check read the number, not the tensor it came from), else `node`."""
+        value = self._shape_int(node)
+        if value is None:
+            return node
+        self.consts[node] = value
+        return value
+
+    def _channels(self, t: Any, dim: Any) -> int | None:
+        """The size of `t`'s dim `dim` when that is its channel dim (dim 1 of a conv-rank tensor) and known."""
+        if not isinstance(t, fx.Node) or not isinstance(dim, int):
+            return None
+        val = self.vals.get(t)
+        if val is not None and isinstance(val.lin, A.Kernel) and val.lin.ndim > 0 and not val.trivial:
+            rank, channels = self.rank.get(t) or val.lin.ndim + 2, val.lin.out_channels
+        elif t.op == "placeholder" and next(iter(self.order)) is t and self.channels_in is not None \
+                and (seen := self.channels_in()) is not None:
+            rank, channels = seen
+        else:
+            return None
+        if dim < 0:
+            dim += rank
+        if dim != 1:
+            return None
+        self.shape_ranks.append(rank)
+        return channels
+
     def _may_replace_in_place(self, node: Any) -> bool:
         """An in-place op may be fused only where nobody else sees the tensor it mutates."""
         return isinstance(node, fx.Node) and node.op != "placeholder" and len(node.users) == 1
@@ -896,15 +959,20 @@ class _Analysis:
     def _functional(self, node: fx.Node) -> bool:
         """F.conv2d / F.linear whose weight (and bias) depend on parameters only."""
         names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        self.shape_ranks = []
         bound = dict(zip(names, node.args))
         bound.update(node.kwargs)
         for key in ("stride", "padding", "dilation", "groups"):  # computed from parameter shapes: constants
-            value = fx.node.map_arg(bound.get(key), lambda n: self.consts.get(n, n))
+            # (or from a channel count: `groups=x.shape[1]`, structural like a weight's shape)
+            value = fx.node.map_arg(bound.get(key), lambda n: self.consts.get(n, self._resolved(n)))
             bound[key] = value
             found: list = []
             fx.node.map_arg(value, found.append)
             if found or isinstance(value, torch.Tensor):
                 return False
+        n = _CONV_FN.get(node.target)
+        if n is not None and any(r != n + 2 for r in self.shape_ranks):
+            return False  # a channel count read from an unbatched input (dim 1 is no channel dim there)
         src, weight = bound.get("input"), self._const(bound.get("weight"))
         bias = bound.get("bias")
         bias = None if bias is None else self._const(bias)
@@ -1183,8 +1251,11 @@ class WrongFold(ReparamError):
 
 
 class _Pass:
-    def __init__(self, opaque: set[int], check: bool = True):
+    def __init__(self, opaque: set[int], check: bool = True,
+                 inputs: Callable[[str], tuple[int, int] | None] | None = None):
         self.opaque = opaque
+        self.inputs = inputs            # path -> (rank, channels) of the module's recorded input
+        self.used_inputs: dict[str, tuple[int, int]] = {}  # those a fold used (a deploy file stores them)
         self.check = check              # the float64 check of every fused region
         self.regions: list[FusedRegion] = []
         self.remaining: list[Remaining] = []
@@ -1213,6 +1284,12 @@ class _Pass:
             self._descend(m, path, verify_path)
             return m
 
+    def _input(self, path: str) -> tuple[int, int] | None:
+        found = self.inputs(path) if self.inputs is not None else None
+        if found is not None:
+            self.used_inputs[path] = found
+        return found
+
     def _analyse(self, m: nn.Module, graph: fx.Graph, shapes_only: bool) -> _Analysis:
         """The analysis of `graph`; where a region through a merge (add / cat) would cost more than
         what it replaces, that merge is not made and the analysis repeated, so each branch folds on
@@ -1220,7 +1297,8 @@ class _Pass:
         split: dict[fx.Node, str] = {}
         rank = self.ranks.get(id(m))
         for _ in range(16):
-            plan = _Analysis(m, graph, shapes_only=shapes_only, opaque=self.opaque, input_rank=rank, split=split)
+            plan = _Analysis(m, graph, shapes_only=shapes_only, opaque=self.opaque, input_rank=rank, split=split,
+                             channels_in=lambda: self._input(self.path_of[id(m)]))
             new: dict[fx.Node, str] = {}
             for v in plan.outputs:
                 val = plan.vals[v]
@@ -1494,7 +1572,55 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
     return gm
 
 
-def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool = True) \
+class RecordedInputs:
+    """(rank, channel count) of each module's input, for the channel counts code reads from its input
+    (`groups=x.shape[1]`): from a deploy file's record (`stored`: {path: (rank, channels)}; a meta
+    skeleton runs nothing), else recorded on one forward pass of the model on `example`, run the
+    first time the pass asks (most models never ask). `used` is what the pass used: a deploy file
+    stores it, so its skeleton makes the same folds."""
+
+    def __init__(self, example: Any = None, stored: Iterable[Iterable[Any]] | None = None):
+        self.example = example
+        self.seen = None if stored is None else {str(p): (int(r), int(c)) for p, r, c in stored}
+        self.model: nn.Module | None = None
+        self.used: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, path: str) -> tuple[int, int] | None:
+        if self.seen is None:
+            self.seen = self._record() if self.model is not None and self.example is not None else {}
+        found = self.seen.get(path)
+        if found is not None:
+            self.used[path] = found
+        return found
+
+    def _record(self) -> dict[str, tuple[int, int]]:
+        model = self.model
+        seen: dict[str, tuple[int, int] | None] = {}
+        names = {id(m): p for p, m in model.named_modules()}
+
+        def pre(m, args):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            value = (x.dim(), x.shape[1]) if x is not None and x.dim() >= 2 else None
+            path = names.get(id(m))
+            if path is not None:  # called twice with different inputs: unknown
+                seen[path] = value if seen.get(path, value) == value else None
+
+        hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
+        snapshot = AttributeSnapshot(model)
+        try:
+            with torch.no_grad():
+                model(*_call_for(model, self.example)[0], **_call_for(model, self.example)[1])
+        except Exception:
+            return {}
+        finally:
+            for h in hooks:
+                h.remove()
+            snapshot.restore()
+        return {p: v for p, v in seen.items() if v is not None}
+
+
+def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool = True,
+               inputs: RecordedInputs | None = None) \
         -> tuple[nn.Module, list[FusedRegion], list[Remaining], dict[str, str]]:
     """Fold every exactly-foldable linear region of `model` (see the module doc).
 
@@ -1508,8 +1634,11 @@ def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool =
 
     `check` (default): every fold is checked on its own in float64 (`_check_region`, a few ms per
     region, also when the caller does not verify); a wrong fold raises WrongFold.
+    `inputs`: where code reads a channel count from a module's input (see RecordedInputs).
     """
-    work = _Pass({id(m) for m in opaque}, check=check)
+    if inputs is not None and inputs.model is None:
+        inputs.model = model
+    work = _Pass({id(m) for m in opaque}, check=check, inputs=inputs)
     was_training = model.training
     # Traced in eval mode, what a deploy model runs (and the same on a meta skeleton in any mode).
     model.eval()
@@ -1613,6 +1742,18 @@ def _as_call(example: Any) -> tuple[tuple, dict]:
     if isinstance(example, (tuple, list)):
         return tuple(example), {}
     return (example,), {}
+
+
+def _call_for(model: nn.Module, example: Any) -> tuple[tuple, dict]:
+    """`example` as (args, kwargs) in the model's floating dtype, on its device."""
+    first = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+
+    def cast(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and first is not None:
+            return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
+        return t
+
+    return torch.utils._pytree.tree_map(cast, _as_call(example))
 
 
 class _Recorder:
@@ -1873,15 +2014,7 @@ def fold_recorded(model: nn.Module, opaque: Iterable[nn.Module] = (), example: A
     bns = {i: p for i, p in bns.items() if p not in kept}
     if not bns or not layers or example is None:
         return done
-    first = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
-    args, kwargs = _as_call(example)
-
-    def cast(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and first is not None:
-            return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
-        return t
-
-    call = torch.utils._pytree.tree_map(cast, (args, kwargs))
+    call = _call_for(model, example)
     was_training = model.training
     model.eval()
     try:

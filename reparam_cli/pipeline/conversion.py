@@ -266,7 +266,8 @@ def convert_checkpoint(
         metadata["source_sha256"] = source_sha256.result()
     if o.equalize:  # block outputs are rescaled: `reparam verify` compares the model end to end only
         metadata["equalized"] = True
-    metadata["options"] = replace(o.fuse, unused=tuple(unused), recorded=tuple(conv_report.recorded) or None).stored()
+    metadata["options"] = replace(o.fuse, unused=tuple(unused), recorded=tuple(conv_report.recorded) or None,
+                                  inputs=tuple(conv_report.inputs) or None).stored()
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=o.dynamic_shapes,
                  overwrite=o.overwrite)
     return finite_figures(report)
