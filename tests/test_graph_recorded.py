@@ -263,3 +263,22 @@ def test_cli_converts_verified_and_unverified_and_load_deploy_rebuilds(tmp_path)
         deploy = load_deploy(out, spec=str(spec))
         assert batchnorms(deploy) == []
         assert rel_err(deploy, model, x) < 1e-5, name
+
+
+def test_the_float64_check_of_a_fold_uses_the_captured_input_shape(tmp_path, monkeypatch):
+    """Where a forward pass was recorded (here for the channel count of `mix`'s input), the check of
+    the fold at that module's input runs on that input's shape (cut to a few windows)."""
+    import reparam_cli.convert.graph as graph
+
+    _, build = hf_style(tmp_path)
+    seen = []
+    original = graph._check_region
+
+    def spy(*args, **kwargs):
+        seen.append(args[6:] + tuple(kwargs.values()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(graph, "_check_region", spy)
+    model = randomized(build()).float()
+    reparameterize(model, example_inputs=torch.randn(2, 3, 16, 16))
+    assert (None, (2, 8, 8, 8)) in seen  # mix's input, captured (no other region starts at a module input)

@@ -1412,7 +1412,9 @@ class _Pass:
                         self.bn_reasons[_join(path, bn)] = reason
                 continue
             if self.check and not k.weight.is_meta:
-                _check_region(m, plan, v, val, k, _join(path, before), replaced.get(val.root))
+                captured = self.inputs.shapes.get(path) if self.inputs is not None and val.root.op == "placeholder" \
+                    and next(iter(plan.order)) is val.root else None
+                _check_region(m, plan, v, val, k, _join(path, before), replaced.get(val.root), captured)
             name = self._name(m, val, calls, fused)
             fused[name] = layer
             with graph.inserting_before(min(val.nodes, key=plan.order.__getitem__)):
@@ -1466,11 +1468,13 @@ def _bn_path(m: nn.Module, node: fx.Node) -> str | None:
 
 
 def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Kernel, where: str,
-                  fused_root: fx.Node | None = None) -> None:
+                  fused_root: fx.Node | None = None, captured: tuple[int, ...] | None = None) -> None:
     """The independent check of one fold, run with or without verification: the region's own
     operations (copied out of the traced graph) and the fused layer, both in float64, on one small
     random input of the region's rank; a relative difference above 1e-7 is a WrongFold (the
-    float64 rounding floor is ~1e-15, a wrong axis, alias or kernel gives O(1))."""
+    float64 rounding floor is ~1e-15, a wrong axis, alias or kernel gives O(1)). `captured`: the
+    shape a recorded forward pass saw at the region's input (its module's input), when known: the
+    input then has that shape (batch 1, a conv's spatial dims cut to a few windows: a few ms)."""
 
     sub = fx.Graph()
     env: dict[fx.Node, Any] = {val.root: sub.placeholder("x")}
@@ -1504,12 +1508,17 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
         raise WrongFold(f"graph pass: the fold of {where} could not be checked ({describe(exc)})",
                         hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
     g = torch.Generator().manual_seed(0)
+    extent = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
+    windows = [e + max(k.stride) + 1 for e in extent]  # every border case, few positions
     if k.ndim == 0:
         rank = plan.rank.get(val.root) or 2
         shape = (2, *([3] * (rank - 2)), k.in_channels)
+        if captured and len(captured) >= 2 and captured[-1] == k.in_channels:
+            shape = (min(captured[0], 2), *captured[1:])
     else:
-        extent = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
-        shape = (1, k.in_channels, *[e + max(k.stride) + 1 for e in extent])  # every border case, few positions
+        shape = (1, k.in_channels, *windows)
+        if captured and len(captured) == k.ndim + 2 and captured[1] == k.in_channels:
+            shape = (1, k.in_channels, *[min(c, w) for c, w in zip(captured[2:], windows)])
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(k.weight.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny inputs: one thread is fastest (and several can wait on a busy machine)
@@ -1582,6 +1591,7 @@ class RecordedInputs:
     def __init__(self, example: Any = None, stored: Iterable[Iterable[Any]] | None = None):
         self.example = example
         self.seen = None if stored is None else {str(p): (int(r), int(c)) for p, r, c in stored}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # full input shapes, where a forward pass was recorded
         self.model: nn.Module | None = None
         self.used: dict[str, tuple[int, int]] = {}
 
@@ -1604,6 +1614,8 @@ class RecordedInputs:
             path = names.get(id(m))
             if path is not None:  # called twice with different inputs: unknown
                 seen[path] = value if seen.get(path, value) == value else None
+                if x is not None and self.shapes.setdefault(path, tuple(x.shape)) != tuple(x.shape):
+                    self.shapes[path] = ()
 
         hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
         snapshot = AttributeSnapshot(model)
