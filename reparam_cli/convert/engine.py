@@ -21,8 +21,8 @@ import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 from reparam_cli import ecosystems
 from reparam_cli.blocks.linear_conv import linear_to_pointwise
 from reparam_cli.blocks.registry import Fuse, Recipe, recipe_for
-from reparam_cli.convert.graph import (KEPT, FusedRegion, RecordedInputs, Remaining, fold_recorded, fuse_graph,
-                                      leftovers, unparametrized)
+from reparam_cli.convert.graph import (KEPT, FusedRegion, RecordedInputs, Remaining, bn_kind, fold_recorded,
+                                      fuse_graph, leftovers, unparametrized)
 from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 from reparam_cli.core.shapeonly import on_meta, shape_only
 from reparam_cli.core.tensors import all_finite, has_submodule
@@ -321,8 +321,10 @@ def reparameterize(
                  if r.kind == "batchnorm" and r.path in recorded_reasons else r for r in found]
         # Each module once: a BatchNorm the pass refused (e.g. without running statistics) is listed
         # as the BatchNorm it is, with that reason, not also as a refusal.
-        norms = {r.path for r in found if r.kind in ("batchnorm", "kept")}
-        found = [r for r in found if not (r.kind == "unfoldable" and r.path in norms)]
+        left = {r.path for r in found if r.kind == "batchnorm"}
+        norms = left | {r.path for r in found if r.kind == "kept" and bn_kind(_module_at(deployed, r.path))}
+        found = [r for r in found if not (r.kind == "unfoldable" and r.path in norms
+                                          or r.kind == "kept" and r.path in left)]
         report.remaining = [r for r in found if r.kind != "kept"]
         report.kept = [r for r in found if r.kind == "kept"]  # no gain in folding: information, not left
         report.remaining, report.skipped = _split_information(deployed, report.remaining)

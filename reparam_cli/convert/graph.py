@@ -598,10 +598,13 @@ class _Analysis:
         numel = op.numel * (new.out_channels if op.per_channel and isinstance(new, A.Kernel) else 1)
         cost = val.cost + (numel / math.prod(new.stride or (1,)) if isinstance(new, A.Kernel) else numel)
         params = val.params + op.params
-        if op.sequential and isinstance(new, A.Kernel) and val.weighted and _cost(new) > cost * (1 + 1e-9):
+        # A chain that would cost more ends before this op, which starts its own region: an
+        # avg-pool then a 1x1 conv + BN (Inception's pool branch) keeps the pool and folds conv + BN.
+        weighed = op.sequential and isinstance(new, A.Kernel) and not val.trivial and (val.weighted or op.weighted)
+        if weighed and _cost(new) > cost * (1 + 1e-9):
             raise _CostRule(f"the fused {_kernel_desc(new)} costs more multiply-adds than the layers it replaces "
                             "(FLOP rule)")
-        if op.sequential and isinstance(new, A.Kernel) and val.weighted and _params(new) > params:
+        if weighed and val.weighted and _params(new) > params:  # (a first conv may gain a bias: the region decides)
             raise _CostRule(f"the fused {_kernel_desc(new)} has more parameters ({_params(new)}) than the layers "
                                 f"it replaces ({int(params)})")
         if not op.desc:
