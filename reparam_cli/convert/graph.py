@@ -70,6 +70,7 @@ skeletons rebuilt by `load_deploy`) and on real tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -83,6 +84,7 @@ from torch import fx, nn
 from reparam_cli.convert.native import native_method
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import describe
+from reparam_cli.core.shapeonly import shape_only
 from reparam_cli.core.tensors import AttributeSnapshot
 from reparam_cli.errors import NotEquivalent, ReparamError
 
@@ -279,8 +281,11 @@ def _shape_derived(node: fx.Node, depth: int = 0) -> bool:
     return all(_shape_derived(n, depth + 1) for n in node.all_input_nodes)
 
 
+_PLAIN_TRACER = fx.Tracer()
+
+
 def _is_builtin_leaf(m: nn.Module) -> bool:
-    return fx.Tracer().is_leaf_module(m, "")
+    return _PLAIN_TRACER.is_leaf_module(m, "")
 
 
 def _scope(node: fx.Node) -> list[str]:
@@ -1300,8 +1305,10 @@ class _Pass:
         split: dict[fx.Node, str] = {}
         rank = self.ranks.get(id(m))
         for _ in range(16):
-            plan = _Analysis(m, graph, shapes_only=shapes_only, opaque=self.opaque, input_rank=rank, split=split,
-                             channels_in=lambda: self._input(self.path_of[id(m)]))
+            # (on meta, torch's own shape functions are Python references: shape_only answers them)
+            with shape_only() if shapes_only else contextlib.nullcontext():
+                plan = _Analysis(m, graph, shapes_only=shapes_only, opaque=self.opaque, input_rank=rank,
+                                 split=split, channels_in=lambda: self._input(self.path_of[id(m)]))
             new: dict[fx.Node, str] = {}
             for v in plan.outputs:
                 val = plan.vals[v]
@@ -1354,6 +1361,19 @@ class _Pass:
         # Verification runs a block on the one input it captured: a module with several inputs
         # reports its regions at the nearest ancestor that has a single one.
         here = path if single or not path else verify_path
+        if all(c is None or id(c) in leaves or _is_builtin_leaf(c) or bn_kind(c) == "frozen"
+               for c in m._modules.values()):
+            # Every child is a leaf of this trace (a conv-BN-ReLU layer): every region is this module's
+            # own, so the one analysis with kernels decides (no shapes-only analysis, no second trace).
+            plan = self._analyse(m, graph, shapes_only=False)
+            if not any(plan.worth(v) for v in plan.outputs):
+                for node, reason in plan.refusals:
+                    self._refuse(path, node, reason, node in plan.cost_refused)
+                self.done.add(id(m))
+                return m
+            result = self._rewrite(m, graph, plan, path, here)
+            self.done.add(id(result))
+            return result
         plan = self._analyse(m, graph, shapes_only=True)
         own = [v for v in plan.outputs if plan.worth(v) and not _owner(plan.vals[v].nodes)]
         if not own:
