@@ -3,8 +3,8 @@ and `groups=x.shape[1]` from the recorded channel count, with modules written he
 patterns: padding from `int()` of shape arithmetic
 (MobileNetV2's apply_tf_padding), a `print`, a data-dependent `if` on values, a linear layer with
 a BatchNorm1d on `flatten(0, 1)` of its (N, L, C) output then `reshape_as` (LeViT). Refused with
-a reason: an output read elsewhere too, an in-place change before the BatchNorm, a layer called
-twice, a BatchNorm on the wrong axis.
+a reason: an output read elsewhere too (also without an aten op: `tolist()`), an in-place change
+before the BatchNorm, a layer called twice, a BatchNorm on the wrong axis.
 
 Equivalence: float32 deploy model against the float64 training model, relative error below 1e-5
 (float32 floor ~1e-7; a wrong fold is O(1)). Through the CLI, verified and with --no-verify, and
@@ -205,6 +205,19 @@ class InPlace(nn.Module):
         return self.bn(y[:, :, : int(y.shape[-1] / 1)])
 
 
+class ReadAsList(nn.Module):
+    """conv output read without an aten op (`tolist()`, to decide something): nothing to fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        scale = 2.0 if y.tolist()[0][0][0][0] > 1e9 else 1.0
+        return self.bn(y) * scale
+
+
 class CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -231,6 +244,7 @@ class WrongAxis(nn.Module):
 def test_unproven_pairs_are_refused_with_their_reason():
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
     for cls, reason in [(ReadTwice, "output is also read elsewhere"), (InPlace, "output is also read elsewhere"),
+                        (ReadAsList, "output is also read elsewhere"),
                         (CalledTwice, "runs more than once"), (WrongAxis, "normalises dim 1 of a (2, 4, 4) tensor")]:
         model = randomized(cls()).float()
         deploy, report = reparameterize(model, example_inputs=x)

@@ -1791,12 +1791,17 @@ def _call_for(model: nn.Module, example: Any) -> tuple[tuple, dict]:
     return torch.utils._pytree.tree_map(cast, _as_call(example))
 
 
+_DIRECT_READS = {"tolist", "data_ptr", "untyped_storage", "storage", "_typed_storage", "__dlpack__", "numpy",
+                 "__array__"}
+
+
 class _Recorder:
     """One forward pass recording, for every call of a conv / linear / BatchNorm leaf, which tensor
     it read and produced, and how often anything else read each layer output (and the reshapes made
     of it): every aten op outside those leaves is seen by a dispatch mode, every leaf call by hooks."""
 
     def __init__(self, model: nn.Module, layers: dict[int, str], bns: dict[int, str]):
+        from torch.overrides import TorchFunctionMode
         from torch.utils._python_dispatch import TorchDispatchMode
 
         self.model, self.layers, self.bns = model, layers, bns
@@ -1818,7 +1823,16 @@ class _Recorder:
                     recorder._op(func, args, kwargs, out)
                 return out
 
+        class Direct(TorchFunctionMode):  # reads that reach a tensor's memory without an aten op
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if recorder.depth == 0 and getattr(func, "__name__", "") in _DIRECT_READS:
+                    for t in recorder._tracked((args, kwargs)):
+                        recorder.reads[id(t)] += 1
+                return func(*args, **kwargs)
+
         self.mode = Mode()
+        self.direct = Direct()
 
     def _tracked(self, values: Any) -> list[torch.Tensor]:
         return [t for t in _tensors(values) if id(t) in self.reads]
@@ -1861,7 +1875,9 @@ class _Recorder:
             if id(m) not in self.layers and id(m) not in self.bns:
                 return
             self.depth -= 1
-            if self.depth == 0 and id(m) in self.layers and isinstance(out, torch.Tensor) and id(out) not in self.reads:
+            plain_call = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            if self.depth == 0 and id(m) in self.layers and plain_call and isinstance(out, torch.Tensor) \
+                    and id(out) not in self.reads:
                 self._track(out)
                 self.produced[id(out)] = (self.layers[id(m)], out, self._in_shape, list(self.stack))
 
@@ -1870,7 +1886,7 @@ class _Recorder:
             hooks.append(m.register_forward_hook(post, with_kwargs=True))
         snapshot = AttributeSnapshot(self.model)
         try:
-            with torch.no_grad(), self.mode:
+            with torch.no_grad(), self.direct, self.mode:
                 out = self.model(*call[0], **call[1])
             for t in self._tracked(out):  # what the model returns is read
                 self.reads[id(t)] += 1
@@ -2010,6 +2026,9 @@ def _check_pair(layer: nn.Module, bn: nn.Module, k: A.Kernel, fused: A.Kernel, i
             out = layer_with(k)(x)
             ref = ref_bn(out if bn_shape is None else out.reshape(-1, *bn_shape[1:])).reshape(out.shape)
             got = layer_with(fused)(x)
+    except Exception as exc:
+        raise WrongFold(f"graph pass: the recorded fold {where} could not be checked ({describe(exc)})",
+                        hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
     finally:
         torch.set_num_threads(threads)
     err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
