@@ -31,11 +31,15 @@ flatten, view, reductions; the rank of a module's input comes from its parent's 
 operation on dim 1 (BatchNorm1d, F.batch_norm) composes with a linear layer (last dim) only on a
 2-d tensor; a tensor changed in place (`_mutations`, views included) may not be read by one
 region before and after the change; `.item()` values are never constants (a meta skeleton has no
-values). Each fold is checked on its own in float64 (`_check_region`): a wrong one is WrongFold.
+values). Each fold is checked on its own in float64 (`_check_region`, on a small random input of its
+rank, of its captured shape where a recorded forward pass saw the region's input): a wrong one is
+WrongFold.
 
 Cost: a region is folded only when it gains (`_worth`: a lone BatchNorm stays, `kept`) and never
 when its layer would have more parameters or multiply-adds than what it replaces (`_cost_problem`;
-merges that would are split, each branch folding on its own; those refusals are `kept`, not left).
+merges that would are split, each branch folding on its own, and a chain that would (an avg-pool
+then a 1x1 conv) ends before the op that makes it so, which starts its own region; those
+refusals are `kept`, not left).
 Each region output worth folding becomes one conv / linear module applied to the region input.
 
 Channel counts: a conv geometry argument the code reads from a tensor's channel dim (`groups=
@@ -52,7 +56,8 @@ Recorded dataflow (`fold_recorded`, after the traced pass, when the caller gives
 BatchNorms are left (modules fx cannot trace: `int()` of shape arithmetic, a `print`, a data-
 dependent `if`; reshapes the analysis cannot follow), the model runs once on that input with a
 dispatch mode and module hooks recording which tensor each conv / linear / BatchNorm call read and
-produced and every other read of those outputs. A pair folds when the BatchNorm reads exactly the
+produced and every other read of those outputs (any aten op; tolist / data_ptr / storage, which
+reach memory without one, through a function mode). A pair folds when the BatchNorm reads exactly the
 layer's output (or reshapes of it that keep the channel axis: LeViT's bn(linear(x).flatten(0, 1)))
 and nothing else reads it, each runs once and neither is shared, the layer's forward is torch's
 own: the layer gets the fused weight and bias (`fuse_bn`), the BatchNorm's place an nn.Identity.
@@ -62,10 +67,12 @@ folds without running anything, so values (or the recording rules) never make th
 Modules: a module is replaced by an `fx.GraphModule` (same path, same class name, surviving
 layers keep their names, e.g. `conv1` holds the fused conv and `bn1` is gone) only when a region
 needs its level; children that hold only their own regions are processed on their own first, so
-every region is reported, and verified, at the smallest module that contains it. A module that
-cannot be traced is recorded with the reason and its children are tried. Everything here is
+every region is reported, and verified, at the smallest module that contains it (a module whose
+children are all leaves of its trace, a conv-BN-ReLU layer, is traced and analysed once). A
+module that cannot be traced is recorded with the reason and its children are tried. Everything here is
 structural, so the pass gives the same module tree and state-dict keys on `meta` (shape-only
-skeletons rebuilt by `load_deploy`) and on real tensors.
+skeletons rebuilt by `load_deploy`) and on real tensors; what a recorded forward pass decided
+(pairs, channel counts) is stored and given back, never recomputed on meta.
 """
 
 from __future__ import annotations
