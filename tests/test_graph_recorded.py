@@ -4,7 +4,9 @@ patterns: padding from `int()` of shape arithmetic
 (MobileNetV2's apply_tf_padding), a `print`, a data-dependent `if` on values, a linear layer with
 a BatchNorm1d on `flatten(0, 1)` of its (N, L, C) output then `reshape_as` (LeViT). Refused with
 a reason: an output read elsewhere too (also without an aten op: `tolist()`), an in-place change
-before the BatchNorm, a layer called twice, a BatchNorm on the wrong axis.
+before the BatchNorm, a layer called twice, a BatchNorm on the wrong axis, a data-dependent `if` in
+the module that runs both layers (the data-dependent `if` of HF_STYLE's InvertedResidual is in a
+parent of the modules that hold the pairs: those fold).
 
 Equivalence: float32 deploy model against the float64 training model, relative error below 1e-5
 (float32 floor ~1e-7; a wrong fold is O(1)). Through the CLI, verified and with --no-verify, and
@@ -151,6 +153,7 @@ def test_untraceable_hugging_face_style_modules_fold_their_batchnorms(tmp_path, 
     plain, plain_report = reparameterize(model)
     # fx cannot trace int() of a proxy; groups=x.shape[1] of an input whose channels are unknown
     assert len(batchnorms(plain)) == 6
+    assert any("example_inputs=" in r.reason for r in plain_report.remaining if r.path == "stem.normalization")
     deploy, report = reparameterize(model, example_inputs=x)
     assert batchnorms(deploy) == [] and report.complete, report.summary()
     assert report.inputs == [("mix", 4, 8)]  # the recorded channel count the depthwise fold used
@@ -218,6 +221,19 @@ class ReadAsList(nn.Module):
         return self.bn(y) * scale
 
 
+class ValueBranch(nn.Module):
+    """A data-dependent `if` in the module that runs both layers: the other branch reads the conv's
+    output without the BatchNorm, so one recorded pass proves nothing for every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) if x.mean() > -1e9 else y
+
+
 class CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -244,7 +260,7 @@ class WrongAxis(nn.Module):
 def test_unproven_pairs_are_refused_with_their_reason():
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
     for cls, reason in [(ReadTwice, "output is also read elsewhere"), (InPlace, "output is also read elsewhere"),
-                        (ReadAsList, "output is also read elsewhere"),
+                        (ReadAsList, "output is also read elsewhere"), (ValueBranch, "reads tensor values"),
                         (CalledTwice, "runs more than once"), (WrongAxis, "normalises dim 1 of a (2, 4, 4) tensor")]:
         model = randomized(cls()).float()
         deploy, report = reparameterize(model, example_inputs=x)

@@ -60,7 +60,10 @@ produced and every other read of those outputs (any aten op; tolist / data_ptr /
 reach memory without one, through a function mode). A pair folds when the BatchNorm reads exactly the
 layer's output (or reshapes of it that keep the channel axis: LeViT's bn(linear(x).flatten(0, 1)))
 and nothing else reads it, each runs once and neither is shared, the layer's forward is torch's
-own: the layer gets the fused weight and bias (`fuse_bn`), the BatchNorm's place an nn.Identity.
+own, and no tensor value is read (`.item()`, `if t.any()`, `tolist()`) while the module running
+both calls runs (nor after, if the layer's output leaves that module): another input could take
+another path there. The layer gets the fused weight and bias (`fuse_bn`), the BatchNorm's place
+an nn.Identity.
 A deploy file stores the pairs (FuseOptions.recorded): its meta skeleton replays exactly those
 folds without running anything, so values (or the recording rules) never make the two differ.
 
@@ -1798,6 +1801,7 @@ def _call_for(model: nn.Module, example: Any) -> tuple[tuple, dict]:
     return torch.utils._pytree.tree_map(cast, _as_call(example))
 
 
+_VALUE_OPS = {_aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default}
 _DIRECT_READS = {"tolist", "data_ptr", "untyped_storage", "storage", "_typed_storage", "__dlpack__", "numpy",
                  "__array__"}
 
@@ -1820,12 +1824,19 @@ class _Recorder:
         self.reads: dict[int, int] = {}                # tracked tensor id -> reads outside the BatchNorm calls
         self.bn_input: dict[str, tuple[torch.Tensor, list[str]]] = {}
         self.keep: list[torch.Tensor] = []             # tracked tensors stay alive: their ids stay theirs
+        self.clock = 0                                 # events in order: module calls and returns, value reads
+        self.starts: list[int] = []
+        self.spans: dict[str, list[tuple[int, int]]] = {}  # module path -> (call, return) of each call
+        self.escapes: dict[int, set[str]] = {}         # tracked tensor id -> modules that returned it
+        self.decisions: list[int] = []                 # when the code read a tensor's values (control flow)
         recorder = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)
+                if func in _VALUE_OPS:
+                    recorder.decisions.append(recorder._tick())
                 if recorder.depth == 0:
                     recorder._op(func, args, kwargs, out)
                 return out
@@ -1833,13 +1844,21 @@ class _Recorder:
         class Direct(TorchFunctionMode):  # reads that reach a tensor's memory without an aten op
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                if recorder.depth == 0 and getattr(func, "__name__", "") in _DIRECT_READS:
-                    for t in recorder._tracked((args, kwargs)):
-                        recorder.reads[id(t)] += 1
+                name = getattr(func, "__name__", "")
+                if name in _DIRECT_READS:
+                    if name in ("tolist", "numpy", "__array__"):
+                        recorder.decisions.append(recorder._tick())
+                    if recorder.depth == 0:
+                        for t in recorder._tracked((args, kwargs)):
+                            recorder.reads[id(t)] += 1
                 return func(*args, **kwargs)
 
         self.mode = Mode()
         self.direct = Direct()
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
 
     def _tracked(self, values: Any) -> list[torch.Tensor]:
         return [t for t in _tensors(values) if id(t) in self.reads]
@@ -1864,6 +1883,7 @@ class _Recorder:
         def pre(m, args, kwargs):
             path = names.get(id(m), "")
             self.stack.append(path)
+            self.starts.append(self._tick())
             if id(m) not in self.layers and id(m) not in self.bns:
                 return
             self.calls[id(m)] = self.calls.get(id(m), 0) + 1
@@ -1873,12 +1893,15 @@ class _Recorder:
                 if id(m) in self.bns and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
                     if id(args[0]) in self.reads:
                         self.reads[id(args[0])] -= 1  # the BatchNorm's own read: counted apart
-                    self.bn_input[self.bns[id(m)]] = (args[0], list(self.stack[:-1]))
+                    self.bn_input[self.bns[id(m)]] = (args[0], list(self.stack[:-1]), self.clock)
                 self._in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
             self.depth += 1
 
         def post(m, args, kwargs, out):
-            self.stack.pop()
+            path = self.stack.pop()
+            self.spans.setdefault(path, []).append((self.starts.pop(), self._tick()))
+            for t in self._tracked(out):
+                self.escapes.setdefault(id(t), set()).add(path)
             if id(m) not in self.layers and id(m) not in self.bns:
                 return
             self.depth -= 1
@@ -1886,7 +1909,7 @@ class _Recorder:
             if self.depth == 0 and id(m) in self.layers and plain_call and isinstance(out, torch.Tensor) \
                     and id(out) not in self.reads:
                 self._track(out)
-                self.produced[id(out)] = (self.layers[id(m)], out, self._in_shape, list(self.stack))
+                self.produced[id(out)] = (self.layers[id(m)], out, self._in_shape, list(self.stack), self.clock)
 
         for m in self.model.modules():
             hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
@@ -1911,7 +1934,7 @@ def _record(model: nn.Module, call: tuple[tuple, dict], layers: dict[int, str], 
     rec.run(call)
     by_path = {p: i for i, p in {**layers, **bns}.items()}
     pairs, why = [], {}
-    for bn_path, (y, stack) in rec.bn_input.items():
+    for bn_path, (y, stack, bn_time) in rec.bn_input.items():
         bn = model.get_submodule(bn_path)
         chain = [id(y)]
         while chain[-1] in rec.alias:
@@ -1920,7 +1943,9 @@ def _record(model: nn.Module, call: tuple[tuple, dict], layers: dict[int, str], 
         if source is None:
             why[bn_path] = "the recorded forward pass shows that its input is no conv's or linear layer's output"
             continue
-        layer_path, x, in_shape, layer_stack = source
+        layer_path, x, in_shape, layer_stack, layer_time = source
+        owner = _owner_path(stack, layer_stack)
+        span = next(((a, b) for a, b in rec.spans.get(owner, []) if a <= layer_time and bn_time <= b), (0, rec.clock))
         layer = model.get_submodule(layer_path)
         problem = None
         if rec.calls.get(by_path[bn_path]) != 1 or rec.calls.get(by_path[layer_path]) != 1:
@@ -1938,10 +1963,14 @@ def _record(model: nn.Module, call: tuple[tuple, dict], layers: dict[int, str], 
                            f"{layer_path}'s {tuple(x.shape)} output")
             elif getattr(bn, "num_features", channels) != channels:
                 problem = "its channel count is not the layer's"
+            elif any(span[0] <= d <= span[1] for d in rec.decisions) or (
+                    any(owner in rec.escapes.get(t, ()) for t in chain) and any(d > layer_time for d in rec.decisions)):
+                # Another input could take another path there (reading the layer's output elsewhere).
+                problem = (f"{owner or '<root>'} reads tensor values while it runs (data-dependent control flow): "
+                           "one recorded pass does not prove the dataflow of every input")
         if problem:
             why[bn_path] = problem
             continue
-        owner = _owner_path(stack, layer_stack)
         pairs.append((layer_path, bn_path, owner, in_shape, None if y is x else tuple(y.shape)))
     return pairs, why
 
