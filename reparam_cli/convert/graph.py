@@ -1653,8 +1653,9 @@ class RecordedInputs:
         hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
         snapshot = AttributeSnapshot(model)
         try:
+            args, kwargs = _call_for(model, self.example)
             with torch.no_grad():
-                model(*_call_for(model, self.example)[0], **_call_for(model, self.example)[1])
+                model(*args, **kwargs)
         except Exception:
             return {}
         finally:
