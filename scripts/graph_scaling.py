@@ -38,7 +38,7 @@ import importlib.util
 import sys
 import torch
 from safetensors.torch import save_file
-from reparam_cli.checkpoint import read_raw
+from reparam_cli.io.checkpoint import read_raw
 
 spec = importlib.util.spec_from_file_location("spec", sys.argv[3])
 module = importlib.util.module_from_spec(spec)

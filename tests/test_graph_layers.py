@@ -91,6 +91,8 @@ def test_batchnorm_with_activation_frozen_and_sync_fold_and_batch_statistics_nev
     left = [r for r in report.remaining if r.kind == "batchnorm"]
     assert [r.path for r in left] == ["n4"] and "track_running_stats=False" in left[0].reason
     assert not report.complete
+    # ... listed once (as the BatchNorm it is), not also as a refusal
+    assert [r.path for r in report.remaining].count("n4") == 1
 
 
 def test_real_timm_batchnormact_and_torchvision_frozen_batchnorm():
@@ -145,6 +147,34 @@ def test_a_merge_that_would_cost_more_is_split_into_its_conv_bn_folds():
     deploy, report = check(model, (1, 4, 9, 9))
     assert sorted(r.before for r in report.regions) == ["conv1x1+bn", "conv1x1+bn", "conv3x3+bn", "conv5x5+bn"]
     assert norms(deploy) == [] and count_parameters(deploy) <= count_parameters(model)
+
+
+class PoolBranch(nn.Module):
+    """torchvision Inception's pool branch: avg-pool 3x3 -> conv1x1 -> BN -> ReLU (and AuxLogits'
+    avg-pool 5x5/s3 -> conv1x1 -> BN). The pool and conv as one 3x3 conv would cost more: the chain
+    ends before the conv, which folds with its BatchNorm (what torch.fx's fuser does)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.aux_conv, self.aux_bn = nn.Conv2d(c, 6, 1, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        pooled = F.relu(self.bn(self.conv(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))))
+        aux = self.aux_bn(self.aux_conv(F.avg_pool2d(x, kernel_size=5, stride=3)))
+        return pooled.mean((2, 3)) + aux.mean((2, 3))
+
+
+def test_a_pool_before_a_conv_bn_keeps_the_pool_and_folds_the_conv_bn():
+    model = randomized(PoolBranch())
+    deploy, report = check(model, (1, 4, 11, 11))
+    same_skeleton(PoolBranch, deploy)
+    assert sorted(r.before for r in report.regions) == ["conv1x1+bn", "conv1x1+bn"] and norms(deploy) == []
+    assert report.complete and count_parameters(deploy) <= count_parameters(model)
+    assert [r.path for r in report.kept] == ["conv", "aux_conv"] and "FLOP rule" in report.kept[0].reason
+    # each left or kept module is listed once
+    paths = [r.path for r in report.remaining + report.kept]
+    assert len(paths) == len(set(paths))
 
 
 def test_densenet121_never_grows_and_folds_every_conv_bn_pair():

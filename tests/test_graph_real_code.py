@@ -205,3 +205,44 @@ def test_hook_based_weight_norm_and_spectral_norm_fold_the_current_weight():
     with torch.device("meta"):
         skeleton, _ = reparameterize(build().eval())
     assert list(skeleton.state_dict()) == list(deploy.state_dict())
+
+
+class GroupsFromChannels(nn.Module):
+    """groups read from the channel count of a conv's output (`x.shape[1]`, `x.size(-3)`): known from
+    the layer before, so it folds without any recorded input."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 4, 1)
+        self.w1, self.w2 = nn.Parameter(torch.randn(4, 1, 3, 3)), nn.Parameter(torch.randn(4, 1, 3, 3))
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        z = self.pw(x)
+        a = self.bn1(F.conv2d(z, self.w1, padding=1, groups=z.shape[1]))
+        return self.bn2(F.conv2d(torch.relu(a), self.w2, padding=1, groups=a.size(-3)))
+
+
+class SizeFromSpatial(nn.Module):
+    """Padding read from the input's width: a size that changes with the input, never folded in."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 4, 1, bias=False)
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.pw(x)
+        return self.bn(F.conv2d(y, self.w, padding=y.shape[-1] // 8))
+
+
+def test_channel_counts_read_from_tensors_fold_and_spatial_sizes_never():
+    _, deploy, report = check(GroupsFromChannels, (2, 3, 6, 6))
+    assert "conv3x3/g4+bn -> conv3x3/g4" in [f"{r.before} -> {r.after}" for r in report.regions]
+    assert batchnorms(deploy) == [] and report.inputs == []  # (no recorded input needed)
+    model, deploy, report = check(SizeFromSpatial, (1, 3, 16, 16))
+    assert batchnorms(deploy) == ["bn"]
+    x = torch.randn(1, 3, 24, 24)  # another width: another padding, as in the training model
+    with torch.no_grad():
+        assert ((deploy(x) - model(x)).abs().max() / model(x).abs().max()).item() < 1e-5

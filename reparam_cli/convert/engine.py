@@ -12,7 +12,7 @@ import contextlib
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ import reparam_cli.blocks  # noqa: F401  (registers the built-in recipes)
 from reparam_cli import ecosystems
 from reparam_cli.blocks.linear_conv import linear_to_pointwise
 from reparam_cli.blocks.registry import Declined, Fuse, Recipe, recipe_for
-from reparam_cli.convert.graph import FusedRegion, Remaining, fuse_graph, leftovers, unparametrized
+from reparam_cli.convert.graph import (KEPT, FusedRegion, RecordedInputs, Remaining, bn_kind, fold_recorded,
+                                      fuse_graph, leftovers, unparametrized)
 from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 from reparam_cli.core.shapeonly import on_meta, shape_only
 from reparam_cli.core.tensors import all_finite, has_submodule
@@ -48,6 +49,12 @@ class ConversionReport:
     # Information, not left (see `_nothing_left_in`): untraceable modules holding nothing foldable,
     # native methods that already ran (a library's finish step).
     skipped: list[Remaining] = field(default_factory=list)
+    # (layer path, BatchNorm path) folded on a recorded forward pass (`graph.fold_recorded`): a deploy
+    # file stores them (FuseOptions.recorded) so that its skeleton replays exactly these folds.
+    recorded: list[tuple[str, str]] = field(default_factory=list)
+    # (module path, rank, channels) of recorded module inputs whose channel count a fold used
+    # (`groups=x.shape[1]`): stored with the pairs (FuseOptions.inputs)
+    inputs: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -181,7 +188,8 @@ def _module_at(model: nn.Module, path: str) -> nn.Module | None:
 
 def reparameterize(
     model: nn.Module, *, native: bool = True, linear_as_conv: bool = False, consume: bool = False,
-    graph: bool = True, recipes: Mapping[type, Fuse] | None = None,
+    graph: bool = True, recipes: Mapping[type, Fuse] | None = None, example_inputs=None,
+    recorded: Sequence[Sequence[str]] | None = None, recorded_inputs: Sequence[Sequence] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return (deploy model, report): every module with a registered recipe replaced by its deploy form.
 
@@ -214,6 +222,14 @@ def reparameterize(
     lists what is left either way (BatchNorms, untraceable modules, refusals, native methods);
     `report.kept` what stays because folding it gains nothing (lone BatchNorms, folds the cost
     rules refuse). A fold that does not compute what its layers compute raises `graph.WrongFold`.
+
+    example_inputs (a tensor, a tuple of arguments or (args, kwargs)): where the graph pass leaves
+    BatchNorms (modules fx cannot trace, reshapes it cannot follow), one forward pass on them is
+    recorded and every conv/linear + BatchNorm pair whose dataflow it proves is folded too
+    (`graph.fold_recorded`); `report.recorded` lists those pairs. `recorded`: fold exactly these
+    pairs instead, without running the model (what a deploy file stored: its skeleton replays them).
+    The same input gives the channel counts code reads from a module's input (`groups=x.shape[1]`):
+    `report.inputs` lists those a fold used, `recorded_inputs` gives them back (a skeleton's).
     """
     ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
@@ -290,9 +306,33 @@ def reparameterize(
         # Model-level steps of a library's own fuse beyond its blocks (ultralytics' Detect.fuse()).
         deployed = ecosystems.finish(model, deployed, report)
         bn_reasons: dict[str, str] = {}
+        recorded_reasons: dict[str, str] = {}
         if graph:
-            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products)
+            inputs = RecordedInputs(example_inputs, recorded_inputs) \
+                if example_inputs is not None or recorded_inputs is not None else None
+            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products, inputs=inputs)
+            report.inputs = [(p, r, c) for p, (r, c) in sorted(inputs.used.items())] if inputs else []
+            if recorded is not None or example_inputs is not None:
+                kept = {p for p, why in bn_reasons.items() if why.startswith(KEPT)}
+                folds = fold_recorded(deployed, products, example=example_inputs, pairs=recorded, kept=kept)
+                report.regions += folds.regions
+                report.recorded = folds.pairs
+                folded = {bn for _, bn in folds.pairs}
+                report.remaining = [r for r in report.remaining if r.path not in folded]
+                bn_reasons = {p: why for p, why in bn_reasons.items() if p not in folded}
+                recorded_reasons = folds.reasons
         found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
+        if graph and example_inputs is None and recorded is None:  # the API without an input: say what would help
+            recorded_reasons = {r.path: "example_inputs= would let a recorded forward pass fold it" for r in found
+                                if r.kind == "batchnorm" and r.reason.startswith("inside ")}
+        found = [Remaining(r.path, r.kind, f"{r.reason}; {recorded_reasons[r.path]}")
+                 if r.kind == "batchnorm" and r.path in recorded_reasons else r for r in found]
+        # Each module once: a BatchNorm the pass refused (e.g. without running statistics) is listed
+        # as the BatchNorm it is, with that reason, not also as a refusal.
+        left = {r.path for r in found if r.kind == "batchnorm"}
+        norms = left | {r.path for r in found if r.kind == "kept" and bn_kind(_module_at(deployed, r.path))}
+        found = [r for r in found if not (r.kind == "unfoldable" and r.path in norms
+                                          or r.kind == "kept" and r.path in left)]
         report.remaining = [r for r in found if r.kind != "kept"]
         report.kept = [r for r in found if r.kind == "kept"]  # no gain in folding: information, not left
         report.remaining, report.skipped = _split_information(deployed, report.remaining)

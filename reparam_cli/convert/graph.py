@@ -31,29 +31,56 @@ flatten, view, reductions; the rank of a module's input comes from its parent's 
 operation on dim 1 (BatchNorm1d, F.batch_norm) composes with a linear layer (last dim) only on a
 2-d tensor; a tensor changed in place (`_mutations`, views included) may not be read by one
 region before and after the change; `.item()` values are never constants (a meta skeleton has no
-values). Each fold is checked on its own in float64 (`_check_region`): a wrong one is WrongFold.
+values). Each fold is checked on its own in float64 (`_check_region`, on a small random input of its
+rank, of its captured shape where a recorded forward pass saw the region's input): a wrong one is
+WrongFold.
 
 Cost: a region is folded only when it gains (`_worth`: a lone BatchNorm stays, `kept`) and never
 when its layer would have more parameters or multiply-adds than what it replaces (`_cost_problem`;
-merges that would are split, each branch folding on its own; those refusals are `kept`, not left).
+merges that would are split, each branch folding on its own, and a chain that would (an avg-pool
+then a 1x1 conv) ends before the op that makes it so, which starts its own region; those
+refusals are `kept`, not left).
 Each region output worth folding becomes one conv / linear module applied to the region input.
+
+Channel counts: a conv geometry argument the code reads from a tensor's channel dim (`groups=
+x.shape[1]`, `x.size(-3) // 2`) is a constant where that count is known: from the layer that made
+the tensor, or, for the module's input, from a recorded forward pass (`RecordedInputs`; a deploy
+file stores the counts a fold used). Spatial sizes are never folded in: they change with the input.
 
 Tracing: conditions on shapes only (`if x.shape[1] != C: raise`) are traced both ways and the one
 path that runs is kept (with the condition as an assertion); tensor constants fx creates
 (`_tensor_constant0`) are kept with the graph; parametrized modules are evaluated once
 (`unparametrized`, called by the engine).
 
+Recorded dataflow (`fold_recorded`, after the traced pass, when the caller gives an input): where
+BatchNorms are left (modules fx cannot trace: `int()` of shape arithmetic, a `print`, a data-
+dependent `if`; reshapes the analysis cannot follow), the model runs once on that input with a
+dispatch mode and module hooks recording which tensor each conv / linear / BatchNorm call read and
+produced and every other read of those outputs (any aten op; tolist / data_ptr / storage, which
+reach memory without one, through a function mode). A pair folds when the BatchNorm reads exactly the
+layer's output (or reshapes of it that keep the channel axis: LeViT's bn(linear(x).flatten(0, 1)))
+and nothing else reads it, each runs once and neither is shared, the layer's forward is torch's
+own, and no tensor value is read (`.item()`, `if t.any()`, `tolist()`) while the module running
+both calls runs (nor after, if the layer's output leaves that module): another input could take
+another path there. The layer gets the fused weight and bias (`fuse_bn`), the BatchNorm's place
+an nn.Identity.
+A deploy file stores the pairs (FuseOptions.recorded): its meta skeleton replays exactly those
+folds without running anything, so values (or the recording rules) never make the two differ.
+
 Modules: a module is replaced by an `fx.GraphModule` (same path, same class name, surviving
 layers keep their names, e.g. `conv1` holds the fused conv and `bn1` is gone) only when a region
 needs its level; children that hold only their own regions are processed on their own first, so
-every region is reported, and verified, at the smallest module that contains it. A module that
-cannot be traced is recorded with the reason and its children are tried. Everything here is
+every region is reported, and verified, at the smallest module that contains it (a module whose
+children are all leaves of its trace, a conv-BN-ReLU layer, is traced and analysed once). A
+module that cannot be traced is recorded with the reason and its children are tried. Everything here is
 structural, so the pass gives the same module tree and state-dict keys on `meta` (shape-only
-skeletons rebuilt by `load_deploy`) and on real tensors.
+skeletons rebuilt by `load_deploy`) and on real tensors; what a recorded forward pass decided
+(pairs, channel counts) is stored and given back, never recomputed on meta.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -67,6 +94,7 @@ from torch import fx, nn
 from reparam_cli.convert.native import native_method
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import describe
+from reparam_cli.core.shapeonly import shape_only
 from reparam_cli.core.tensors import AttributeSnapshot
 from reparam_cli.errors import NotEquivalent, ReparamError
 
@@ -263,8 +291,11 @@ def _shape_derived(node: fx.Node, depth: int = 0) -> bool:
     return all(_shape_derived(n, depth + 1) for n in node.all_input_nodes)
 
 
+_PLAIN_TRACER = fx.Tracer()
+
+
 def _is_builtin_leaf(m: nn.Module) -> bool:
-    return fx.Tracer().is_leaf_module(m, "")
+    return _PLAIN_TRACER.is_leaf_module(m, "")
 
 
 def _scope(node: fx.Node) -> list[str]:
@@ -413,8 +444,12 @@ class _Analysis:
 
     def __init__(self, module: nn.Module, graph: fx.Graph, shapes_only: bool = False,
                  opaque: set[int] = frozenset(), input_rank: int | None = None,
-                 split: dict[fx.Node, str] | None = None):
+                 split: dict[fx.Node, str] | None = None,
+                 channels_in: Callable[[], tuple[int, int] | None] | None = None):
         self.module = module
+        # (rank, channel count) of the module's input as a recorded forward pass saw it (None: unknown)
+        self.channels_in = channels_in
+        self.shape_ranks: list[int | None] = []  # ranks of the tensors whose channel counts `_shape_int` read
         self.split = split or {}  # merges not made (a region through them would cost more): node -> why
         self.constants: dict[str, Any] = getattr(graph, "constants", {})
         self.input_rank = input_rank
@@ -578,10 +613,13 @@ class _Analysis:
         numel = op.numel * (new.out_channels if op.per_channel and isinstance(new, A.Kernel) else 1)
         cost = val.cost + (numel / math.prod(new.stride or (1,)) if isinstance(new, A.Kernel) else numel)
         params = val.params + op.params
-        if op.sequential and isinstance(new, A.Kernel) and val.weighted and _cost(new) > cost * (1 + 1e-9):
+        # A chain that would cost more ends before this op, which starts its own region: an
+        # avg-pool then a 1x1 conv + BN (Inception's pool branch) keeps the pool and folds conv + BN.
+        weighed = op.sequential and isinstance(new, A.Kernel) and not val.trivial and (val.weighted or op.weighted)
+        if weighed and _cost(new) > cost * (1 + 1e-9):
             raise _CostRule(f"the fused {_kernel_desc(new)} costs more multiply-adds than the layers it replaces "
                             "(FLOP rule)")
-        if op.sequential and isinstance(new, A.Kernel) and val.weighted and _params(new) > params:
+        if weighed and val.weighted and _params(new) > params:  # (a first conv may gain a bias: the region decides)
             raise _CostRule(f"the fused {_kernel_desc(new)} has more parameters ({_params(new)}) than the layers "
                                 f"it replaces ({int(params)})")
         if not op.desc:
@@ -696,6 +734,60 @@ class _Analysis:
                 return False
             return self._pad(node, args[0], bound.get("pad"))
         return False
+
+    _INT_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, int}
+
+    def _shape_int(self, node: Any, depth: int = 0) -> int | None:
+        """The value of a number the code computes from a tensor's channel count (`x.shape[1]`,
+        `x.size(1) // 2`): structural like a weight's shape, so a fold may use it. Only channel
+        counts: the spatial sizes change with the input, and a fold must not bake them in."""
+        if not isinstance(node, fx.Node) or depth > 8:
+            return node if isinstance(node, int) and not isinstance(node, bool) else None
+        if node in self.consts:
+            value = self.consts[node]
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and not node.kwargs:
+            return self._channels(node.args[0], node.args[1])
+        if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 \
+                and isinstance(node.args[0], fx.Node) and _meta_read(node.args[0]) == "shape" \
+                and (node.args[0].target == "size" and len(node.args[0].args) == 1
+                     or node.args[0].args[1:] == ("shape",)):
+            return self._channels(node.args[0].args[0], node.args[1])
+        if node.op == "call_function" and node.target in self._INT_OPS and not node.kwargs:
+            args = [self._shape_int(a, depth + 1) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            value = node.target(*args)
+            return value if isinstance(value, int) else (int(value) if float(value).is_integer() else None)
+        return None
+
+    def _resolved(self, node: fx.Node) -> Any:
+        """`node`'s value if it is a channel count (`_shape_int`; kept as a constant, so the fold and its
+        check read the number, not the tensor it came from), else `node`."""
+        value = self._shape_int(node)
+        if value is None:
+            return node
+        self.consts[node] = value
+        return value
+
+    def _channels(self, t: Any, dim: Any) -> int | None:
+        """The size of `t`'s dim `dim` when that is its channel dim (dim 1 of a conv-rank tensor) and known."""
+        if not isinstance(t, fx.Node) or not isinstance(dim, int):
+            return None
+        val = self.vals.get(t)
+        if val is not None and isinstance(val.lin, A.Kernel) and val.lin.ndim > 0 and not val.trivial:
+            rank, channels = self.rank.get(t) or val.lin.ndim + 2, val.lin.out_channels
+        elif t.op == "placeholder" and next(iter(self.order)) is t and self.channels_in is not None \
+                and (seen := self.channels_in()) is not None:
+            rank, channels = seen
+        else:
+            return None
+        if dim < 0:
+            dim += rank
+        if dim != 1:
+            return None
+        self.shape_ranks.append(rank)
+        return channels
 
     def _may_replace_in_place(self, node: Any) -> bool:
         """An in-place op may be fused only where nobody else sees the tensor it mutates."""
@@ -885,15 +977,20 @@ class _Analysis:
     def _functional(self, node: fx.Node) -> bool:
         """F.conv2d / F.linear whose weight (and bias) depend on parameters only."""
         names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        self.shape_ranks = []
         bound = dict(zip(names, node.args))
         bound.update(node.kwargs)
         for key in ("stride", "padding", "dilation", "groups"):  # computed from parameter shapes: constants
-            value = fx.node.map_arg(bound.get(key), lambda n: self.consts.get(n, n))
+            # (or from a channel count: `groups=x.shape[1]`, structural like a weight's shape)
+            value = fx.node.map_arg(bound.get(key), lambda n: self.consts.get(n, self._resolved(n)))
             bound[key] = value
             found: list = []
             fx.node.map_arg(value, found.append)
             if found or isinstance(value, torch.Tensor):
                 return False
+        n = _CONV_FN.get(node.target)
+        if n is not None and any(r != n + 2 for r in self.shape_ranks):
+            return False  # a channel count read from an unbatched input (dim 1 is no channel dim there)
         src, weight = bound.get("input"), self._const(bound.get("weight"))
         bias = bound.get("bias")
         bias = None if bias is None else self._const(bias)
@@ -1172,8 +1269,11 @@ class WrongFold(ReparamError):
 
 
 class _Pass:
-    def __init__(self, opaque: set[int], check: bool = True):
+    def __init__(self, opaque: set[int], check: bool = True,
+                 inputs: Callable[[str], tuple[int, int] | None] | None = None):
         self.opaque = opaque
+        self.inputs = inputs            # path -> (rank, channels) of the module's recorded input
+        self.used_inputs: dict[str, tuple[int, int]] = {}  # those a fold used (a deploy file stores them)
         self.check = check              # the float64 check of every fused region
         self.regions: list[FusedRegion] = []
         self.remaining: list[Remaining] = []
@@ -1202,6 +1302,12 @@ class _Pass:
             self._descend(m, path, verify_path)
             return m
 
+    def _input(self, path: str) -> tuple[int, int] | None:
+        found = self.inputs(path) if self.inputs is not None else None
+        if found is not None:
+            self.used_inputs[path] = found
+        return found
+
     def _analyse(self, m: nn.Module, graph: fx.Graph, shapes_only: bool) -> _Analysis:
         """The analysis of `graph`; where a region through a merge (add / cat) would cost more than
         what it replaces, that merge is not made and the analysis repeated, so each branch folds on
@@ -1209,7 +1315,10 @@ class _Pass:
         split: dict[fx.Node, str] = {}
         rank = self.ranks.get(id(m))
         for _ in range(16):
-            plan = _Analysis(m, graph, shapes_only=shapes_only, opaque=self.opaque, input_rank=rank, split=split)
+            # (on meta, torch's own shape functions are Python references: shape_only answers them)
+            with shape_only() if shapes_only else contextlib.nullcontext():
+                plan = _Analysis(m, graph, shapes_only=shapes_only, opaque=self.opaque, input_rank=rank,
+                                 split=split, channels_in=lambda: self._input(self.path_of[id(m)]))
             new: dict[fx.Node, str] = {}
             for v in plan.outputs:
                 val = plan.vals[v]
@@ -1262,6 +1371,19 @@ class _Pass:
         # Verification runs a block on the one input it captured: a module with several inputs
         # reports its regions at the nearest ancestor that has a single one.
         here = path if single or not path else verify_path
+        if all(c is None or id(c) in leaves or _is_builtin_leaf(c) or bn_kind(c) == "frozen"
+               for c in m._modules.values()):
+            # Every child is a leaf of this trace (a conv-BN-ReLU layer): every region is this module's
+            # own, so the one analysis with kernels decides (no shapes-only analysis, no second trace).
+            plan = self._analyse(m, graph, shapes_only=False)
+            if not any(plan.worth(v) for v in plan.outputs):
+                for node, reason in plan.refusals:
+                    self._refuse(path, node, reason, node in plan.cost_refused)
+                self.done.add(id(m))
+                return m
+            result = self._rewrite(m, graph, plan, path, here)
+            self.done.add(id(result))
+            return result
         plan = self._analyse(m, graph, shapes_only=True)
         own = [v for v in plan.outputs if plan.worth(v) and not _owner(plan.vals[v].nodes)]
         if not own:
@@ -1323,7 +1445,9 @@ class _Pass:
                         self.bn_reasons[_join(path, bn)] = reason
                 continue
             if self.check and not k.weight.is_meta:
-                _check_region(m, plan, v, val, k, _join(path, before), replaced.get(val.root))
+                captured = self.inputs.shapes.get(path) if self.inputs is not None and val.root.op == "placeholder" \
+                    and next(iter(plan.order)) is val.root else None
+                _check_region(m, plan, v, val, k, _join(path, before), replaced.get(val.root), captured)
             name = self._name(m, val, calls, fused)
             fused[name] = layer
             with graph.inserting_before(min(val.nodes, key=plan.order.__getitem__)):
@@ -1377,11 +1501,13 @@ def _bn_path(m: nn.Module, node: fx.Node) -> str | None:
 
 
 def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Kernel, where: str,
-                  fused_root: fx.Node | None = None) -> None:
+                  fused_root: fx.Node | None = None, captured: tuple[int, ...] | None = None) -> None:
     """The independent check of one fold, run with or without verification: the region's own
     operations (copied out of the traced graph) and the fused layer, both in float64, on one small
     random input of the region's rank; a relative difference above 1e-7 is a WrongFold (the
-    float64 rounding floor is ~1e-15, a wrong axis, alias or kernel gives O(1))."""
+    float64 rounding floor is ~1e-15, a wrong axis, alias or kernel gives O(1)). `captured`: the
+    shape a recorded forward pass saw at the region's input (its module's input), when known: the
+    input then has that shape (batch 1, a conv's spatial dims cut to a few windows: a few ms)."""
 
     sub = fx.Graph()
     env: dict[fx.Node, Any] = {val.root: sub.placeholder("x")}
@@ -1415,12 +1541,17 @@ def _check_region(m: nn.Module, plan: _Analysis, v: fx.Node, val: _Val, k: A.Ker
         raise WrongFold(f"graph pass: the fold of {where} could not be checked ({describe(exc)})",
                         hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
     g = torch.Generator().manual_seed(0)
+    extent = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
+    windows = [e + max(k.stride) + 1 for e in extent]  # every border case, few positions
     if k.ndim == 0:
         rank = plan.rank.get(val.root) or 2
         shape = (2, *([3] * (rank - 2)), k.in_channels)
+        if captured and len(captured) >= 2 and captured[-1] == k.in_channels:
+            shape = (min(captured[0], 2), *captured[1:])
     else:
-        extent = [d * (s - 1) + 1 for s, d in zip(k.kernel_size, k.dilation)]
-        shape = (1, k.in_channels, *[e + max(k.stride) + 1 for e in extent])  # every border case, few positions
+        shape = (1, k.in_channels, *windows)
+        if captured and len(captured) == k.ndim + 2 and captured[1] == k.in_channels:
+            shape = (1, k.in_channels, *[min(c, w) for c, w in zip(captured[2:], windows)])
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(k.weight.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny inputs: one thread is fastest (and several can wait on a busy machine)
@@ -1483,7 +1614,59 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
     return gm
 
 
-def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool = True) \
+class RecordedInputs:
+    """(rank, channel count) of each module's input, for the channel counts code reads from its input
+    (`groups=x.shape[1]`): from a deploy file's record (`stored`: {path: (rank, channels)}; a meta
+    skeleton runs nothing), else recorded on one forward pass of the model on `example`, run the
+    first time the pass asks (most models never ask). `used` is what the pass used: a deploy file
+    stores it, so its skeleton makes the same folds."""
+
+    def __init__(self, example: Any = None, stored: Iterable[Iterable[Any]] | None = None):
+        self.example = example
+        self.seen = None if stored is None else {str(p): (int(r), int(c)) for p, r, c in stored}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # full input shapes, where a forward pass was recorded
+        self.model: nn.Module | None = None
+        self.used: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, path: str) -> tuple[int, int] | None:
+        if self.seen is None:
+            self.seen = self._record() if self.model is not None and self.example is not None else {}
+        found = self.seen.get(path)
+        if found is not None:
+            self.used[path] = found
+        return found
+
+    def _record(self) -> dict[str, tuple[int, int]]:
+        model = self.model
+        seen: dict[str, tuple[int, int] | None] = {}
+        names = {id(m): p for p, m in model.named_modules()}
+
+        def pre(m, args):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            value = (x.dim(), x.shape[1]) if x is not None and x.dim() >= 2 else None
+            path = names.get(id(m))
+            if path is not None:  # called twice with different inputs: unknown
+                seen[path] = value if seen.get(path, value) == value else None
+                if x is not None and self.shapes.setdefault(path, tuple(x.shape)) != tuple(x.shape):
+                    self.shapes[path] = ()
+
+        hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
+        snapshot = AttributeSnapshot(model)
+        try:
+            args, kwargs = _call_for(model, self.example)
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception:
+            return {}
+        finally:
+            for h in hooks:
+                h.remove()
+            snapshot.restore()
+        return {p: v for p, v in seen.items() if v is not None}
+
+
+def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool = True,
+               inputs: RecordedInputs | None = None) \
         -> tuple[nn.Module, list[FusedRegion], list[Remaining], dict[str, str]]:
     """Fold every exactly-foldable linear region of `model` (see the module doc).
 
@@ -1497,8 +1680,11 @@ def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool =
 
     `check` (default): every fold is checked on its own in float64 (`_check_region`, a few ms per
     region, also when the caller does not verify); a wrong fold raises WrongFold.
+    `inputs`: where code reads a channel count from a module's input (see RecordedInputs).
     """
-    work = _Pass({id(m) for m in opaque}, check=check)
+    if inputs is not None and inputs.model is None:
+        inputs.model = model
+    work = _Pass({id(m) for m in opaque}, check=check, inputs=inputs)
     was_training = model.training
     # Traced in eval mode, what a deploy model runs (and the same on a meta skeleton in any mode).
     model.eval()
@@ -1557,3 +1743,401 @@ def _bn_reason(path: str, reasons: dict[str, str], untraceable: list[str], graph
         where = max(inside, key=len)
         return f"inside {where or '<root>'}, which cannot be traced"
     return "its input or output is not a linear region the pass can fold"
+
+
+# --------------------------------------------------------------------------- recorded dataflow
+
+@dataclass
+class RecordedFolds:
+    """What `fold_recorded` folded: `pairs` [(conv/linear path, BatchNorm path)] in model order (a
+    deploy file stores them, so a skeleton replays exactly these folds), the regions for the report
+    and verification, and {BatchNorm path: why the recorded forward pass did not prove its pair}."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    regions: list[FusedRegion] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+_PLAIN_LAYER_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+_aten = torch.ops.aten
+# Reshapes (a logical row-major reinterpretation, whatever the strides) that may lie between a layer
+# and its BatchNorm when they keep the channel axis (LeViT's bn(linear(x).flatten(0, 1))).
+_RESHAPES = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.alias.default}
+
+
+def _plain_layer(m: nn.Module) -> bool:
+    """A conv / linear whose forward is torch's own (so its output is linear in weight rows and bias)."""
+    return type(m).forward in _PLAIN_LAYER_FORWARDS and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists and mappings (a Hugging Face ModelOutput too)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _as_call(example: Any) -> tuple[tuple, dict]:
+    if isinstance(example, tuple) and len(example) == 2 and isinstance(example[0], (tuple, list)) \
+            and isinstance(example[1], dict):
+        return tuple(example[0]), dict(example[1])
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    return (example,), {}
+
+
+def _call_for(model: nn.Module, example: Any) -> tuple[tuple, dict]:
+    """`example` as (args, kwargs) in the model's floating dtype, on its device."""
+    first = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+
+    def cast(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and first is not None:
+            return t.to(device=first.device, dtype=first.dtype if t.is_floating_point() else t.dtype)
+        return t
+
+    return torch.utils._pytree.tree_map(cast, _as_call(example))
+
+
+_VALUE_OPS = {_aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default}
+_DIRECT_READS = {"tolist", "data_ptr", "untyped_storage", "storage", "_typed_storage", "__dlpack__", "numpy",
+                 "__array__"}
+
+
+class _Recorder:
+    """One forward pass recording, for every call of a conv / linear / BatchNorm leaf, which tensor
+    it read and produced, and how often anything else read each layer output (and the reshapes made
+    of it): every aten op outside those leaves is seen by a dispatch mode, every leaf call by hooks."""
+
+    def __init__(self, model: nn.Module, layers: dict[int, str], bns: dict[int, str]):
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.model, self.layers, self.bns = model, layers, bns
+        self.depth = 0
+        self.calls: dict[int, int] = {}
+        self.stack: list[str] = []                     # paths of the modules running now
+        self.produced: dict[int, tuple[str, torch.Tensor, tuple, list[str]]] = {}  # output id -> (layer, out, in shape, stack)
+        self.alias: dict[int, int] = {}                # reshape output id -> the tensor it reshapes
+        self.reads: dict[int, int] = {}                # tracked tensor id -> reads outside the BatchNorm calls
+        self.bn_input: dict[str, tuple[torch.Tensor, list[str]]] = {}
+        self.keep: list[torch.Tensor] = []             # tracked tensors stay alive: their ids stay theirs
+        self.clock = 0                                 # events in order: module calls and returns, value reads
+        self.starts: list[int] = []
+        self.spans: dict[str, list[tuple[int, int]]] = {}  # module path -> (call, return) of each call
+        self.escapes: dict[int, set[str]] = {}         # tracked tensor id -> modules that returned it
+        self.decisions: list[int] = []                 # when the code read a tensor's values (control flow)
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                if func in _VALUE_OPS:
+                    recorder.decisions.append(recorder._tick())
+                if recorder.depth == 0:
+                    recorder._op(func, args, kwargs, out)
+                return out
+
+        class Direct(TorchFunctionMode):  # reads that reach a tensor's memory without an aten op
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = getattr(func, "__name__", "")
+                if name in _DIRECT_READS:
+                    if name in ("tolist", "numpy", "__array__"):
+                        recorder.decisions.append(recorder._tick())
+                    if recorder.depth == 0:
+                        for t in recorder._tracked((args, kwargs)):
+                            recorder.reads[id(t)] += 1
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+        self.direct = Direct()
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def _tracked(self, values: Any) -> list[torch.Tensor]:
+        return [t for t in _tensors(values) if id(t) in self.reads]
+
+    def _track(self, t: torch.Tensor) -> None:
+        self.keep.append(t)
+        self.reads[id(t)] = 0
+
+    def _op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        hits = self._tracked((args, kwargs))
+        for t in hits:
+            self.reads[id(t)] += 1
+        if func in _RESHAPES and len(hits) == 1 and args and args[0] is hits[0] and isinstance(out, torch.Tensor) \
+                and id(out) not in self.reads:
+            self._track(out)
+            self.alias[id(out)] = id(args[0])
+
+    def run(self, call: tuple[tuple, dict]) -> None:
+        hooks = []
+        names = {id(m): p for p, m in self.model.named_modules()}
+
+        def pre(m, args, kwargs):
+            path = names.get(id(m), "")
+            self.stack.append(path)
+            self.starts.append(self._tick())
+            if id(m) not in self.layers and id(m) not in self.bns:
+                return
+            self.calls[id(m)] = self.calls.get(id(m), 0) + 1
+            if self.depth == 0:
+                for t in self._tracked((args, kwargs)):  # a layer reading a layer output: one more reader
+                    self.reads[id(t)] += 1
+                if id(m) in self.bns and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+                    if id(args[0]) in self.reads:
+                        self.reads[id(args[0])] -= 1  # the BatchNorm's own read: counted apart
+                    self.bn_input[self.bns[id(m)]] = (args[0], list(self.stack[:-1]), self.clock)
+                self._in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+            self.depth += 1
+
+        def post(m, args, kwargs, out):
+            path = self.stack.pop()
+            self.spans.setdefault(path, []).append((self.starts.pop(), self._tick()))
+            for t in self._tracked(out):
+                self.escapes.setdefault(id(t), set()).add(path)
+            if id(m) not in self.layers and id(m) not in self.bns:
+                return
+            self.depth -= 1
+            plain_call = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            if self.depth == 0 and id(m) in self.layers and plain_call and isinstance(out, torch.Tensor) \
+                    and id(out) not in self.reads:
+                self._track(out)
+                self.produced[id(out)] = (self.layers[id(m)], out, self._in_shape, list(self.stack), self.clock)
+
+        for m in self.model.modules():
+            hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(m.register_forward_hook(post, with_kwargs=True))
+        snapshot = AttributeSnapshot(self.model)
+        try:
+            with torch.no_grad(), self.direct, self.mode:
+                out = self.model(*call[0], **call[1])
+            for t in self._tracked(out):  # what the model returns is read
+                self.reads[id(t)] += 1
+        finally:
+            for h in hooks:
+                h.remove()
+            snapshot.restore()
+
+
+def _record(model: nn.Module, call: tuple[tuple, dict], layers: dict[int, str], bns: dict[int, str]) \
+        -> tuple[list[tuple[str, str, str, tuple, tuple]], dict[str, str]]:
+    """[(layer path, BatchNorm path, owner path, layer input shape, BatchNorm input shape)] of the
+    pairs the recorded forward pass proves, and {BatchNorm path: why not} for the others."""
+    rec = _Recorder(model, layers, bns)
+    rec.run(call)
+    by_path = {p: i for i, p in {**layers, **bns}.items()}
+    pairs, why = [], {}
+    for bn_path, (y, stack, bn_time) in rec.bn_input.items():
+        bn = model.get_submodule(bn_path)
+        chain = [id(y)]
+        while chain[-1] in rec.alias:
+            chain.append(rec.alias[chain[-1]])
+        source = rec.produced.get(chain[-1])
+        if source is None:
+            why[bn_path] = "the recorded forward pass shows that its input is no conv's or linear layer's output"
+            continue
+        layer_path, x, in_shape, layer_stack, layer_time = source
+        owner = _owner_path(stack, layer_stack)
+        span = next(((a, b) for a, b in rec.spans.get(owner, []) if a <= layer_time and bn_time <= b), (0, rec.clock))
+        layer = model.get_submodule(layer_path)
+        problem = None
+        if rec.calls.get(by_path[bn_path]) != 1 or rec.calls.get(by_path[layer_path]) != 1:
+            problem = "it or the layer before it runs more than once in the recorded forward pass"
+        elif rec.reads[chain[0]] or any(rec.reads[t] != 1 for t in chain[1:]):  # (each reshape reads one)
+            problem = f"the recorded forward pass shows that {layer_path}'s output is also read elsewhere"
+        else:
+            axis = x.dim() - 1 if isinstance(layer, nn.Linear) else 1
+            channels = layer.weight.shape[0]
+            if isinstance(layer, nn.modules.conv._ConvNd) and x.dim() != len(layer.kernel_size) + 2:
+                problem = "the conv runs on an unbatched input"
+            elif y.dim() < 2 or x.shape[axis] != channels or y.shape[1] != channels \
+                    or math.prod(x.shape[:axis]) != y.shape[0] or y.dtype != x.dtype:
+                problem = (f"it normalises dim 1 of a {tuple(y.shape)} tensor, not the channels of "
+                           f"{layer_path}'s {tuple(x.shape)} output")
+            elif getattr(bn, "num_features", channels) != channels:
+                problem = "its channel count is not the layer's"
+            elif any(span[0] <= d <= span[1] for d in rec.decisions) or (
+                    any(owner in rec.escapes.get(t, ()) for t in chain) and any(d > layer_time for d in rec.decisions)):
+                # Another input could take another path there (reading the layer's output elsewhere).
+                problem = (f"{owner or '<root>'} reads tensor values while it runs (data-dependent control flow): "
+                           "one recorded pass does not prove the dataflow of every input")
+        if problem:
+            why[bn_path] = problem
+            continue
+        pairs.append((layer_path, bn_path, owner, in_shape, None if y is x else tuple(y.shape)))
+    return pairs, why
+
+
+def _owner_path(a: list[str], b: list[str]) -> str:
+    """The deepest module running both calls (the paths of the modules running at each)."""
+    common = ""
+    for p, q in zip(a, b):
+        if p != q:
+            break
+        common = p
+    return common
+
+
+def _candidates(model: nn.Module, opaque: set[int]) -> tuple[dict[int, str], dict[int, str]]:
+    """({id: path} of plain conv / linear layers, {id: path} of foldable BatchNorms): outside
+    converted blocks, each module at one path only."""
+    count: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        count[id(m)] = count.get(id(m), 0) + 1
+    layers, bns = {}, {}
+
+    def walk(m: nn.Module, path: str) -> None:
+        if id(m) in opaque:
+            return
+        if count.get(id(m)) == 1:
+            if _plain_layer(m):
+                layers[id(m)] = path
+            elif bn_kind(m) in ("plain", "frozen") and not isinstance(bn_state(m), str):
+                bns[id(m)] = path
+        for name, child in m._modules.items():
+            if child is not None:
+                walk(child, _join(path, name))
+
+    walk(model, "")
+    return layers, bns
+
+
+def _fold_pair(model: nn.Module, layer_path: str, bn_path: str) -> tuple[nn.Module, A.Kernel]:
+    """Fold the BatchNorm at `bn_path` into the layer at `layer_path` (new weight and bias tensors,
+    nothing shared is changed); the BatchNorm's place holds an nn.Identity. Returns (the layer's
+    original in float64 for the check, the fused kernel)."""
+    layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)
+    if not _plain_layer(layer) or bn_kind(bn) not in ("plain", "frozen"):
+        raise ReparamError(f"recorded fold {layer_path} + {bn_path}: no conv/linear and BatchNorm there",
+                           hint="the deploy file was written by another version of the model code")
+    state = bn_state(bn)
+    if isinstance(state, str):
+        raise ReparamError(f"recorded fold {layer_path} + {bn_path}: {state}")
+    groups = getattr(layer, "groups", 1)
+    k = A.Kernel(layer.weight, layer.bias, groups=groups)
+    fused = A.fuse_bn(k, state, dtype=layer.weight.dtype)
+    layer.weight = nn.Parameter(fused.weight.detach(), requires_grad=layer.weight.requires_grad)
+    layer.bias = nn.Parameter(fused.bias.detach(), requires_grad=layer.weight.requires_grad)
+    parent, _, name = bn_path.rpartition(".")
+    model.get_submodule(parent)._modules[name] = nn.Identity()
+    return k, fused
+
+
+def _check_pair(layer: nn.Module, bn: nn.Module, k: A.Kernel, fused: A.Kernel, in_shape: tuple,
+                bn_shape: tuple | None, where: str) -> None:
+    """The float64 check of one recorded fold: the layer (its original kernel `k`) then the BatchNorm,
+    through the reshape between them, against the fused layer, on a random input of the layer's
+    captured input shape (batch 1; a conv's spatial extent cut to a few windows: a few ms).
+    `bn_shape`: the shape the BatchNorm read (a reshape of the layer's output), None: the output."""
+    import copy
+
+    def layer_with(kernel: A.Kernel) -> nn.Module:
+        new = copy.copy(layer)
+        new._parameters = dict(layer._parameters)
+        new.weight = nn.Parameter(kernel.weight.detach().double())
+        new.bias = None if kernel.bias is None else nn.Parameter(kernel.bias.detach().double())
+        return new
+
+    ref_bn = copy.deepcopy(bn).double().eval()
+    shape = list(in_shape)
+    if shape:
+        shape[0] = 1
+    if bn_shape is None and isinstance(layer, nn.modules.conv._ConvNd):
+        # conv -> BatchNorm: a few windows of each spatial dim hold every border case
+        for i, (ks, d, s) in enumerate(zip(layer.kernel_size, layer.dilation, layer.stride)):
+            shape[2 + i] = min(shape[2 + i], d * (ks - 1) + 1 + 2 * s + 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = layer_with(k)(x)
+            ref = ref_bn(out if bn_shape is None else out.reshape(-1, *bn_shape[1:])).reshape(out.shape)
+            got = layer_with(fused)(x)
+    except Exception as exc:
+        raise WrongFold(f"graph pass: the recorded fold {where} could not be checked ({describe(exc)})",
+                        hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it") from exc
+    finally:
+        torch.set_num_threads(threads)
+    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    if not err <= 1e-7:
+        raise WrongFold(f"graph pass: the recorded fold {where} does not compute what its layers compute "
+                        f"(float64 check on input {tuple(shape)}: relative error {err:.2g})",
+                        hint="this is a bug in reparam's graph pass; pass --no-graph to convert without it")
+
+
+def fold_recorded(model: nn.Module, opaque: Iterable[nn.Module] = (), example: Any = None,
+                  pairs: Iterable[Iterable[str]] | None = None, check: bool = True,
+                  kept: Iterable[str] = ()) -> RecordedFolds:
+    """Fold the conv+BN-like pairs (also linear + BatchNorm1d) that the graph pass left, wherever a
+    recorded forward pass proves their dataflow: the BatchNorm reads exactly the layer's output (or
+    a reshape of it that keeps the channel axis) and nothing else reads that output, each runs once
+    and neither is shared. This reaches into modules fx cannot trace (shape arithmetic through
+    `int()`, a `print`, a data-dependent `if` elsewhere): their code runs as it is, on `example`
+    (a tensor, a tuple of arguments or (args, kwargs)), with the model's dtype and device.
+
+    `pairs` (as a deploy file stores them): fold exactly those, without recording (a shape-only
+    skeleton rebuilt on meta has no values to run on). Modified in place: pass the deploy tree.
+    Each fold is checked in float64 (`_check_pair`) when `check` and there are values. `kept`: the
+    BatchNorms the graph pass keeps on purpose (lone ones): with no other BatchNorm left, the model
+    is not run at all."""
+    done = RecordedFolds()
+    skip = set()
+    for m in opaque:
+        skip.update(id(c) for c in m.modules())
+    if pairs is not None:
+        for layer_path, bn_path in pairs:
+            _fold_pair(model, layer_path, bn_path)
+            done.pairs.append((layer_path, bn_path))
+            done.regions.append(_recorded_region(model, layer_path, bn_path, _common_prefix(layer_path, bn_path)))
+        return done
+    layers, bns = _candidates(model, skip)
+    kept = set(kept)
+    bns = {i: p for i, p in bns.items() if p not in kept}
+    if not bns or not layers or example is None:
+        return done
+    call = _call_for(model, example)
+    was_training = model.training
+    model.eval()
+    try:
+        found, done.reasons = _record(model, call, layers, bns)
+    except Exception as exc:  # a model that does not run on the example: nothing proven
+        reason = f"the recorded forward pass failed ({describe(exc)})"
+        done.reasons = {p: reason for p in bns.values()}
+        return done
+    finally:
+        model.train(was_training)
+    for layer_path, bn_path, owner, in_shape, bn_shape in found:
+        bn = model.get_submodule(bn_path)
+        k, fused = _fold_pair(model, layer_path, bn_path)
+        region = _recorded_region(model, layer_path, bn_path, owner)
+        if check and not fused.weight.is_meta:
+            _check_pair(model.get_submodule(layer_path), bn, k, fused, in_shape, bn_shape, region.text)
+        done.pairs.append((layer_path, bn_path))
+        done.regions.append(region)
+    return done
+
+
+def _common_prefix(a: str, b: str) -> str:
+    pa, pb = a.split("."), b.split(".")
+    common = []
+    for x, y in zip(pa[:-1], pb[:-1]):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _recorded_region(model: nn.Module, layer_path: str, bn_path: str, owner: str) -> FusedRegion:
+    layer = model.get_submodule(layer_path)
+    desc = "linear" if isinstance(layer, nn.Linear) else "conv" + "x".join(map(str, layer.kernel_size))
+    return FusedRegion(owner, layer_path, f"{desc}+bn", desc)

@@ -74,6 +74,14 @@ def _shape(spec: ModelSpec, opts: VerifyOptions) -> tuple[int, ...]:
     return tuple(opts.input_shape or spec.input_shape)
 
 
+def _example(spec: ModelSpec, opts: VerifyOptions):
+    """One verification input (args, kwargs), or None where the spec's input hook fails."""
+    try:
+        return make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+    except PassFailed:
+        return None
+
+
 def _pass_error(exc: PassFailed, shape: tuple[int, ...]) -> ReparamError:
     """A model that raised during verification, as one line: an input-shape problem of the training
     model asks for --input-shape; anything else names the pass that failed and its error."""
@@ -185,7 +193,10 @@ def convert_checkpoint(
         train = train.to(out_dtype)
     progress("fusing blocks")
     # Without verification the training model is not needed again: free each block once fused.
-    deploy, conv_report = reparameterize(train, consume=not verify_output, **o.fuse.kwargs())
+    # Where the graph pass leaves BatchNorms (code fx cannot trace), one recorded forward pass on the
+    # verification input proves the conv+BN pairs it can still fold; the file stores them (`recorded`).
+    deploy, conv_report = reparameterize(train, consume=not verify_output, example_inputs=_example(spec, opts),
+                                         **o.fuse.kwargs())
     deploy.eval()
     if out_dtype is not None and out_dtype != ckpt.dtype:
         deploy = deploy.to(out_dtype)
@@ -255,7 +266,8 @@ def convert_checkpoint(
         metadata["source_sha256"] = source_sha256.result()
     if o.equalize:  # block outputs are rescaled: `reparam verify` compares the model end to end only
         metadata["equalized"] = True
-    metadata["options"] = replace(o.fuse, unused=tuple(unused)).stored()
+    metadata["options"] = replace(o.fuse, unused=tuple(unused), recorded=tuple(conv_report.recorded) or None,
+                                  inputs=tuple(conv_report.inputs) or None).stored()
     write_deploy(output, fmt, deploy, spec, opts, result, report, metadata=metadata, dynamic_shapes=o.dynamic_shapes,
                  overwrite=o.overwrite)
     return finite_figures(report)

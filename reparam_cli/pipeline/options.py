@@ -58,6 +58,11 @@ class FuseOptions:
     # modules the deploy model's eval forward never calls, dropped from the file (--keep-unused: none)
     unused: tuple[str, ...] = ()
     layout: str = "default"  # LAYOUTS (--layout)
+    # (layer, BatchNorm) pairs folded on a recorded forward pass (`graph.fold_recorded`): a skeleton
+    # replays exactly these; None: the conversion records them itself when given an input
+    recorded: tuple[tuple[str, str], ...] | None = None
+    # (module path, rank, channels) of recorded module inputs a fold used (`groups=x.shape[1]`)
+    inputs: tuple[tuple[str, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
@@ -67,9 +72,14 @@ class FuseOptions:
                                    "--layout reference", hint="drop one of them")
             object.__setattr__(self, "graph", False)
 
-    def kwargs(self) -> dict[str, bool]:
+    def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `reparameterize`."""
-        return {"graph": self.graph, "linear_as_conv": self.linear_as_conv}
+        kwargs: dict[str, Any] = {"graph": self.graph, "linear_as_conv": self.linear_as_conv}
+        if self.recorded is not None:
+            kwargs["recorded"] = self.recorded
+        if self.inputs is not None:
+            kwargs["recorded_inputs"] = self.inputs
+        return kwargs
 
     def stored(self) -> dict[str, bool | str]:
         """The deploy file's `options` metadata (`linear_as_conv` and `layout` only when set, so files
@@ -80,6 +90,10 @@ class FuseOptions:
             options["layout"] = self.layout
         if self.unused:
             options["unused"] = list(self.unused)
+        if self.recorded:
+            options["recorded"] = [list(pair) for pair in self.recorded]
+        if self.inputs:
+            options["inputs"] = [list(item) for item in self.inputs]
         return options
 
     @classmethod
@@ -92,8 +106,16 @@ class FuseOptions:
         linear_as_conv = bool(options.get("linear_as_conv"))
         unused = options.get("unused") or []
         unused = tuple(str(p) for p in unused) if isinstance(unused, list) else ()
+        recorded = options.get("recorded")
+        recorded = tuple((str(p[0]), str(p[1])) for p in recorded if isinstance(p, list) and len(p) == 2) \
+            if isinstance(recorded, list) else None
+        inputs = options.get("inputs")
+        inputs = tuple((str(p[0]), int(p[1]), int(p[2])) for p in inputs
+                       if isinstance(p, list) and len(p) == 3 and all(isinstance(v, int) for v in p[1:])) \
+            if isinstance(inputs, list) else None
         return cls(graph=options.get("graph", False) is True, linear_as_conv=linear_as_conv,
-                   layout="default" if linear_as_conv else layout, unused=unused)
+                   layout="default" if linear_as_conv else layout, unused=unused, recorded=recorded or None,
+                   inputs=inputs or None)
 
 
 @dataclass
