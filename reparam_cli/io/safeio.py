@@ -82,7 +82,10 @@ def _kind(mode: int) -> str:
 
 def check_output_target(path: Path, overwrite: bool) -> None:
     """Raise OutputError unless `path` may become the output: it must not be a folder, FIFO, device
-    or socket (those are never replaced by a regular file), nor an existing file without `overwrite`."""
+    or socket (those are never replaced by a regular file), nor an existing file without `overwrite`.
+    Hidden temporaries of killed runs in its folder are removed first (see `clean_stale_temps`), so a
+    run refused here still leaves the folder clean."""
+    _clean_once(path.parent)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -192,6 +195,16 @@ def clean_stale_temps(folder: Path | int) -> list[str]:
         if close:
             os.close(dir_fd)
     return removed
+
+
+def _clean_once(folder: Path) -> None:
+    """clean_stale_temps(folder), once per pinned folder (a batch writes thousands of files to one)."""
+    pinned = _PINNED.get(_folder_key(folder))
+    if pinned is None:
+        clean_stale_temps(folder)
+    elif not pinned[1]:
+        clean_stale_temps(pinned[0])
+        pinned[1] = True
 
 
 def remove_live_temps() -> None:
@@ -396,11 +409,11 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = ""
     key = object()
     try:
-        _check_target(dir_fd, path, overwrite)
         if pinned is None or not pinned[1]:  # a run killed while writing, or at the rename step, left these
             clean_stale_temps(dir_fd)
             if pinned is not None:
                 pinned[1] = True
+        _check_target(dir_fd, path, overwrite)
         fd = _open_unnamed(dir_fd)
         unnamed = fd is not None
         if not unnamed:

@@ -1,0 +1,207 @@
+"""Trust, round two, the rest (issue 20): every file operation in the output folder goes through one
+descriptor of that folder (planted and swapped symbolic links redirect nothing), `kill -9` at the
+rename step leaves nothing after the next run, manifest lines keep file names losslessly, and the
+remaining catch-all messages have their own sentence."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reparam_cli.errors import OutputError
+from reparam_cli.io import safeio
+from reparam_cli.io.safeio import atomic_output
+from reparam_cli.pipeline.conversion import init_checkpoint
+
+from .helpers import TINY_REPVGG_YAML, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(spec, training checkpoint) of a small RepVGG."""
+    folder = tmp_path_factory.mktemp("trust3")
+    spec = folder / "tiny.yaml"
+    spec.write_text(TINY_REPVGG_YAML)
+    init_checkpoint(str(spec), folder / "t.pth", seed=0)
+    return spec, folder / "t.pth"
+
+
+def tree(folder: Path) -> dict[str, bytes | str]:
+    """Every entry below `folder` (hidden ones included, links not followed) with its contents."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = ("link:" + os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def reparam(*args, tmpdir: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter with its own $TMPDIR; `prelude` runs first (test hooks)."""
+    code = prelude + "\nimport sys\nfrom reparam_cli.commands.app import main\nsys.argv = ['reparam', *sys.argv[1:]]\nmain()\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
+    env.pop("REPARAM_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, timeout=300)
+
+
+# --- one descriptor of the output folder ----------------------------------------------------------------
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temporary"])
+def test_a_folder_swapped_for_a_symlink_mid_write_redirects_nothing(tmp_path, monkeypatch, overwrite, unnamed):
+    """The output's folder is renamed away and a symlink to another folder put in its place while
+    the output is written: the output (and its temporary, link and rename) stays in the folder that
+    was opened; the other folder, holding a file of the same name, is untouched."""
+    if not unnamed:
+        monkeypatch.setattr(safeio, "_open_unnamed", lambda folder: None)
+    (tmp_path / "a" / "out").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "m.bin").write_bytes(b"precious")
+    (victim / "out").symlink_to(victim)  # victim/out/m.bin is victim/m.bin
+    if overwrite:
+        (tmp_path / "a" / "out" / "m.bin").write_bytes(b"old")
+    before = tree(victim)
+    with atomic_output(tmp_path / "a" / "out" / "m.bin", overwrite=overwrite) as tmp:
+        tmp.write_bytes(b"new")
+        (tmp_path / "a").rename(tmp_path / "moved")
+        (tmp_path / "a").symlink_to(victim)  # a/out/m.bin now resolves to victim/m.bin
+    assert tree(victim) == before
+    assert tree(tmp_path / "moved") == {"out": "dir", "out/m.bin": b"new"}
+
+
+def test_a_symlink_as_the_output_name_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.bin").symlink_to(victim)
+    with pytest.raises(OutputError, match="already exists"):
+        with atomic_output(out / "m.bin") as tmp:
+            tmp.write_bytes(b"new")
+    with atomic_output(out / "m.bin", overwrite=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert victim.read_text() == "precious" and tree(out) == {"m.bin": b"new"}
+
+
+def _batch_inputs(tmp_path: Path, ckpt: Path, subfolders=("a", "b")) -> Path:
+    src = tmp_path / "in"
+    for sub in subfolders:
+        (src / sub).mkdir(parents=True)
+        (src / sub / "x.pth").write_bytes(ckpt.read_bytes())
+    return src
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_batch_planted_folder_symlink_destroys_nothing(tiny, tmp_path, jobs):
+    """A symlink planted as a mirrored subfolder of the output folder (OUT/a -> elsewhere) is refused
+    for that file (its manifest line says why), never followed; the other files convert."""
+    spec, ckpt = tiny
+    src, out, victim = _batch_inputs(tmp_path, ckpt), tmp_path / "out", tmp_path / "victim"
+    out.mkdir()
+    victim.mkdir()
+    (victim / "x.deploy.safetensors").write_bytes(b"precious")
+    (out / "a").symlink_to(victim)
+    before = tree(victim)
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--recursive", "--no-verify", "--jobs", jobs, "--json")
+    assert result.exit_code == 1, result.stderr
+    assert tree(victim) == before
+    lines = {e["relpath"]: e for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert lines["b/x.pth"]["status"] == "converted"
+    assert lines["a/x.pth"]["status"] == "failed" and "symbolic link" in lines["a/x.pth"]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "manifest.jsonl"]
+
+
+def test_batch_planted_lock_and_file_symlinks_destroy_nothing(tiny, tmp_path):
+    """A symlink planted as an output file is replaced (with --overwrite) or refused, never written
+    through; one planted as a shard's partial manifest (the lock) stops the run in one line."""
+    spec, ckpt = tiny
+    src, out, victim = _batch_inputs(tmp_path, ckpt, ("a",)), tmp_path / "out", tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "x.deploy.safetensors").symlink_to(victim)
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--recursive", "--no-verify")
+    assert result.exit_code == 1 and victim.read_text() == "precious\n"
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--recursive", "--no-verify", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert victim.read_text() == "precious\n" and not (out / "a" / "x.deploy.safetensors").is_symlink()
+    (out / ".manifest.shard-0-of-2.jsonl.partial").symlink_to(victim)
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--recursive", "--no-verify", "--shard", "0/2")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "symbolic link" in result.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def test_worker_refuses_an_output_folder_replaced_since_the_batch_opened_it(tmp_path):
+    """A worker opens the output folder by path once; if that is no longer the folder the batch
+    opened (same device and inode), its files fail instead of going elsewhere."""
+    from reparam_cli.errors import ReparamError
+    from reparam_cli.pipeline import batch
+
+    (tmp_path / "out").mkdir()
+    st = os.stat(tmp_path / "out")
+    try:
+        batch._set_output_root(str(tmp_path / "out"), (st.st_dev, st.st_ino))
+        assert batch._ROOT[0] is not None
+        os.close(batch._ROOT[0])
+        batch._set_output_root(str(tmp_path / "out"), (st.st_dev, st.st_ino + 1))
+        assert batch._ROOT[0] is None
+        with pytest.raises(ReparamError, match="replaced"):
+            batch._root_fd(batch.Task("x.pth", "in/x.pth", str(tmp_path / "out" / "x.deploy.safetensors"),
+                                      out_rel="x.deploy.safetensors"))
+    finally:
+        batch._ROOT[:] = []
+
+
+# --- kill -9 at the rename step ------------------------------------------------------------------------
+
+KILL_AT_RENAME = """
+import os, signal
+import reparam_cli.io.safeio as safeio
+safeio._before_replace = lambda: os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ".reparam-" in p.name)
+
+
+def test_kill_at_the_rename_of_overwrite_leaves_nothing_after_the_next_run(tiny, tmp_path):
+    spec, ckpt = tiny
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir(), tmp.mkdir()
+    (out / "m.safetensors").write_bytes(b"old")
+    args = ("convert", ckpt, "--spec", spec, "-o", out / "m.safetensors", "--no-verify")
+    killed = reparam(*args, "--overwrite", tmpdir=tmp, prelude=KILL_AT_RENAME)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    left = _hidden(out)  # the kill point: linked under the hidden name, not yet renamed
+    assert len(left) == 1 and left[0].startswith(".m.safetensors.reparam-")
+    assert (out / "m.safetensors").read_bytes() == b"old"
+    # the next run writing to that folder, with --overwrite or without (then refused), removes it
+    again = reparam(*args, tmpdir=tmp)
+    assert again.returncode == 2 and "already exists" in again.stderr.decode()
+    assert _hidden(out) == [] and sorted(os.listdir(out)) == ["m.safetensors"] and os.listdir(tmp) == []
+
+
+def test_kill_at_the_rename_of_the_batch_manifest_leaves_nothing_after_the_next_run(tiny, tmp_path):
+    spec, ckpt = tiny
+    src, out, tmp = _batch_inputs(tmp_path, ckpt, ("a",)), tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    args = ("batch", src, "-s", spec, "-o", out, "--recursive", "--no-verify")
+    killed = reparam(*args, tmpdir=tmp, prelude=KILL_AT_RENAME)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    left = _hidden(out)
+    assert len(left) == 1 and left[0].startswith(".manifest.jsonl.reparam-")
+    assert (out / ".manifest.jsonl.partial").exists() and not (out / "manifest.jsonl").exists()
+    again = reparam(*args, "--resume", tmpdir=tmp)
+    assert again.returncode == 0, again.stderr.decode()
+    assert sorted(os.listdir(out)) == ["a", "manifest.jsonl"] and os.listdir(tmp) == []
+    (line,) = map(json.loads, (out / "manifest.jsonl").read_text().splitlines())
+    assert line["status"] == "skipped"  # the output of the killed run was recorded in its partial file
