@@ -205,3 +205,54 @@ def test_kill_at_the_rename_of_the_batch_manifest_leaves_nothing_after_the_next_
     assert sorted(os.listdir(out)) == ["a", "manifest.jsonl"] and os.listdir(tmp) == []
     (line,) = map(json.loads, (out / "manifest.jsonl").read_text().splitlines())
     assert line["status"] == "skipped"  # the output of the killed run was recorded in its partial file
+
+
+# --- lossless and printable names in manifest lines ------------------------------------------------------
+
+def test_manifest_names_are_lossless_and_printable(tiny, tmp_path):
+    """A name with a byte that is not UTF-8 (b'\\xff') and a name that is that name's printable form
+    (a backslash, 'x', 'f', 'f'): the manifest is strict UTF-8, shows both as `bad\\xff.pth`, keeps
+    the exact bytes beside (base64), and --resume tells them apart and skips both."""
+    spec, ckpt = tiny
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    odd, lookalike = bytes(src) + b"/bad\xff.pth", src / "bad\\xff.pth"
+    Path(os.fsdecode(odd)).write_bytes(ckpt.read_bytes())
+    lookalike.write_bytes(ckpt.read_bytes())
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--no-verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    raw = (out / "manifest.jsonl").read_bytes()
+    lines = [json.loads(x) for x in raw.decode("utf-8").splitlines()]  # strict UTF-8, no lone surrogates
+    assert "\\udc" not in raw.decode() and {e["relpath"] for e in lines} == {"bad\\xff.pth"}
+    exact = {base64.b64decode(e["relpath_bytes"]) if "relpath_bytes" in e else e["relpath"].encode() for e in lines}
+    assert exact == {b"bad\xff.pth", b"bad\\xff.pth"}
+    for e in lines:
+        name = base64.b64decode(e["output_bytes"]) if "output_bytes" in e else e["output"].encode()
+        assert os.path.isfile(name) and os.path.isfile(base64.b64decode(e["input_bytes"]) if "input_bytes" in e
+                                                       else e["input"])
+    report = json.loads(result.stdout)
+    assert {f["relpath"] for f in report["files"]} == {"bad\\xff.pth"}
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--no-verify", "--resume", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["skipped"] == 2
+
+
+def test_collisions_after_nfc_hold_for_names_that_are_not_utf8(tiny, tmp_path):
+    """NFC and NFD spellings of one name, also next to a byte that is not UTF-8, get outputs that
+    differ after NFC normalisation and case folding (what APFS compares)."""
+    import unicodedata
+
+    from reparam_cli.pipeline.batch import output_names
+
+    spec, ckpt = tiny
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    names = [unicodedata.normalize(form, "Café") + tail for form in ("NFC", "NFD") for tail in (".pth", "\udcff.pth")]
+    for name in names:
+        (src / name).write_bytes(ckpt.read_bytes())
+    mapped = output_names(names, "safetensors")
+    assert len({unicodedata.normalize("NFC", o).casefold() for o in mapped.values()}) == 4
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    written = [os.fsdecode(n) for n in os.listdir(bytes(out)) if n != b"manifest.jsonl"]
+    assert len({unicodedata.normalize("NFC", n).casefold() for n in written}) == 4

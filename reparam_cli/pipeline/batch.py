@@ -25,6 +25,15 @@
   later `--resume` needs. An exclusive lock keeps two runs from writing the same manifest.
   `--resume` reads every manifest in OUTPUT_DIR, partial ones included, and ignores lines it
   cannot parse (with a note).
+* Names in manifest lines are lossless and printable (`storable` / `restored`): `relpath`, `input`
+  and `output` are strict UTF-8 with any byte that is not UTF-8 shown as `\\xNN`; when that is not
+  the exact name, `relpath_bytes` (`input_bytes`, `output_bytes`) holds the base64 of the exact bytes
+  (`os.fsencode`), and --resume matches inputs by those.
+* Files in OUTPUT_DIR are reached through one descriptor of it, opened once (a worker opens it by
+  path once and checks it is the same folder); the mirrored subfolders are created and opened
+  relative to it with O_NOFOLLOW, and writers below use those descriptors (`safeio.pinned_folder`):
+  a symbolic link planted in OUTPUT_DIR, or swapped in for one of its subfolders mid-run, fails that
+  file (or, as the partial manifest, the batch) and redirects nothing.
 * Workers die with the batch: each asks the kernel for SIGKILL when its parent dies
   (PR_SET_PDEATHSIG), so `kill -9` of the batch stops every conversion at once.
 * Shard K/N takes the inputs whose relative path hashes (sha256) to K mod N: stable per file, so
@@ -34,6 +43,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fnmatch
@@ -505,7 +515,7 @@ class Manifest:
         self.started = True
 
     def write(self, entry: Entry) -> None:
-        self._file.write(json.dumps(entry, sort_keys=False) + "\n")
+        self._file.write(json.dumps(storable(entry), sort_keys=False) + "\n")
         self._file.flush()
 
     def close(self, entries: list[Entry] | None = None, earlier: dict[str, Entry] | None = None,
@@ -535,7 +545,7 @@ class Manifest:
         with pinned_folder(self.path.parent, self.dir_fd), atomic_output(self.path, overwrite=True) as tmp, \
                 open(tmp, "w", encoding="utf-8") as f:
             for e in lines:
-                f.write(json.dumps(e, sort_keys=False) + "\n")
+                f.write(json.dumps(storable(e), sort_keys=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):
@@ -550,6 +560,62 @@ def _usable(e: Any) -> bool:
             and isinstance(e.get("input_sha256"), str) and isinstance(e.get("output_sha256"), str)
             and (e.get("spec") is None or isinstance(e.get("spec"), str))
             and (e.get("format") is None or isinstance(e.get("format"), str)))
+
+
+PATH_FIELDS = ("relpath", "input", "output")
+
+
+def printable(text: Any) -> Any:
+    """`text` with what is not valid UTF-8 (a file name's undecodable bytes, kept by Python as
+    surrogate escapes) shown as `\\xNN`: safe for a terminal, jq or any strict UTF-8 reader."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(text)  # surrogate escapes give the name's bytes back
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def storable(entry: Entry) -> Entry:
+    """The manifest line of `entry`: each path field printable, and where that is not the exact name
+    (bytes that are not UTF-8), `<field>_bytes` beside it: the base64 of the exact bytes
+    (`os.fsencode`), which `restored` (and so --resume) uses."""
+    out = dict(entry)
+    for key in PATH_FIELDS:
+        value = entry.get(key)
+        shown = printable(value)
+        if shown != value:
+            out[key] = shown
+            with contextlib.suppress(UnicodeEncodeError):
+                out[key + "_bytes"] = base64.b64encode(os.fsencode(value)).decode("ascii")
+    if isinstance(entry.get("error"), str):
+        out["error"] = printable(entry["error"])
+    if isinstance(entry.get("previous"), dict):
+        out["previous"] = storable(entry["previous"])
+    return out
+
+
+def restored(line: Entry) -> Entry:
+    """The entry a manifest line records: path fields from their exact bytes where given (a
+    `<field>_bytes` that is not valid base64 makes the line unusable for --resume)."""
+    out = dict(line)
+    for key in PATH_FIELDS:
+        raw = out.pop(key + "_bytes", None)
+        if raw is None:
+            continue
+        try:
+            out[key] = os.fsdecode(base64.b64decode(raw, validate=True)) if isinstance(raw, str) else None
+        except ValueError:
+            out[key] = None
+    if isinstance(out.get("previous"), dict):
+        out["previous"] = restored(out["previous"])
+    return out
 
 
 def _open_regular(path: Path, flags: int, dir_fd: int | None = None):
@@ -596,7 +662,7 @@ def _manifest_lines(path: Path, junk: list[str], dir_fd: int | None = None) -> l
         if not isinstance(e, dict):
             junk.append(path.name)
             continue
-        lines.append(e)
+        lines.append(restored(e))
     return lines
 
 
@@ -764,7 +830,7 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, spec: ModelSpec, op
         "manifest": str(manifest.path), "spec": spec.name, "format": options.fmt,
         "shard": f"{shard.index}/{shard.count}", "jobs": jobs, "found": todo.found, "inputs": len(todo.tasks),
         "ignored_deploy_files": todo.ignored, **counts, "seconds": round(time.perf_counter() - start, 3),
-        "files": entries,
+        "files": [storable(e) for e in entries],
     }
     if notes:
         report["notes"] = notes
@@ -804,11 +870,11 @@ class Reporter:
         if status == CONVERTED:
             err = entry.get("max_rel_err")
             detail = f"{entry['seconds']:.1f}s" + (f", max rel err {err:.2g}" if isinstance(err, float) else "")
-            line = f"[green]converted[/] {entry['relpath']} ({detail})"
+            line = f"[green]converted[/] {printable(entry['relpath'])} ({detail})"
         elif status == SKIPPED:
-            line = f"[dim]skipped[/]   {entry['relpath']} ({entry.get('error') or 'unchanged'})"
+            line = f"[dim]skipped[/]   {printable(entry['relpath'])} ({printable(entry.get('error') or 'unchanged')})"
         else:
-            line = f"[red]failed[/]    {entry['relpath']}: {entry['error']}"
+            line = f"[red]failed[/]    {printable(entry['relpath'])}: {printable(entry['error'])}"
         self.console.print(line, soft_wrap=True)  # one line per file, greppable in job logs
         if self.progress is not None:
             self.progress.update(self.task, advance=1, description=self._description())
