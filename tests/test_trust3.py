@@ -256,3 +256,112 @@ def test_collisions_after_nfc_hold_for_names_that_are_not_utf8(tiny, tmp_path):
     assert result.exit_code == 0, result.stderr
     written = [os.fsdecode(n) for n in os.listdir(bytes(out)) if n != b"manifest.jsonl"]
     assert len({unicodedata.normalize("NFC", n).casefold() for n in written}) == 4
+
+
+# --- the last catch-all messages get their own sentence --------------------------------------------------
+
+def _one_error_line(stderr: str) -> str:
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and "Traceback" not in stderr, stderr
+    assert "unexpected" not in stderr, stderr
+    return stderr
+
+
+def _unwritable_folder() -> Path:
+    """A folder where creating a file fails with a real OSError even for root (sysfs)."""
+    folder = Path("/sys/kernel")
+    if not folder.is_dir():
+        pytest.skip("needs /sys/kernel")
+    try:
+        os.close(os.open(folder / "reparam-probe", os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError:
+        return folder
+    os.unlink(folder / "reparam-probe")
+    pytest.skip("/sys/kernel is writable here")
+
+
+REFUSED = ("permission denied", "read-only filesystem", "operation not permitted")
+
+
+@pytest.mark.parametrize("argv", [
+    ("convert", "{ckpt}", "-s", "{spec}", "-o", "{ro}/o.safetensors", "--no-verify"),
+    ("init", "{spec}", "-o", "{ro}/t.pth"),
+    ("batch", "{src}", "-s", "{spec}", "-o", "{ro}", "--no-verify"),
+    ("batch", "{src}", "-s", "{spec}", "-o", "{ro}/new-folder", "--no-verify", "--json"),
+], ids=["convert", "init", "batch-into", "batch-create"])
+def test_unwritable_output_folder_is_one_line(tiny, tmp_path, argv):
+    spec, ckpt = tiny
+    ro = _unwritable_folder()
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "t.pth").write_bytes(ckpt.read_bytes())
+    result = run_cli(*(a.format(ckpt=ckpt, spec=spec, ro=ro, src=src) for a in argv))
+    assert result.exit_code == 2, result.stderr
+    line = _one_error_line(result.stderr)
+    assert any(r in line for r in REFUSED) and str(ro) in line, line
+    if "--json" in argv:
+        assert json.loads(result.stdout)["ok"] is False
+
+
+def test_unwritable_batch_subfolder_is_that_files_line(tiny, tmp_path, monkeypatch):
+    """A mirrored subfolder that cannot be created (a read-only filesystem, simulated) fails that file
+    with a sentence; the others convert."""
+    import errno
+
+    from reparam_cli.pipeline import batch
+
+    spec, ckpt = tiny
+    src, out = _batch_inputs(tmp_path, ckpt), tmp_path / "out"
+    real = batch.open_folder
+
+    def read_only(path, follow=True, dir_fd=None):
+        if path == "a" and dir_fd is not None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(path, follow, dir_fd)
+
+    monkeypatch.setattr(batch, "open_folder", read_only)
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--recursive", "--no-verify", "--json")
+    assert result.exit_code == 1, result.stderr
+    files = {f["relpath"]: f for f in json.loads(result.stdout)["files"]}
+    assert files["b/x.pth"]["status"] == "converted"
+    assert files["a/x.pth"]["error"] == "cannot create the folder a/ in the output folder: read-only filesystem"
+
+
+def test_convert_with_stdin_closed_is_one_line(tiny, tmp_path):
+    spec, _ = tiny
+    r = subprocess.run([sys.executable, "-m", "reparam_cli", "convert", "-", "-s", str(spec), "-o",
+                        str(tmp_path / "o.safetensors")], stdin=None, capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 2 and "stdin is closed" in _one_error_line(r.stderr.decode())
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreadable_input_is_one_line():
+    """/proc/self/mem is a regular file whose read fails (EIO): a sentence, not the catch-all."""
+    r = subprocess.run([sys.executable, "-m", "reparam_cli", "inspect", "/proc/self/mem"], capture_output=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "input/output error" in _one_error_line(r.stderr.decode())
+
+
+@pytest.mark.parametrize("exc, expect", [
+    (OSError(5, "Input/output error"), "a file operation failed: input/output error"),
+    (PermissionError(13, "Permission denied", "/x/y"), "/x/y: permission denied"),
+    (OSError(30, "Read-only file system", "a", None, "b"), "a -> b: read-only filesystem"),
+    (MemoryError(), "out of memory"),
+    (RecursionError("maximum recursion depth exceeded"), "nests too deeply"),
+    (RuntimeError("a bug"), "unexpected RuntimeError: a bug (set REPARAM_DEBUG=1 for a traceback)"),
+])
+def test_errors_no_command_names_get_a_sentence(capsys, monkeypatch, exc, expect):
+    """What escapes a command's own handling: the operating system's and the interpreter's errors
+    are sentences; only what is a bug keeps the catch-all."""
+    from reparam_cli.commands.common import guarded
+
+    monkeypatch.delenv("REPARAM_DEBUG", raising=False)
+
+    def action():
+        raise exc
+
+    with pytest.raises(Exception) as info:
+        guarded(action, as_json=False)
+    assert info.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expect in err and err.startswith("error: "), err

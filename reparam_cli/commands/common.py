@@ -9,6 +9,7 @@ torch is imported only inside commands, so `reparam --help` answers at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -160,6 +161,11 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
 
         if received() is not None:  # a signal came first (and was swallowed, e.g. inside an import)
             interrupted(received(), as_json)
+        if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
+            raise  # a closed pipe: the app exits 141, silently, as any Unix tool
+        known = classified(exc)
+        if known is not None:
+            fail(known, as_json)
         debug = bool(os.environ.get("REPARAM_DEBUG"))
         if debug:  # the traceback, then the same error line and exit code as without it
             import traceback
@@ -167,6 +173,21 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
             traceback.print_exc(file=sys.stderr)
         fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
              + ("" if debug else " (set REPARAM_DEBUG=1 for a traceback)"), as_json)
+
+
+def classified(exc: BaseException) -> str | None:
+    """The sentence for an exception that is not reparam's own but is not a bug either: a file
+    operation the operating system refused (a read-only folder, a file that cannot be read), memory
+    running out, input nested beyond Python's recursion limit. None for anything else."""
+    from reparam_cli.io.safeio import os_error_sentence
+
+    if isinstance(exc, OSError):
+        return os_error_sentence(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f": {one_line(exc)}" if str(exc).strip() else "")
+    if isinstance(exc, RecursionError):
+        return "the input nests too deeply to be processed (Python's recursion limit)"
+    return None
 
 
 def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows=(),

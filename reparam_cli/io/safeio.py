@@ -104,13 +104,29 @@ def check_output_target(path: Path, overwrite: bool) -> None:
         raise OutputError(f"output folder does not exist: {path.parent}")
 
 
+_REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file too large for this filesystem or limit", errno.EROFS: "read-only filesystem",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EIO: "input/output error", errno.ELOOP: "a symbolic link where none is followed",
+            errno.ENOTDIR: "a part of the path is not a folder"}
+
+
+def os_reason(exc: OSError) -> str:
+    """The reason of an OSError in words (full disk, quota, read-only filesystem, permissions, ...)."""
+    return _REASONS.get(exc.errno, exc.strerror or type(exc).__name__)
+
+
+def os_error_sentence(exc: OSError) -> str:
+    """One sentence for an OSError that no caller put in words: the file(s) it names and the reason."""
+    names = " -> ".join(os.fsdecode(f) if isinstance(f, bytes) else str(f)
+                        for f in (exc.filename, exc.filename2) if f is not None)
+    reason = os_reason(exc)
+    return f"{names}: {reason}" if names else f"a file operation failed: {reason}"
+
+
 def write_error(exc: OSError, path: Path) -> OutputError:
     """One sentence for an OSError while writing `path` (full disk, quota, permissions, ...)."""
-    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-              errno.EFBIG: "file too large for this filesystem or limit", errno.EROFS: "read-only filesystem",
-              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}.get(
-                  exc.errno, exc.strerror or type(exc).__name__)
-    return OutputError(f"cannot write {path}: {reason}; nothing was written")
+    return OutputError(f"cannot write {path}: {os_reason(exc)}; nothing was written")
 
 
 def _temp_basename(name: str, suffix: str) -> str:

@@ -64,7 +64,7 @@ from reparam_cli.core.spec import ModelSpec
 from reparam_cli.errors import OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.formats import FORMATS, SUFFIX
 from reparam_cli.io.metadata import decode_metadata, is_deploy_metadata
-from reparam_cli.io.safeio import atomic_output, open_folder, pinned_folder, remove_live_temps
+from reparam_cli.io.safeio import atomic_output, open_folder, os_reason, pinned_folder, remove_live_temps
 from reparam_cli.io.signals import interrupts_as_exceptions
 from reparam_cli.pipeline.options import ConvertOptions
 
@@ -79,10 +79,6 @@ class BatchError(ReparamError):
     """A batch cannot start: bad folder, bad --shard, nothing to convert, manifest in use."""
 
 
-def _reason(exc: OSError) -> str:
-    return {errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied",
-            errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on the device",
-            errno.ENOTDIR: "a part of the path is not a folder"}.get(exc.errno, exc.strerror or type(exc).__name__)
 
 # --- planning -----------------------------------------------------------------------------------
 
@@ -325,7 +321,11 @@ def convert_one(task: Task, spec: ModelSpec, options: ConvertOptions) -> Entry:
     except ReparamError as exc:
         entry["error"] = str(exc)
     except OSError as exc:
-        entry["error"] = f"cannot read {exc.filename or task.input}: {exc.strerror}"
+        entry["error"] = f"cannot read {exc.filename or task.input}: {os_reason(exc)}"
+    except MemoryError:
+        entry["error"] = "out of memory while converting this file"
+    except RecursionError:
+        entry["error"] = "this file nests too deeply to be read (Python's recursion limit)"
     except Exception as exc:  # a bug or an odd file must not stop the batch
         entry["error"] = f"unexpected {describe(exc)}"
     finally:
@@ -367,20 +367,21 @@ def _output_folder(task: Task) -> int:
     link planted in the output folder is refused, never followed."""
     fd = os.dup(_root_fd(task))
     parts = task.out_rel.split("/")[:-1]
+    i = 0
     try:
         for i, part in enumerate(parts):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(part, dir_fd=fd)
-            try:
-                sub = open_folder(part, follow=False, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    where = "/".join(parts[: i + 1])
-                    raise OutputError(f"{where}/ in the output folder is a symbolic link or not a folder: "
-                                      "reparam does not follow links in its output folder") from None
-                raise
+            sub = open_folder(part, follow=False, dir_fd=fd)
             os.close(fd)
             fd = sub
+    except OSError as exc:
+        os.close(fd)
+        where = "/".join(parts[: i + 1])
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OutputError(f"{where}/ in the output folder is a symbolic link or not a folder: "
+                              "reparam does not follow links in its output folder") from None
+        raise OutputError(f"cannot create the folder {where}/ in the output folder: {os_reason(exc)}") from None
     except BaseException:
         os.close(fd)
         raise
@@ -475,7 +476,10 @@ class Manifest:
 
     def _open_locked(self):
         for _ in range(5):
-            f = _open_regular(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND, self.dir_fd)
+            try:
+                f = _open_regular(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND, self.dir_fd)
+            except OSError as exc:
+                raise BatchError(f"cannot write the manifest {self.partial}: {os_reason(exc)}") from None
             try:
                 import fcntl
             except ImportError:  # not POSIX: no lock
@@ -794,7 +798,7 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, spec: ModelSpec, op
         output_dir.mkdir(parents=True, exist_ok=True)
         root = open_folder(output_dir)  # the folder the user named, opened once: a link they named is followed
     except OSError as exc:
-        raise BatchError(f"cannot use --output-dir {output_dir}: {_reason(exc)}") from None
+        raise BatchError(f"cannot use --output-dir {output_dir}: {os_reason(exc)}") from None
     try:
         st = os.fstat(root)
         _set_output_root(str(output_dir), fd=root)
