@@ -365,3 +365,26 @@ def test_errors_no_command_names_get_a_sentence(capsys, monkeypatch, exc, expect
     assert info.value.exit_code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expect in err and err.startswith("error: "), err
+
+
+def test_batch_writers_use_the_pinned_subfolder(tiny, tmp_path, monkeypatch):
+    """Deep in the pipeline, the deploy file's writer does not resolve the subfolder's path again:
+    it uses the descriptor the batch opened (O_NOFOLLOW) for it."""
+    spec, ckpt = tiny
+    src, out = _batch_inputs(tmp_path, ckpt, ("a",)), tmp_path / "out"
+    opened: list[str] = []
+    real = safeio.open_folder
+
+    def spy(path, follow=True, dir_fd=None):
+        opened.append(str(path))
+        return real(path, follow, dir_fd)
+
+    from reparam_cli.pipeline import batch
+
+    monkeypatch.setattr(safeio, "open_folder", spy)
+    monkeypatch.setattr(batch, "open_folder", spy)
+    result = run_cli("batch", src, "-s", spec, "-o", out, "--recursive", "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "a" / "x.deploy.safetensors").is_file()
+    # by path: the output folder, once; its subfolder relative to it; nothing else (manifest included)
+    assert opened == [str(out), "a"], opened
