@@ -830,8 +830,8 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, spec: ModelSpec, op
         os.close(root)
     entries.sort(key=lambda e: e["relpath"])
     report = {
-        "ok": counts[FAILED] == 0, "input_dir": str(input_dir), "output_dir": str(output_dir),
-        "manifest": str(manifest.path), "spec": spec.name, "format": options.fmt,
+        "ok": counts[FAILED] == 0, "input_dir": printable(str(input_dir)), "output_dir": printable(str(output_dir)),
+        "manifest": printable(str(manifest.path)), "spec": spec.name, "format": options.fmt,
         "shard": f"{shard.index}/{shard.count}", "jobs": jobs, "found": todo.found, "inputs": len(todo.tasks),
         "ignored_deploy_files": todo.ignored, **counts, "seconds": round(time.perf_counter() - start, 3),
         "files": [storable(e) for e in entries],
@@ -854,7 +854,7 @@ class Reporter:
 
     def start(self, todo: BatchPlan) -> None:
         shard = f" (shard {todo.shard.index}/{todo.shard.count} of {todo.found})" if todo.shard.count > 1 else ""
-        self.console.print(f"converting {len(todo.tasks)} checkpoint(s) from {todo.input_dir}{shard}")
+        self.console.print(f"converting {len(todo.tasks)} checkpoint(s) from {printable(str(todo.input_dir))}{shard}")
         if self.console.is_terminal and todo.tasks:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
