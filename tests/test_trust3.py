@@ -339,7 +339,7 @@ def test_unreadable_input_is_one_line():
     """/proc/self/mem is a regular file whose read fails (EIO): a sentence, not the catch-all."""
     r = subprocess.run([sys.executable, "-m", "reparam_cli", "inspect", "/proc/self/mem"], capture_output=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 2 and "input/output error" in _one_error_line(r.stderr.decode())
+    assert r.returncode == 2 and "/proc/self/mem: input/output error" in _one_error_line(r.stderr.decode())
 
 
 @pytest.mark.parametrize("exc, expect", [

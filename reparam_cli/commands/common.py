@@ -134,12 +134,13 @@ CONVERT_ROWS = [
 ]
 
 
-def guarded(action: Callable[[], Any], as_json: bool) -> Any:
+def guarded(action: Callable[[], Any], as_json: bool, about: Any = None) -> Any:
     """Run `action`, mapping user errors to exit 2 with one line on stderr: never a traceback (unless
     REPARAM_DEBUG is set). Every command goes through here.
 
     Meanwhile stdout is stderr (a spec's prints never reach the JSON report or the deploy file),
     and a spec or library calling sys.exit() is an error like any other, not a silent exit.
+    `about` (the input file) is named by an OSError that names no file (a read that fails with EIO).
     """
     import contextlib
 
@@ -163,6 +164,8 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
             interrupted(received(), as_json)
         if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
             raise  # a closed pipe: the app exits 141, silently, as any Unix tool
+        if isinstance(exc, OSError) and exc.filename is None and about is not None and str(about) != "-":
+            exc.filename = str(about)
         known = classified(exc)
         if known is not None:
             fail(known, as_json)
@@ -191,7 +194,7 @@ def classified(exc: BaseException) -> str | None:
 
 
 def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows=(),
-               show: Callable[[dict], None] | None = None) -> None:
+               show: Callable[[dict], None] | None = None, about: Any = None) -> None:
     """Run a pipeline action, print its report (the summary table of `rows`, or `show(report)`), map
     errors to exit codes."""
     from reparam_cli.errors import VerificationFailed
@@ -215,7 +218,7 @@ def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, t
             return exc.report, EXIT_MISMATCH
 
     try:
-        report, code = guarded(attempt, as_json)
+        report, code = guarded(attempt, as_json, about)
     finally:
         if status is not None:
             status.stop()
