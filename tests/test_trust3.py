@@ -388,3 +388,52 @@ def test_batch_writers_use_the_pinned_subfolder(tiny, tmp_path, monkeypatch):
     assert (out / "a" / "x.deploy.safetensors").is_file()
     # by path: the output folder, once; its subfolder relative to it; nothing else (manifest included)
     assert opened == [str(out), "a"], opened
+
+
+# --- torch's compiler cache ------------------------------------------------------------------------------
+
+CONV_BN = """\
+from torch import nn
+
+
+def build_model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 5))
+"""
+
+
+def test_a_conversion_leaves_no_compiler_cache_in_tmpdir(tmp_path):
+    """Folding a plain conv + BatchNorm imports torch._dynamo on the way, which creates
+    $TMPDIR/torchinductor_USER at once: every command runs with that cache in a private folder that
+    is removed afterwards (a fresh interpreter, so the import happens during the run)."""
+    (tmp_path / "net.py").write_text(CONV_BN)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    code = ("import sys, torch\nfrom reparam_cli.pipeline.conversion import init_checkpoint\n"
+            "init_checkpoint(sys.argv[1] + ':build_model', sys.argv[2], seed=0)\n"
+            "from reparam_cli.commands.app import main\n"
+            "sys.argv = ['reparam', 'convert', sys.argv[2], '-s', sys.argv[1], '-o', sys.argv[3], "
+            "'--input-shape', '1,3,8,8']\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "net.py"), str(tmp_path / "net.pth"),
+                        str(tmp_path / "o.safetensors")], env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert os.listdir(tmp) == []
+
+
+def test_a_killed_runs_compiler_cache_is_removed_by_the_next_command(tmp_path, monkeypatch):
+    import tempfile
+
+    from reparam_cli.commands.common import guarded
+    from reparam_cli.io.safeio import _HOST
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".reparam-private-{_HOST}-{dead.pid}-0123abcd" / "inductor").mkdir(parents=True)
+    seen = []
+    guarded(lambda: seen.append(os.environ["TORCHINDUCTOR_CACHE_DIR"]), as_json=False)
+    assert os.listdir(tmp_path) == [] and seen and seen[0].startswith(str(tmp_path))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

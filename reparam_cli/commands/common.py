@@ -139,6 +139,7 @@ def guarded(action: Callable[[], Any], as_json: bool, about: Any = None) -> Any:
     REPARAM_DEBUG is set). Every command goes through here.
 
     Meanwhile stdout is stderr (a spec's prints never reach the JSON report or the deploy file),
+    torch's compiler cache is a private folder removed afterwards (`safeio.private_compiler_cache`),
     and a spec or library calling sys.exit() is an error like any other, not a silent exit.
     `about` (the input file) is named by an OSError that names no file (a read that fails with EIO).
     """
@@ -146,8 +147,10 @@ def guarded(action: Callable[[], Any], as_json: bool, about: Any = None) -> Any:
 
     from reparam_cli.errors import ReparamError
 
+    from reparam_cli.io.safeio import private_compiler_cache
+
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), private_compiler_cache():
             return action()
     except ReparamError as exc:
         fail(str(exc), as_json)

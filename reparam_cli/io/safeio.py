@@ -557,6 +557,44 @@ def check_input_file(path: str | Path, what: str = "checkpoint") -> os.stat_resu
 _PRIVATE = re.compile(r"^\.reparam-private-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
+def _clean_dead_private(base: str) -> None:
+    """Remove the private folders (see private_tmpdir) of this host's reparam processes that are gone."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            m = _PRIVATE.match(entry.name)
+            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_compiler_cache() -> Iterator[None]:
+    """Within the block, torch's compiler cache ($TORCHINDUCTOR_CACHE_DIR) is a private folder in
+    $TMPDIR, removed afterwards. torch creates that folder (`$TMPDIR/torchinductor_USER` by default)
+    as soon as torch._dynamo is imported, which some plain tensor operations do on first use, so
+    without this a conversion could leave it behind. A cache the user chose, or one torch already
+    created in this process, is left as it is; a killed run's folder is removed by the next run."""
+    import sys
+    import tempfile
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") is not None or "torch._dynamo" in sys.modules:
+        yield
+        return
+    import shutil
+
+    base = tempfile.gettempdir()
+    _clean_dead_private(base)
+    folder = Path(base) / f".reparam-private-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")  # created only if torch needs it
+    try:
+        yield
+    finally:
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(folder / "inductor"):
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def private_tmpdir() -> Iterator[Path]:
     """Within the block, $TMPDIR (TMP, TEMP, tempfile.tempdir) and torch's compile cache point at a
@@ -567,11 +605,7 @@ def private_tmpdir() -> Iterator[Path]:
     import tempfile
 
     base = tempfile.gettempdir()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(base):
-            m = _PRIVATE.match(entry.name)
-            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
-                shutil.rmtree(entry.path, ignore_errors=True)
+    _clean_dead_private(base)
     folder = Path(base) / f".reparam-private-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(mode=0o700)
     keys = ("TMPDIR", "TMP", "TEMP", "TORCHINDUCTOR_CACHE_DIR")
