@@ -312,9 +312,11 @@ def test_batch_survives_any_single_file(inputs, tmp_path):
     assert result.exit_code == 1, result.stderr
     lines = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     status = {Path(e["input"]).name: e["status"] for e in lines}
-    assert status == {"good.pth": "converted", "bad\udcffname.pth": "converted", "deep.safetensors": "failed"}
-    # lossless: the recorded name gives the file's bytes back
-    assert os.path.exists(os.fsencode(next(e["input"] for e in lines if "bad" in e["input"])))
+    assert status == {"good.pth": "converted", "bad\\xffname.pth": "converted", "deep.safetensors": "failed"}
+    # lossless: the recorded bytes give the file back
+    import base64
+
+    assert os.path.exists(base64.b64decode(next(e["input_bytes"] for e in lines if "bad" in e["input"])))
 
 
 def test_batch_planted_symlink_partial_destroys_nothing(inputs, tmp_path):

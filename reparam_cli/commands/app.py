@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from reparam_cli._version import __version__
 from reparam_cli.commands import batch, convert, init, inspect, quantize, specs, verify
-from reparam_cli.commands.common import EXIT_BAD_INPUT, EXIT_OK
+from reparam_cli.commands.common import EXIT_BAD_INPUT, EXIT_OK, classified
 from reparam_cli.core.machine import share_the_machine
 from reparam_cli.core.messages import one_line
 from reparam_cli.io.signals import Interrupted, interrupts_as_exceptions
@@ -78,6 +78,9 @@ def unclassified(exc: BaseException) -> tuple[str, int]:
         return f"cannot write to stdout: {exc.strerror or exc}", EXIT_BAD_INPUT
     if isinstance(exc, ValueError) and "closed file" in str(exc):
         return "cannot write to stdout: it is closed", EXIT_BAD_INPUT
+    known = classified(exc)
+    if known is not None:
+        return known, EXIT_BAD_INPUT
     text = one_line(str(exc)) if str(exc).strip() else ""
     return f"unexpected {type(exc).__name__}: {text} (a bug: set REPARAM_DEBUG=1 for a traceback)", EXIT_BAD_INPUT
 

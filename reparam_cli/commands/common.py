@@ -9,6 +9,7 @@ torch is imported only inside commands, so `reparam --help` answers at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -133,19 +134,23 @@ CONVERT_ROWS = [
 ]
 
 
-def guarded(action: Callable[[], Any], as_json: bool) -> Any:
+def guarded(action: Callable[[], Any], as_json: bool, about: Any = None) -> Any:
     """Run `action`, mapping user errors to exit 2 with one line on stderr: never a traceback (unless
     REPARAM_DEBUG is set). Every command goes through here.
 
     Meanwhile stdout is stderr (a spec's prints never reach the JSON report or the deploy file),
+    torch's compiler cache is a private folder removed afterwards (`safeio.private_compiler_cache`),
     and a spec or library calling sys.exit() is an error like any other, not a silent exit.
+    `about` (the input file) is named by an OSError that names no file (a read that fails with EIO).
     """
     import contextlib
 
     from reparam_cli.errors import ReparamError
 
+    from reparam_cli.io.safeio import private_compiler_cache
+
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), private_compiler_cache():
             return action()
     except ReparamError as exc:
         fail(str(exc), as_json)
@@ -160,6 +165,13 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
 
         if received() is not None:  # a signal came first (and was swallowed, e.g. inside an import)
             interrupted(received(), as_json)
+        if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
+            raise  # a closed pipe: the app exits 141, silently, as any Unix tool
+        if isinstance(exc, OSError) and exc.filename is None and about is not None and str(about) != "-":
+            exc.filename = str(about)
+        known = classified(exc)
+        if known is not None:
+            fail(known, as_json)
         debug = bool(os.environ.get("REPARAM_DEBUG"))
         if debug:  # the traceback, then the same error line and exit code as without it
             import traceback
@@ -169,8 +181,23 @@ def guarded(action: Callable[[], Any], as_json: bool) -> Any:
              + ("" if debug else " (set REPARAM_DEBUG=1 for a traceback)"), as_json)
 
 
+def classified(exc: BaseException) -> str | None:
+    """The sentence for an exception that is not reparam's own but is not a bug either: a file
+    operation the operating system refused (a read-only folder, a file that cannot be read), memory
+    running out, input nested beyond Python's recursion limit. None for anything else."""
+    from reparam_cli.io.safeio import os_error_sentence
+
+    if isinstance(exc, OSError):
+        return os_error_sentence(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f": {one_line(exc)}" if str(exc).strip() else "")
+    if isinstance(exc, RecursionError):
+        return "the input nests too deeply to be processed (Python's recursion limit)"
+    return None
+
+
 def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, title: str, rows=(),
-               show: Callable[[dict], None] | None = None) -> None:
+               show: Callable[[dict], None] | None = None, about: Any = None) -> None:
     """Run a pipeline action, print its report (the summary table of `rows`, or `show(report)`), map
     errors to exit codes."""
     from reparam_cli.errors import VerificationFailed
@@ -194,7 +221,7 @@ def run_action(action: Callable[[Callable[[str], None]], dict], as_json: bool, t
             return exc.report, EXIT_MISMATCH
 
     try:
-        report, code = guarded(attempt, as_json)
+        report, code = guarded(attempt, as_json, about)
     finally:
         if status is not None:
             status.stop()

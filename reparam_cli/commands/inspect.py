@@ -95,7 +95,7 @@ def inspect(
         with stdout_to_stderr():  # stdout is for --json: no stray prints from a Python spec
             return inspect_checkpoint(checkpoint, spec, trust_pickle=trust_pickle, trust_spec=trust_spec)
 
-    report = guarded(action, as_json)
+    report = guarded(action, as_json, about=checkpoint)
     if as_json:
         echo_json(report)
     else:

@@ -25,6 +25,15 @@
   later `--resume` needs. An exclusive lock keeps two runs from writing the same manifest.
   `--resume` reads every manifest in OUTPUT_DIR, partial ones included, and ignores lines it
   cannot parse (with a note).
+* Names in manifest lines are lossless and printable (`storable` / `restored`): `relpath`, `input`
+  and `output` are strict UTF-8 with any byte that is not UTF-8 shown as `\\xNN`; when that is not
+  the exact name, `relpath_bytes` (`input_bytes`, `output_bytes`) holds the base64 of the exact bytes
+  (`os.fsencode`), and --resume matches inputs by those.
+* Files in OUTPUT_DIR are reached through one descriptor of it, opened once (a worker opens it by
+  path once and checks it is the same folder); the mirrored subfolders are created and opened
+  relative to it with O_NOFOLLOW, and writers below use those descriptors (`safeio.pinned_folder`):
+  a symbolic link planted in OUTPUT_DIR, or swapped in for one of its subfolders mid-run, fails that
+  file (or, as the partial manifest, the batch) and redirects nothing.
 * Workers die with the batch: each asks the kernel for SIGKILL when its parent dies
   (PR_SET_PDEATHSIG), so `kill -9` of the batch stops every conversion at once.
 * Shard K/N takes the inputs whose relative path hashes (sha256) to K mod N: stable per file, so
@@ -34,6 +43,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fnmatch
@@ -54,7 +64,7 @@ from reparam_cli.core.spec import ModelSpec
 from reparam_cli.errors import OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.formats import FORMATS, SUFFIX
 from reparam_cli.io.metadata import decode_metadata, is_deploy_metadata
-from reparam_cli.io.safeio import atomic_output, remove_live_temps
+from reparam_cli.io.safeio import atomic_output, open_folder, os_reason, pinned_folder, remove_live_temps
 from reparam_cli.io.signals import interrupts_as_exceptions
 from reparam_cli.pipeline.options import ConvertOptions
 
@@ -67,6 +77,8 @@ Entry = dict[str, Any]  # one manifest line
 
 class BatchError(ReparamError):
     """A batch cannot start: bad folder, bad --shard, nothing to convert, manifest in use."""
+
+
 
 # --- planning -----------------------------------------------------------------------------------
 
@@ -254,6 +266,7 @@ class Task:
     resume: bool = False
     previous: list[Entry] = field(default_factory=list)  # earlier manifest lines that may allow a skip
     problem: tuple[str, str] | None = None  # (status, reason): not an input (a link loop, an unreadable folder)
+    out_rel: str = ""  # the output, relative to the output folder (POSIX)
 
 
 def convert_one(task: Task, spec: ModelSpec, options: ConvertOptions) -> Entry:
@@ -271,29 +284,36 @@ def convert_one(task: Task, spec: ModelSpec, options: ConvertOptions) -> Entry:
                      finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         return entry
     output = Path(task.output)
+    folder = None
     try:
         check_checkpoint_file(task.input)  # a FIFO or /dev/zero must not reach the hash
         entry["input_sha256"] = sha256_file(task.input)
+        folder = _output_folder(task)  # every step below names the output relative to this descriptor
+        name = output.name
+        present = _regular_at(folder, name)
         candidates = [e for e in task.previous if e.get("input_sha256") == entry["input_sha256"]]
-        if task.resume and candidates and output.is_file():
-            current = sha256_file(output)
+        if task.resume and candidates and present:
+            current = _sha256_at(folder, name)
             match = next((e for e in candidates if e.get("output_sha256") == current), None)
             if match is not None:
                 entry.update(status=SKIPPED, max_rel_err=match.get("max_rel_err"), output_sha256=current)
                 return entry
-        if output.exists() and not (options.overwrite or task.resume):
+        if _exists_at(folder, name) and not (options.overwrite or task.resume):
             raise OutputError(f"output {output} already exists",
                               hint="pass --resume to skip unchanged inputs, or --overwrite to replace outputs")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        report = convert_checkpoint(task.input, spec, output, options, overwrite=options.overwrite or task.resume)
+        with pinned_folder(output.parent, folder):
+            report = convert_checkpoint(task.input, spec, output, options,
+                                        overwrite=options.overwrite or task.resume)
         entry["max_rel_err"] = report.get("max_rel_err")
         # The input may have been rewritten while we read it (a training job still saving): the hash
         # the deploy file records must be the one in the manifest, or resume would trust a stale file.
-        source = read_metadata(output).get("source_sha256") if options.fmt == "safetensors" else sha256_file(task.input)
+        written = f"/proc/self/fd/{folder}/{name}" if os.path.isdir(f"/proc/self/fd/{folder}") else output
+        source = read_metadata(written).get("source_sha256") if options.fmt == "safetensors" else sha256_file(task.input)
         if source != entry["input_sha256"]:
-            output.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=folder)
             raise ReparamError("the input changed while it was being converted", hint="run again once it is complete")
-        entry.update(status=CONVERTED, output_sha256=sha256_file(output))
+        entry.update(status=CONVERTED, output_sha256=_sha256_at(folder, name))
     except VerificationFailed as exc:
         entry["max_rel_err"] = exc.report.get("max_rel_err")
         failed = exc.report.get("failed_blocks") or []
@@ -301,13 +321,97 @@ def convert_one(task: Task, spec: ModelSpec, options: ConvertOptions) -> Entry:
     except ReparamError as exc:
         entry["error"] = str(exc)
     except OSError as exc:
-        entry["error"] = f"cannot read {exc.filename or task.input}: {exc.strerror}"
+        entry["error"] = f"cannot read {exc.filename or task.input}: {os_reason(exc)}"
+    except MemoryError:
+        entry["error"] = "out of memory while converting this file"
+    except RecursionError:
+        entry["error"] = "this file nests too deeply to be read (Python's recursion limit)"
     except Exception as exc:  # a bug or an odd file must not stop the batch
         entry["error"] = f"unexpected {describe(exc)}"
     finally:
+        if folder is not None:
+            os.close(folder)
         entry["seconds"] = round(time.perf_counter() - start, 3)
         entry["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return entry
+
+
+# The output folder, opened once per process: (descriptor, path, (st_dev, st_ino) it must have).
+_ROOT: list = []
+
+
+def _set_output_root(path: str, ident: tuple[int, int] | None = None, fd: int | None = None) -> None:
+    """Remember the output folder's descriptor for convert_one: the batch's own (`fd`), or in a worker
+    the folder opened by path once, which must be the one the batch opened (`ident`)."""
+    if fd is None:
+        try:
+            fd = open_folder(path)
+        except OSError:
+            fd = None
+        st = os.fstat(fd) if fd is not None else None
+        if st is not None and ident is not None and (st.st_dev, st.st_ino) != tuple(ident):
+            os.close(fd)
+            fd = None
+    _ROOT[:] = [fd, path]
+
+
+def _root_fd(task: Task) -> int:
+    if _ROOT and _ROOT[0] is not None and task.out_rel:
+        return _ROOT[0]
+    raise ReparamError("the output folder was removed or replaced while the batch ran")
+
+
+def _output_folder(task: Task) -> int:
+    """A new descriptor of the folder the output goes to: each folder below the output folder is
+    created if missing and opened relative to its parent's descriptor with O_NOFOLLOW, so a symbolic
+    link planted in the output folder is refused, never followed."""
+    fd = os.dup(_root_fd(task))
+    parts = task.out_rel.split("/")[:-1]
+    i = 0
+    try:
+        for i, part in enumerate(parts):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=fd)
+            sub = open_folder(part, follow=False, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except OSError as exc:
+        os.close(fd)
+        where = "/".join(parts[: i + 1])
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OutputError(f"{where}/ in the output folder is a symbolic link or not a folder: "
+                              "reparam does not follow links in its output folder") from None
+        raise OutputError(f"cannot create the folder {where}/ in the output folder: {os_reason(exc)}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _exists_at(folder: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _regular_at(folder: int, name: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _sha256_at(folder: int, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=folder)
+    h = hashlib.sha256()
+    with open(fd, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 _PR_SET_PDEATHSIG = 1
@@ -331,9 +435,11 @@ def _worker_terminated(signum, frame) -> None:
     os._exit(128 + signum)
 
 
-def _init_worker(threads: int, parent: int | None = None) -> None:
+def _init_worker(threads: int, parent: int | None = None, root: tuple | None = None) -> None:
     if parent is not None:
         die_with_parent(parent)
+    if root is not None:
+        _set_output_root(*root)
     import torch
 
     torch.set_num_threads(threads)
@@ -355,15 +461,25 @@ class Manifest:
     partial file keeps a second run with the same manifest name (same folder, same shard) from
     interleaving with this one."""
 
-    def __init__(self, output_dir: Path, name: str):
+    def __init__(self, output_dir: Path, name: str, dir_fd: int | None = None):
         self.path = output_dir / name
         self.partial = output_dir / f".{name}.partial"
-        self._file = self._open_locked()
+        self.name, self.partial_name = name, f".{name}.partial"
+        # Every file of the manifest is named relative to one descriptor of the output folder.
+        self.dir_fd = os.dup(dir_fd) if dir_fd is not None else open_folder(output_dir)
+        try:
+            self._file = self._open_locked()
+        except BaseException:
+            os.close(self.dir_fd)
+            raise
         self.started = False
 
     def _open_locked(self):
         for _ in range(5):
-            f = _open_regular(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+            try:
+                f = _open_regular(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND, self.dir_fd)
+            except OSError as exc:
+                raise BatchError(f"cannot write the manifest {self.partial}: {os_reason(exc)}") from None
             try:
                 import fcntl
             except ImportError:  # not POSIX: no lock
@@ -376,7 +492,7 @@ class Manifest:
                                  hint="wait for it, or give this run its own --output-dir or --shard") from None
             # The holder may have renamed the file into place between our open and our lock.
             try:
-                if os.lstat(self.partial).st_ino == os.fstat(f.fileno()).st_ino:
+                if os.stat(self.partial_name, dir_fd=self.dir_fd, follow_symlinks=False).st_ino == os.fstat(f.fileno()).st_ino:
                     return f
             except FileNotFoundError:
                 pass
@@ -387,7 +503,7 @@ class Manifest:
         """The latest usable line per input in this manifest and its partial file (an earlier run's)."""
         entries: dict[str, Entry] = {}
         for path in (self.path, self.partial):
-            for e in _manifest_lines(path, []):
+            for e in _manifest_lines(path, [], self.dir_fd):
                 if _usable(e):
                     entries[e["relpath"]] = e
         return entries
@@ -403,7 +519,7 @@ class Manifest:
         self.started = True
 
     def write(self, entry: Entry) -> None:
-        self._file.write(json.dumps(entry, sort_keys=False) + "\n")
+        self._file.write(json.dumps(storable(entry), sort_keys=False) + "\n")
         self._file.flush()
 
     def close(self, entries: list[Entry] | None = None, earlier: dict[str, Entry] | None = None,
@@ -416,9 +532,10 @@ class Manifest:
                 self._write_final(entries or [], earlier or {}, planned)
             elif os.fstat(self._file.fileno()).st_size == 0:  # stopped before starting: touch nothing
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.partial)
+                    os.unlink(self.partial_name, dir_fd=self.dir_fd)
         finally:
             self._file.close()
+            os.close(self.dir_fd)
 
     def _write_final(self, entries: list[Entry], earlier: dict[str, Entry], planned: Iterable[str]) -> None:
         done = {e["relpath"] for e in entries}
@@ -429,13 +546,14 @@ class Manifest:
                 e = {**e, "previous": before.get("previous", before) if before["status"] == FAILED else before}
             lines.append(e)
         lines += [earlier[rel] for rel in planned if rel not in done and rel in earlier]
-        with atomic_output(self.path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with pinned_folder(self.path.parent, self.dir_fd), atomic_output(self.path, overwrite=True) as tmp, \
+                open(tmp, "w", encoding="utf-8") as f:
             for e in lines:
-                f.write(json.dumps(e, sort_keys=False) + "\n")
+                f.write(json.dumps(storable(e), sort_keys=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.partial)
+            os.unlink(self.partial_name, dir_fd=self.dir_fd)
 
 
 def _usable(e: Any) -> bool:
@@ -448,14 +566,71 @@ def _usable(e: Any) -> bool:
             and (e.get("format") is None or isinstance(e.get("format"), str)))
 
 
-def _open_regular(path: Path, flags: int):
+PATH_FIELDS = ("relpath", "input", "output")
+
+
+def printable(text: Any) -> Any:
+    """`text` with what is not valid UTF-8 (a file name's undecodable bytes, kept by Python as
+    surrogate escapes) shown as `\\xNN`: safe for a terminal, jq or any strict UTF-8 reader."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(text)  # surrogate escapes give the name's bytes back
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def storable(entry: Entry) -> Entry:
+    """The manifest line of `entry`: each path field printable, and where that is not the exact name
+    (bytes that are not UTF-8), `<field>_bytes` beside it: the base64 of the exact bytes
+    (`os.fsencode`), which `restored` (and so --resume) uses."""
+    out = dict(entry)
+    for key in PATH_FIELDS:
+        value = entry.get(key)
+        shown = printable(value)
+        if shown != value:
+            out[key] = shown
+            with contextlib.suppress(UnicodeEncodeError):
+                out[key + "_bytes"] = base64.b64encode(os.fsencode(value)).decode("ascii")
+    if isinstance(entry.get("error"), str):
+        out["error"] = printable(entry["error"])
+    if isinstance(entry.get("previous"), dict):
+        out["previous"] = storable(entry["previous"])
+    return out
+
+
+def restored(line: Entry) -> Entry:
+    """The entry a manifest line records: path fields from their exact bytes where given (a
+    `<field>_bytes` that is not valid base64 makes the line unusable for --resume)."""
+    out = dict(line)
+    for key in PATH_FIELDS:
+        raw = out.pop(key + "_bytes", None)
+        if raw is None:
+            continue
+        try:
+            out[key] = os.fsdecode(base64.b64decode(raw, validate=True)) if isinstance(raw, str) else None
+        except ValueError:
+            out[key] = None
+    if isinstance(out.get("previous"), dict):
+        out["previous"] = restored(out["previous"])
+    return out
+
+
+def _open_regular(path: Path, flags: int, dir_fd: int | None = None):
     """A text file object on the regular file `path` (opened with `flags`), never through a symlink
     (O_NOFOLLOW: a link planted as the manifest or its partial file is refused, not followed) and
-    never a FIFO or device (O_NONBLOCK, then checked)."""
+    never a FIFO or device (O_NONBLOCK, then checked). With `dir_fd`, the file `path.name` in that folder."""
     import stat
 
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = os.open(path.name if dir_fd is not None else path,
+                     flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise BatchError(f"{path} is a symbolic link: reparam does not follow links in its output folder",
@@ -471,11 +646,11 @@ def _open_regular(path: Path, flags: int):
         raise
 
 
-def _manifest_lines(path: Path, junk: list[str]) -> list[Any]:
+def _manifest_lines(path: Path, junk: list[str], dir_fd: int | None = None) -> list[Any]:
     """The parsed lines of one manifest file; a line that is not a JSON object is counted in `junk`.
     A symlink, FIFO or device in its place is not read."""
     try:
-        with _open_regular(path, os.O_RDONLY) as f:
+        with _open_regular(path, os.O_RDONLY, dir_fd) as f:
             data = f.buffer.read()
     except (OSError, BatchError):
         return []
@@ -491,20 +666,25 @@ def _manifest_lines(path: Path, junk: list[str]) -> list[Any]:
         if not isinstance(e, dict):
             junk.append(path.name)
             continue
-        lines.append(e)
+        lines.append(restored(e))
     return lines
 
 
-def read_manifests(output_dir: Path, notes: list[str] | None = None) -> dict[str, list[Entry]]:
+def read_manifests(output_dir: Path, notes: list[str] | None = None, dir_fd: int | None = None) -> dict[str, list[Entry]]:
     """Every line of every manifest in `output_dir` (partial ones of interrupted runs included) that
     records a usable output, by input relative path. Lines that are not JSON objects (a torn last
     line, binary junk) are ignored, and so are lines with fields of the wrong type; `notes`, when
     given, gets one sentence per file that had any."""
     entries: dict[str, list[Entry]] = {}
-    files = sorted(output_dir.glob("manifest*.jsonl")) + sorted(output_dir.glob(".manifest*.jsonl.partial"))
+    try:
+        names = os.listdir(dir_fd if dir_fd is not None else output_dir)
+    except OSError:
+        names = []
+    files = [output_dir / n for n in sorted(fnmatch.filter(names, "manifest*.jsonl"))
+             + sorted(fnmatch.filter(names, ".manifest*.jsonl.partial"))]
     for path in files:
         junk: list[str] = []
-        lines = _manifest_lines(path, junk)
+        lines = _manifest_lines(path, junk, dir_fd)
         wrong = 0
         for e in lines:
             if e.get("status") == PENDING:
@@ -555,14 +735,15 @@ def plan(input_dir: Path, output_dir: Path, spec: ModelSpec, options: ConvertOpt
     same = lambda e: (e.get("spec") == spec.name and e.get("format") == options.fmt  # noqa: E731
                       and e.get("graph", True) == options.graph)
     tasks = [Task(rel, str(input_dir / rel), str(output_dir / names[rel]), resume,
-                  [e for e in previous.get(rel, []) if same(e)])
+                  [e for e in previous.get(rel, []) if same(e)], out_rel=names[rel])
              for rel in relpaths if shard.takes(rel)]
     tasks += [Task(rel, str(input_dir / rel), "", problem=(status, reason))
               for rel, status, reason in problems if shard.takes(rel)]
     return BatchPlan(input_dir, output_dir, tasks, len(relpaths) + len(problems), ignored, shard)
 
 
-def _results(tasks: list[Task], spec: ModelSpec, options: ConvertOptions, jobs: int) -> Iterator[Entry]:
+def _results(tasks: list[Task], spec: ModelSpec, options: ConvertOptions, jobs: int,
+             root: tuple | None = None) -> Iterator[Entry]:
     """Manifest lines as conversions finish: in this process for one job, else in spawned workers."""
     for task in [t for t in tasks if t.problem is not None]:  # nothing to convert: no worker needed
         yield convert_one(task, spec, options)
@@ -577,7 +758,7 @@ def _results(tasks: list[Task], spec: ModelSpec, options: ConvertOptions, jobs: 
 
     jobs = min(jobs, len(tasks))
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(max(1, cpu_count() // jobs), os.getpid()))
+                               initializer=_init_worker, initargs=(max(1, cpu_count() // jobs), os.getpid(), root))
     futures = {pool.submit(convert_one, task, spec, options): task for task in tasks}
     try:
         for future in as_completed(futures):
@@ -613,37 +794,47 @@ def run_batch(input_dir: str | Path, output_dir: str | Path, spec: ModelSpec, op
         raise BatchError(f"unknown format {options.fmt!r}", hint=f"choose one of {', '.join(FORMATS)}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     plan(input_dir, output_dir, spec, options, patterns, recursive, shard)  # usage errors before touching anything
-    output_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(output_dir, shard.manifest_name)
-    notes: list[str] = []
-    counts = {CONVERTED: 0, SKIPPED: 0, FAILED: 0}
-    entries: list[Entry] = []
-    earlier: dict[str, Entry] = {}
-    todo = None
-    start = time.perf_counter()
     try:
-        with interrupts_as_exceptions():  # SIGTERM/SIGHUP like Ctrl-C: the manifest is closed
-            earlier = manifest.own_entries()
-            previous = read_manifests(output_dir, notes) if resume else {}
-            todo = plan(input_dir, output_dir, spec, options, patterns, recursive, shard, resume, previous)
-            jobs = jobs if jobs > 0 else cpu_count()
-            manifest.start(todo.tasks)
-            on_start(todo)
-            with stdout_to_stderr():  # stdout is kept for the --json report
-                for entry in _results(todo.tasks, spec, options, jobs):
-                    manifest.write(entry)
-                    entries.append(entry)
-                    counts[entry["status"]] += 1
-                    on_result(entry)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        root = open_folder(output_dir)  # the folder the user named, opened once: a link they named is followed
+    except OSError as exc:
+        raise BatchError(f"cannot use --output-dir {output_dir}: {os_reason(exc)}") from None
+    try:
+        st = os.fstat(root)
+        _set_output_root(str(output_dir), fd=root)
+        manifest = Manifest(output_dir, shard.manifest_name, dir_fd=root)
+        notes: list[str] = []
+        counts = {CONVERTED: 0, SKIPPED: 0, FAILED: 0}
+        entries: list[Entry] = []
+        earlier: dict[str, Entry] = {}
+        todo = None
+        start = time.perf_counter()
+        try:
+            with interrupts_as_exceptions():  # SIGTERM/SIGHUP like Ctrl-C: the manifest is closed
+                earlier = manifest.own_entries()
+                previous = read_manifests(output_dir, notes, dir_fd=root) if resume else {}
+                todo = plan(input_dir, output_dir, spec, options, patterns, recursive, shard, resume, previous)
+                jobs = jobs if jobs > 0 else cpu_count()
+                manifest.start(todo.tasks)
+                on_start(todo)
+                with stdout_to_stderr():  # stdout is kept for the --json report
+                    for entry in _results(todo.tasks, spec, options, jobs, (str(output_dir), (st.st_dev, st.st_ino))):
+                        manifest.write(entry)
+                        entries.append(entry)
+                        counts[entry["status"]] += 1
+                        on_result(entry)
+        finally:
+            manifest.close(entries, earlier, [t.relpath for t in todo.tasks] if todo else ())
     finally:
-        manifest.close(entries, earlier, [t.relpath for t in todo.tasks] if todo else ())
+        _ROOT[:] = []
+        os.close(root)
     entries.sort(key=lambda e: e["relpath"])
     report = {
-        "ok": counts[FAILED] == 0, "input_dir": str(input_dir), "output_dir": str(output_dir),
-        "manifest": str(manifest.path), "spec": spec.name, "format": options.fmt,
+        "ok": counts[FAILED] == 0, "input_dir": printable(str(input_dir)), "output_dir": printable(str(output_dir)),
+        "manifest": printable(str(manifest.path)), "spec": spec.name, "format": options.fmt,
         "shard": f"{shard.index}/{shard.count}", "jobs": jobs, "found": todo.found, "inputs": len(todo.tasks),
         "ignored_deploy_files": todo.ignored, **counts, "seconds": round(time.perf_counter() - start, 3),
-        "files": entries,
+        "files": [storable(e) for e in entries],
     }
     if notes:
         report["notes"] = notes
@@ -663,7 +854,7 @@ class Reporter:
 
     def start(self, todo: BatchPlan) -> None:
         shard = f" (shard {todo.shard.index}/{todo.shard.count} of {todo.found})" if todo.shard.count > 1 else ""
-        self.console.print(f"converting {len(todo.tasks)} checkpoint(s) from {todo.input_dir}{shard}")
+        self.console.print(f"converting {len(todo.tasks)} checkpoint(s) from {printable(str(todo.input_dir))}{shard}")
         if self.console.is_terminal and todo.tasks:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -683,11 +874,11 @@ class Reporter:
         if status == CONVERTED:
             err = entry.get("max_rel_err")
             detail = f"{entry['seconds']:.1f}s" + (f", max rel err {err:.2g}" if isinstance(err, float) else "")
-            line = f"[green]converted[/] {entry['relpath']} ({detail})"
+            line = f"[green]converted[/] {printable(entry['relpath'])} ({detail})"
         elif status == SKIPPED:
-            line = f"[dim]skipped[/]   {entry['relpath']} ({entry.get('error') or 'unchanged'})"
+            line = f"[dim]skipped[/]   {printable(entry['relpath'])} ({printable(entry.get('error') or 'unchanged')})"
         else:
-            line = f"[red]failed[/]    {entry['relpath']}: {entry['error']}"
+            line = f"[red]failed[/]    {printable(entry['relpath'])}: {printable(entry['error'])}"
         self.console.print(line, soft_wrap=True)  # one line per file, greppable in job logs
         if self.progress is not None:
             self.progress.update(self.task, advance=1, description=self._description())
