@@ -21,6 +21,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -158,11 +159,25 @@ def _require_onnx() -> None:
         import_extra(module, "onnx", "ONNX export", OutputError)
 
 
+def _add_metadata_props(path: Path, props: dict[str, str]) -> None:
+    """Add `props` to an ONNX file's `metadata_props` (key -> string value), rewriting it in place."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.save(model, str(path))
+
+
 def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,
-               dynamic: str = "auto", *, overwrite: bool = False) -> list[str]:
+               dynamic: str = "auto", *, overwrite: bool = False,
+               metadata: Callable[[list[str]], dict[str, str]] | None = None) -> list[str]:
     """Export the deploy model to a single self-contained ONNX file (input `input`, or `input0`,
     `input1`, ... for several; output `output`). The model is exported with torch.export first (the
-    dynamic dims as for pt2), and that program converted; returns the names of the dynamic dims."""
+    dynamic dims as for pt2), and that program converted; returns the names of the dynamic dims.
+    `metadata(dynamic dims)` gives entries for the file's `metadata_props` (what a library's own
+    runtime reads back, e.g. ultralytics' class names, stride and task), written before `check`."""
     _require_onnx()
     model = model.eval()
     args = _as_args(example)
@@ -184,6 +199,9 @@ def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, chec
                 error = exc
         else:
             raise OutputError(f"ONNX export failed: {describe(error)}") from None
+        props = metadata(dims) if metadata is not None else None
+        if props:
+            _add_metadata_props(tmp, props)
         if check is not None:
             check(tmp)
     return dims

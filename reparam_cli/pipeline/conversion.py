@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reparam_cli import ecosystems
 from reparam_cli._version import __version__
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
@@ -397,9 +398,20 @@ def _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, 
     if fmt == "torchscript":
         write_torchscript(output, deploy, example, check=checker, overwrite=overwrite)
         return
-    writer = {"pt2": write_pt2, "onnx": write_onnx}[fmt]
-    report["export_dynamic_dims"] = writer(output, deploy, example, check=checker, dynamic=dynamic_shapes,
-                                           overwrite=overwrite)
+    if fmt == "pt2":
+        report["export_dynamic_dims"] = write_pt2(output, deploy, example, check=checker, dynamic=dynamic_shapes,
+                                                  overwrite=overwrite)
+        return
+    written: dict[str, str] = {}
+
+    def metadata(dims: list[str]) -> dict[str, str]:  # what the model's library reads from the file (ultralytics)
+        written.update(ecosystems.export_metadata(deploy, fmt, tuple(args[0].shape), dims))
+        return written
+
+    report["export_dynamic_dims"] = write_onnx(output, deploy, example, check=checker, dynamic=dynamic_shapes,
+                                               overwrite=overwrite, metadata=metadata)
+    if written:
+        report["export_metadata"] = sorted(written)
 
 
 def verify_checkpoint(
