@@ -15,7 +15,7 @@ from reparam_cli.errors import SpecError
 from reparam_cli.pipeline.deploy import load_deploy
 from reparam_cli.pipeline.specs import load_spec
 
-from .helpers import run_cli
+from .helpers import TINY_REPVGG_YAML, run_cli
 
 SMALL = ["--input-shape", "1,3,64,64"]
 
@@ -155,6 +155,52 @@ def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
     if layout == "trainer-bin":  # the run folder itself: pointed at its checkpoints
         res = run_cli("convert", tmp_path / "run", "--spec", f"transformers:{folder}", "-o", tmp_path / "x.safetensors")
         assert res.exit_code == 2 and "checkpoint-500" in res.output
+
+
+def test_transformers_hf_output_is_a_save_pretrained_folder(tmp_path):
+    """`-f hf` writes what save_pretrained writes: from_pretrained loads it with no missing, unexpected
+    or mismatched key and computes the training model's function (relative 1e-5); the conv weights
+    are the fused ones and each folded BatchNorm is an exact bias-add (mean 0, var + eps == 1,
+    weight 1); `reparam verify` reads the folder back. A folder to stdout and a model that is not a
+    transformers PreTrainedModel are refused in one line."""
+    model = _hf_resnet()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    out = tmp_path / "deployed"
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["export_runtime"] == "from_pretrained" and report["export_max_rel_err"] < 1e-5
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    loaded, info = transformers.ResNetForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = loaded.eval()(x).logits, model(x).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    conv, bn = loaded.resnet.embedder.embedder.convolution, loaded.resnet.embedder.embedder.normalization
+    assert not torch.equal(conv.weight, model.resnet.embedder.embedder.convolution.weight)  # the fused weights
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and torch.equal(bn.weight, torch.ones_like(bn.weight))
+    assert torch.equal(bn.running_var + bn.eps, torch.ones_like(bn.running_var))
+
+    res = run_cli("verify", folder, out, "--spec", f"transformers:{folder}", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["format"] == "hf" and json.loads(res.stdout)["ok"]
+
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", out)
+    assert res.exit_code == 2 and "already exists" in res.stderr  # an existing folder needs --overwrite
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", "-")
+    assert res.exit_code == 2 and "cannot go to stdout" in res.stderr and "Traceback" not in res.stderr
+
+    other = tmp_path / "tiny.yaml"
+    other.write_text(TINY_REPVGG_YAML)
+    ckpt = tmp_path / "tiny.pth"
+    assert run_cli("init", other, "-o", ckpt).exit_code == 0
+    res = run_cli("convert", ckpt, "--spec", other, "-f", "hf", "-o", tmp_path / "tiny-hf")
+    assert res.exit_code == 2 and res.stderr.count("\n") <= 2 and "not a transformers PreTrainedModel" in res.stderr
+    assert not (tmp_path / "tiny-hf").exists()
 
 
 def test_reparam_debug_prints_the_traceback_and_keeps_the_exit_code(tmp_path, monkeypatch):

@@ -26,8 +26,9 @@ from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
 from reparam_cli.core.tensors import count_parameters, nonfinite_key, randomize_batchnorm, release_tensors
 from reparam_cli.errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file, weights_in_folder
-from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
-from reparam_cli.io.formats import SUFFIX
+from reparam_cli.ecosystems.transformers import is_pretrained_model, load_pretrained, write_pretrained
+from reparam_cli.io.export import DTYPES, check_folder_target, write_folder, write_onnx, write_pt2, write_torchscript
+from reparam_cli.io.formats import FOLDER_FORMATS, SUFFIX
 from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer, private_tmpdir
 from reparam_cli.io.safetensors import read_metadata, write_safetensors, write_state_safetensors
 from reparam_cli.io.sniff import deploy_format_of
@@ -65,10 +66,13 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.deploy{SUFFIX[fmt]}")
 
 
-def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
-    if output.resolve() == checkpoint.resolve():
+def _check_output(checkpoint: Path, output: Path, overwrite: bool, fmt: str = "safetensors") -> None:
+    if output.resolve() == checkpoint.resolve() or (fmt in FOLDER_FORMATS and output.resolve() in checkpoint.resolve().parents):
         raise OutputError(f"refusing to write the output over its input {checkpoint}", hint="pass another -o")
-    check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
+    if fmt in FOLDER_FORMATS:
+        check_folder_target(output, overwrite)  # a new folder, or a save_pretrained one with --overwrite
+    else:
+        check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
 
 
 def _shape(spec: ModelSpec, opts: VerifyOptions) -> tuple[int, ...]:
@@ -160,7 +164,7 @@ def convert_checkpoint(
     spec = as_spec(spec)
     output = Path(output) if output else default_output(checkpoint, fmt)
     checkpoint = weights_in_folder(checkpoint)  # a save_pretrained / Trainer checkpoint-N folder: its weights
-    _check_output(checkpoint, output, o.overwrite)
+    _check_output(checkpoint, output, o.overwrite, fmt)
 
     # The input's checksum (for the metadata) is computed on the other core while we fuse, once its
     # first bytes show a checkpoint (a hash must not run away on /dev/zero or a huge sparse file).
@@ -175,7 +179,11 @@ def convert_checkpoint(
         raise CheckpointError(f"{checkpoint}: tensor {bad} holds NaN or infinite values; nothing was written",
                               hint="pass --allow-nonfinite to convert it anyway")
     named = spec.name
-    spec = ckpt.rebuild_spec or spec  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
+    spec = ckpt.rebuild_spec or spec
+    if fmt == "hf" and not is_pretrained_model(train):
+        raise OutputError(f"-f hf writes a transformers save_pretrained folder, and the model built from {spec.name!r} "
+                          f"is a {type(train).__name__}, not a transformers PreTrainedModel",
+                          hint="choose safetensors, torchscript, pt2 or onnx")  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
     if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
                           "verified", hint="pass --dtype float16 or float32, or --no-verify")
@@ -379,9 +387,41 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                           overwrite=overwrite)
         return
 
+    if fmt == "hf":
+        _write_pretrained(output, deploy, spec, call64, result, failed, overwrite)
+        return
+
     # torch.onnx and onnxruntime drop files into $TMPDIR (.ses, torchinductor_*): a folder reparam removes
     with private_tmpdir() if fmt == "onnx" else contextlib.nullcontext():
         _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite)
+
+
+def _write_pretrained(output: Path, deploy: nn.Module, spec: ModelSpec, call64, result: VerifyResult | None,
+                      failed, overwrite: bool) -> None:
+    """-f hf: a save_pretrained folder of the model's transformers architecture holding the fused weights
+    (ecosystems/transformers.py says how). When verification ran, the folder is loaded back with
+    `from_pretrained` as a user loads it (no missing or unexpected key allowed) and compared with the
+    deploy model on the verification input before it is renamed into place."""
+    dtype = model_dtype(deploy)
+    expected = run_model(deploy, call64, "the verified deploy model") if result is not None else None
+
+    def check(tmp: Path) -> None:
+        loaded, problems = load_pretrained(tmp, dtype)
+        if problems:
+            raise OutputError(f"from_pretrained reports {problems[0]} for the written folder; nothing was written")
+        try:
+            c = compare_outputs(run_model(loaded, call64, "the folder loaded with from_pretrained"), expected,
+                                result.rtol, result.atol, "the folder loaded with from_pretrained")
+        except PassFailed as exc:
+            raise OutputError(f"{exc.stage} failed: {exc.detail}; nothing was written") from None
+        figures = {"runtime": "from_pretrained", "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err, "ok": c.ok}
+        if c.nonfinite:
+            figures["nonfinite"] = c.nonfinite
+        failed(figures, "when loaded with from_pretrained")
+
+    target = spec.build().eval()  # the architecture, from the same configuration
+    write_folder(output, lambda tmp: write_pretrained(tmp, deploy, target), check if result is not None else None,
+                 overwrite=overwrite)
 
 
 def _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite) -> None:
@@ -443,7 +483,7 @@ def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pick
     if is_checkpoint_spec(spec):  # the deploy file's stored spec rebuilds it, or it is self-contained
         spec = ckpt.rebuild_spec or spec
     deploy = load_deployed_any(deployed, None if is_checkpoint_spec(spec) else spec)
-    fmt = deploy_format_of(deployed)
+    fmt = "hf" if Path(deployed).is_dir() else deploy_format_of(deployed)
     # Per-block figures where the deploy file keeps the block structure (safetensors, state dicts);
     # which blocks were converted is read off a shape-only conversion.
     report = None
@@ -461,7 +501,7 @@ def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pick
         "checkpoint_dtype": str(ckpt.dtype).removeprefix("torch."),
         "blocks": report.blocks if report else {},
         "params_before": count_parameters(train),
-        "params_after": getattr(deploy, "num_parameters", None) or count_parameters(deploy),
+        "params_after": n if isinstance(n := getattr(deploy, "num_parameters", None), int) else count_parameters(deploy),
         **_verification_dict(result),
     }
     if notes:
