@@ -280,3 +280,49 @@ def test_unused_modules_are_dropped_unless_keep_unused(tmp_path):
     res = run_cli("convert", ckpt, "--spec", spec, "-o", kept, "--json", "--keep-unused")
     assert res.exit_code == 0 and "dropped" not in json.loads(res.stdout)
     assert load_deploy(kept, spec=str(spec)).aux is not None
+
+
+LOUD_SPEC = '''
+from torch import nn
+
+INPUT_SHAPE = (1, 3, 8, 8)
+
+
+def build_model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+'''
+
+
+def test_float16_overflow_is_named_when_verification_runs_in_float32(tmp_path):
+    """A float16 checkpoint converted with --dtype float32 whose activations exceed 65504 on the
+    verification input: the conversion passes (float32 holds them) and the report names where the
+    model run in float16 would give inf (a note); a checkpoint that stays in range gets no such note."""
+    spec = tmp_path / "loud.py"
+    spec.write_text(LOUD_SPEC)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        _randomize_bn(model)
+        model[1].weight.fill_(2.0)
+        model[3].weight.uniform_(0.5, 1.0)
+        model[4].weight.fill_(30000.0)  # the second conv's output scaled past float16's range (~1e5)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(x).abs().max() > 65504 and model[:4](x).abs().max() < 65504
+    results = {}
+    for name, scale in (("loud", 1.0), ("quiet", 1e-3)):
+        with torch.no_grad():
+            model[4].weight.mul_(scale)
+        ckpt = tmp_path / f"{name}.pth"
+        torch.save(model.half().state_dict(), ckpt)
+        model.float()
+        res = run_cli("convert", ckpt, "--spec", spec, "--dtype", "float32", "-o", tmp_path / f"{name}.safetensors",
+                      "--json")
+        assert res.exit_code == 0, res.output
+        results[name] = json.loads(res.stdout)
+    loud = [n for n in results["loud"].get("notes", []) if "float16's range" in n]
+    assert results["loud"]["ok"] and results["loud"]["dtype"] == "float32" and len(loud) == 1
+    assert "first at 3" in loud[0] and "gives inf" in loud[0], loud[0]  # the folded conv+BN: model.3 after fusing
+    assert not [n for n in results["quiet"].get("notes", []) if "float16's range" in n]

@@ -36,7 +36,7 @@ from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, drop
                                          load_deployed_any, stored_spec, unused_modules)
 from reparam_cli.pipeline.options import ConvertOptions, FuseOptions, Progress, VerifyOptions, no_progress
 from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _native_blocks, _verification_dict,
-                                         completeness_dict, finite_figures)
+                                         checkpoint_overflow_notes, completeness_dict, finite_figures)
 from reparam_cli.pipeline.specs import as_spec, builtin_data, builtin_names, load_spec
 from reparam_cli.pipeline.training import read_training_model
 from reparam_cli.quantize.equalize import equalize
@@ -114,6 +114,19 @@ def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: Co
                       rtol=opts.rtol, atol=opts.atol, make_inputs=spec.input_hook())
     except PassFailed as exc:
         raise _pass_error(exc, shape) from exc.exc
+
+
+def _overflow_in_checkpoint_dtype(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions, dtype: torch.dtype,
+                                  report: ConversionReport | None) -> list[str]:
+    """A float16/bfloat16 checkpoint converted to a wider deploy model: where its activations, on the
+    verification input (the first sample), exceed the checkpoint dtype's range (a note)."""
+    if dtype not in (torch.float16, torch.bfloat16) or model_dtype(deploy) in (torch.float16, torch.bfloat16):
+        return []
+    try:
+        call = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+    except PassFailed:
+        return []
+    return checkpoint_overflow_notes(deploy, call, dtype, [p for p, _ in report.verify_blocks] if report else ())
 
 
 def _printable(name: str) -> str:
@@ -241,6 +254,8 @@ def convert_checkpoint(
         conv_report.notes.append("--equalize rescales the outputs of blocks (not the model's): verified end to end, "
                                  "no per-block figures")
     notes = list(ckpt.notes) + list(conv_report.notes) + _low_precision_notes(result, train, deploy)
+    if result is not None:
+        notes += _overflow_in_checkpoint_dtype(deploy, spec, opts, ckpt.dtype, conv_report)
     if notes:
         report["notes"] = notes
     finite_figures(report)
@@ -495,6 +510,7 @@ def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pick
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
+    notes += _overflow_in_checkpoint_dtype(deploy, spec, opts, ckpt.dtype, report)
     out = {
         "ok": result.ok, "input": str(checkpoint), "output": str(deployed), "spec": spec.name, "format": fmt,
         "dtype": str(model_dtype(deploy)).removeprefix("torch."),
