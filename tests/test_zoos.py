@@ -129,6 +129,18 @@ def test_transformers_model_type_and_class_specs():
     assert "transformers:resnet" in str(exc.value.hint)
 
 
+class _RunsCommand:
+    """Unpickling this runs a shell command (what a hostile training_args.bin could hold)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
 @pytest.mark.parametrize("layout", ["single", "sharded", "trainer-bin"])
 def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
     """save_pretrained folders (one safetensors file, shards with their index) and a Trainer
@@ -144,6 +156,7 @@ def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
         (folder / "model.safetensors").unlink()
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
         (folder / "optimizer.pt").write_bytes(b"")  # what Trainer writes beside it, not read
+        torch.save(_RunsCommand(str(tmp_path / "RAN")), folder / "training_args.bin")  # a pickle, never opened
     out = tmp_path / "deploy.safetensors"
     res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-o", out, "--json")
     assert res.exit_code == 0, res.output
@@ -152,6 +165,7 @@ def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
     deploy = load_deploy(out)  # from the configuration stored in the file
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(deploy(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "RAN").exists()
     if layout == "trainer-bin":  # the run folder itself: pointed at its checkpoints
         res = run_cli("convert", tmp_path / "run", "--spec", f"transformers:{folder}", "-o", tmp_path / "x.safetensors")
         assert res.exit_code == 2 and "checkpoint-500" in res.output
@@ -326,3 +340,75 @@ def test_float16_overflow_is_named_when_verification_runs_in_float32(tmp_path):
     assert results["loud"]["ok"] and results["loud"]["dtype"] == "float32" and len(loud) == 1
     assert "first at 3" in loud[0] and "gives inf" in loud[0], loud[0]  # the folded conv+BN: model.3 after fusing
     assert not [n for n in results["quiet"].get("notes", []) if "float16's range" in n]
+
+
+LIGHTNING_MODULES = {  # stand-ins for the classes a Lightning + user-config checkpoint pickles
+    "lightning/__init__.py": "",
+    "lightning/fabric/__init__.py": "",
+    "lightning/fabric/utilities/__init__.py": "",
+    "lightning/fabric/utilities/data.py": "class AttributeDict(dict):\n"
+                                          "    def __getattr__(self, key):\n        return self[key]\n",
+    "myproject_zoo3/__init__.py": "",
+    "myproject_zoo3/config.py": "import dataclasses\n\n@dataclasses.dataclass\nclass TrainConfig:\n"
+                                "    lr: float = 0.1\n    width: int = 8\n\n"
+                                "class Hook:\n    def __init__(self, path):\n        self.path = path\n"
+                                "    def __reduce__(self):\n        import os\n"
+                                "        return (os.system, ('touch ' + self.path,))\n",
+}
+
+
+def test_lightning_checkpoint_with_its_classes_converts_without_running_its_pickle(tmp_path, monkeypatch):
+    """A checkpoint as Lightning's trainer writes it (`state_dict` with the LightningModule's `model.`
+    prefix and a loss module's tensors beside it, `hyper_parameters` as Lightning's AttributeDict
+    holding the user's config dataclass, `callbacks` with tensors, `loops`, `optimizer_states`,
+    `lr_schedulers`), read with neither Lightning nor the user's package importable: converts
+    without --trust-pickle, runs none of its code (an object whose unpickling would run a command
+    stays inert), and equals the training model (relative 1e-5)."""
+    import sys
+
+    from .helpers import TINY_REPVGG_YAML, randomized
+
+    pkg = tmp_path / "site"
+    for rel, text in LIGHTNING_MODULES.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    monkeypatch.syspath_prepend(str(pkg))
+    from lightning.fabric.utilities.data import AttributeDict
+    from myproject_zoo3.config import Hook, TrainConfig
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_REPVGG_YAML)
+    model = randomized(load_spec(str(spec)).build(), seed=3)
+    marker = tmp_path / "RAN"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["criterion.weight"] = torch.ones(10)
+    checkpoint = {
+        "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "state_dict": state,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+            "monitor": "val_loss", "best_model_score": torch.tensor(0.25), "best_model_path": "/runs/epoch=3.ckpt",
+            "kth_value": torch.tensor(float("inf"))}},
+        "optimizer_states": [{"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}],
+        "lr_schedulers": [{"last_epoch": 3, "_last_lr": [0.1]}],
+        "hparams_name": "kwargs",
+        "hyper_parameters": AttributeDict(cfg=TrainConfig(lr=0.01), on_load=Hook(str(marker))),
+    }
+    ckpt = tmp_path / "epoch=3-step=120.ckpt"
+    torch.save(checkpoint, ckpt)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("lightning", "myproject_zoo3")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(pkg)])  # neither package importable now
+
+    out = tmp_path / "lit.safetensors"
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    notes = " ".join(report["notes"])
+    assert report["ok"] and "'model.'" in notes and "criterion.weight" in notes
+    assert "hyper_parameters (lightning.fabric.utilities.data.AttributeDict)" in notes and "no code run" in notes, notes
+    assert not marker.exists() and "lightning" not in sys.modules
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.double()(x.double())
+        got = load_deploy(out)(x).double()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
