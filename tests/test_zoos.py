@@ -412,3 +412,38 @@ def test_lightning_checkpoint_with_its_classes_converts_without_running_its_pick
         want = model.double()(x.double())
         got = load_deploy(out)(x).double()
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("where", ["beside-spec", "cwd"])
+def test_python_spec_imports_the_users_package_as_their_script_does(tmp_path, monkeypatch, where):
+    """spec.py does `from <pkg>.nets import small` like the user's train.py: the package is found
+    beside spec.py (the script's folder) or in the working directory, with neither on sys.path
+    before (as under the installed `reparam` script), also for imports inside build_model(); both
+    leave sys.path again afterwards (the user's folder shadows nothing reparam imports later)."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    pkg_name = f"zoo3pkg_{where.replace('-', '_')}"
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    home = project if where == "beside-spec" else elsewhere
+    (home / pkg_name).mkdir()
+    (home / pkg_name / "__init__.py").write_text("")
+    (home / pkg_name / "nets.py").write_text("from torch import nn\n"
+                                             "def small(width):\n"
+                                             "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))\n")
+    (home / pkg_name / "late.py").write_text("WIDTH = 6\n")
+    (project / "spec.py").write_text(f"from {pkg_name}.nets import small\n\n"
+                                     "def build_model():\n"
+                                     f"    from {pkg_name}.late import WIDTH  # imported when built\n"
+                                     "    return small(WIDTH)\n")
+    monkeypatch.chdir(elsewhere)  # where the user runs reparam from
+    for name in [m for m in sys.modules if m.startswith(pkg_name)]:
+        monkeypatch.delitem(sys.modules, name)
+    model = load_spec(str(project / "spec.py")).build(device="meta")
+    assert model[0].out_channels == 6 and type(model).__module__ == "torch.nn.modules.container"
+    assert sys.modules[f"{pkg_name}.nets"].__file__ == str(home / pkg_name / "nets.py")
+    assert str(project) not in sys.path and str(elsewhere) not in sys.path
+    for name in [m for m in sys.modules if m.startswith(pkg_name)]:
+        monkeypatch.delitem(sys.modules, name)
