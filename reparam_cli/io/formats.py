@@ -6,9 +6,10 @@ from __future__ import annotations
 
 
 
+FORMATS = ("safetensors", "torchscript", "pt2", "onnx")  # files (what `reparam batch` writes)
 # hf: a transformers `save_pretrained` folder (config.json + model.safetensors), for transformers models
-FORMATS = ("safetensors", "torchscript", "pt2", "onnx", "hf")
+FOLDER_FORMATS = ("hf",)
+ALL_FORMATS = FORMATS + FOLDER_FORMATS  # what `reparam convert -f` accepts
 SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx", "hf": ""}
-FOLDER_FORMATS = ("hf",)  # written as a folder, not a file
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DYNAMIC_SHAPES = ("auto", "batch", "none")
