@@ -217,6 +217,32 @@ def test_transformers_hf_output_is_a_save_pretrained_folder(tmp_path):
     assert not (tmp_path / "tiny-hf").exists()
 
 
+def test_transformers_hf_output_sets_folded_layer_scales_to_one(tmp_path):
+    """ConvNeXt: the graph pass folds each layer_scale_parameter into the pointwise conv before it;
+    the -f hf folder holds the scaled weights and the scales as ones, loads with no key problem and
+    computes the training model's function (relative 1e-5)."""
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_labels=3,
+                                         image_size=32, layer_scale_init_value=0.5)
+    model = transformers.ConvNextForImageClassification(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale_parameter"):
+                p.uniform_(0.2, 2.0)
+    folder, out = tmp_path / "convnext", tmp_path / "convnext-fused"
+    model.save_pretrained(folder)
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    loaded, info = transformers.ConvNextForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    scales = [p for n, p in loaded.named_parameters() if n.endswith("layer_scale_parameter")]
+    assert len(scales) == 4 and all(torch.equal(p, torch.ones_like(p)) for p in scales)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = loaded.eval()(x).logits, model(x).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_reparam_debug_prints_the_traceback_and_keeps_the_exit_code(tmp_path, monkeypatch):
     import reparam_cli.pipeline.stdio as stdio
 

@@ -157,7 +157,9 @@ def spec(ref: str) -> ModelSpec:
 # BatchNorm stays, set to an exact bias-add (running_mean 0, running_var with var + eps == 1, weight 1,
 # bias = the fused conv's bias), so `from_pretrained` loads it with no missing or unexpected key and
 # computes the verified function (the per-channel scale is in the conv weights; the BatchNorm is a bias
-# add, which any runtime fuses). Anything else the architecture cannot hold is refused in one line.
+# add, which any runtime fuses). A per-channel layer scale folded into the layer before it (ConvNeXt's
+# layer_scale_parameter) is set to ones. The folder is loaded back with from_pretrained and compared with
+# the deploy model before it is published; anything else the architecture cannot hold is refused in one line.
 
 @contextlib.contextmanager
 def _no_progress_bars():
@@ -201,6 +203,13 @@ def _common_prefix(a: str, b: str) -> int:
             break
         n += 1
     return n
+
+
+def _is_scale(key: str, ref) -> bool:
+    """A per-channel output scale the graph pass folds into the layer before it (ConvNeXt's
+    `layer_scale_parameter`, CaiT-style `gamma`): set to ones, it multiplies by exactly 1."""
+    name = key.rpartition(".")[2]
+    return ref.dim() == 1 and ref.is_floating_point() and ("scale" in name or name in ("gamma", "gamma_1", "gamma_2"))
 
 
 def pretrained_state(deploy, target) -> dict:
@@ -251,6 +260,8 @@ def pretrained_state(deploy, target) -> dict:
         bn = max(after, key=lambda p: (_common_prefix(p, owner), -order[p]))
         state[f"{bn}.bias"] = have[key]
         del folded[bn]
+    for key in [k for k in want if k not in state and _is_scale(k, want[k])]:
+        state[key] = torch.ones_like(want[key], dtype=dtype, device="cpu")  # folded into the layer before it
     missing = [k for k in want if k not in state]
     if missing:
         raise OutputError(f"-f hf: {name} needs {missing[0]}, which the deploy model no longer has"
