@@ -24,9 +24,9 @@ from reparam_cli._version import __version__
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
 from reparam_cli.core.tensors import count_parameters, nonfinite_key, randomize_batchnorm, release_tensors
+from reparam_cli.ecosystems.transformers import is_pretrained_model, load_pretrained, write_pretrained
 from reparam_cli.errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file, weights_in_folder
-from reparam_cli.ecosystems.transformers import is_pretrained_model, load_pretrained, write_pretrained
 from reparam_cli.io.export import DTYPES, check_folder_target, write_folder, write_onnx, write_pt2, write_torchscript
 from reparam_cli.io.formats import FOLDER_FORMATS, SUFFIX
 from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer, private_tmpdir
@@ -192,11 +192,11 @@ def convert_checkpoint(
         raise CheckpointError(f"{checkpoint}: tensor {bad} holds NaN or infinite values; nothing was written",
                               hint="pass --allow-nonfinite to convert it anyway")
     named = spec.name
-    spec = ckpt.rebuild_spec or spec
+    spec = ckpt.rebuild_spec or spec  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
     if fmt == "hf" and not is_pretrained_model(train):
         raise OutputError(f"-f hf writes a transformers save_pretrained folder, and the model built from {spec.name!r} "
                           f"is a {type(train).__name__}, not a transformers PreTrainedModel",
-                          hint="choose safetensors, torchscript, pt2 or onnx")  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
+                          hint="choose safetensors, torchscript, pt2 or onnx")
     if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
                           "verified", hint="pass --dtype float16 or float32, or --no-verify")
