@@ -30,6 +30,10 @@ the raw training-branch outputs that eval mode returns beside them are what fusi
 removes. Construction probes the strides with a real forward pass (`.item()`), which the meta
 device cannot run: these models are built on the CPU (a note says so).
 
+Exports: `-f onnx` files get the `metadata_props` ultralytics' own exporter writes (`export_metadata`:
+task, class names, stride, imgsz, args ...), which its AutoBackend reads, so `YOLO('deploy.onnx')` and
+`yolo predict` run them as ultralytics' own exports.
+
 Checkpoints: ultralytics saves whole pickled models (float16) under `model` / `ema`, beside
 `train_args` and more; reading them needs `--trust-pickle`. `--spec checkpoint` then converts the
 pickled model itself, in float32 as ultralytics loads it, and `adopt` stores the model's own
