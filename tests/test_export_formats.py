@@ -169,3 +169,59 @@ def test_version_and_shell_completion():
     assert result.exit_code == 0 and result.stdout.startswith("reparam ")
     result = run("--help")
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+
+
+def test_onnx_metadata_props_are_written_and_checked_file_is_what_is_published(tmp_path):
+    """write_onnx's `metadata(dynamic dims)` entries land in the file's metadata_props (what a
+    library's runtime reads, e.g. ultralytics'), before the check runs on the finished file; the
+    exported graph still computes the module (relative 1e-6)."""
+    import onnx
+    import onnxruntime as ort
+
+    from reparam_cli.io.export import write_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def check(tmp):
+        seen.update({p.key: p.value for p in onnx.load(str(tmp)).metadata_props})
+
+    out = tmp_path / "m.onnx"
+    dims = write_onnx(out, model, x, check=check, dynamic="none",
+                      metadata=lambda d: {"task": "detect", "dims": str(d), "names": str({0: "a"})})
+    written = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert dims == [] and written == seen == {"task": "detect", "dims": "[]", "names": "{0: 'a'}"}
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), model(x).double()) < 1e-6
+
+
+def test_folder_output_is_atomic_and_replaces_only_a_save_pretrained_folder(tmp_path):
+    """write_folder publishes the folder only once `check` passes (no temporary left either way);
+    an existing folder is replaced only with overwrite, and only when it holds nothing but what
+    save_pretrained writes."""
+    from reparam_cli.errors import OutputError
+    from reparam_cli.io.export import write_folder
+
+    def fill(folder):
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"x")
+
+    def refuse(folder):
+        raise OutputError("no")
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="no"):
+        write_folder(out, fill, refuse)
+    assert list(tmp_path.iterdir()) == []
+    write_folder(out, fill)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(OutputError, match="already exists"):
+        write_folder(out, fill)
+    write_folder(out, lambda f: (f / "config.json").write_text('{"new": 1}'), overwrite=True)
+    assert (out / "config.json").read_text() == '{"new": 1}' and not (out / "model.safetensors").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt"):
+        write_folder(out, fill, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["out"]

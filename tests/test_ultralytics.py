@@ -369,3 +369,68 @@ def test_yolo_world_and_yoloe_are_refused_in_one_line(cfg, head, tmp_path):
     result = run_cli("init", f"ultralytics:{cfg}", "-o", tmp_path / "w.pth")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "w.pth").exists()
+
+
+@pytest.mark.parametrize("cfg, route, dynamic", [("yolov8n.yaml", "checkpoint", "auto"),
+                                                 ("yolov8n-seg.yaml", "spec", "none")])
+def test_onnx_export_carries_ultralytics_metadata_and_runs_in_yolo(cfg, route, dynamic, tmp_path):
+    """An ONNX file from the ultralytics route carries the metadata_props ultralytics' own exporter
+    writes, so `YOLO('deploy.onnx').predict(image)` runs it with the model's task, class names and
+    stride; its raw outputs (one for detect; predictions and mask prototypes for segment) equal
+    ultralytics' own fuse() of the model, in onnxruntime, to float32 rounding (rtol 1e-4).
+    Dynamic height/width is ultralytics' dynamic=True; static shapes give dynamic=False and the
+    exported imgsz, which the predictor then letterboxes to."""
+    import ast
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import SegmentationModel
+
+    torch.manual_seed(0)
+    model = (SegmentationModel if "seg" in cfg else DetectionModel)(cfg, nc=2, verbose=False)
+    with torch.no_grad():
+        randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    model.names = {0: "cat", 1: "dog"}
+    model.eval()
+    task = "segment" if "seg" in cfg else "detect"
+    if route == "checkpoint":  # as ultralytics' trainer saves best.pt: the pickled float16 model
+        src = tmp_path / "best.pt"
+        torch.save({"model": copy.deepcopy(model).half(), "ema": None, "train_args": {"imgsz": 64}}, src)
+        args = ("--spec", "checkpoint", "--trust-pickle")
+        names = {0: "cat", 1: "dog"}
+        model = torch.load(src, weights_only=False)["model"].float().eval()  # as ultralytics loads it
+    else:  # a state dict: the class names are not in it, ultralytics' defaults are written
+        src = tmp_path / "seg.pth"
+        torch.save(model.state_dict(), src)
+        args = ("--spec", f"ultralytics:{cfg}?nc=2")
+        names = {0: "0", 1: "1"}
+    out = tmp_path / "deploy.onnx"
+    report = _convert(src, *args, "-f", "onnx", "--dynamic-shapes", dynamic, "-o", out)
+    assert report["ok"] and report["export_ok"] and "names" in report["export_metadata"]
+
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["task"] == task and ast.literal_eval(meta["names"]) == names and int(meta["stride"]) == 32
+    assert ast.literal_eval(meta["imgsz"]) == [64, 64] and meta["head"] == ("Segment" if task == "segment" else "Detect")
+    assert ast.literal_eval(meta["args"])["dynamic"] is (dynamic == "auto")
+
+    yolo = YOLO(str(out))
+    assert yolo.task == task
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    results = yolo.predict(image, conf=0.0, verbose=False)
+    assert len(results) == 1 and results[0].names == names and results[0].orig_shape == (48, 80)
+    assert len(results[0].boxes) > 0  # conf=0: every kept box is a detection
+    if task == "segment":
+        assert results[0].masks is not None and results[0].masks.data.shape[0] == len(results[0].boxes)
+
+    theirs = _ultralytics_fused(model)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = theirs(x)
+    expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+    assert len(outputs) == len(expected) == (2 if task == "segment" else 1)
+    for got, want in zip(outputs, expected):
+        _outputs_close(torch.from_numpy(got), want, rtol=1e-4)

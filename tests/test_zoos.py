@@ -15,7 +15,7 @@ from reparam_cli.errors import SpecError
 from reparam_cli.pipeline.deploy import load_deploy
 from reparam_cli.pipeline.specs import load_spec
 
-from .helpers import run_cli
+from .helpers import TINY_REPVGG_YAML, run_cli
 
 SMALL = ["--input-shape", "1,3,64,64"]
 
@@ -129,6 +129,18 @@ def test_transformers_model_type_and_class_specs():
     assert "transformers:resnet" in str(exc.value.hint)
 
 
+class _RunsCommand:
+    """Unpickling this runs a shell command (what a hostile training_args.bin could hold)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
 @pytest.mark.parametrize("layout", ["single", "sharded", "trainer-bin"])
 def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
     """save_pretrained folders (one safetensors file, shards with their index) and a Trainer
@@ -144,6 +156,7 @@ def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
         (folder / "model.safetensors").unlink()
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
         (folder / "optimizer.pt").write_bytes(b"")  # what Trainer writes beside it, not read
+        torch.save(_RunsCommand(str(tmp_path / "RAN")), folder / "training_args.bin")  # a pickle, never opened
     out = tmp_path / "deploy.safetensors"
     res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-o", out, "--json")
     assert res.exit_code == 0, res.output
@@ -152,9 +165,82 @@ def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
     deploy = load_deploy(out)  # from the configuration stored in the file
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(deploy(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "RAN").exists()
     if layout == "trainer-bin":  # the run folder itself: pointed at its checkpoints
         res = run_cli("convert", tmp_path / "run", "--spec", f"transformers:{folder}", "-o", tmp_path / "x.safetensors")
         assert res.exit_code == 2 and "checkpoint-500" in res.output
+
+
+def test_transformers_hf_output_is_a_save_pretrained_folder(tmp_path):
+    """`-f hf` writes what save_pretrained writes: from_pretrained loads it with no missing, unexpected
+    or mismatched key and computes the training model's function (relative 1e-5); the conv weights
+    are the fused ones and each folded BatchNorm is an exact bias-add (mean 0, var + eps == 1,
+    weight 1); `reparam verify` reads the folder back. A folder to stdout and a model that is not a
+    transformers PreTrainedModel are refused in one line."""
+    model = _hf_resnet()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    out = tmp_path / "deployed"
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["export_runtime"] == "from_pretrained" and report["export_max_rel_err"] < 1e-5
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    loaded, info = transformers.ResNetForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = loaded.eval()(x).logits, model(x).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    conv, bn = loaded.resnet.embedder.embedder.convolution, loaded.resnet.embedder.embedder.normalization
+    assert not torch.equal(conv.weight, model.resnet.embedder.embedder.convolution.weight)  # the fused weights
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and torch.equal(bn.weight, torch.ones_like(bn.weight))
+    assert torch.equal(bn.running_var + bn.eps, torch.ones_like(bn.running_var))
+
+    res = run_cli("verify", folder, out, "--spec", f"transformers:{folder}", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["format"] == "hf" and json.loads(res.stdout)["ok"]
+
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", out)
+    assert res.exit_code == 2 and "already exists" in res.stderr  # an existing folder needs --overwrite
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", "-")
+    assert res.exit_code == 2 and "cannot go to stdout" in res.stderr and "Traceback" not in res.stderr
+
+    other = tmp_path / "tiny.yaml"
+    other.write_text(TINY_REPVGG_YAML)
+    ckpt = tmp_path / "tiny.pth"
+    assert run_cli("init", other, "-o", ckpt).exit_code == 0
+    res = run_cli("convert", ckpt, "--spec", other, "-f", "hf", "-o", tmp_path / "tiny-hf")
+    assert res.exit_code == 2 and res.stderr.count("\n") <= 2 and "not a transformers PreTrainedModel" in res.stderr
+    assert not (tmp_path / "tiny-hf").exists()
+
+
+def test_transformers_hf_output_sets_folded_layer_scales_to_one(tmp_path):
+    """ConvNeXt: the graph pass folds each layer_scale_parameter into the pointwise conv before it;
+    the -f hf folder holds the scaled weights and the scales as ones, loads with no key problem and
+    computes the training model's function (relative 1e-5)."""
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_labels=3,
+                                         image_size=32, layer_scale_init_value=0.5)
+    model = transformers.ConvNextForImageClassification(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale_parameter"):
+                p.uniform_(0.2, 2.0)
+    folder, out = tmp_path / "convnext", tmp_path / "convnext-fused"
+    model.save_pretrained(folder)
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-f", "hf", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    loaded, info = transformers.ConvNextForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    scales = [p for n, p in loaded.named_parameters() if n.endswith("layer_scale_parameter")]
+    assert len(scales) == 4 and all(torch.equal(p, torch.ones_like(p)) for p in scales)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = loaded.eval()(x).logits, model(x).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
 def test_reparam_debug_prints_the_traceback_and_keeps_the_exit_code(tmp_path, monkeypatch):
@@ -234,3 +320,156 @@ def test_unused_modules_are_dropped_unless_keep_unused(tmp_path):
     res = run_cli("convert", ckpt, "--spec", spec, "-o", kept, "--json", "--keep-unused")
     assert res.exit_code == 0 and "dropped" not in json.loads(res.stdout)
     assert load_deploy(kept, spec=str(spec)).aux is not None
+
+
+LOUD_SPEC = '''
+from torch import nn
+
+INPUT_SHAPE = (1, 3, 8, 8)
+
+
+def build_model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+'''
+
+
+def test_float16_overflow_is_named_when_verification_runs_in_float32(tmp_path):
+    """A float16 checkpoint converted with --dtype float32 whose activations exceed 65504 on the
+    verification input: the conversion passes (float32 holds them) and the report names where the
+    model run in float16 would give inf (a note); a checkpoint that stays in range gets no such note."""
+    spec = tmp_path / "loud.py"
+    spec.write_text(LOUD_SPEC)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        _randomize_bn(model)
+        model[1].weight.fill_(2.0)
+        model[3].weight.uniform_(0.5, 1.0)
+        model[4].weight.fill_(30000.0)  # the second conv's output scaled past float16's range (~1e5)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(x).abs().max() > 65504 and model[:4](x).abs().max() < 65504
+    results = {}
+    for name, scale in (("loud", 1.0), ("quiet", 1e-3)):
+        with torch.no_grad():
+            model[4].weight.mul_(scale)
+        ckpt = tmp_path / f"{name}.pth"
+        torch.save(model.half().state_dict(), ckpt)
+        model.float()
+        res = run_cli("convert", ckpt, "--spec", spec, "--dtype", "float32", "-o", tmp_path / f"{name}.safetensors",
+                      "--json")
+        assert res.exit_code == 0, res.output
+        results[name] = json.loads(res.stdout)
+    loud = [n for n in results["loud"].get("notes", []) if "float16's range" in n]
+    assert results["loud"]["ok"] and results["loud"]["dtype"] == "float32" and len(loud) == 1
+    assert "first at 3" in loud[0] and "gives inf" in loud[0], loud[0]  # the folded conv+BN: model.3 after fusing
+    assert not [n for n in results["quiet"].get("notes", []) if "float16's range" in n]
+
+
+LIGHTNING_MODULES = {  # stand-ins for the classes a Lightning + user-config checkpoint pickles
+    "lightning/__init__.py": "",
+    "lightning/fabric/__init__.py": "",
+    "lightning/fabric/utilities/__init__.py": "",
+    "lightning/fabric/utilities/data.py": "class AttributeDict(dict):\n"
+                                          "    def __getattr__(self, key):\n        return self[key]\n",
+    "myproject_zoo3/__init__.py": "",
+    "myproject_zoo3/config.py": "import dataclasses\n\n@dataclasses.dataclass\nclass TrainConfig:\n"
+                                "    lr: float = 0.1\n    width: int = 8\n\n"
+                                "class Hook:\n    def __init__(self, path):\n        self.path = path\n"
+                                "    def __reduce__(self):\n        import os\n"
+                                "        return (os.system, ('touch ' + self.path,))\n",
+}
+
+
+def test_lightning_checkpoint_with_its_classes_converts_without_running_its_pickle(tmp_path, monkeypatch):
+    """A checkpoint as Lightning's trainer writes it (`state_dict` with the LightningModule's `model.`
+    prefix and a loss module's tensors beside it, `hyper_parameters` as Lightning's AttributeDict
+    holding the user's config dataclass, `callbacks` with tensors, `loops`, `optimizer_states`,
+    `lr_schedulers`), read with neither Lightning nor the user's package importable: converts
+    without --trust-pickle, runs none of its code (an object whose unpickling would run a command
+    stays inert), and equals the training model (relative 1e-5)."""
+    import sys
+
+    from .helpers import TINY_REPVGG_YAML, randomized
+
+    pkg = tmp_path / "site"
+    for rel, text in LIGHTNING_MODULES.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    monkeypatch.syspath_prepend(str(pkg))
+    from lightning.fabric.utilities.data import AttributeDict
+    from myproject_zoo3.config import Hook, TrainConfig
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_REPVGG_YAML)
+    model = randomized(load_spec(str(spec)).build(), seed=3)
+    marker = tmp_path / "RAN"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["criterion.weight"] = torch.ones(10)
+    checkpoint = {
+        "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "state_dict": state,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+            "monitor": "val_loss", "best_model_score": torch.tensor(0.25), "best_model_path": "/runs/epoch=3.ckpt",
+            "kth_value": torch.tensor(float("inf"))}},
+        "optimizer_states": [{"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}],
+        "lr_schedulers": [{"last_epoch": 3, "_last_lr": [0.1]}],
+        "hparams_name": "kwargs",
+        "hyper_parameters": AttributeDict(cfg=TrainConfig(lr=0.01), on_load=Hook(str(marker))),
+    }
+    ckpt = tmp_path / "epoch=3-step=120.ckpt"
+    torch.save(checkpoint, ckpt)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("lightning", "myproject_zoo3")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(pkg)])  # neither package importable now
+
+    out = tmp_path / "lit.safetensors"
+    res = run_cli("convert", ckpt, "--spec", spec, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    notes = " ".join(report["notes"])
+    assert report["ok"] and "'model.'" in notes and "criterion.weight" in notes
+    assert "hyper_parameters (lightning.fabric.utilities.data.AttributeDict)" in notes and "no code run" in notes, notes
+    assert not marker.exists() and "lightning" not in sys.modules
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.double()(x.double())
+        got = load_deploy(out)(x).double()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("where", ["beside-spec", "cwd"])
+def test_python_spec_imports_the_users_package_as_their_script_does(tmp_path, monkeypatch, where):
+    """spec.py does `from <pkg>.nets import small` like the user's train.py: the package is found
+    beside spec.py (the script's folder) or in the working directory, with neither on sys.path
+    before (as under the installed `reparam` script), also for imports inside build_model(); both
+    leave sys.path again afterwards (the user's folder shadows nothing reparam imports later)."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    pkg_name = f"zoo3pkg_{where.replace('-', '_')}"
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    home = project if where == "beside-spec" else elsewhere
+    (home / pkg_name).mkdir()
+    (home / pkg_name / "__init__.py").write_text("")
+    (home / pkg_name / "nets.py").write_text("from torch import nn\n"
+                                             "def small(width):\n"
+                                             "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))\n")
+    (home / pkg_name / "late.py").write_text("WIDTH = 6\n")
+    (project / "spec.py").write_text(f"from {pkg_name}.nets import small\n\n"
+                                     "def build_model():\n"
+                                     f"    from {pkg_name}.late import WIDTH  # imported when built\n"
+                                     "    return small(WIDTH)\n")
+    monkeypatch.chdir(elsewhere)  # where the user runs reparam from
+    for name in [m for m in sys.modules if m.startswith(pkg_name)]:
+        monkeypatch.delitem(sys.modules, name)
+    model = load_spec(str(project / "spec.py")).build(device="meta")
+    assert model[0].out_channels == 6 and type(model).__module__ == "torch.nn.modules.container"
+    assert sys.modules[f"{pkg_name}.nets"].__file__ == str(home / pkg_name / "nets.py")
+    assert str(project) not in sys.path and str(elsewhere) not in sys.path
+    for name in [m for m in sys.modules if m.startswith(pkg_name)]:
+        monkeypatch.delitem(sys.modules, name)

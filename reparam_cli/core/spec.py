@@ -61,35 +61,38 @@ class ModelSpec:
                             "`convert` and `verify` read with --trust-pickle",
                             hint="here, pass the spec of the model's architecture (--spec, or spec=... in Python)")
         fn = self.resolve_builder()
-        try:
-            on_meta = device is not None and torch.device(device).type == "meta"
-            # A builder may say up front why it cannot build on meta (trying first costs time).
-            known = getattr(fn, "not_on_meta", None) if on_meta else None
-            if device is None or known:
-                model = fn(**self.args)
-            else:
-                try:
-                    with torch.device(device):
-                        model = fn(**self.args)
-                except (SpecError, TypeError):
-                    raise
-                except Exception as exc:  # construction computes (e.g. `.item()`), which meta cannot
-                    if not on_meta:
-                        raise
+        target = self.builder.rpartition(":")[0]
+        paths = user_paths(Path(target).resolve().parent) if target.endswith(".py") else contextlib.nullcontext()
+        with paths:  # a spec.py's builder imports the user's package as at import
+            try:
+                on_meta = device is not None and torch.device(device).type == "meta"
+                # A builder may say up front why it cannot build on meta (trying first costs time).
+                known = getattr(fn, "not_on_meta", None) if on_meta else None
+                if device is None or known:
                     model = fn(**self.args)
-                    known = "building on the meta device failed: " + \
-                        (first_line(exc) or type(exc).__name__)
-            if known and f"built on cpu: {known}" not in self.notes:
-                self.notes.append(f"built on cpu: {known}")
-        except TypeError as exc:
-            raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
-        except SystemExit as exc:  # the builder is user code: exiting is an error, not the end of reparam
-            raise SpecError(f"spec {self.name!r}: builder {self.builder} called sys.exit({exc.code!r})") from None
-        except ReparamError:
-            raise
-        except Exception as exc:  # user code: one line, not a traceback
-            detail = first_line(exc)
-            raise SpecError(f"spec {self.name!r}: builder {self.builder} failed: {type(exc).__name__}: {detail}") from None
+                else:
+                    try:
+                        with torch.device(device):
+                            model = fn(**self.args)
+                    except (SpecError, TypeError):
+                        raise
+                    except Exception as exc:  # construction computes (e.g. `.item()`), which meta cannot
+                        if not on_meta:
+                            raise
+                        model = fn(**self.args)
+                        known = "building on the meta device failed: " + \
+                            (first_line(exc) or type(exc).__name__)
+                if known and f"built on cpu: {known}" not in self.notes:
+                    self.notes.append(f"built on cpu: {known}")
+            except TypeError as exc:
+                raise SpecError(f"spec {self.name!r}: builder {self.builder} rejected its arguments: {exc}") from None
+            except SystemExit as exc:  # the builder is user code: exiting is an error, not the end of reparam
+                raise SpecError(f"spec {self.name!r}: builder {self.builder} called sys.exit({exc.code!r})") from None
+            except ReparamError:
+                raise
+            except Exception as exc:  # user code: one line, not a traceback
+                detail = first_line(exc)
+                raise SpecError(f"spec {self.name!r}: builder {self.builder} failed: {type(exc).__name__}: {detail}") from None
         if not isinstance(model, torch.nn.Module):
             raise SpecError(f"spec {self.name!r}: builder {self.builder} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -171,6 +174,25 @@ def _no_bytecode() -> Iterator[None]:
         sys.dont_write_bytecode = before
 
 
+@contextlib.contextmanager
+def user_paths(folder: Path) -> Iterator[None]:
+    """While importing a Python spec file and running its builder: the spec file's folder, then the
+    working directory, first on sys.path (where not there yet), as `python train.py` has them for a
+    training script, so the spec imports the user's package the way their script does (`from
+    mypkg.models import Net`, mypkg beside spec.py or in the working directory), also inside
+    build_model(). Removed afterwards: the user's folder does not shadow modules reparam imports later."""
+    import os
+
+    added = [entry for entry in dict.fromkeys([str(folder), os.getcwd()]) if entry not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for entry in added:
+            if entry in sys.path:
+                sys.path.remove(entry)
+
+
 def _import_file(path: Path):
     """Import a Python spec file (once per process). Its code is the user's: an exception or a
     sys.exit() (argparse at import, for instance) becomes a one-line SpecError, and what it writes to
@@ -187,7 +209,7 @@ def _import_file(path: Path):
     module = importlib.util.module_from_spec(spec)
     said = io.StringIO()
     try:
-        with contextlib.redirect_stderr(said), _no_bytecode():
+        with contextlib.redirect_stderr(said), _no_bytecode(), user_paths(key.parent):
             spec.loader.exec_module(module)
     except SystemExit as exc:
         raise SpecError(f"importing {path} called sys.exit({exc.code!r})",

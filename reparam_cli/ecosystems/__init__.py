@@ -19,8 +19,11 @@ generic and reaches these files only through the functions below:
 * `ran_natively(module)`: why a module's own deploy method already ran (in `finish`), or None;
 * `prepare(model)`: a built training model set as its library deploys it, also when the user's own
   spec built it (the conventions follow the model, not the spec string).
+* `export_metadata(model, fmt, shape, dynamic_dims)`: what the library's own runtime reads from an
+  exported file's metadata (ultralytics: ONNX `metadata_props` with task, class names, stride ...).
 
-A library file may define any of `spec(ref)`, `prepare(model)`, `finish(model, deployed)` and `adopt(module)`;
+A library file may define any of `spec(ref)`, `prepare(model)`, `finish(model, deployed)`, `adopt(module)`
+and `export_metadata(...)`;
 importing it registers its recipes (`@recipe(BlockType, family=...)`), so it may import its library.
 """
 
@@ -120,3 +123,16 @@ def adopt(module: nn.Module) -> tuple[nn.Module, object, list[str]]:
         if found is not None:
             return found
     return module, None, []
+
+
+def export_metadata(model: nn.Module, fmt: str, shape: tuple[int, ...], dynamic_dims: list[str]) -> dict[str, str]:
+    """Metadata entries (key -> string) a `fmt` file of the deploy `model` carries so that its library's
+    own runtime loads it (ultralytics' AutoBackend: task, names, stride, imgsz ...), from the first
+    active library that recognises the model; {} for any other model. `shape`: the export's example
+    input shape; `dynamic_dims`: the input dims the file leaves dynamic ('batch', 'height', 'width')."""
+    for eco in _active():
+        step = getattr(eco, "export_metadata", None)
+        found = step(model, fmt, shape, dynamic_dims) if step is not None else None
+        if found:
+            return found
+    return {}

@@ -22,6 +22,7 @@ rebuilds without the folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,152 @@ def spec(ref: str) -> ModelSpec:
         desc = f"transformers model {name}"
     return ModelSpec(name=ref, builder=BUILDER, args=build_args,
                      input_shape=_shape(shape or _input_shape(info), ref), description=desc, source=ref)
+
+
+# --------------------------------------------------------------------------- save_pretrained output (-f hf)
+#
+# A deploy model's structure is generally not the transformers architecture: the graph pass folds each
+# conv+BatchNorm into a conv with a bias, a slot the architecture's conv (bias=False) does not have. The
+# folder `-f hf` writes therefore holds the fused weights in the architecture's own keys: each folded
+# BatchNorm stays, set to an exact bias-add (running_mean 0, running_var with var + eps == 1, weight 1,
+# bias = the fused conv's bias), so `from_pretrained` loads it with no missing or unexpected key and
+# computes the verified function (the per-channel scale is in the conv weights; the BatchNorm is a bias
+# add, which any runtime fuses). A per-channel layer scale folded into the layer before it (ConvNeXt's
+# layer_scale_parameter) is set to ones. The folder is loaded back with from_pretrained and compared with
+# the deploy model before it is published; anything else the architecture cannot hold is refused in one line.
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws progress bars on stderr while saving and loading: not in reparam's output."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def is_pretrained_model(model) -> bool:
+    """Whether `model` is a transformers `PreTrainedModel` (what `-f hf` can write)."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _unit_variance(eps: float, dtype) -> "torch.Tensor":
+    """A running_var v in `dtype` with float32(v + eps) == 1 where one exists (so BN divides by exactly 1)."""
+    import torch
+
+    v = torch.tensor(1.0 - eps, dtype=torch.float32)
+    for _ in range(8):  # step to the float32 neighbour that makes v + eps round to 1
+        total = (v + torch.tensor(eps, dtype=torch.float32)).item()
+        if total == 1.0:
+            break
+        v = torch.nextafter(v, torch.tensor(0.0 if total > 1.0 else 2.0))
+    return v.to(dtype)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _is_scale(key: str, ref) -> bool:
+    """A per-channel output scale the graph pass folds into the layer before it (ConvNeXt's
+    `layer_scale_parameter`, CaiT-style `gamma`): set to ones, it multiplies by exactly 1."""
+    name = key.rpartition(".")[2]
+    return ref.dim() == 1 and ref.is_floating_point() and ("scale" in name or name in ("gamma", "gamma_1", "gamma_2"))
+
+
+def pretrained_state(deploy, target) -> dict:
+    """The state dict of `target` (the transformers architecture, freshly built) that computes what the
+    deploy model computes: the deploy tensors under the keys they share, and each BatchNorm the graph
+    pass folded away set to an exact bias-add holding its conv's fused bias (see above). Raises
+    OutputError naming the first tensor the architecture has no place for."""
+    import torch
+    from torch import nn
+
+    from reparam_cli.errors import OutputError
+
+    name = type(target).__name__
+    have, want = deploy.state_dict(), target.state_dict()
+    state: dict = {}
+    for key, ref in want.items():
+        if key in have:
+            if tuple(have[key].shape) != tuple(ref.shape):
+                raise OutputError(f"-f hf: {key} has shape {tuple(have[key].shape)} in the deploy model, "
+                                  f"{tuple(ref.shape)} in {name}", hint="write safetensors (reparam's deploy file)")
+            state[key] = have[key]
+    dtype = next((t.dtype for t in have.values() if t.is_floating_point()), torch.float32)
+    folded = {}  # BatchNorms whose tensors the deploy model no longer has: exact identities first
+    for path, m in target.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(f"{path}.{k}" in state for k in m.state_dict()):
+            if not (m.affine and m.track_running_stats):
+                raise OutputError(f"-f hf: {name}'s {path} ({type(m).__name__} without affine weights or running "
+                                  "statistics) cannot be set to hold a folded bias", hint="write safetensors")
+            n = m.num_features
+            state.update({f"{path}.weight": torch.ones(n, dtype=dtype), f"{path}.bias": torch.zeros(n, dtype=dtype),
+                          f"{path}.running_mean": torch.zeros(n, dtype=dtype),
+                          f"{path}.running_var": _unit_variance(m.eps, dtype).expand(n).clone(),
+                          f"{path}.num_batches_tracked": torch.zeros((), dtype=torch.long)})
+            folded[path] = n
+    order = {path: i for i, (path, _) in enumerate(target.named_modules())}
+    for key in [k for k in have if k not in want]:
+        owner = key.rpartition(".")[0]
+        layer = dict(target.named_modules()).get(owner)
+        if not (key.endswith(".bias") and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+                and layer.bias is None):
+            raise OutputError(f"-f hf: the deploy model holds {key}, which {name} has no place for",
+                              hint="write safetensors (reparam's deploy file); load_deploy rebuilds it")
+        n = have[key].numel()
+        after = [p for p, f in folded.items() if f == n and order[p] > order.get(owner, -1)]
+        if not after:
+            raise OutputError(f"-f hf: no BatchNorm of {name} after {owner} can hold its fused bias",
+                              hint="write safetensors (reparam's deploy file); load_deploy rebuilds it")
+        bn = max(after, key=lambda p: (_common_prefix(p, owner), -order[p]))
+        state[f"{bn}.bias"] = have[key]
+        del folded[bn]
+    for key in [k for k in want if k not in state and _is_scale(k, want[k])]:
+        state[key] = torch.ones_like(want[key], dtype=dtype, device="cpu")  # folded into the layer before it
+    missing = [k for k in want if k not in state]
+    if missing:
+        raise OutputError(f"-f hf: {name} needs {missing[0]}, which the deploy model no longer has"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}",
+                          hint="pass --keep-unused if it was dropped as unused, or write safetensors")
+    return state
+
+
+def write_pretrained(folder, deploy, target) -> None:
+    """Write what `save_pretrained` writes (config.json, model.safetensors) into `folder`: `target`
+    (the architecture, built from the same configuration) holding `pretrained_state(deploy, target)`."""
+    state = pretrained_state(deploy, target)
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    target.load_state_dict(state, strict=True)
+    if dtype is not None:
+        target.to(dtype)
+    with _no_progress_bars():
+        target.save_pretrained(str(folder), safe_serialization=True)
+
+
+def load_pretrained(folder, dtype):
+    """`<architecture class>.from_pretrained(folder)` as a user loads it, with its loading report:
+    (model in eval mode, a list of 'missing/unexpected/mismatched: keys' problems)."""
+    transformers = import_transformers()
+    conf = _config_file(Path(folder))
+    arch = (conf.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise SpecError(f"{folder}/config.json names no transformers architecture")
+    with _no_progress_bars():
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    problems = [f"{kind}: {', '.join(map(str, keys))}" for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if (keys := info.get(kind))]
+    return model.eval(), problems

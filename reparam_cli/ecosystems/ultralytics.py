@@ -30,6 +30,10 @@ the raw training-branch outputs that eval mode returns beside them are what fusi
 removes. Construction probes the strides with a real forward pass (`.item()`), which the meta
 device cannot run: these models are built on the CPU (a note says so).
 
+Exports: `-f onnx` files get the `metadata_props` ultralytics' own exporter writes (`export_metadata`:
+task, class names, stride, imgsz, args ...), which its AutoBackend reads, so `YOLO('deploy.onnx')` and
+`yolo predict` run them as ultralytics' own exports.
+
 Checkpoints: ultralytics saves whole pickled models (float16) under `model` / `ema`, beside
 `train_args` and more; reading them needs `--trust-pickle`. `--spec checkpoint` then converts the
 pickled model itself, in float32 as ultralytics loads it, and `adopt` stores the model's own
@@ -41,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,11 +217,17 @@ def _model_class(cfg: dict):
 
 
 def _anchors_follow_dtype(head: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: recompute a head's cached anchors when the input dtype changes. Heads cache
-    anchors per input shape only, so after verification's float64 reference pass the float32 pass
-    would reuse float64 anchors (RT-DETR's decoder then fails: "mat1 and mat2 must have the same dtype")."""
-    anchors = getattr(head, "anchors", None)
-    if isinstance(anchors, torch.Tensor) and anchors.numel() and anchors.dtype != args[0][0].dtype:
+    """Forward pre-hook: recompute a head's cached anchors when the input dtype changes, or when they
+    were cached while tracing (torch.export / ONNX export) and the input is real, or the reverse.
+    Heads cache anchors per input shape only, so after verification's float64 reference pass the
+    float32 pass would reuse float64 anchors (RT-DETR's decoder then fails: "mat1 and mat2 must have
+    the same dtype"), and after an export at the input's own shape the deploy model would reuse the
+    exporter's fake anchors ("Could not guard on data-dependent expression")."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    anchors, x = getattr(head, "anchors", None), args[0][0]
+    if isinstance(anchors, torch.Tensor) and anchors.numel() and (
+            anchors.dtype != x.dtype or is_fake(anchors) != is_fake(x)):
         head.shape, head.shapes = None, []  # Detect's and RTDETRDecoder's cache keys
 
 
@@ -332,6 +343,47 @@ def adopt(module: nn.Module):
                         input_shape=(1, ch, DEFAULT_IMGSZ, DEFAULT_IMGSZ),
                         description=f"ultralytics model {name} (configuration from the checkpoint)", source="checkpoint")
     return prepare(module), rebuild, notes
+
+
+def export_metadata(model: nn.Module, fmt: str, shape: tuple[int, ...], dynamic_dims: list[str]) -> dict | None:
+    """The ONNX `metadata_props` ultralytics' own exporter writes (engine/exporter.py), which its
+    AutoBackend reads back: so `YOLO('deploy.onnx')` and `yolo predict model=deploy.onnx` run the file
+    with the model's task, class names, stride and image size. Values are strings as ultralytics writes
+    them (`str()` of ints, lists and dicts, read back with ast.literal_eval). Dynamic height and width
+    are ultralytics' `dynamic=True`; with fixed ones the predictor letterboxes to `imgsz`, the exported
+    size. None for another format or a model that is not ultralytics'."""
+    from ultralytics import __version__ as ultralytics_version
+    from ultralytics.nn.tasks import BaseModel, guess_model_task
+
+    from reparam_cli._version import __version__
+
+    if fmt != "onnx" or not isinstance(model, BaseModel) or len(shape) != 4:
+        return None
+    config = getattr(model, "yaml", None) or {}
+    task = getattr(model, "task", None) or guess_model_task(model)
+    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+    names = getattr(model, "names", None) or {i: f"{i}" for i in range(int(config.get("nc", 0)))}
+    names = {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
+    stride = getattr(model, "stride", 32)
+    dynamic = "height" in dynamic_dims and "width" in dynamic_dims
+    batch = 1 if "batch" in dynamic_dims else int(shape[0])
+    imgsz = [int(shape[2]), int(shape[3])]
+    half = next((p.dtype for p in model.parameters()), torch.float32) == torch.float16
+    name = Path(str(config.get("yaml_file", "model.yaml"))).stem.replace("yolo", "YOLO")
+    meta: dict[str, Any] = {
+        "description": f"Ultralytics {name} model, fused by reparam {__version__}",
+        "author": "Ultralytics", "date": datetime.now().astimezone().isoformat(), "version": ultralytics_version,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)", "docs": "https://docs.ultralytics.com",
+        "stride": int(torch.as_tensor(stride).max()), "task": task, "head": type(head).__name__, "batch": batch,
+        "imgsz": imgsz, "names": names,
+        "args": {"batch": batch, "imgsz": imgsz, "half": half, "dynamic": dynamic, "nms": False},
+        "channels": int(shape[1]), "end2end": bool(getattr(model, "end2end", False)),
+    }
+    if task == "pose" and head is not None and hasattr(head, "kpt_shape"):
+        meta["kpt_shape"] = list(head.kpt_shape)
+        if getattr(model, "kpt_names", None):
+            meta["kpt_names"] = model.kpt_names
+    return {k: str(v) for k, v in meta.items()}
 
 
 def _plain(value: Any) -> Any:

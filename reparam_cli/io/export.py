@@ -21,6 +21,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from reparam_cli.core.messages import describe, quiet_logger
 from reparam_cli.errors import OutputError
 from reparam_cli.extras import import_extra
 from reparam_cli.io.formats import DTYPE_NAMES, DYNAMIC_SHAPES
-from reparam_cli.io.safeio import atomic_output, guarded_writer
+from reparam_cli.io.safeio import atomic_output, guarded_writer, write_error
 from reparam_cli.io.safetensors import Check
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # --dtype
@@ -158,11 +159,25 @@ def _require_onnx() -> None:
         import_extra(module, "onnx", "ONNX export", OutputError)
 
 
+def _add_metadata_props(path: Path, props: dict[str, str]) -> None:
+    """Add `props` to an ONNX file's `metadata_props` (key -> string value), rewriting it in place."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.save(model, str(path))
+
+
 def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, check: Check | None = None,
-               dynamic: str = "auto", *, overwrite: bool = False) -> list[str]:
+               dynamic: str = "auto", *, overwrite: bool = False,
+               metadata: Callable[[list[str]], dict[str, str]] | None = None) -> list[str]:
     """Export the deploy model to a single self-contained ONNX file (input `input`, or `input0`,
     `input1`, ... for several; output `output`). The model is exported with torch.export first (the
-    dynamic dims as for pt2), and that program converted; returns the names of the dynamic dims."""
+    dynamic dims as for pt2), and that program converted; returns the names of the dynamic dims.
+    `metadata(dynamic dims)` gives entries for the file's `metadata_props` (what a library's own
+    runtime reads back, e.g. ultralytics' class names, stride and task), written before `check`."""
     _require_onnx()
     model = model.eval()
     args = _as_args(example)
@@ -184,6 +199,68 @@ def write_onnx(path: str | Path, model: nn.Module, example: Tensor | tuple, chec
                 error = exc
         else:
             raise OutputError(f"ONNX export failed: {describe(error)}") from None
+        props = metadata(dims) if metadata is not None else None
+        if props:
+            _add_metadata_props(tmp, props)
         if check is not None:
             check(tmp)
     return dims
+
+
+# What a save_pretrained folder holds: the only entries `--overwrite` replaces in an existing folder.
+_PRETRAINED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _replaceable(entry: Path) -> bool:
+    return entry.is_file() and (entry.name in _PRETRAINED_FILES or
+                                (entry.name.startswith("model-") and entry.name.endswith(".safetensors")))
+
+
+def check_folder_target(path: Path, overwrite: bool) -> None:
+    """Raise OutputError unless `path` may become an output folder: new, or (with `overwrite`) a folder
+    holding nothing but what save_pretrained writes."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(f"output {path} exists and is not a folder", hint="-f hf writes a folder: name a new one with -o")
+    if path.is_dir():
+        if not overwrite:
+            raise OutputError(f"output {path} already exists", hint="pass --overwrite to replace it")
+        foreign = sorted(p.name for p in path.iterdir() if not _replaceable(p))
+        if foreign:
+            raise OutputError(f"output folder {path} holds {foreign[0]}, which save_pretrained does not write: "
+                              "not replaced", hint="name a new folder with -o")
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder does not exist: {path.parent}")
+
+
+def write_folder(path: str | Path, fill: Callable[[Path], None], check: Check | None = None, *,
+                 overwrite: bool = False) -> None:
+    """Write an output folder atomically: `fill(tmp)` writes into a new hidden folder beside `path`,
+    `check(tmp)` may refuse it (raising; nothing is published), then it is renamed to `path` (an
+    existing save_pretrained folder is replaced only with `overwrite`, see check_folder_target)."""
+    import os
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    check_folder_target(path, overwrite)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.reparam-", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise write_error(exc, path) from None
+    try:
+        fill(tmp)
+        if check is not None:
+            check(tmp)
+        try:
+            if path.is_dir():  # --overwrite, checked above: the old folder goes once the new one is in place
+                old = tmp.with_name(tmp.name + ".old")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)  # an empty folder created meanwhile would be replaced; any other refuses
+        except OSError as exc:
+            raise write_error(exc, path) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

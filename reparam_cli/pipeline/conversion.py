@@ -19,14 +19,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reparam_cli import ecosystems
 from reparam_cli._version import __version__
 from reparam_cli.convert.engine import ConversionReport, reparameterize
 from reparam_cli.core.spec import ModelSpec, is_checkpoint_spec
 from reparam_cli.core.tensors import count_parameters, nonfinite_key, randomize_batchnorm, release_tensors
+from reparam_cli.ecosystems.transformers import is_pretrained_model, load_pretrained, write_pretrained
 from reparam_cli.errors import CheckpointError, Incomplete, OutputError, ReparamError, VerificationFailed
 from reparam_cli.io.checkpoint import check_checkpoint_file, sha256_file, weights_in_folder
-from reparam_cli.io.export import DTYPES, write_onnx, write_pt2, write_torchscript
-from reparam_cli.io.formats import SUFFIX
+from reparam_cli.io.export import DTYPES, check_folder_target, write_folder, write_onnx, write_pt2, write_torchscript
+from reparam_cli.io.formats import FOLDER_FORMATS, SUFFIX
 from reparam_cli.io.safeio import atomic_output, check_output_target, guarded_writer, private_tmpdir
 from reparam_cli.io.safetensors import read_metadata, write_safetensors, write_state_safetensors
 from reparam_cli.io.sniff import deploy_format_of
@@ -34,7 +36,7 @@ from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, drop
                                          load_deployed_any, stored_spec, unused_modules)
 from reparam_cli.pipeline.options import ConvertOptions, FuseOptions, Progress, VerifyOptions, no_progress
 from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _native_blocks, _verification_dict,
-                                         completeness_dict, finite_figures)
+                                         checkpoint_overflow_notes, completeness_dict, finite_figures)
 from reparam_cli.pipeline.specs import as_spec, builtin_data, builtin_names, load_spec
 from reparam_cli.pipeline.training import read_training_model
 from reparam_cli.quantize.equalize import equalize
@@ -64,10 +66,13 @@ def default_output(checkpoint: Path, fmt: str) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.deploy{SUFFIX[fmt]}")
 
 
-def _check_output(checkpoint: Path, output: Path, overwrite: bool) -> None:
-    if output.resolve() == checkpoint.resolve():
+def _check_output(checkpoint: Path, output: Path, overwrite: bool, fmt: str = "safetensors") -> None:
+    if output.resolve() == checkpoint.resolve() or (fmt in FOLDER_FORMATS and output.resolve() in checkpoint.resolve().parents):
         raise OutputError(f"refusing to write the output over its input {checkpoint}", hint="pass another -o")
-    check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
+    if fmt in FOLDER_FORMATS:
+        check_folder_target(output, overwrite)  # a new folder, or a save_pretrained one with --overwrite
+    else:
+        check_output_target(output, overwrite)  # no folder, FIFO or device; no existing file without --overwrite
 
 
 def _shape(spec: ModelSpec, opts: VerifyOptions) -> tuple[int, ...]:
@@ -119,6 +124,19 @@ def _run_verify(train: nn.Module, deploy: nn.Module, spec: ModelSpec, report: Co
         raise _pass_error(exc, shape) from exc.exc
 
 
+def _overflow_in_checkpoint_dtype(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions, dtype: torch.dtype,
+                                  report: ConversionReport | None) -> list[str]:
+    """A float16/bfloat16 checkpoint converted to a wider deploy model: where its activations, on the
+    verification input (the first sample), exceed the checkpoint dtype's range (a note)."""
+    if dtype not in (torch.float16, torch.bfloat16) or model_dtype(deploy) in (torch.float16, torch.bfloat16):
+        return []
+    try:
+        call = make_call(spec.input_hook(), _shape(spec, opts), torch.Generator().manual_seed(opts.seed))
+    except PassFailed:
+        return []
+    return checkpoint_overflow_notes(deploy, call, dtype, [p for p, _ in report.verify_blocks] if report else ())
+
+
 def _printable(name: str) -> str:
     """A file name as valid UTF-8 text (bytes that are not UTF-8 as \\xNN): what file metadata can hold."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -167,7 +185,7 @@ def convert_checkpoint(
     spec = as_spec(spec)
     output = Path(output) if output else default_output(checkpoint, fmt)
     checkpoint = weights_in_folder(checkpoint)  # a save_pretrained / Trainer checkpoint-N folder: its weights
-    _check_output(checkpoint, output, o.overwrite)
+    _check_output(checkpoint, output, o.overwrite, fmt)
 
     # The input's checksum (for the metadata) is computed on the other core while we fuse, once its
     # first bytes show a checkpoint (a hash must not run away on /dev/zero or a huge sparse file).
@@ -183,6 +201,10 @@ def convert_checkpoint(
                               hint="pass --allow-nonfinite to convert it anyway")
     named = spec.name
     spec = ckpt.rebuild_spec or spec  # --spec checkpoint: what rebuilds the model (input shape, deploy metadata)
+    if fmt == "hf" and not is_pretrained_model(train):
+        raise OutputError(f"-f hf writes a transformers save_pretrained folder, and the model built from {spec.name!r} "
+                          f"is a {type(train).__name__}, not a transformers PreTrainedModel",
+                          hint="choose safetensors, torchscript, pt2 or onnx")
     if fmt == "onnx" and verify_output and (out_dtype or ckpt.dtype) == torch.bfloat16:
         raise OutputError("onnxruntime cannot run bfloat16 convolutions on CPU, so a bfloat16 ONNX file cannot be "
                           "verified", hint="pass --dtype float16 or float32, or --no-verify")
@@ -243,6 +265,8 @@ def convert_checkpoint(
         conv_report.notes.append("--equalize rescales the outputs of blocks (not the model's): verified end to end, "
                                  "no per-block figures")
     notes = list(ckpt.notes) + list(conv_report.notes) + _low_precision_notes(result, train, deploy)
+    if result is not None:
+        notes += _overflow_in_checkpoint_dtype(deploy, spec, opts, ckpt.dtype, conv_report)
     if notes:
         report["notes"] = notes
     finite_figures(report)
@@ -390,9 +414,41 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
                           overwrite=overwrite)
         return
 
+    if fmt == "hf":
+        _write_pretrained(output, deploy, spec, call64, result, failed, overwrite)
+        return
+
     # torch.onnx and onnxruntime drop files into $TMPDIR (.ses, torchinductor_*): a folder reparam removes
     with private_tmpdir() if fmt == "onnx" else contextlib.nullcontext():
         _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite)
+
+
+def _write_pretrained(output: Path, deploy: nn.Module, spec: ModelSpec, call64, result: VerifyResult | None,
+                      failed, overwrite: bool) -> None:
+    """-f hf: a save_pretrained folder of the model's transformers architecture holding the fused weights
+    (ecosystems/transformers.py says how). When verification ran, the folder is loaded back with
+    `from_pretrained` as a user loads it (no missing or unexpected key allowed) and compared with the
+    deploy model on the verification input before it is renamed into place."""
+    dtype = model_dtype(deploy)
+    expected = run_model(deploy, call64, "the verified deploy model") if result is not None else None
+
+    def check(tmp: Path) -> None:
+        loaded, problems = load_pretrained(tmp, dtype)
+        if problems:
+            raise OutputError(f"from_pretrained reports {problems[0]} for the written folder; nothing was written")
+        try:
+            c = compare_outputs(run_model(loaded, call64, "the folder loaded with from_pretrained"), expected,
+                                result.rtol, result.atol, "the folder loaded with from_pretrained")
+        except PassFailed as exc:
+            raise OutputError(f"{exc.stage} failed: {exc.detail}; nothing was written") from None
+        figures = {"runtime": "from_pretrained", "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err, "ok": c.ok}
+        if c.nonfinite:
+            figures["nonfinite"] = c.nonfinite
+        failed(figures, "when loaded with from_pretrained")
+
+    target = spec.build().eval()  # the architecture, from the same configuration
+    write_folder(output, lambda tmp: write_pretrained(tmp, deploy, target), check if result is not None else None,
+                 overwrite=overwrite)
 
 
 def _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, dynamic_shapes, overwrite) -> None:
@@ -409,9 +465,20 @@ def _write_exported(output, fmt, deploy, call64, dtype, result, report, failed, 
     if fmt == "torchscript":
         write_torchscript(output, deploy, example, check=checker, overwrite=overwrite)
         return
-    writer = {"pt2": write_pt2, "onnx": write_onnx}[fmt]
-    report["export_dynamic_dims"] = writer(output, deploy, example, check=checker, dynamic=dynamic_shapes,
-                                           overwrite=overwrite)
+    if fmt == "pt2":
+        report["export_dynamic_dims"] = write_pt2(output, deploy, example, check=checker, dynamic=dynamic_shapes,
+                                                  overwrite=overwrite)
+        return
+    written: dict[str, str] = {}
+
+    def metadata(dims: list[str]) -> dict[str, str]:  # what the model's library reads from the file (ultralytics)
+        written.update(ecosystems.export_metadata(deploy, fmt, tuple(args[0].shape), dims))
+        return written
+
+    report["export_dynamic_dims"] = write_onnx(output, deploy, example, check=checker, dynamic=dynamic_shapes,
+                                               overwrite=overwrite, metadata=metadata)
+    if written:
+        report["export_metadata"] = sorted(written)
 
 
 def verify_checkpoint(
@@ -443,7 +510,7 @@ def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pick
     if is_checkpoint_spec(spec):  # the deploy file's stored spec rebuilds it, or it is self-contained
         spec = ckpt.rebuild_spec or spec
     deploy = load_deployed_any(deployed, None if is_checkpoint_spec(spec) else spec)
-    fmt = deploy_format_of(deployed)
+    fmt = "hf" if Path(deployed).is_dir() else deploy_format_of(deployed)
     # Per-block figures where the deploy file keeps the block structure (safetensors, state dicts);
     # which blocks were converted is read off a shape-only conversion.
     report = None
@@ -455,13 +522,14 @@ def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pick
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
     notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
+    notes += _overflow_in_checkpoint_dtype(deploy, spec, opts, ckpt.dtype, report)
     out = {
         "ok": result.ok, "input": str(checkpoint), "output": str(deployed), "spec": spec.name, "format": fmt,
         "dtype": str(model_dtype(deploy)).removeprefix("torch."),
         "checkpoint_dtype": str(ckpt.dtype).removeprefix("torch."),
         "blocks": report.blocks if report else {},
         "params_before": count_parameters(train),
-        "params_after": getattr(deploy, "num_parameters", None) or count_parameters(deploy),
+        "params_after": n if isinstance(n := getattr(deploy, "num_parameters", None), int) else count_parameters(deploy),
         **_verification_dict(result),
     }
     if notes:

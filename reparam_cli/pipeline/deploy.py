@@ -190,8 +190,15 @@ def is_deploy_state(spec: ModelSpec, state: dict, training: nn.Module | None = N
 
 def load_deployed_any(path: str | Path, spec=None) -> nn.Module:
     """A deploy model from a safetensors file written by reparam, a plain deploy state dict (with a
-    spec), or a TorchScript, pt2 or ONNX file."""
+    spec), a TorchScript, pt2 or ONNX file, or a save_pretrained folder (`-f hf`, read with from_pretrained)."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():  # -f hf: a save_pretrained folder
+        from reparam_cli.ecosystems.transformers import load_pretrained
+
+        model, problems = load_pretrained(path, None)
+        if problems:
+            raise CheckpointError(f"from_pretrained reports {problems[0]} for {path}")
+        return model
     if not path.is_file():
         raise CheckpointError(f"deploy file not found: {path}")
     fmt = deploy_format_of(path)

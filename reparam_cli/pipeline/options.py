@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from reparam_cli.errors import ReparamError
-from reparam_cli.io.formats import DTYPE_NAMES, DYNAMIC_SHAPES, FORMATS
+from reparam_cli.io.formats import ALL_FORMATS, DTYPE_NAMES, DYNAMIC_SHAPES
 
 Progress = Callable[[str], None]
 
@@ -123,7 +123,7 @@ class ConvertOptions:
     """Everything `convert_checkpoint` takes besides the checkpoint, the spec and the output (picklable:
     sent to batch worker processes as it is)."""
 
-    fmt: str = "safetensors"  # FORMATS
+    fmt: str = "safetensors"  # ALL_FORMATS
     verify: bool = True  # --no-verify: False
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     overwrite: bool = False
@@ -165,7 +165,7 @@ class ConvertOptions:
 
     def check(self) -> None:
         """Raise ReparamError for a value no conversion accepts (one line, with the choices)."""
-        for name, value, choices in (("format", self.fmt, FORMATS), ("dtype", self.dtype, DTYPE_NAMES),
+        for name, value, choices in (("format", self.fmt, ALL_FORMATS), ("dtype", self.dtype, DTYPE_NAMES),
                                      ("--dynamic-shapes mode", self.dynamic_shapes, DYNAMIC_SHAPES)):
             if value is not None and value not in choices:
                 raise ReparamError(f"unknown {name} {value!r}", hint=f"choose one of {', '.join(choices)}")

@@ -2,7 +2,8 @@ from torch import nn
 
 from reparam_cli.convert.engine import ConversionReport
 from reparam_cli.core.jsonio import replace_nonfinite
-from reparam_cli.verification.equivalence import LOW_PRECISION, VerifyResult, model_dtype, overflow_message
+from reparam_cli.verification.equivalence import (LOW_PRECISION, PassFailed, VerifyResult, model_dtype, overflow_message,
+                                                  run_model, tensor_leaves)
 
 
 def finite_figures(report: dict) -> dict:
@@ -56,6 +57,48 @@ def _low_precision_notes(result: VerifyResult | None, train: nn.Module, deploy: 
     low = next((d for d in (model_dtype(deploy), model_dtype(train)) if d in LOW_PRECISION), None)
     message = overflow_message(result, low) if low is not None else None
     return [message] if message else []
+
+
+def checkpoint_overflow_notes(deploy: nn.Module, call, checkpoint_dtype, blocks=()) -> list[str]:
+    """For a float16/bfloat16 checkpoint whose deploy model is wider (--dtype float32): the modules
+    whose activations on the verification input `call` exceed the checkpoint dtype's range, so the
+    model run in its own dtype would give inf there (a note, not a failure: this deploy model is
+    fine). One forward pass with hooks; [] when nothing exceeds or the dtypes do not call for it."""
+    import torch
+
+    if checkpoint_dtype not in LOW_PRECISION or model_dtype(deploy) in LOW_PRECISION:
+        return []
+    limit = torch.finfo(checkpoint_dtype).max
+    found: list[tuple[str, float]] = []  # (module path, peak) in the order their outputs appear
+
+    def hook(path):
+        def record(_m, _args, out):
+            peaks = [leaf.detach().abs().max().item() for _, leaf in tensor_leaves(out)
+                     if leaf.is_floating_point() and leaf.numel()]
+            if peaks and max(peaks) > limit:
+                found.append((path or "<root>", max(peaks)))
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in deploy.named_modules()]
+    try:
+        run_model(deploy, call, "the deploy model's overflow check")
+    except PassFailed:
+        return []  # verification ran this model already: nothing to add
+    finally:
+        for h in handles:
+            h.remove()
+    if not found:
+        return []
+    name = str(checkpoint_dtype).removeprefix("torch.")
+    first, peak = found[0]
+    block = max((b for b in blocks if first == b or first.startswith(f"{b}.")), key=len, default=None)
+    where = f"{first} (block {block})" if block and block != first else first
+    more = [p for p, _ in found[1:] if not first.startswith(f"{p}.") and p != "<root>"]
+    return [f"activations exceed {name}'s range ({limit:.6g}) on the verification input, first at {where}: "
+            f"max |activation| {peak:.3g}" + (f", then at {len(more)} more modules ({', '.join(more[:3])}"
+                                             f"{', ...' if len(more) > 3 else ''})" if more else "") +
+            f"; this {str(model_dtype(deploy)).removeprefix('torch.')} deploy model is fine, the model run in "
+            f"{name} (its checkpoint's dtype) gives inf there"]
 
 
 def completeness_dict(conv_report: ConversionReport) -> dict:

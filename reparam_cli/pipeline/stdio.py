@@ -19,7 +19,7 @@ from typing import Iterator
 
 from reparam_cli.core.spec import ModelSpec
 from reparam_cli.errors import CheckpointError, OutputError, ReparamError, VerificationFailed
-from reparam_cli.io.formats import SUFFIX
+from reparam_cli.io.formats import FOLDER_FORMATS, SUFFIX
 from reparam_cli.io.safeio import HeldOutput
 from reparam_cli.io.sniff import sniff_format
 from reparam_cli.pipeline.conversion import convert_checkpoint
@@ -131,6 +131,8 @@ def convert_stdio(
     if output is None:
         raise OutputError("a checkpoint read from stdin has no folder to write beside",
                           hint="pass -o FILE, or -o - for stdout")
+    if is_stdio(output) and options.fmt in FOLDER_FORMATS:
+        raise OutputError(f"-f {options.fmt} writes a folder, which cannot go to stdout", hint="pass -o FOLDER")
     if is_stdio(output):
         sink = stdout if stdout is not None else sys.stdout.buffer
         if getattr(sink, "isatty", lambda: False)():
