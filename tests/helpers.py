@@ -61,6 +61,16 @@ input_shape: [1, 3, 32, 32]
 """
 
 
+def spec_and_checkpoint(folder, yaml: str = TINY_REPVGG_YAML):
+    """(spec file, training checkpoint with random weights) of the small model `yaml` describes, in `folder`."""
+    from reparam_cli.pipeline.conversion import init_checkpoint
+
+    spec = folder / "tiny.yaml"
+    spec.write_text(yaml)
+    init_checkpoint(str(spec), folder / "t.pth", seed=0)
+    return spec, folder / "t.pth"
+
+
 def restamp(src, dst, **spec_changes):
     """A copy of safetensors deploy file `src` at `dst` (same tensors) whose stored spec has
     `spec_changes` applied: how a crafted deploy file is made."""

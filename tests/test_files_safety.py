@@ -25,7 +25,7 @@ from reparam_cli.errors import CheckpointError, OutputError
 from reparam_cli.pipeline.conversion import init_checkpoint
 from reparam_cli.io.safeio import atomic_output, clean_stale_temps
 
-from .helpers import run_cli
+from .helpers import run_cli, spec_and_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """\
@@ -39,11 +39,7 @@ input_shape: [1, 3, 32, 32]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """(spec, training checkpoint) of a small RepVGG."""
-    folder = tmp_path_factory.mktemp("tiny")
-    spec = folder / "tiny.yaml"
-    spec.write_text(TINY)
-    init_checkpoint(str(spec), folder / "t.pth", seed=0)
-    return spec, folder / "t.pth"
+    return spec_and_checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,8 @@ import pytest
 from reparam_cli.errors import OutputError
 from reparam_cli.io import safeio
 from reparam_cli.io.safeio import atomic_output
-from reparam_cli.pipeline.conversion import init_checkpoint
 
-from .helpers import TINY_REPVGG_YAML, run_cli
+from .helpers import TINY_REPVGG_YAML, run_cli, spec_and_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """(spec, training checkpoint) of a small RepVGG."""
-    folder = tmp_path_factory.mktemp("trust3")
-    spec = folder / "tiny.yaml"
-    spec.write_text(TINY_REPVGG_YAML)
-    init_checkpoint(str(spec), folder / "t.pth", seed=0)
-    return spec, folder / "t.pth"
+    return spec_and_checkpoint(tmp_path_factory.mktemp("trust3"), TINY_REPVGG_YAML)
 
 
 def tree(folder: Path) -> dict[str, bytes | str]:

@@ -86,20 +86,7 @@ def check_output_target(path: Path, overwrite: bool) -> None:
     Hidden temporaries of killed runs in its folder are removed first (see `clean_stale_temps`), so a
     run refused here still leaves the folder clean."""
     _clean_once(path.parent)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise OutputError(f"cannot use {path} as the output: {exc.strerror}") from None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            raise OutputError(f"output {path} is a directory", hint="name a file, e.g. -o DIR/model.deploy.safetensors")
-        if not stat.S_ISREG(st.st_mode):
-            raise OutputError(f"output {path} is a {_kind(st.st_mode)}, not a regular file, so it is not replaced",
-                              hint="to stream, pass -o - and redirect stdout")
-        if not overwrite:
-            raise OutputError(f"output {path} already exists", hint="pass --overwrite to replace it")
+    _refuse_existing(path, overwrite, os.stat, path)
     if not path.parent.is_dir():
         raise OutputError(f"output folder does not exist: {path.parent}")
 
@@ -377,8 +364,13 @@ def _publish(fd: int, unnamed: bool, dir_fd: int, tmp: str, path: Path, overwrit
 
 def _check_target(dir_fd: int, path: Path, overwrite: bool) -> None:
     """check_output_target, relative to the folder's descriptor."""
+    _refuse_existing(path, overwrite, lambda name: os.stat(name, dir_fd=dir_fd), path.name)
+
+
+def _refuse_existing(path: Path, overwrite: bool, stat_of, name) -> None:
+    """Raise OutputError when what `stat_of(name)` finds may not be replaced by the output `path`."""
     try:
-        st = os.stat(path.name, dir_fd=dir_fd)
+        st = stat_of(name)
     except FileNotFoundError:
         return
     except OSError as exc:
