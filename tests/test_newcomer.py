@@ -102,6 +102,9 @@ def test_key_mismatch_hints_name_the_spec_that_fits():
     model = a0.build(device="meta")
     ten = _shapes(load_spec("repvgg-a0?num_classes=10").build(device="meta"))
     assert layout_hint(ten, model, a0) == "its classifier has 10 outputs: use --spec 'repvgg-a0?num_classes=10'"
+    three = load_spec("repvgg-a0?num_classes=3")  # the class count in the query is replaced, not repeated
+    assert layout_hint(ten, three.build(device="meta"), three) == \
+        "its classifier has 10 outputs: use --spec 'repvgg-a0?num_classes=10'"
     yolo = {f"model.{i}.conv.weight": torch.empty(8, 3, 3, 3, device="meta") for i in range(4)}
     assert "ultralytics" in layout_hint(yolo, model, a0)
     mobileone = _shapes(load_spec("mobileone-s0").build(device="meta"))

@@ -432,3 +432,15 @@ def test_a_killed_runs_compiler_cache_is_removed_by_the_next_command(tmp_path, m
     guarded(lambda: seen.append(os.environ["TORCHINDUCTOR_CACHE_DIR"]), as_json=False)
     assert os.listdir(tmp_path) == [] and seen and seen[0].startswith(str(tmp_path))
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_an_input_shape_too_large_to_make_is_one_line_naming_it(tiny, tmp_path):
+    """A verification input that cannot be allocated is blamed on --input-shape, not on a spec hook."""
+    spec, ckpt = tiny
+    result = run_cli("convert", str(ckpt), "--spec", str(spec), "-o", str(tmp_path / "d.safetensors"),
+                     "--input-shape", "100000,3,10000,10000")
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "making the verification input failed" in lines[0]
+    assert "smaller --input-shape" in lines[0] and "input hook" not in lines[0] and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())

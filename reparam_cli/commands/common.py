@@ -58,7 +58,8 @@ EmaOpt = typer.Option(False, "--ema", help="Use the checkpoint's EMA weights (st
 DtypeOpt = typer.Option(None, "--dtype", metavar="DTYPE", help="Dtype of the written deploy model: float32, float16 or bfloat16 "
                                               "[default: the checkpoint's]. Fusion always runs in float64.")
 FormatOpt = typer.Option("safetensors", "--format", "-f", metavar="FORMAT", help="Output format: safetensors, torchscript, pt2 "
-                         "(torch.export) or onnx (needs the onnx extra; checked in onnxruntime).")
+                         "(torch.export), onnx (needs the onnx extra; checked in onnxruntime) or hf (a transformers "
+                         "save_pretrained folder, for transformers models).")
 
 DynamicShapesOpt = typer.Option("auto", "--dynamic-shapes", metavar="MODE", help="Dynamic input dims of pt2 and ONNX files: auto "
                                 "(batch and height/width where the model allows, else batch, else static), batch, "

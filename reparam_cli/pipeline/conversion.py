@@ -97,6 +97,8 @@ def _pass_error(exc: PassFailed, shape: tuple[int, ...]) -> ReparamError:
         hint = "the model fails for a reason other than the input's shape; run it on such an input to see why"
     elif "input hook" in exc.stage:
         hint = "fix the spec's inputs hook"
+    elif exc.stage.startswith("making the verification input"):
+        hint = "pass a smaller --input-shape N,C,H,W"
     else:
         hint = "the training model runs but the fused one fails: please report this with the spec"
     return ReparamError(f"{exc.stage} failed on verification input {shape}: {exc.detail}", hint=hint)

@@ -411,8 +411,9 @@ def _num_classes_hint(shapes: dict[str, tuple], model: Any, spec: ModelSpec) -> 
         return f"its classifier has {n} outputs: build the model in your spec with {n} classes"
     ref = spec.source if spec.source.partition("?")[0] in builtin_names() or spec.source.startswith(TIMM_PREFIX) \
         else spec.source or spec.name
-    sep = "&" if "?" in ref else "?"
-    return f"its classifier has {n} outputs: use --spec '{ref}{sep}num_classes={n}'"
+    base, _, query = ref.partition("?")
+    kept = [part for part in query.split("&") if part and part.partition("=")[0] != "num_classes"]
+    return f"its classifier has {n} outputs: use --spec '{base}?{'&'.join([*kept, f'num_classes={n}'])}'"
 
 
 def _fitting_builtins(shapes: dict[str, tuple], family: str) -> str | None:

@@ -252,6 +252,8 @@ def make_call(make_inputs: InputHook | None, shape: Sequence[int], generator: to
     try:
         value = hook(tuple(shape), generator, torch.float64)
     except Exception as exc:
+        if make_inputs is None:  # no hook: the input shape itself cannot be made (too large, ...)
+            raise PassFailed("making the verification input", exc) from exc
         raise PassFailed("the spec's input hook", exc) from exc
     args, kwargs = as_call(value)
     if not tensor_leaves((args, kwargs)):
