@@ -171,6 +171,32 @@ def test_transformers_folder_converts_and_rebuilds(tmp_path, layout):
         assert res.exit_code == 2 and "checkpoint-500" in res.output
 
 
+def test_transformers_legacy_key_names_are_renamed_as_from_pretrained_renames_them(tmp_path):
+    """transformers 5 writes ViT under legacy key names (`encoder.layer.0.attention.attention.query`) and
+    renames them when loading: the folder converts, every tensor lands where from_pretrained puts it."""
+    from reparam_cli.pipeline.training import read_training_model
+
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                    image_size=16, patch_size=8, num_labels=3)
+    model = transformers.ViTForImageClassification(config).eval()
+    folder = tmp_path / "vit"
+    model.save_pretrained(folder)
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    assert saved != set(model.state_dict())  # the legacy names this test is about
+    loaded, _ = read_training_model(folder, load_spec(f"transformers:{folder}"))
+    ours, theirs = loaded.state_dict(), transformers.ViTForImageClassification.from_pretrained(folder).state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    out = tmp_path / "vit.safetensors"
+    res = run_cli("convert", folder, "--spec", f"transformers:{folder}", "-o", out, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(load_deploy(out)(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_transformers_hf_output_is_a_save_pretrained_folder(tmp_path):
     """`-f hf` writes what save_pretrained writes: from_pretrained loads it with no missing, unexpected
     or mismatched key and computes the training model's function (relative 1e-5); the conv weights

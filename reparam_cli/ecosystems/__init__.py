@@ -18,7 +18,9 @@ generic and reaches these files only through the functions below:
 
 * `ran_natively(module)`: why a module's own deploy method already ran (in `finish`), or None;
 * `prepare(model)`: a built training model set as its library deploys it, also when the user's own
-  spec built it (the conventions follow the model, not the spec string).
+  spec built it (the conventions follow the model, not the spec string);
+* `checkpoint_keys(model, state)`: a checkpoint's keys renamed as the library's own loader renames
+  them for that model (transformers' legacy key names).
 * `export_metadata(model, fmt, shape, dynamic_dims)`: what the library's own runtime reads from an
   exported file's metadata (ultralytics: ONNX `metadata_props` with task, class names, stride ...).
 
@@ -85,6 +87,16 @@ def prepare(model: nn.Module) -> nn.Module:
         if step is not None:
             model = step(model)
     return model
+
+
+def checkpoint_keys(model: nn.Module, state: dict) -> dict:
+    """A checkpoint's state dict with the keys its library's own loader would rename for `model` (transformers
+    5 saves ViT and others under legacy names and renames them when loading); `state` is not modified."""
+    for eco in _active():
+        step = getattr(eco, "checkpoint_keys", None)
+        if step is not None:
+            state = step(model, state)
+    return state
 
 
 def finish(model: nn.Module, deployed: nn.Module, report) -> nn.Module:

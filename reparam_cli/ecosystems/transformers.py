@@ -183,6 +183,35 @@ def is_pretrained_model(model) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
+def checkpoint_keys(model, state: dict) -> dict:
+    """Keys of a transformers checkpoint renamed as `from_pretrained` renames them (transformers 5 writes
+    some models, ViT among them, under legacy names and maps them when loading: its conversion mapping).
+    Only renamings: a tensor its loader would convert (split, merge, transpose) keeps its key, and the
+    fit check names it. Keys the model already has are left as they are."""
+    if not is_pretrained_model(model):
+        return state
+    expected = model.state_dict()
+    if all(key in expected for key in state):
+        return state
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers has no mapping: keys are as saved
+        return state
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamed = {}
+    for key, tensor in state.items():
+        new = key
+        if key not in expected:
+            new, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+            if converted is not None or new in renamed:
+                new = key
+        renamed[new] = tensor
+    return renamed
+
+
 def _unit_variance(eps: float, dtype) -> "torch.Tensor":
     """A running_var v in `dtype` with float32(v + eps) == 1 where one exists (so BN divides by exactly 1)."""
     import torch

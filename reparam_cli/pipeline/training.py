@@ -55,6 +55,7 @@ def read_training_model(checkpoint: str | Path, spec: ModelSpec, *, trust_pickle
     key, strip = spec.checkpoint.get("key"), spec.checkpoint.get("strip_prefix")
     model = ecosystems.prepare(spec.build_meta())
     ckpt = extract_checkpoint(raw, key, strip, ema=ema, expected=model.state_dict().keys(), source=str(checkpoint))
+    ckpt.state = ecosystems.checkpoint_keys(model, ckpt.state)  # e.g. transformers' legacy key names
     ckpt.notes.extend(n for n in spec.notes if n not in ckpt.notes)  # e.g. "built on cpu: ..."
     _fill_tied(model, ckpt)
     if fit_problems(model, ckpt.state):
