@@ -246,3 +246,40 @@ def test_channel_counts_read_from_tensors_fold_and_spatial_sizes_never():
     x = torch.randn(1, 3, 24, 24)  # another width: another padding, as in the training model
     with torch.no_grad():
         assert ((deploy(x) - model(x)).abs().max() / model(x).abs().max()).item() < 1e-5
+
+
+def test_a_forward_with_optional_arguments_is_never_traced_as_if_they_were_passed():
+    """`forward(x, shortcut=None)` with `if shortcut is None: shortcut = x` (timm's DLA): fx would make
+    `shortcut` a placeholder and drop the None branch, so a call without it crashed (or computed
+    something else). Such a module is not traced at its own level; its pair folds on a recorded pass."""
+    from reparam_cli.convert.engine import reparameterize
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x, shortcut=None):
+            if shortcut is None:
+                shortcut = x
+            return torch.relu(self.bn(self.conv(x)) + shortcut)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Block(), Block()
+
+        def forward(self, x):
+            return self.b(self.a(x), x)
+
+    model = randomized(Net()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    deploy, report = reparameterize(model)
+    assert {r.path for r in report.remaining if r.kind == "untraceable"} == {"a", "b"}
+    assert "shortcut (default None)" in next(r.reason for r in report.remaining if r.path == "a")
+    deploy, report = reparameterize(model, example_inputs=x)  # the pairs fold on the recorded pass
+    assert not [r for r in report.remaining if r.kind == "batchnorm"] and len(report.recorded) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), model(x), rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(deploy.a(x)).all()  # called without the optional argument too
+        torch.testing.assert_close(deploy.a(x), model.a(x), rtol=1e-5, atol=1e-6)

@@ -81,6 +81,7 @@ skeletons rebuilt by `load_deploy`) and on real tensors; what a recorded forward
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import operator
 import warnings
@@ -247,6 +248,11 @@ def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
     (`self.cache[k] = ...`, `self.anchors = ...`) would otherwise keep proxies from the trace, in
     containers the deploy model shares with the training model. Tensor constants that fx stores on
     the module (`_tensor_constant0`, ...) are kept in `graph.constants` instead."""
+    optional = _optional_arguments(module)
+    if optional:
+        raise fx.proxy.TraceError(
+            f"its forward takes {', '.join(optional)} (default None), which a caller may or may not pass: a trace "
+            "cannot follow an `is None` test on it")
     snapshot = AttributeSnapshot(module)
     before = set(vars(module))
     todo: list[list[bool]] = [[]]
@@ -278,6 +284,19 @@ def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
         raise fx.proxy.TraceError("control flow on input shapes with more than one path that runs")
     assert first is not None
     raise first
+
+
+def _optional_arguments(module: nn.Module) -> list[str]:
+    """The forward's arguments that default to None (`forward(x, shortcut=None)`). fx makes each a
+    placeholder, and `if shortcut is None:` is then silently false: the traced code would assume
+    the argument is always passed. Such a module is not traced at its own level (its children
+    are, and its conv+BN pairs fold on a recorded forward pass)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is None
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
 def _shape_derived(node: fx.Node, depth: int = 0) -> bool:
