@@ -35,9 +35,11 @@ Per model:
    (torchvision; timm and mmpretrain where the model traces), ultralytics `model.fuse()`, timm's
    `reparameterize_model` (models with `fuse`/`reparameterize`/`switch_to_deploy` methods, then the
    fx fuser), mmpretrain's `switch_to_deploy()` of the backbone/neck/head (then the fx fuser);
-   transformers has none. Columns: BatchNorms left, parameters and FLOPs (conv and linear layers,
-   `reparam_cli.core.stats.count_flops`), reparam's vs the library's, and errors relative to the
-   float64 reference.
+   transformers has none. Columns: BatchNorms, parameters and FLOPs, reparam's vs the library's,
+   and errors relative to the float64 reference. BatchNorms before conversion are modules; after,
+   both sides count the batch-norm ops one forward pass runs, and FLOPs are torch's FlopCounterMode
+   figures of that pass (ops, not modules: torch.fx traces through timm's BatchNormAct2d and Linear,
+   so a module count would miss what its graph still computes).
 
 Status `ok`: converted with exit 0, no more BatchNorms, parameters or FLOPs than the library's fuse,
 the rebuilt file within 1e-4 of the reference; otherwise what failed.
@@ -63,7 +65,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from reparam_cli.core.stats import count_flops  # noqa: E402
 from reparam_cli.core.tensors import count_parameters  # noqa: E402
 from timm_families import batchnorms, number_cell  # noqa: E402  (scripts/timm_families.py)
 
@@ -161,10 +162,34 @@ def _rel(out, ref) -> float:
     return worst
 
 
+def run_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(BatchNorm ops, FLOPs) that one forward pass of `model` on `x` runs, counted on the ops
+    (aten), not on the modules: a torch.fx GraphModule has traced through timm's BatchNormAct2d
+    (its batch norm is an op, no BatchNorm module left) and through timm's own Linear, so module
+    counts would flatter it. FLOPs as torch.utils.flop_counter counts them (conv, matmul, attention;
+    a multiply-add is 2)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class BatchNormOps(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "batch_norm" in func.__name__:
+                BatchNormOps.count += 1
+            return func(*args, **(kwargs or {}))
+
+    flops = FlopCounterMode(display=False)
+    with torch.no_grad(), flops, BatchNormOps():
+        model(x)
+    return BatchNormOps.count, flops.get_total_flops()
+
+
 def _reference(model: nn.Module, x: torch.Tensor):
-    state = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    """The model's output in float64 (a copy: non-persistent buffers, e.g. TResNet's anti-aliasing
+    filter, are converted too, which a float64 state dict would miss)."""
     with torch.no_grad():
-        return torch.func.functional_call(model, state, (x.double(),))
+        return copy.deepcopy(model).double()(x.double())
 
 
 # --------------------------------------------------------------------------- zoos
@@ -309,14 +334,23 @@ CASES = {"torchvision": torchvision_case, "transformers": transformers_case, "ul
          "timm": timm_case, "mmpretrain": mmpretrain_case}
 
 
-def _meta_build(build) -> tuple[int, int] | str:
-    """(parameters, BatchNorms) of the model `build()` makes on the meta device, or why it failed."""
+def _meta_build(build, cpu: bool = False) -> tuple[int, int] | str:
+    """(parameters, BatchNorms) of the model `build()` makes on the meta device (with `cpu`, on the
+    CPU where the meta device fails: some constructors compute on data), or why it failed."""
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             model = build()
     except Exception as exc:  # noqa: BLE001 - some constructors compute on data
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
+        if not cpu:
+            return why
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = build()
+        except Exception as exc:  # noqa: BLE001 - the model does not build at all
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
     return count_parameters(model), batchnorms(model)
 
 
@@ -329,10 +363,10 @@ def _cached_scan(cache: Path | None, scan) -> dict:
     return found
 
 
-def _pick(families: dict, what: str) -> tuple[list[str], list[str]]:
+def _pick(families: dict, what: str, scanned: str) -> tuple[list[str], list[str]]:
     """From {family: {model: [params, BNs] or error}}: the smallest model with a BatchNorm of each
     family (smallest first) and the header notes naming what was left out and why."""
-    chosen, no_bn, too_big, unbuilt = [], [], [], []
+    chosen, no_bn, too_big, unbuilt, no_model = [], [], [], [], []
     for family, models in sorted(families.items()):
         built = {m: v for m, v in models.items() if not isinstance(v, str)}
         with_bn = {m: v for m, v in built.items() if v[1]}
@@ -346,17 +380,21 @@ def _pick(families: dict, what: str) -> tuple[list[str], list[str]]:
                 chosen.append((real[model][0], model))
         elif built:
             no_bn.append(family)
+        elif models:
+            unbuilt.append(f"{family} ({next(iter(models.values()))})")
         else:
-            unbuilt.append(f"{family} ({next(iter(models.values()), 'no model')})")
-    notes = [f"{len(families)} {what} families scanned, {len(chosen)} swept (the smallest model with a BatchNorm "
-             "of each)."]
+            no_model.append(family)
+    notes = [f"{len(families)} {what} families scanned ({scanned}), {len(chosen)} swept (the smallest model with a "
+             "BatchNorm of each)."]
     if too_big:
         notes.append(f"Left out, smallest model with a BatchNorm over {MAX_PARAMS // 1_000_000} M parameters "
                      f"(too slow for this sweep's CPU budget): {', '.join(too_big)}.")
     if no_bn:
         notes.append(f"No model with a BatchNorm (nothing for this sweep): {', '.join(no_bn)}.")
     if unbuilt:
-        notes.append(f"Could not be built on the meta device: {', '.join(unbuilt)}.")
+        notes.append(f"No model could be built: {', '.join(unbuilt)}.")
+    if no_model:
+        notes.append(f"No image classification model registered: {', '.join(no_model)}.")
     return [m for _, m in sorted(chosen)], notes
 
 
@@ -372,10 +410,11 @@ def timm_families(cache: Path | None = None) -> dict:
     return _cached_scan(cache, scan)
 
 
-def mmpretrain_families(cache: Path | None = None) -> dict:
+def mmpretrain_families(cache: Path | None = None, candidates: int = 4) -> dict:
     """{mmpretrain config folder: {model: [parameters, BatchNorms] or why it did not build}} for
-    MMPRETRAIN_FAMILIES: its image classification models, by the parameters its metafile states,
-    built on the meta device until one has a BatchNorm (the smaller ones without are kept too)."""
+    MMPRETRAIN_FAMILIES: the `candidates` image classification models of each with the fewest
+    parameters by its metafile (whose figures are sometimes wrong, so they are counted), built on
+    the meta device, or on the CPU where that fails (models the metafile puts over 100 M are not)."""
     def scan():
         from reparam_cli.ecosystems.mmpretrain import build_model, import_mmpretrain
 
@@ -392,10 +431,9 @@ def mmpretrain_families(cache: Path | None = None) -> dict:
                 by_family.setdefault(family, []).append((params or math.inf, name))
         found: dict[str, dict] = {f: {} for f in MMPRETRAIN_FAMILIES}
         for family, models in by_family.items():
-            for _, name in sorted(models):
-                found[family][name] = got = _meta_build(lambda: build_model(name))
-                if not isinstance(got, str) and got[1]:
-                    break
+            for stated, name in sorted(models)[:candidates]:
+                found[family][name] = _meta_build(lambda: build_model(name), cpu=stated <= 100e6)
+                print(f"scan {family}: {name} {found[family][name]}", file=sys.stderr, flush=True)
         return found
 
     return _cached_scan(cache, scan)
@@ -412,9 +450,11 @@ def names_for(zoo: str, all_models: bool, scan_cache: Path | None = None) -> tup
     if zoo == "transformers":
         return list(TRANSFORMERS), []
     if zoo == "timm":
-        return _pick(timm_families(scan_cache), "timm")
+        return _pick(timm_families(scan_cache), "timm", "every registered model built on the meta device")
     if zoo == "mmpretrain":
-        return _pick(mmpretrain_families(scan_cache), "mmpretrain")
+        return _pick(mmpretrain_families(scan_cache), "mmpretrain", "configs/<family>/ folders; the 4 image "
+                     "classification models of each its metafile says are smallest, built on the meta device or "
+                     "the CPU")
     return ULTRALYTICS, []
 
 
@@ -445,9 +485,8 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
         row.rel_err, row.params_reparam = report["max_rel_err"], report["params_after"]
         row.completeness = report["completeness"][:120]
         deploy = load_deploy(out)
-        row.bn_reparam = batchnorms(deploy)
-        row.flops_reparam = count_flops(deploy, shape)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        row.bn_reparam, row.flops_reparam = run_counts(deploy, x)
         from reparam_cli import ecosystems
 
         ecosystems.prepare(model)
@@ -464,8 +503,8 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
                 row.status = f"library fuse failed: {type(exc).__name__}"
         if theirs is not None:
             theirs.eval()
-            row.bn_library, row.params_library = batchnorms(theirs), count_parameters(theirs)
-            row.flops_library = count_flops(theirs, shape)
+            row.params_library = count_parameters(theirs)
+            row.bn_library, row.flops_library = run_counts(theirs, x)
             with torch.no_grad():
                 row.library_rel_err = _rel(theirs(x), ref_out)
         problems = []
@@ -503,8 +542,10 @@ def markdown(zoo: str, rows: list[Row], size: int, versions: str, left_out: list
              "takes them, else its default size (column `input`). Each model built without weights, BatchNorm "
              f"statistics randomised, {saved}, converted by reparam's CLI pipeline (`{zoo}:<model>` where the zoo has "
              "a route), the written file rebuilt; "
-             f"compared with {library} (column `library`). Errors are relative to a float64 reference; FLOPs count "
-             "conv and linear layers.", ""]
+             f"compared with {library} (column `library`). Errors are relative to a float64 reference. BN before counts "
+             "BatchNorm modules; BN reparam / library count the batch-norm ops one forward pass runs, FLOPs are "
+             "torch's FlopCounterMode figures of that pass (ops, not modules: torch.fx traces through timm's "
+             "BatchNormAct2d, so its graph holds no BatchNorm module but still normalises).", ""]
     lines += notes + ([""] if notes else [])
     lines += [f"**{len(rows)} models tried, {exit0} converted with exit 0, {ok} ok.**", "",
               "| model | status | input | BN before | BN reparam | BN library | params before | params reparam | "
