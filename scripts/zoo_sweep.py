@@ -458,8 +458,17 @@ def names_for(zoo: str, all_models: bool, scan_cache: Path | None = None) -> tup
     return ULTRALYTICS, []
 
 
+def _worst_block(report: dict) -> str:
+    """' (worst block <path> <type>: rel err <e>)' from a failed verification's report, else ''."""
+    blocks = [b for b in (report.get("verification") or {}).get("blocks") or [] if isinstance(b, dict)]
+    worst = max(blocks, key=lambda b: b.get("rel_err") or 0, default=None)
+    if not worst or not worst.get("rel_err"):
+        return ""
+    return f" (worst block {worst.get('path')} {worst.get('block_type', '')}: rel err {worst['rel_err']:.1e})"
+
+
 def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
-    from reparam_cli.errors import ReparamError
+    from reparam_cli.errors import ReparamError, VerificationFailed
     from reparam_cli.pipeline.conversion import convert_checkpoint
     from reparam_cli.pipeline.deploy import load_deploy
     from reparam_cli.pipeline.options import VerifyOptions
@@ -477,10 +486,11 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
         try:
             report = convert_checkpoint(ckpt, spec, out, overwrite=True, trust_pickle=(ref == "checkpoint"),
                                         verify_options=VerifyOptions(input_shape=shape))
-        except ReparamError as exc:
-            row.status = f"reparam: {exc}"[:240]
+        except (ReparamError, VerificationFailed) as exc:  # what `reparam convert` exits non-zero on
             rep = getattr(exc, "report", None) or {}
             row.rel_err = rep.get("max_rel_err")
+            worst = _worst_block(rep)
+            row.status = f"reparam: {exc}{worst}"[:240]
             return row
         row.rel_err, row.params_reparam = report["max_rel_err"], report["params_after"]
         row.completeness = report["completeness"][:120]
