@@ -459,12 +459,13 @@ def names_for(zoo: str, all_models: bool, scan_cache: Path | None = None) -> tup
 
 
 def _worst_block(report: dict) -> str:
-    """' (worst block <path> <type>: rel err <e>)' from a failed verification's report, else ''."""
-    blocks = [b for b in (report.get("verification") or {}).get("blocks") or [] if isinstance(b, dict)]
-    worst = max(blocks, key=lambda b: b.get("rel_err") or 0, default=None)
-    if not worst or not worst.get("rel_err"):
-        return ""
-    return f" (worst block {worst.get('path')} {worst.get('block_type', '')}: rel err {worst['rel_err']:.1e})"
+    """' (worst block <path> <type>, rel err <e>; failed blocks: ...)' from a failed verification's
+    report, else ''."""
+    v = report.get("verification") or {}
+    worst, failed = v.get("worst_block") or {}, v.get("failed_blocks") or []
+    parts = ([f"worst block {worst.get('path')} {worst.get('type')}, rel err {worst.get('max_rel_err') or 0:.1e}"]
+             if worst else []) + ([f"failed blocks: {', '.join(failed[:3])}"] if failed else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
