@@ -590,9 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     size = args.size or (128 if args.zoo == "ultralytics" else 64)
-    names, notes = names_for(args.zoo, args.all, args.scan_cache)
     if args.only:
         names, notes = [n for n in args.only.split(",") if n], [f"Only the models named with `--only`: {args.only}."]
+    else:
+        names, notes = names_for(args.zoo, args.all, args.scan_cache)
     print(f"{len(names)} models: {', '.join(names)}", file=sys.stderr, flush=True)
     rows: list[Row] = []
     left_out: list[str] = []
