@@ -24,7 +24,10 @@ Recipes for two blocks mmpretrain's conv families are built of:
 * mmcv's `ConvModule` (conv -> norm -> act, MobileNet-V2/V3, ShuffleNet, DenseNet, CSPNet, HRNet,
   ...): its BatchNorm folded into the conv, `with_norm` off. Its `forward(x, activate=True,
   norm=True)` takes flags that torch.fx makes proxies of, so the graph pass cannot trace it;
-  a ConvModule without a BatchNorm after its conv is kept as it is;
+  a ConvModule without a BatchNorm after its conv is kept as it is. The engine descends into any
+  block containing a recipe instead of calling the block's own method, so the recipe is for
+  `FoldableConvModule`, the class `prepare(model)` gives the ConvModules outside blocks with their
+  own deploy method (RepMLPNet's stay ConvModules: its `switch_to_deploy()` runs as in mmpretrain);
 * TinyViT's `ConvBN2d` (a Sequential conv2d + bn2d): one conv. Its own `fuse()` reads `self.c`,
   which it does not have (AttributeError), so the native fallback cannot use it.
 """
@@ -78,7 +81,28 @@ def _foldable_conv(conv: nn.Module) -> bool:
     return type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and conv.padding_mode == "zeros"
 
 
-@recipe(ConvModule, family=FAMILY)
+class FoldableConvModule(ConvModule):
+    """A ConvModule outside any block with its own deploy method (see `prepare`): same forward."""
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """The model's ConvModules outside blocks with a native deploy method become FoldableConvModule
+    (in place; state dict and forward unchanged), so the ConvModule recipe folds them while blocks
+    such as RepMLPNet still convert by their own `switch_to_deploy()`."""
+    from reparam_cli.convert.native import native_method
+
+    def walk(module: nn.Module, inside_native: bool) -> None:
+        inside_native = inside_native or (module is not model and native_method(module) is not None)
+        if type(module) is ConvModule and not inside_native:
+            module.__class__ = FoldableConvModule
+        for child in module.children():
+            walk(child, inside_native)
+
+    walk(model, False)
+    return model
+
+
+@recipe(FoldableConvModule, family=FAMILY)
 def fuse_conv_module(block: ConvModule) -> nn.Module:
     """mmcv ConvModule, order conv -> norm -> act with a BatchNorm: act(bn(conv(x))) -> act(conv'(x)),
     conv' = fuse_bn(conv, bn) (P1), `with_norm` off. Any other ConvModule is kept as it is."""
