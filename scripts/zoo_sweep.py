@@ -461,8 +461,7 @@ def names_for(zoo: str, all_models: bool, scan_cache: Path | None = None) -> tup
 def _worst_block(report: dict) -> str:
     """' (worst block <path> <type>, rel err <e>; failed blocks: ...)' from a failed verification's
     report, else ''."""
-    v = report.get("verification") or {}
-    worst, failed = v.get("worst_block") or {}, v.get("failed_blocks") or []
+    worst, failed = report.get("worst_block") or {}, report.get("failed_blocks") or []  # convert's --json keys
     parts = ([f"worst block {worst.get('path')} {worst.get('type')}, rel err {worst.get('max_rel_err') or 0:.1e}"]
              if worst else []) + ([f"failed blocks: {', '.join(failed[:3])}"] if failed else [])
     return f" ({'; '.join(parts)})" if parts else ""
