@@ -19,6 +19,17 @@ takes the tensors and leaves those objects inert.
 mmpretrain's backbones fuse themselves with `switch_to_deploy()` (RepVGG, MobileOne, RepMLP,
 RIFormer, LeViT), their blocks also define `reparameterize()` returning tensors, and they override
 `train()` (returning None): the native fallback (reparam_cli.native) handles all three.
+
+Recipes for two blocks mmpretrain's conv families are built of:
+* mmcv's `ConvModule` (conv -> norm -> act, MobileNet-V2/V3, ShuffleNet, DenseNet, CSPNet, HRNet,
+  ...): its BatchNorm folded into the conv, `with_norm` off. Its `forward(x, activate=True,
+  norm=True)` takes flags that torch.fx makes proxies of, so the graph pass cannot trace it;
+  a ConvModule without a BatchNorm after its conv is kept as it is. The engine descends into any
+  block containing a recipe instead of calling the block's own method, so the recipe is for
+  `FoldableConvModule`, the class `prepare(model)` gives the ConvModules outside blocks with their
+  own deploy method (RepMLPNet's stay ConvModules: its `switch_to_deploy()` runs as in mmpretrain);
+* TinyViT's `ConvBN2d` (a Sequential conv2d + bn2d): one conv. Its own `fuse()` reads `self.c`,
+  which it does not have (AttributeError), so the native fallback cannot use it.
 """
 
 from __future__ import annotations
@@ -29,11 +40,17 @@ import sys
 import warnings
 from typing import Any
 
+import torch
+from torch import nn
+
+from reparam_cli.blocks.registry import recipe
+from reparam_cli.core import algebra as A
 from reparam_cli.core.spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, library_ref
 from reparam_cli.errors import SpecError
 from reparam_cli.extras import import_extra
 
 PREFIX = "mmpretrain:"
+FAMILY = "mmpretrain"
 
 
 @contextlib.contextmanager
@@ -51,6 +68,69 @@ def import_mmpretrain():
         import_extra("mmpretrain.apis", "mmpretrain", "mmpretrain specs", SpecError)
         return import_extra("mmpretrain", "mmpretrain", "mmpretrain specs", SpecError)
 
+
+# --------------------------------------------------------------------------- deploy blocks
+
+with _quiet():
+    from mmcv.cnn import ConvModule
+    from mmpretrain.models.backbones.tinyvit import ConvBN2d
+
+
+def _foldable_conv(conv: nn.Module) -> bool:
+    """A plain zero-padded nn.Conv1d/2d/3d (mmcv's adaptive-padding or weight-standardised convs are not)."""
+    return type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and conv.padding_mode == "zeros"
+
+
+class FoldableConvModule(ConvModule):
+    """A ConvModule outside any block with its own deploy method (see `prepare`): same forward."""
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """The model's ConvModules outside blocks with a native deploy method become FoldableConvModule
+    (in place; state dict and forward unchanged), so the ConvModule recipe folds them while blocks
+    such as RepMLPNet still convert by their own `switch_to_deploy()`."""
+    from reparam_cli.convert.native import native_method
+
+    def walk(module: nn.Module, inside_native: bool) -> None:
+        inside_native = inside_native or (module is not model and native_method(module) is not None)
+        if type(module) is ConvModule and not inside_native:
+            module.__class__ = FoldableConvModule
+        for child in module.children():
+            walk(child, inside_native)
+
+    walk(model, False)
+    return model
+
+
+@recipe(FoldableConvModule, family=FAMILY)
+def fuse_conv_module(block: ConvModule) -> nn.Module:
+    """mmcv ConvModule, order conv -> norm -> act with a BatchNorm: act(bn(conv(x))) -> act(conv'(x)),
+    conv' = fuse_bn(conv, bn) (P1), `with_norm` off. Any other ConvModule is kept as it is."""
+    new = copy.copy(block)
+    new.__dict__ = dict(block.__dict__)
+    new._modules = {k: copy.deepcopy(m) for k, m in block._modules.items()}
+    new._parameters, new._buffers = dict(block._parameters), dict(block._buffers)
+    order = tuple(block.order)
+    norm = getattr(block, block.norm_name, None) if block.with_norm and block.norm_name else None
+    if (type(block).forward is not ConvModule.forward or not isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            or order.index("norm") != order.index("conv") + 1 or not _foldable_conv(block.conv)
+            or not norm.track_running_stats or norm.running_mean is None):
+        return new
+    conv = A.to_module(A.fuse_bn(A.from_module(block.conv, torch.float64), norm), dtype=block.conv.weight.dtype)
+    new._modules["conv"] = conv
+    del new._modules[block.norm_name]
+    new.with_norm, new.norm_name = False, None
+    return new
+
+
+@recipe(ConvBN2d, family=FAMILY)
+def fuse_tinyvit_conv_bn(block: ConvBN2d) -> nn.Module:
+    """TinyViT's ConvBN2d: bn2d(conv2d(x)) -> conv'(x), conv' = fuse_bn(conv2d, bn2d) (P1)."""
+    return A.to_module(A.fuse_bn(A.from_module(block.conv2d, torch.float64), block.bn2d),
+                       dtype=block.conv2d.weight.dtype)
+
+
+# --------------------------------------------------------------------------- specs
 
 def _override(config, key: str, value: Any) -> None:
     """Set `config.model.<key>` (dotted) to `value`, replacing what is there (a dict value replaces
