@@ -283,3 +283,27 @@ def test_a_forward_with_optional_arguments_is_never_traced_as_if_they_were_passe
         torch.testing.assert_close(deploy(x), model(x), rtol=1e-5, atol=1e-6)
         assert torch.isfinite(deploy.a(x)).all()  # called without the optional argument too
         torch.testing.assert_close(deploy.a(x), model.a(x), rtol=1e-5, atol=1e-6)
+
+
+def test_containers_indexed_in_forward_stay_containers_in_the_deploy_model():
+    """`self.transition[0](x)` (timm's HRNet): the fused model keeps `transition` a ModuleList whose
+    Sequential runs its surviving layers, so per-block checks and user code that index it still work."""
+    from reparam_cli.convert.engine import reparameterize
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transition = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                                                           nn.BatchNorm2d(8), nn.ReLU())])
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.transition[0](x) * 2)
+
+    model = randomized(Net()).eval()
+    deploy, report = reparameterize(model)
+    assert isinstance(deploy.transition, nn.ModuleList) and not report.remaining
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(deploy.transition[0](x), model.transition[0](x), rtol=1e-5, atol=1e-6)

@@ -81,6 +81,7 @@ skeletons rebuilt by `load_deploy`) and on real tensors; what a recorded forward
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import operator
@@ -1621,6 +1622,7 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
                         and not isinstance(root[target], nn.Parameter):
                     buffers[target] = root[target]
     gm = fx.GraphModule(root, graph, class_name=type(m).__name__)
+    _restore_containers(gm, m)
     for target, tensor in buffers.items():  # fx stores plain tensors as attributes: keep them in the state dict
         owner_path, _, name = target.rpartition(".")
         owner = gm.get_submodule(owner_path)
@@ -1631,6 +1633,29 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
             setattr(gm, key, value)
     gm.train(m.training)
     return gm
+
+
+def _restore_containers(gm: fx.GraphModule, m: nn.Module) -> None:
+    """fx holds a layer called inside a container (`self.transition1[0][1]`) under plain `nn.Module`s
+    for the container levels: each becomes a copy of `m`'s container (ModuleList, Sequential, a block
+    of its own class ...) holding the layers that survive, so the deploy model indexes and runs
+    as the training model does (a Sequential left with its fused conv and activation computes what
+    the original computed)."""
+    for path, plain in list(gm.named_modules()):
+        if not path or type(plain) is not nn.Module:
+            continue
+        try:
+            original = m.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(original) is nn.Module:
+            continue
+        twin = copy.copy(original)
+        twin.__dict__ = dict(original.__dict__)
+        twin._modules = {k: plain._modules[k] for k in original._modules if k in plain._modules}
+        twin._parameters, twin._buffers = dict(plain._parameters), dict(plain._buffers)
+        owner_path, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(owner_path) if owner_path else gm, name, twin)
 
 
 class RecordedInputs:
