@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from reparam_cli.convert.native import native_methods  # noqa: E402
+from reparam_cli.blocks.registry import native_methods  # noqa: E402
 from reparam_cli.core.tensors import count_parameters  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "timm-families.md"

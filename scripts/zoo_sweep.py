@@ -274,7 +274,7 @@ def timm_case(name: str, work: Path, size: int):
     import timm
     from timm.utils.model import reparameterize_model
 
-    from reparam_cli.convert.native import native_methods
+    from reparam_cli.blocks.registry import native_methods
 
     model = timm.create_model(name, pretrained=False).eval()
     randomize_bn(model)

@@ -307,3 +307,39 @@ def test_containers_indexed_in_forward_stay_containers_in_the_deploy_model():
     with torch.no_grad():
         torch.testing.assert_close(deploy(x), model(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(deploy.transition[0](x), model.transition[0](x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_chosen_in_init_runs_the_deploy_models_own_layers():
+    """`self.forward = self.forward_split_cat` in __init__ (timm's FasterNet): the deploy model's copy
+    of the module calls its own layers, not the training model's (which were then "never called"
+    and dropped, and the rebuilt file did not match)."""
+    from reparam_cli.convert.engine import reparameterize
+
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+            self.forward = self.forward_split_cat
+
+        def forward_split_cat(self, x):
+            a, b = torch.split(x, [2, 2], dim=1)
+            return torch.cat((self.conv(a), b), 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = Partial()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(self.mix(x)))) + x
+
+    model = randomized(Net()).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+        deploy, _ = reparameterize(model)
+        for m in deploy.modules():
+            assert not any(getattr(v, "__self__", None) in set(model.modules()) for v in vars(m).values())
+        model.mix.conv = nn.Identity()  # the training model's layers are not what the deploy model runs
+        torch.testing.assert_close(deploy(x), want, rtol=1e-5, atol=1e-6)

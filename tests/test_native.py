@@ -11,7 +11,7 @@ from torch import nn
 from reparam_cli.blocks.repvgg import RepVGGBlock
 from reparam_cli.convert.engine import reparameterize
 from reparam_cli.errors import ReparamError
-from reparam_cli.convert.native import native_method
+from reparam_cli.blocks.registry import native_method
 from reparam_cli.verification.equivalence import verify
 
 from .helpers import randomized

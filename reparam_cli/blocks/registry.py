@@ -16,6 +16,7 @@ own recipes for one call, as a mapping {BlockType: fuse} (`reparameterize(model,
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -75,3 +76,28 @@ def all_recipes() -> list[Recipe]:
     """Every registered recipe, sorted by family then block name (import `reparam_cli.blocks`, or
     call it as `reparam_cli.all_recipes()`, to have the built-in families registered)."""
     return sorted(_REGISTRY.values(), key=lambda r: (r.family, r.name))
+
+
+# --- the deploy methods third-party blocks define (see reparam_cli.convert.native) ---------------
+
+NATIVE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+
+
+def native_methods(module: nn.Module) -> list[str]:
+    """The names of the native deploy methods the module's class defines, in NATIVE_METHODS order.
+
+    Only functions defined on the class count: a child module or attribute that happens to be
+    called `fuse` (e.g. `self.fuse = nn.Conv2d(...)`) is not a method.
+    """
+    found = []
+    for name in NATIVE_METHODS:
+        attr = inspect.getattr_static(type(module), name, None)
+        if not isinstance(attr, staticmethod) and inspect.isfunction(attr):
+            found.append(name)
+    return found
+
+
+def native_method(module: nn.Module) -> str | None:
+    """The name of the module's first native deploy method, if its class defines one."""
+    found = native_methods(module)
+    return found[0] if found else None

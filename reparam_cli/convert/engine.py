@@ -25,7 +25,7 @@ from reparam_cli.convert.graph import (KEPT, FusedRegion, RecordedInputs, Remain
                                       fuse_graph, leftovers, unparametrized)
 from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 from reparam_cli.core.shapeonly import on_meta, shape_only
-from reparam_cli.core.tensors import all_finite, has_submodule
+from reparam_cli.core.tensors import all_finite, has_submodule, own_methods
 from reparam_cli.errors import NotEquivalent, ReparamError
 
 
@@ -104,7 +104,7 @@ def _shallow_clone(module: nn.Module) -> nn.Module:
         for name, p in module._parameters.items()
     }
     new._buffers = dict(module._buffers)
-    return new
+    return own_methods(new, module)
 
 
 def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:

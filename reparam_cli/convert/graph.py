@@ -93,11 +93,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from reparam_cli.convert.native import native_method
+from reparam_cli.blocks.registry import native_method
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import describe
 from reparam_cli.core.shapeonly import shape_only
-from reparam_cli.core.tensors import AttributeSnapshot
+from reparam_cli.core.tensors import AttributeSnapshot, own_methods
 from reparam_cli.errors import NotEquivalent, ReparamError
 
 FAMILY = "graph"
@@ -1635,12 +1635,21 @@ def _graph_module(m: nn.Module, graph: fx.Graph, fused: dict[str, nn.Module]) ->
     return gm
 
 
+def _unchanged_holder(original: nn.Module, plain: nn.Module) -> bool:
+    """Whether `plain` holds every child of `original` unchanged and `original` reads no tensors of its
+    own that were folded (it has none, or it is a module this pass already rewrote, whose constants
+    are its own): then `original`'s forward, run on those children, computes what it computed."""
+    own = isinstance(original, fx.GraphModule) or (not original._parameters and not original._buffers)
+    return own and all(plain._modules.get(k) is c for k, c in original._modules.items() if c is not None)
+
+
 def _restore_containers(gm: fx.GraphModule, m: nn.Module) -> None:
     """fx holds a layer called inside a container (`self.transition1[0][1]`) under plain `nn.Module`s
-    for the container levels: each becomes a copy of `m`'s container (ModuleList, Sequential, a block
-    of its own class ...) holding the layers that survive, so the deploy model indexes and runs
-    as the training model does (a Sequential left with its fused conv and activation computes what
-    the original computed)."""
+    for the container levels: each that was a ModuleList, ModuleDict or Sequential in `m` (a
+    Sequential left with its fused conv and activation runs them in order), or any module whose
+    children all survive unchanged and that has no tensors of its own, becomes a copy of it holding
+    those layers, so the deploy model indexes and runs them as the training model does. Other
+    modules stay plain holders (no forward): their own code was traced and folded into the graph."""
     for path, plain in list(gm.named_modules()):
         if not path or type(plain) is not nn.Module:
             continue
@@ -1648,12 +1657,13 @@ def _restore_containers(gm: fx.GraphModule, m: nn.Module) -> None:
             original = m.get_submodule(path)
         except AttributeError:
             continue
-        if type(original) is nn.Module:
-            continue
+        if type(original) not in (nn.ModuleList, nn.ModuleDict, nn.Sequential) and not _unchanged_holder(original, plain):
+            continue  # its own forward was traced and folded (timm's BatchNormAct2d holding act and drop)
         twin = copy.copy(original)
         twin.__dict__ = dict(original.__dict__)
         twin._modules = {k: plain._modules[k] for k in original._modules if k in plain._modules}
-        twin._parameters, twin._buffers = dict(plain._parameters), dict(plain._buffers)
+        twin._parameters, twin._buffers = dict(original._parameters), dict(original._buffers)
+        own_methods(twin, original)
         owner_path, _, name = path.rpartition(".")
         setattr(gm.get_submodule(owner_path) if owner_path else gm, name, twin)
 

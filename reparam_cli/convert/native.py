@@ -45,36 +45,14 @@ device>)`, so on the `meta` device they build a shape-only deploy skeleton like 
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
 from torch import nn
 
-from reparam_cli.blocks.registry import recipe_for
+from reparam_cli.blocks.registry import native_method, native_methods, recipe_for
 from reparam_cli.errors import ReparamError
 
-NATIVE_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 FAMILY = "native"
-
-
-def native_methods(module: nn.Module) -> list[str]:
-    """The names of the native deploy methods the module's class defines, in NATIVE_METHODS order.
-
-    Only functions defined on the class count: a child module or attribute that happens to be
-    called `fuse` (e.g. `self.fuse = nn.Conv2d(...)`) is not a method.
-    """
-    found = []
-    for name in NATIVE_METHODS:
-        attr = inspect.getattr_static(type(module), name, None)
-        if not isinstance(attr, staticmethod) and inspect.isfunction(attr):
-            found.append(name)
-    return found
-
-
-def native_method(module: nn.Module) -> str | None:
-    """The name of the module's first native deploy method, if its class defines one."""
-    found = native_methods(module)
-    return found[0] if found else None
 
 
 def fuses_natively(module: nn.Module, is_root: bool = False) -> bool:

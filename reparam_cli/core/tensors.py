@@ -4,6 +4,7 @@ and randomized BatchNorm statistics for test checkpoints."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -165,3 +166,12 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
             if m.weight is not None:
                 m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+
+
+def own_methods(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Rebind to `new` the methods `old` holds as instance attributes (`self.forward = self.forward_fast`,
+    timm's FasterNet): a copy of a module's __dict__ would otherwise keep calling `old`'s children."""
+    for key, value in list(vars(new).items()):
+        if isinstance(value, types.MethodType) and value.__self__ is old:
+            setattr(new, key, types.MethodType(value.__func__, new))
+    return new

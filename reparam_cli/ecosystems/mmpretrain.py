@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reparam_cli.blocks.registry import recipe
+from reparam_cli.blocks.registry import native_method, recipe
 from reparam_cli.core import algebra as A
 from reparam_cli.core.spec import DEFAULT_INPUT_SHAPE, ModelSpec, _shape, library_ref
 from reparam_cli.errors import SpecError
@@ -89,8 +89,6 @@ def prepare(model: nn.Module) -> nn.Module:
     """The model's ConvModules outside blocks with a native deploy method become FoldableConvModule
     (in place; state dict and forward unchanged), so the ConvModule recipe folds them while blocks
     such as RepMLPNet still convert by their own `switch_to_deploy()`."""
-    from reparam_cli.convert.native import native_method
-
     def walk(module: nn.Module, inside_native: bool) -> None:
         inside_native = inside_native or (module is not model and native_method(module) is not None)
         if type(module) is ConvModule and not inside_native:

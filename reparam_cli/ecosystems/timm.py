@@ -90,6 +90,7 @@ else:
     from reparam_cli.blocks.common import conv_bn_lazy
     from reparam_cli.blocks.registry import Declined, recipe
     from reparam_cli.core import algebra as A
+    from reparam_cli.core.tensors import own_methods
 
     FAMILY = "timm"
 
@@ -114,7 +115,7 @@ else:
         new._parameters, new._buffers = dict(block._parameters), dict(block._buffers)
         new.__dict__.pop("reparam_conv", None)
         new.reparam_conv = conv
-        return new
+        return own_methods(new, block)
 
     def _identity(block: nn.Module) -> list:
         if block.identity is None:

@@ -58,6 +58,7 @@ from reparam_cli.blocks.registry import recipe
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import quiet_logger
 from reparam_cli.core.spec import ModelSpec, library_ref, load_yaml
+from reparam_cli.core.tensors import own_methods
 from reparam_cli.errors import NotEquivalent, SpecError
 
 FAMILY = "ultralytics"
@@ -80,6 +81,7 @@ def _fused_form(block: nn.Module, drop: tuple[str, ...], **children: nn.Module) 
     for name in drop:
         new.__dict__.pop(name, None)
     new._modules.update(children)
+    own_methods(new, block)
     new.forward = new.forward_fuse
     return new
 
