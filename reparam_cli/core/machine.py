@@ -19,5 +19,6 @@ def share_the_machine(environ: dict[str, str] | None = None) -> None:
     oversubscribes a job given fewer), and threads that sleep rather than spin while they wait,
     so a conversion beside another busy process does not burn the cores it is waiting for."""
     env = os.environ if environ is None else environ
-    env.setdefault("OMP_NUM_THREADS", str(cpu_count()))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for key, value in (("OMP_NUM_THREADS", str(cpu_count())), ("OMP_WAIT_POLICY", "PASSIVE")):
+        if not env.get(key, "").strip():  # unset or empty (`OMP_NUM_THREADS= cmd`): ours
+            env[key] = value
