@@ -925,10 +925,12 @@ class _Analysis:
         dtype = p.mean.dtype
         p = A.BNParams(self._t(p.mean), self._t(p.var), p.eps, self._t(p.weight), self._t(p.bias))
         alone = None if ndim is None else (lambda: A.bn_as_conv(p, 1, ndim=ndim, dtype=torch.float64))
-        stats = 2 * channels + (2 * channels if p.weight is not None else 0)
+        # Its parameters (weight and bias; the running statistics are buffers): a fold may not leave the
+        # model with more parameters than it had (a bias on a wide conv after it can outgrow them).
+        learnable = 2 * channels if p.weight is not None else 0
         return self._apply(node, src, _Op("bn", lambda k: A.fuse_bn(k, p, dtype=torch.float64), channels,
                                           ndim, alone=alone, numel=channels, bn=True, dtype=dtype, lazy_ok=False,
-                                          params=stats, axis1=True, keeps_shape=True))
+                                          params=learnable, axis1=True, keeps_shape=True))
 
     def _functional_bn(self, node: fx.Node) -> bool:
         """F.batch_norm in eval form (constant running statistics, training=False): what BatchNorm
