@@ -9,7 +9,6 @@ over the same weights, and clone it if you intend to train both independently.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -25,7 +24,7 @@ from reparam_cli.convert.graph import (KEPT, FusedRegion, RecordedInputs, Remain
                                       fuse_graph, leftovers, unparametrized)
 from reparam_cli.convert.native import FAMILY as NATIVE, fuses_natively, native_fuse, unchanged
 from reparam_cli.core.shapeonly import on_meta, shape_only
-from reparam_cli.core.tensors import all_finite, has_submodule, own_methods
+from reparam_cli.core.tensors import all_finite, has_submodule, shallow_copy
 from reparam_cli.errors import NotEquivalent, ReparamError
 
 
@@ -89,22 +88,6 @@ class ConversionReport:
     @property
     def paths(self) -> list[str]:
         return [b.path for b in self.converted]
-
-
-def _shallow_clone(module: nn.Module) -> nn.Module:
-    """A new module object with its own child, parameter and buffer dicts (tensors shared), and
-    its own copy of every other dict/list/set attribute: a cache a module fills on its first call
-    (timm's LeViT / EfficientViT-M / TinyViT `attention_bias_cache`) must not be shared, or the
-    training model's float64 reference pass fills it for the deploy model too."""
-    new = copy.copy(module)
-    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
-    new._modules = dict(module._modules)
-    new._parameters = {
-        name: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
-        for name, p in module._parameters.items()
-    }
-    new._buffers = dict(module._buffers)
-    return own_methods(new, module)
 
 
 def _fuse(recipe: Recipe, block: nn.Module, path: str) -> nn.Module:
@@ -286,7 +269,7 @@ def reparameterize(
             products.append(linear_to_pointwise(module))
             return products[-1]
         module = unparametrized(module)  # a parametrized weight, evaluated once
-        new = _shallow_clone(module)
+        new = shallow_copy(module)
         for name, child in module._modules.items():
             if child is not None:
                 new._modules[name] = walk(child, f"{path}.{name}" if path else name, inside)

@@ -97,7 +97,7 @@ from reparam_cli.blocks.registry import native_method
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import describe
 from reparam_cli.core.shapeonly import shape_only
-from reparam_cli.core.tensors import AttributeSnapshot, own_methods
+from reparam_cli.core.tensors import AttributeSnapshot, shallow_copy
 from reparam_cli.errors import NotEquivalent, ReparamError
 
 FAMILY = "graph"
@@ -369,8 +369,6 @@ def _hooked_weights(module: nn.Module) -> nn.Module | None:
     `module.weight` is recomputed by a forward pre-hook, so before a forward it may be stale. A
     shallow copy with each such weight computed now (spectral norm without a power iteration, as
     in eval), its `_g`/`_v` (`_orig`/`_u`/`_v`) tensors and hook gone; None if there is none."""
-    import copy
-
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -1661,11 +1659,8 @@ def _restore_containers(gm: fx.GraphModule, m: nn.Module) -> None:
             continue
         if type(original) not in (nn.ModuleList, nn.ModuleDict, nn.Sequential) and not _unchanged_holder(original, plain):
             continue  # its own forward was traced and folded (timm's BatchNormAct2d holding act and drop)
-        twin = copy.copy(original)
-        twin.__dict__ = dict(original.__dict__)
+        twin = shallow_copy(original)
         twin._modules = {k: plain._modules[k] for k in original._modules if k in plain._modules}
-        twin._parameters, twin._buffers = dict(original._parameters), dict(original._buffers)
-        own_methods(twin, original)
         owner_path, _, name = path.rpartition(".")
         setattr(gm.get_submodule(owner_path) if owner_path else gm, name, twin)
 
@@ -2093,8 +2088,6 @@ def _check_pair(layer: nn.Module, bn: nn.Module, k: A.Kernel, fused: A.Kernel, i
     through the reshape between them, against the fused layer, on a random input of the layer's
     captured input shape (batch 1; a conv's spatial extent cut to a few windows: a few ms).
     `bn_shape`: the shape the BatchNorm read (a reshape of the layer's output), None: the output."""
-    import copy
-
     def layer_with(kernel: A.Kernel) -> nn.Module:
         new = copy.copy(layer)
         new._parameters = dict(layer._parameters)

@@ -4,6 +4,7 @@ and randomized BatchNorm statistics for test checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any
 
@@ -168,10 +169,22 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                 m.bias.copy_(torch.randn(n, generator=generator) * 0.2)
 
 
-def own_methods(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Rebind to `new` the methods `old` holds as instance attributes (`self.forward = self.forward_fast`,
-    timm's FasterNet): a copy of a module's __dict__ would otherwise keep calling `old`'s children."""
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object with its own child, parameter and buffer dicts (tensors shared), its own
+    copy of every other dict/list/set attribute, and its own bound methods. A cache a module fills
+    on its first call (timm's LeViT / EfficientViT-M / TinyViT `attention_bias_cache`) must not be
+    shared, or the training model's float64 reference pass fills it for the deploy model too; a
+    method the module binds in __init__ (`self.forward = self.forward_split_cat`, timm's FasterNet)
+    would keep calling the original's children."""
+    new = copy.copy(module)
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+    new._modules = dict(module._modules)
+    new._parameters = {
+        name: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
+        for name, p in module._parameters.items()
+    }
+    new._buffers = dict(module._buffers)
     for key, value in list(vars(new).items()):
-        if isinstance(value, types.MethodType) and value.__self__ is old:
+        if isinstance(value, types.MethodType) and value.__self__ is module:
             setattr(new, key, types.MethodType(value.__func__, new))
     return new

@@ -82,15 +82,13 @@ try:
 except ImportError:  # timm missing or changed: its blocks keep their own methods
     RepVggBlock = MobileOneBlock = None
 else:
-    import copy
-
     import torch
     from torch import nn
 
     from reparam_cli.blocks.common import conv_bn_lazy
     from reparam_cli.blocks.registry import Declined, recipe
     from reparam_cli.core import algebra as A
-    from reparam_cli.core.tensors import own_methods
+    from reparam_cli.core.tensors import shallow_copy
 
     FAMILY = "timm"
 
@@ -109,13 +107,12 @@ else:
         """timm's deploy form of `block`: `reparam_conv` = the sum of `branches`, the training branches
         gone (as its `reparameterize()` leaves it). `block` is not modified."""
         conv = A.to_module(A.add(*branches, dtype=dtype), dtype=dtype)
-        new = copy.copy(block)
-        new.__dict__ = dict(block.__dict__)
-        new._modules = {k: m for k, m in block._modules.items() if k not in drop}
-        new._parameters, new._buffers = dict(block._parameters), dict(block._buffers)
+        new = shallow_copy(block)
+        for name in drop:
+            new._modules.pop(name, None)
         new.__dict__.pop("reparam_conv", None)
         new.reparam_conv = conv
-        return own_methods(new, block)
+        return new
 
     def _identity(block: nn.Module) -> list:
         if block.identity is None:

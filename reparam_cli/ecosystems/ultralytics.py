@@ -58,7 +58,7 @@ from reparam_cli.blocks.registry import recipe
 from reparam_cli.core import algebra as A
 from reparam_cli.core.messages import quiet_logger
 from reparam_cli.core.spec import ModelSpec, library_ref, load_yaml
-from reparam_cli.core.tensors import own_methods
+from reparam_cli.core.tensors import shallow_copy
 from reparam_cli.errors import NotEquivalent, SpecError
 
 FAMILY = "ultralytics"
@@ -72,16 +72,13 @@ DEFAULT_IMGSZ = 640  # ultralytics' default image size: the verification input i
 def _fused_form(block: nn.Module, drop: tuple[str, ...], **children: nn.Module) -> nn.Module:
     """A copy of `block` without the children (or attributes) in `drop`, with `children` set, and
     `forward` swapped for `forward_fuse` as ultralytics' fuse() does. `block` is not modified."""
-    new = copy.copy(block)
-    new.__dict__ = dict(block.__dict__)
+    new = shallow_copy(block)
     # Kept children (the activation) are copied: `reparameterize(consume=True)` frees the training
     # block's tensors once it is fused, and an activation may have some (PReLU).
     new._modules = {k: copy.deepcopy(m) for k, m in block._modules.items() if k not in drop and k not in children}
-    new._parameters, new._buffers = dict(block._parameters), dict(block._buffers)
     for name in drop:
         new.__dict__.pop(name, None)
     new._modules.update(children)
-    own_methods(new, block)
     new.forward = new.forward_fuse
     return new
 
