@@ -4,6 +4,7 @@ the written safetensors file loaded back, non-persistent buffers, dynamic pt2/ON
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import textwrap
@@ -146,6 +147,42 @@ def test_snapshot_restores_container_contents_in_place():
     m.extra = 3
     snap.restore()
     assert m.table is table and m.table == {"a": 1} and not hasattr(m, "extra")
+
+
+class _RelPos(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 2, 16, 16))
+
+    def get_bias(self):  # read by the parent, not in this module's forward (timm's rel_pos.get_bias())
+        return self.table[:, [1, 0]]
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.rel_pos, self.proj = nn.Linear(8, 24), _RelPos(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos.get_bias())
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+def test_a_tensor_read_outside_its_module_keeps_the_reference_in_float64():
+    """CPU scaled_dot_product_attention with float64 queries and a float32 mask computes something
+    else (no promotion): a float32 table left uncast by the per-module reference made a correct
+    timm maxvit_pico_rw_256 fail end to end (training model 14% off its own 'reference')."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(torch.randn(2, 16, 8, dtype=torch.float64,
+                                                             generator=torch.Generator().manual_seed(0)))
+    result = verify(model, copy.deepcopy(model), (2, 16, 8))
+    assert result.ok and result.train_rel_err < 1e-6 and result.max_rel_err < 1e-6
+    assert expected.abs().max() > 0.1  # a non-trivial output, so the figures above mean something
+    assert model.rel_pos.table.dtype == torch.float32  # left as found
 
 
 timm = pytest.importorskip("timm")

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from reparam_cli.convert.engine import reparameterize
 from reparam_cli.core.stats import FlopCounter
@@ -157,6 +158,13 @@ def _owns_floating(m: nn.Module) -> bool:
     return any(t is not None and t.is_floating_point() for t in (*m._parameters.values(), *m._buffers.values()))
 
 
+class OutsideRead(Exception):
+    """A module's tensor was read outside its own module's forward, in its original dtype."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name} is read outside its module's forward")
+
+
 _CASTING_PAUSED = contextvars.ContextVar("reparam_casting_paused", default=False)
 
 
@@ -175,31 +183,62 @@ def casting_paused() -> Iterator[None]:
 def cast_per_module(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """While inside, each module's own floating parameters and buffers are cast to `dtype` just before
     its forward runs and put back right after: the model computes in `dtype` (upcasts are exact)
-    while at most the running modules' cast copies exist, not a copy of the whole model. A tensor
-    read outside its own module's forward keeps its dtype (promotion then computes in the wider
-    dtype, still exactly; a conv or matmul mixing dtypes raises, and the caller casts the whole
-    model instead). Everything is put back on exit, also after an exception."""
+    while at most the running modules' cast copies exist, not a copy of the whole model.
+
+    A tensor read outside its own module's forward (timm's `attn.rel_pos.get_bias()`, called by the
+    parent) would keep its dtype, and not every op promotes mixed dtypes exactly (CPU
+    `scaled_dot_product_attention` with a float32 mask and float64 queries computes something else):
+    any op that receives such a tensor raises OutsideRead, and the caller casts the whole model
+    instead. Everything is put back on exit, also after an exception."""
     open_: dict[int, list[list[tuple[dict, str, Tensor]]]] = {}
+    originals = {id(t): name for name, t in (*model.named_parameters(remove_duplicate=False),
+                                             *model.named_buffers(remove_duplicate=False))
+                 if t is not None and t.is_floating_point() and t.dtype != dtype}
 
     def cast(m: nn.Module, args) -> None:
         saved = []
-        for store in () if _CASTING_PAUSED.get() else (m._parameters, m._buffers):
-            for name, t in list(store.items()):
-                if t is not None and t.is_floating_point() and t.dtype != dtype:
-                    saved.append((store, name, t))
-                    store[name] = t.detach().to(dtype)
+        if not _CASTING_PAUSED.get():
+            token = _CASTING_PAUSED.set(True)  # the cast itself is not a read the watch below should see
+            try:
+                for store in (m._parameters, m._buffers):
+                    for name, t in list(store.items()):
+                        if t is not None and t.is_floating_point() and t.dtype != dtype:
+                            saved.append((store, name, t))
+                            store[name] = t.detach().to(dtype)
+            finally:
+                _CASTING_PAUSED.reset(token)
         open_.setdefault(id(m), []).append(saved)
 
     def put_back(m: nn.Module, args, out) -> None:
         for store, name, t in open_[id(m)].pop():
             store[name] = t
 
+    def check(value) -> None:
+        if isinstance(value, Tensor):
+            if id(value) in originals:
+                raise OutsideRead(originals[id(value)])
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                check(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                check(v)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not _CASTING_PAUSED.get():
+                check(args)
+                check(kwargs)
+            return func(*args, **kwargs)
+
     handles = []
     for m in model.modules():
         if _owns_floating(m):
             handles += [m.register_forward_pre_hook(cast), m.register_forward_hook(put_back)]
     try:
-        yield
+        with Watch():
+            yield
     finally:
         for h in handles:
             h.remove()
