@@ -48,3 +48,26 @@ def test_timm_family_matches_timms_own_reparameterize_model(ref, blocks):
     with torch.no_grad():
         ours, ref_out = deploy(x), theirs(x)
     assert ((ours - ref_out).abs().max() / ref_out.abs().max()).item() < 1e-5
+
+
+def test_layers_a_blocks_own_method_leaves_are_folded_inside_it():
+    """timm RepGhost's reparameterize() merges its fusion branch into the cheap depthwise conv but
+    keeps the primary conv+BN: the graph pass folds those inside each block (timm's own fuse leaves
+    31 BatchNorms there), never across the block's boundary, so every block still matches its
+    training block on the input that block saw."""
+    from timm.utils import reparameterize_model
+
+    torch.manual_seed(0)
+    train = load_spec("timm:repghostnet_050?num_classes=10").build().eval()
+    with torch.no_grad():
+        randomize_batchnorm(train, torch.Generator().manual_seed(0))
+    deploy, report = reparameterize(train)
+    assert set(report.blocks) == {"RepGhostModule"}
+    theirs = reparameterize_model(train).eval()
+    assert batchnorms(deploy) == 0 < batchnorms(theirs)
+    assert count_parameters(deploy) < count_parameters(theirs)
+    assert not [r for r in report.remaining if r.kind in ("batchnorm", "native-method")]
+    blocks = [(b.path, b.block_type) for b in report.converted]
+    result = verify(train, deploy, (1, 3, 64, 64), blocks=blocks)
+    assert result.ok and result.max_rel_err < 1e-5, result
+    assert len(result.blocks) == len(blocks) and all(b.ok and b.max_rel_err < 1e-5 for b in result.blocks)

@@ -217,7 +217,11 @@ def reparameterize(
     ecosystems.activate()  # recipes of the libraries in use (ultralytics, ...)
 
     report = ConversionReport()
-    products: list[nn.Module] = []  # converted blocks: opaque to the graph pass
+    # Converted blocks, opaque to the graph pass: a recipe's product is final. A block's own method
+    # may leave foldable layers inside what it returns (timm RepGhost keeps its primary conv+BN),
+    # so native products are searched by the graph pass like any other module.
+    products: list[nn.Module] = []
+    ran: list[nn.Module] = []  # native products (folded inside by the graph pass, each on its own)
 
     def convert_block(module: nn.Module, path: str, inside: str | None) -> nn.Module | None:
         """The deploy form of `module` by its recipe or its own method; None if it is no block.
@@ -250,7 +254,7 @@ def reparameterize(
             _check_finite(module, deployed, path, type(module).__name__)
             if inside is None or has_submodule(model, path):
                 report.converted.append(ConvertedBlock(path, type(module).__name__, NATIVE))
-            products.append(deployed)
+            ran.append(deployed)
             # Searched again, all the way down: children the block's own method left alone.
             for name, child in deployed._modules.items():
                 if child is not None:
@@ -285,26 +289,31 @@ def reparameterize(
             report.converted.append(ConvertedBlock("", type(model).__name__, NATIVE))
             deployed = native_fuse(model, "")
             _check_finite(model, deployed, "", type(model).__name__)
-            products.append(deployed)
+            ran.append(deployed)
         # Model-level steps of a library's own fuse beyond its blocks (ultralytics' Detect.fuse()).
         deployed = ecosystems.finish(model, deployed, report)
         bn_reasons: dict[str, str] = {}
         recorded_reasons: dict[str, str] = {}
+        ran_ids = {id(m) for m in ran}
+        sealed = [p for p, m in deployed.named_modules() if id(m) in ran_ids]
         if graph:
             inputs = RecordedInputs(example_inputs, recorded_inputs) \
                 if example_inputs is not None or recorded_inputs is not None else None
-            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products, inputs=inputs)
+            deployed, report.regions, report.remaining, bn_reasons = fuse_graph(deployed, products, inputs=inputs,
+                                                                                sealed=sealed)
             report.inputs = [(p, r, c) for p, (r, c) in sorted(inputs.used.items())] if inputs else []
             if recorded is not None or example_inputs is not None:
                 kept = {p for p, why in bn_reasons.items() if why.startswith(KEPT)}
-                folds = fold_recorded(deployed, products, example=example_inputs, pairs=recorded, kept=kept)
+                folds = fold_recorded(deployed, products, example=example_inputs, pairs=recorded, kept=kept,
+                                      sealed=sealed)
                 report.regions += folds.regions
                 report.recorded = folds.pairs
                 folded = {bn for _, bn in folds.pairs}
                 report.remaining = [r for r in report.remaining if r.path not in folded]
                 bn_reasons = {p: why for p, why in bn_reasons.items() if p not in folded}
                 recorded_reasons = folds.reasons
-        found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons)
+        found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons,
+                                               ran=sealed)
         if graph and example_inputs is None and recorded is None:  # the API without an input: say what would help
             recorded_reasons = {r.path: "example_inputs= would let a recorded forward pass fold it" for r in found
                                 if r.kind == "batchnorm" and r.reason.startswith("inside ")}

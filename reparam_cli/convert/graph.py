@@ -1660,7 +1660,10 @@ def _restore_containers(gm: fx.GraphModule, m: nn.Module) -> None:
         if type(original) not in (nn.ModuleList, nn.ModuleDict, nn.Sequential) and not _unchanged_holder(original, plain):
             continue  # its own forward was traced and folded (timm's BatchNormAct2d holding act and drop)
         twin = shallow_copy(original)
-        twin._modules = {k: plain._modules[k] for k in original._modules if k in plain._modules}
+        # (A child set to None, `self.norm = None` after a library's own fuse, stays None: its
+        # forward tests it.)
+        twin._modules = {k: plain._modules.get(k) for k, c in original._modules.items()
+                         if k in plain._modules or c is None}
         owner_path, _, name = path.rpartition(".")
         setattr(gm.get_submodule(owner_path) if owner_path else gm, name, twin)
 
@@ -1717,12 +1720,15 @@ class RecordedInputs:
 
 
 def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool = True,
-               inputs: RecordedInputs | None = None) \
+               inputs: RecordedInputs | None = None, sealed: Iterable[str] = ()) \
         -> tuple[nn.Module, list[FusedRegion], list[Remaining], dict[str, str]]:
     """Fold every exactly-foldable linear region of `model` (see the module doc).
 
     `model` is modified (its children replaced): pass a copy (the engine passes its fresh deploy
-    tree). `opaque` modules (recipe / native products) are never traced into or changed.
+    tree). `opaque` modules (recipe products) are never traced into or changed. The modules at the
+    `sealed` paths (what a block's own method returned: timm's RepGhost keeps a conv+BN inside)
+    are folded inside, each on its own, and are then leaves of their parents' traces: a fold across
+    such a block's boundary would change the function verification compares block by block.
     Returns (model or the GraphModule replacing it, the fused regions, what was left: refusals
     and untraceable modules, {BatchNorm path: why its region was not folded}; `leftovers` adds
     the BatchNorms and native methods still present). The BatchNorm reasons include, with kind
@@ -1740,6 +1746,12 @@ def fuse_graph(model: nn.Module, opaque: Iterable[nn.Module] = (), check: bool =
     # Traced in eval mode, what a deploy model runs (and the same on a meta skeleton in any mode).
     model.eval()
     with torch.no_grad():
+        for path in sorted((p for p in set(sealed) if p), key=lambda p: -p.count(".")):  # inner first
+            owner_path, _, name = path.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            block = work.process(owner._modules[name], path, path)
+            owner._modules[name] = block
+            work.opaque.add(id(block))
         result = work.process(model, "", "")
     result.train(was_training)
     reasons = dict(work.bn_reasons)
@@ -1752,19 +1764,23 @@ KEPT = "kept: "  # a BatchNorm reason that marks it as kept on purpose (no gain)
 
 
 def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Iterable[Remaining] = (),
-              graph: bool = True, bn_reasons: dict[str, str] | None = None) -> list[Remaining]:
+              graph: bool = True, bn_reasons: dict[str, str] | None = None,
+              ran: Iterable[str] = ()) -> list[Remaining]:
     """What a deploy model still has that a conversion could fold: BatchNorm layers (with the reason
     found in `remaining`, else why not) and modules with a native deploy method that was not called.
-    Modules inside `opaque` products (already converted) are not looked into. A BatchNorm kept on
-    purpose (a lone one: folding it gains nothing) has kind 'kept': information, not something left."""
+    Modules inside `opaque` products (already converted) are not looked into; inside the products
+    of native methods (at the `ran` paths: the method ran, and every block inside was searched
+    again) only BatchNorms are. A BatchNorm kept on purpose (a lone one: folding it gains nothing) has kind
+    'kept': information, not something left."""
     skip = {id(m) for m in opaque}
+    done = set(ran)
     remaining = list(remaining)
     untraceable = [r.path for r in remaining if r.kind == "untraceable"]
     reasons = {r.path: r.reason for r in remaining if r.kind == "unfoldable"}
     reasons.update(bn_reasons or {})
     found: list[Remaining] = []
 
-    def walk(m: nn.Module, path: str) -> None:
+    def walk(m: nn.Module, path: str, in_ran: bool) -> None:
         if id(m) in skip:
             return
         if bn_kind(m) is not None:
@@ -1774,13 +1790,14 @@ def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Ite
             else:
                 found.append(Remaining(path, "batchnorm", why))
             return
+        in_ran = in_ran or path in done
         method = native_method(m)
-        if method is not None and path:
+        if method is not None and path and not in_ran:
             found.append(Remaining(path, "native-method", f"has its own {method}() that was not called"))
         for name, child in m.named_children():
-            walk(child, _join(path, name))
+            walk(child, _join(path, name), in_ran)
 
-    walk(model, "")
+    walk(model, "", False)
     return found
 
 
@@ -2126,7 +2143,7 @@ def _check_pair(layer: nn.Module, bn: nn.Module, k: A.Kernel, fused: A.Kernel, i
 
 def fold_recorded(model: nn.Module, opaque: Iterable[nn.Module] = (), example: Any = None,
                   pairs: Iterable[Iterable[str]] | None = None, check: bool = True,
-                  kept: Iterable[str] = ()) -> RecordedFolds:
+                  kept: Iterable[str] = (), sealed: Iterable[str] = ()) -> RecordedFolds:
     """Fold the conv+BN-like pairs (also linear + BatchNorm1d) that the graph pass left, wherever a
     recorded forward pass proves their dataflow: the BatchNorm reads exactly the layer's output (or
     a reshape of it that keeps the channel axis) and nothing else reads that output, each runs once
@@ -2165,7 +2182,13 @@ def fold_recorded(model: nn.Module, opaque: Iterable[nn.Module] = (), example: A
         return done
     finally:
         model.train(was_training)
+    sealed = [p for p in sealed if p]
     for layer_path, bn_path, owner, in_shape, bn_shape in found:
+        if _scope_of(layer_path, sealed) != _scope_of(bn_path, sealed):
+            block = _scope_of(layer_path, sealed) or _scope_of(bn_path, sealed)
+            done.reasons[bn_path] = (f"its layer {layer_path} is on the other side of {block}'s boundary (a block "
+                                     f"converted by its own method, verified as it is)")
+            continue
         bn = model.get_submodule(bn_path)
         k, fused = _fold_pair(model, layer_path, bn_path)
         region = _recorded_region(model, layer_path, bn_path, owner)
@@ -2174,6 +2197,11 @@ def fold_recorded(model: nn.Module, opaque: Iterable[nn.Module] = (), example: A
         done.pairs.append((layer_path, bn_path))
         done.regions.append(region)
     return done
+
+
+def _scope_of(path: str, sealed: Iterable[str]) -> str:
+    """The innermost of the `sealed` paths that holds `path` ('' for none)."""
+    return max((p for p in sealed if path.startswith(p + ".")), key=len, default="")
 
 
 def _common_prefix(a: str, b: str) -> str:
