@@ -367,6 +367,16 @@ def _equalize(deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions) -> tuple[
     return deploy, equalize(deploy, tuple(cast_floating(args, model_dtype(deploy)))).as_dict()
 
 
+def _verified_output(deploy: nn.Module, call64, result: VerifyResult | None):
+    """The verified deploy model's output on the verification input (`call64`, the first sample):
+    the one verification computed, else (None when verification did not run) a pass now."""
+    if result is None:
+        return None
+    if result.first_output is not None:
+        return result.first_output
+    return run_model(deploy, call64, "the verified deploy model")
+
+
 def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opts: VerifyOptions,
                  result: VerifyResult | None, report: dict, metadata: dict, dynamic_shapes: str = "auto",
                  overwrite: bool = False) -> None:
@@ -394,7 +404,7 @@ def write_deploy(output: Path, fmt: str, deploy: nn.Module, spec: ModelSpec, opt
     if fmt == "safetensors":
         # The deploy model's output is taken before writing; once written, its tensors are released
         # (they are in the file), so loading the file back does not need a second copy in memory.
-        expected = run_model(deploy, call64, "the verified deploy model") if result is not None else None
+        expected = _verified_output(deploy, call64, result)
 
         def check_safetensors(tmp: Path) -> None:
             from reparam_cli.pipeline.deploy import load_deploy
@@ -432,7 +442,7 @@ def _write_pretrained(output: Path, deploy: nn.Module, spec: ModelSpec, call64, 
     `from_pretrained` as a user loads it (no missing or unexpected key allowed) and compared with the
     deploy model on the verification input before it is renamed into place."""
     dtype = model_dtype(deploy)
-    expected = run_model(deploy, call64, "the verified deploy model") if result is not None else None
+    expected = _verified_output(deploy, call64, result)
 
     def check(tmp: Path) -> None:
         loaded, problems = load_pretrained(tmp, dtype)

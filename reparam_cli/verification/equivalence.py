@@ -91,6 +91,10 @@ class VerifyResult:
     weight_rounding_rel_err: float | None = None  # low precision: fused weights vs their float64 values, max over tensors
     overflow: str | None = None  # low precision: the first module whose activations exceed the dtype's range
 
+    # The deploy model's output on the first sample (not a field: not reported). Writing compares
+    # the file loaded back with it, instead of running the deploy model once more.
+    first_output = None
+
     def worst_block(self) -> BlockError | None:
         return max(self.blocks, key=lambda b: _key(b.max_rel_err), default=None)
 
@@ -613,6 +617,7 @@ def verify(
     worst_output = "output"
     nonfinite: str | None = None
     overflow: list[str] = []
+    first_output = None
     try:
         with torch.no_grad():
             for i in range(samples):
@@ -667,6 +672,8 @@ def verify(
                     own = _call(train_model, train_state, cast_floating(call64, train_run))
                 if countable:
                     flops = (count_train.total, count_deploy.total)
+                if i == 0:
+                    first_output = out
                 c = compare_outputs(out, ref, rtol, atol, "deploy model")
                 own_rel = compare_outputs(own, ref, rtol, atol, "training model")
                 train_rel = _worse(own_rel.max_rel_err, train_rel)
@@ -687,13 +694,15 @@ def verify(
         train_model.train(was_training)
     _check_weights(guard, "verification", contents=True)
     rounding = weight_rounding_error(train_model, deploy_model, blocks) if low and upcast_deploy else None
-    return VerifyResult(
+    result = VerifyResult(
         ok=bool(ok) and nonfinite is None, max_abs_err=worst_abs, max_rel_err=worst_rel, cosine=worst_cos,
         train_rel_err=train_rel, rtol=rtol, atol=atol, samples=samples, input_shape=list(input_shape), seed=seed,
         blocks=list(block_errors.values()), flops_train=flops[0], flops_deploy=flops[1], worst_output=worst_output,
         compute_dtype=str(deploy_run).removeprefix("torch."), nonfinite=nonfinite,
         weight_rounding_rel_err=rounding, overflow=overflow[0] if overflow else None,
     )
+    result.first_output = first_output
+    return result
 
 
 def run_model(model: nn.Module, call: Call, what: str):
