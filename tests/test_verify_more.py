@@ -185,6 +185,52 @@ def test_a_tensor_read_outside_its_module_keeps_the_reference_in_float64():
     assert model.rel_pos.table.dtype == torch.float32  # left as found
 
 
+class _Jumpy(nn.Module):
+    """conv+BN, then a step whose side rounding decides (3y - 2y - y is 0 in exact arithmetic): a
+    function that jumps with rounding, as a k-nearest-neighbour graph or a top-k choice does."""
+
+    def __init__(self, step: float):
+        super().__init__()
+        self.conv, self.bn, self.step = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), step
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y + self.step * torch.sign(y * 3 - y * 2 - y)
+
+
+def _jumpy(step: float) -> nn.Module:
+    torch.manual_seed(0)
+    return randomized(nn.Sequential(_Jumpy(step), nn.ReLU(), _Jumpy(step)))
+
+
+def test_a_model_that_misses_the_tolerance_in_its_own_dtype_passes_at_the_float_floor():
+    """The training model in float32 is ~3e-3 off its float64 reference (rtol 1e-4): the deploy
+    model within 4x of that passes, marked at_floor, and each block carries its training block's
+    own error; 10x that floor, or a floor above 1e-2, fails."""
+    from reparam_cli.pipeline.report import floor_notes
+
+    model = _jumpy(1e-3)
+    deploy, report = reparameterize(model)
+    blocks = [(r.path, "graph") for r in report.regions]
+    assert sorted(p for p, _ in blocks) == ["0", "2"]
+    result = verify(model, deploy, (1, 4, 16, 16), blocks=blocks)
+    assert result.ok and result.at_floor
+    assert 1e-4 < result.train_rel_err < 1e-2 and result.max_rel_err <= 4 * result.train_rel_err
+    assert all(b.ok and b.floor is not None and b.max_rel_err <= 4 * b.floor for b in result.blocks)
+    assert "passed at the float floor" in floor_notes(result)[0]
+
+    further = _jumpy(1e-2)  # the same weights, a step 10x larger: 10x the floor
+    further.load_state_dict(model.state_dict())
+    result = verify(model, reparameterize(further)[0], (1, 4, 16, 16))
+    assert not result.ok and not result.at_floor and result.max_rel_err > 4 * result.train_rel_err
+
+    model = _jumpy(1e-1)  # its float32 output tells nothing any more (floor ~0.3): no verdict by it
+    deploy, report = reparameterize(model)
+    result = verify(model, deploy, (1, 4, 16, 16), blocks=[(r.path, "graph") for r in report.regions])
+    assert not result.ok and not result.at_floor and result.train_rel_err > 1e-2
+    assert all(b.floor is None for b in result.blocks)
+
+
 timm = pytest.importorskip("timm")
 
 

@@ -36,7 +36,7 @@ from reparam_cli.pipeline.deploy import (compare_exported, deploy_skeleton, drop
                                          load_deployed_any, stored_spec, unused_modules)
 from reparam_cli.pipeline.options import ConvertOptions, FuseOptions, Progress, VerifyOptions, no_progress
 from reparam_cli.pipeline.report import (_block_errors, _low_precision_notes, _native_blocks, _verification_dict,
-                                         checkpoint_overflow_notes, completeness_dict, finite_figures)
+                                         checkpoint_overflow_notes, completeness_dict, finite_figures, floor_notes)
 from reparam_cli.pipeline.specs import as_spec, builtin_data, builtin_names, load_spec
 from reparam_cli.pipeline.training import read_training_model
 from reparam_cli.quantize.equalize import equalize
@@ -266,7 +266,8 @@ def convert_checkpoint(
         report["equalization"] = equalization
         conv_report.notes.append("--equalize rescales the outputs of blocks (not the model's): verified end to end, "
                                  "no per-block figures")
-    notes = list(ckpt.notes) + list(conv_report.notes) + _low_precision_notes(result, train, deploy)
+    notes = list(ckpt.notes) + list(conv_report.notes) + _low_precision_notes(result, train, deploy) \
+        + floor_notes(result)
     if result is not None:
         notes += _overflow_in_checkpoint_dtype(deploy, spec, opts, ckpt.dtype, conv_report)
     if notes:
@@ -533,7 +534,7 @@ def _verify_checkpoint(checkpoint, deployed, spec, *, verify_options, trust_pick
         report = deploy_skeleton(skeleton_spec, fuse, state=deploy.state_dict() if fuse is None else None)[1]
     progress("verifying on random inputs")
     result = _run_verify(train, deploy, spec, report, opts)
-    notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy)
+    notes = list(ckpt.notes) + _low_precision_notes(result, train, deploy) + floor_notes(result)
     notes += _overflow_in_checkpoint_dtype(deploy, spec, opts, ckpt.dtype, report)
     out = {
         "ok": result.ok, "input": str(checkpoint), "output": str(deployed), "spec": spec.name, "format": fmt,

@@ -41,12 +41,34 @@ def _verification_dict(result: VerifyResult | None) -> dict:
         figures["weight_rounding_rel_err"] = result.weight_rounding_rel_err
     if result.overflow:
         figures["overflow"] = result.overflow
+    if result.at_floor:
+        figures["at_floor"] = True
     return finite_figures(figures)
+
+
+def floor_notes(result: VerifyResult | None) -> list[str]:
+    """The report's note when verification passed only by the float floor (equivalence.py's doc)."""
+    if result is None or not result.at_floor:
+        return []
+    from reparam_cli.verification.equivalence import FLOOR_FACTOR
+
+    blocks = [b for b in result.blocks if b.floor is not None]
+    where = []
+    if result.train_rel_err > result.rtol:
+        where.append(f"the training model itself, run in {result.compute_dtype}, is {result.train_rel_err:.2g} off "
+                     f"its float64 reference (rtol {result.rtol:.2g}) and the deploy model {result.max_rel_err:.2g}")
+    if blocks:
+        b = max(blocks, key=lambda b: b.max_rel_err)
+        where.append(f"{len(blocks)} block(s) likewise (worst {b.path}: {b.max_rel_err:.2g}, its training block "
+                     f"{b.floor:.2g})")
+    return [f"passed at the float floor: {'; '.join(where)}: within {FLOOR_FACTOR:g}x of what rounding alone gives "
+            f"this model (its function jumps with rounding, e.g. a top-k or nearest-neighbour choice)"]
 
 
 def _block_errors(result: VerifyResult | None) -> list[dict]:
     """Every verified block's figures, in model order (for --plot and --json)."""
-    return [{"path": b.path, "type": b.block_type, "max_rel_err": b.max_rel_err, "ok": b.ok}
+    return [{"path": b.path, "type": b.block_type, "max_rel_err": b.max_rel_err, "ok": b.ok,
+             **({"floor": b.floor} if b.floor is not None else {})}
             for b in (result.blocks if result else [])]
 
 
