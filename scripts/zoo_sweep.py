@@ -476,6 +476,7 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
 
     row = Row(name)
     start = time.perf_counter()
+    torch.manual_seed(0)  # the same random weights on every run of the sweep
     out = work / f"{Path(name).stem}.deploy.safetensors"
     try:
         model, ckpt, ref, shape, library_fuse = CASES[zoo](name, work, size)
@@ -491,6 +492,12 @@ def sweep_one(zoo: str, name: str, work: Path, size: int) -> Row:
             row.rel_err = rep.get("max_rel_err")
             worst = _worst_block(rep)
             row.status = f"reparam: {exc}{worst}"[:240]
+            floor, rtol = rep.get("train_rel_err"), rep.get("rtol")
+            if floor is not None and rtol is not None and floor > rtol and not rep.get("failed_blocks"):
+                # Not a wrong fold: the randomly initialised model amplifies float32 rounding itself.
+                row.status = (f"reparam: ill-conditioned at random init: the training model itself is {floor:.1e} off "
+                              f"its float64 reference in float32 (rtol {rtol:.0e}), the deploy model "
+                              f"{row.rel_err:.1e}; every block matches{worst}")[:240]
             return row
         row.rel_err, row.params_reparam = report["max_rel_err"], report["params_after"]
         row.completeness = report["completeness"][:120]
