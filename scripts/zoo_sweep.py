@@ -446,16 +446,24 @@ def names_for(zoo: str, all_models: bool, scan_cache: Path | None = None) -> tup
             import torchvision
 
             return sorted(torchvision.models.list_models(module=torchvision.models)), []
-        return TORCHVISION, []
+        return TORCHVISION, ["Not covered by this list: torchvision's detection, segmentation, video and optical-flow "
+                             "builders (the `torchvision:` route builds them; `--all` sweeps every builder) and the "
+                             "larger sizes of each family."]
     if zoo == "transformers":
-        return list(TRANSFORMERS), []
+        return list(TRANSFORMERS), ["Each model type in a small configuration from its config class (the overrides in "
+                                    "scripts/zoo_sweep.py). Not covered: the other vision model types (DINOv2, Swin, "
+                                    "ConvNeXtV2, HGNetV2, ...), default (full-size) configurations, and detection or "
+                                    "segmentation heads. transformers has no fuse of its own: the target is 0 BatchNorm."]
     if zoo == "timm":
         return _pick(timm_families(scan_cache), "timm", "every registered model built on the meta device")
     if zoo == "mmpretrain":
         return _pick(mmpretrain_families(scan_cache), "mmpretrain", "configs/<family>/ folders; the 4 image "
                      "classification models of each its metafile says are smallest, built on the meta device or "
                      "the CPU")
-    return ULTRALYTICS, []
+    return ULTRALYTICS, ["Every task head (detect, segment, pose, obb, classify) of each YOLO generation, and RT-DETR, "
+                         "in its smallest size. Not covered: the larger sizes (s/m/l/x: the same modules, more "
+                         "channels); YOLO-World and YOLOE are refused in one line (their class text embeddings live outside the state "
+                         "dict: not supported yet)."]
 
 
 def _worst_block(report: dict) -> str:
