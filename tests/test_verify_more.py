@@ -218,6 +218,9 @@ def test_a_model_that_misses_the_tolerance_in_its_own_dtype_passes_at_the_float_
     assert 1e-4 < result.train_rel_err < 1e-2 and result.max_rel_err <= 4 * result.train_rel_err
     assert all(b.ok and b.floor is not None and b.max_rel_err <= 4 * b.floor for b in result.blocks)
     assert "passed at the float floor" in floor_notes(result)[0]
+    # A tolerance asked for is taken as given: no verdict by the floor.
+    asked = verify(model, deploy, (1, 4, 16, 16), blocks=blocks, rtol=1e-4, atol=1e-6)
+    assert not asked.ok and not asked.at_floor and all(b.floor is None for b in asked.blocks)
 
     further = _jumpy(1e-2)  # the same weights, a step 10x larger: 10x the floor
     further.load_state_dict(model.state_dict())
