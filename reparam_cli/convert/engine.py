@@ -313,7 +313,7 @@ def reparameterize(
                 bn_reasons = {p: why for p, why in bn_reasons.items() if p not in folded}
                 recorded_reasons = folds.reasons
         found = report.remaining + leftovers(deployed, products, report.remaining, graph=graph, bn_reasons=bn_reasons,
-                                               ran=sealed)
+                                               sealed=sealed)
         if graph and example_inputs is None and recorded is None:  # the API without an input: say what would help
             recorded_reasons = {r.path: "example_inputs= would let a recorded forward pass fold it" for r in found
                                 if r.kind == "batchnorm" and r.reason.startswith("inside ")}

@@ -1765,22 +1765,22 @@ KEPT = "kept: "  # a BatchNorm reason that marks it as kept on purpose (no gain)
 
 def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Iterable[Remaining] = (),
               graph: bool = True, bn_reasons: dict[str, str] | None = None,
-              ran: Iterable[str] = ()) -> list[Remaining]:
+              sealed: Iterable[str] = ()) -> list[Remaining]:
     """What a deploy model still has that a conversion could fold: BatchNorm layers (with the reason
     found in `remaining`, else why not) and modules with a native deploy method that was not called.
     Modules inside `opaque` products (already converted) are not looked into; inside the products
-    of native methods (at the `ran` paths: the method ran, and every block inside was searched
+    of native methods (at the `sealed` paths: the method ran, and every block inside was searched
     again) only BatchNorms are. A BatchNorm kept on purpose (a lone one: folding it gains nothing) has kind
     'kept': information, not something left."""
     skip = {id(m) for m in opaque}
-    done = set(ran)
+    done = set(sealed)
     remaining = list(remaining)
     untraceable = [r.path for r in remaining if r.kind == "untraceable"]
     reasons = {r.path: r.reason for r in remaining if r.kind == "unfoldable"}
     reasons.update(bn_reasons or {})
     found: list[Remaining] = []
 
-    def walk(m: nn.Module, path: str, in_ran: bool) -> None:
+    def walk(m: nn.Module, path: str, in_sealed: bool) -> None:
         if id(m) in skip:
             return
         if bn_kind(m) is not None:
@@ -1790,12 +1790,12 @@ def leftovers(model: nn.Module, opaque: Iterable[nn.Module] = (), remaining: Ite
             else:
                 found.append(Remaining(path, "batchnorm", why))
             return
-        in_ran = in_ran or path in done
+        in_sealed = in_sealed or path in done
         method = native_method(m)
-        if method is not None and path and not in_ran:
+        if method is not None and path and not in_sealed:
             found.append(Remaining(path, "native-method", f"has its own {method}() that was not called"))
         for name, child in m.named_children():
-            walk(child, _join(path, name), in_ran)
+            walk(child, _join(path, name), in_sealed)
 
     walk(model, "", False)
     return found

@@ -2,8 +2,8 @@ from torch import nn
 
 from reparam_cli.convert.engine import ConversionReport
 from reparam_cli.core.jsonio import replace_nonfinite
-from reparam_cli.verification.equivalence import (LOW_PRECISION, PassFailed, VerifyResult, model_dtype, overflow_message,
-                                                  run_model, tensor_leaves)
+from reparam_cli.verification.equivalence import (FLOOR_FACTOR, LOW_PRECISION, PassFailed, VerifyResult, model_dtype,
+                                                  overflow_message, run_model, tensor_leaves)
 
 
 def finite_figures(report: dict) -> dict:
@@ -50,8 +50,6 @@ def floor_notes(result: VerifyResult | None) -> list[str]:
     """The report's note when verification passed only by the float floor (equivalence.py's doc)."""
     if result is None or not result.at_floor:
         return []
-    from reparam_cli.verification.equivalence import FLOOR_FACTOR
-
     blocks = [b for b in result.blocks if b.floor is not None]
     where = []
     if result.train_rel_err > result.rtol:

@@ -739,7 +739,7 @@ def verify(
     return result
 
 
-def _within_floor(deploy: "Comparison", own: "Comparison") -> bool:
+def _within_floor(deploy: Comparison, own: Comparison) -> bool:
     """Does a deploy model (or block) that misses the tolerance pass by the float floor: its training
     counterpart, run in its own dtype, misses the tolerance too, by an error below MAX_FLOOR, and
     the deploy error is at most FLOOR_FACTOR times that?"""
